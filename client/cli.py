@@ -1,0 +1,237 @@
+"""The `distinfer` command: submit jobs, follow them, fetch results, or run everything on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from distinfer.client.api import Client, Job, JobFailed, result_to_dict
+from distinfer.client.rows import FORMATS, InputError, read_rows, write_jsonl
+from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
+from distinfer.v1 import jobs_pb2
+
+DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", type=Path, required=True, help="dataset: .jsonl, .csv or .parquet")
+    p.add_argument("--output", type=Path, required=True, help="JSONL, one line per input row, in input order")
+    p.add_argument("--task", choices=TASKS, default="embed")
+    p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
+    p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
+    p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="most padded tokens per forward pass (default: per device)")
+    p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
+    p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
+    p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
+    p.add_argument("--queue-timeout", type=float, default=0.0,
+                   help="fail if the job waits longer than this for its workers (default: wait)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distinfer", description="Run Hugging Face models over a dataset on many workers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start a coordinator and workers on this machine, run one job, stop them")
+    _job_options(run)
+    run.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached name (default: the "
+                     "bundled all-MiniLM-L6-v2)")
+    run.add_argument("--workers", type=int, default=2, help="ranks to run on this machine (default 2)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--state-dir", type=Path, help="keep the coordinator's state and the logs here")
+
+    submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
+    submit.add_argument("--coordinator", required=True, help="host:port")
+    submit.add_argument("--model", required=True, help="model directory (as the workers see it) or cached name")
+    submit.add_argument("--workers", type=int, default=0,
+                        help="ranks to use: the job waits until this many are free (default: every free slot)")
+    submit.add_argument("--detach", action="store_true", help="print the job id and return without waiting")
+    _job_options(submit)
+
+    for name, text in (("status", "show a job's state, progress and attempts"), ("cancel", "cancel a job")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job_id")
+        cmd.add_argument("--coordinator", required=True)
+        cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
+    results.add_argument("job_id")
+    results.add_argument("--coordinator", required=True)
+    results.add_argument("--output", type=Path, required=True)
+    results.add_argument("--start", type=int, default=0, help="first row index to fetch")
+
+    for name, text in (("jobs", "list the jobs"), ("workers", "list the workers and their slots")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--coordinator", required=True)
+        cmd.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except InputError as exc:
+        print(f"distinfer: bad input: {exc}", file=sys.stderr)
+        return 2
+    except JobFailed as exc:
+        print(f"distinfer: job failed: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"distinfer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
+    rows = read_rows(args.input, args.text_field, args.format)
+    started = time.monotonic()
+    job = client.submit(
+        rows, model=model, task=args.task, workers=workers, batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
+        normalize=False if args.no_normalize else None, return_logits=args.return_logits,
+        queue_timeout_s=args.queue_timeout,
+    )
+    print(f"distinfer: job {job.id} accepted: {job.num_rows} rows", file=sys.stderr)
+    if getattr(args, "detach", False):
+        print(job.id)
+        return 0
+    written = _write_results(job, args.output, 0, job.num_rows)
+    elapsed = time.monotonic() - started
+    status = job.status()
+    print(f"distinfer: job {job.id} {jobs_pb2.JobState.Name(status.state).lower()}: {written} rows in "
+          f"{elapsed:.1f} s ({written / elapsed:.1f} rows/s) -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def _write_results(job: Job, output: Path, start: int, total: int | None) -> int:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with output.open("w" if start == 0 else "a", encoding="utf-8") as f, tqdm(
+        total=total, initial=start, unit="row", desc=job.id, file=sys.stderr, dynamic_ncols=True,
+        disable=None,  # no bar when stderr is not a terminal
+    ) as bar:
+        for batch in job.result_batches(start):
+            for result in batch:
+                write_jsonl(f, result_to_dict(result))
+            written += len(batch)
+            bar.update(len(batch))
+    return written
+
+
+def cmd_run(args) -> int:
+    from distinfer.client.local import LocalCluster
+
+    if args.workers < 1:
+        raise SystemExit("distinfer run: --workers must be at least 1")
+    print(f"distinfer: starting a coordinator and {args.workers} {args.device} workers on this machine",
+          file=sys.stderr)
+    with LocalCluster(slots=args.workers, state_dir=args.state_dir, device=args.device) as cluster:
+        with Client(cluster.address) as client:
+            try:
+                return _submit_and_collect(client, args, args.model, args.workers)
+            except (JobFailed, grpc.RpcError):
+                print(cluster.logs(15), file=sys.stderr)
+                raise
+
+
+def cmd_submit(args) -> int:
+    with Client(args.coordinator) as client:
+        return _submit_and_collect(client, args, args.model, args.workers)
+
+
+def cmd_status(args) -> int:
+    with Client(args.coordinator) as client:
+        status = client.job(args.job_id).status()
+    if args.json:
+        print(_to_json(status))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    with Client(args.coordinator) as client:
+        status = client.job(args.job_id).cancel()
+    print(format_status(status))
+    return 0
+
+
+def cmd_results(args) -> int:
+    with Client(args.coordinator) as client:
+        job = client.job(args.job_id)
+        total = job.status().num_rows
+        written = _write_results(job, args.output, args.start, total)
+    print(f"distinfer: {written} rows -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    with Client(args.coordinator) as client:
+        jobs = client.jobs()
+    if args.json:
+        print(json.dumps([json.loads(_to_json(j)) for j in jobs], indent=2))
+        return 0
+    rows = [(j.job_id, jobs_pb2.JobState.Name(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model,
+             j.message) for j in jobs]
+    print(_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows))
+    return 0
+
+
+def cmd_workers(args) -> int:
+    with Client(args.coordinator) as client:
+        workers = client.workers()
+    if args.json:
+        print(json.dumps([json.loads(_to_json(w)) for w in workers], indent=2))
+        return 0
+    rows = [(w.worker_id, w.advertise_host, s.index, s.device, s.state, s.job_id or "-",
+             f"{w.last_heartbeat_s_ago:.1f}s") for w in workers for s in w.slots]
+    print(_table(("WORKER", "HOST", "SLOT", "DEVICE", "STATE", "JOB", "HEARTBEAT"), rows))
+    return 0
+
+
+def format_status(s: jobs_pb2.JobStatus) -> str:
+    lines = [
+        f"job       {s.job_id}",
+        f"state     {jobs_pb2.JobState.Name(s.state)}",
+        f"task      {s.spec.task} with {s.spec.model}",
+        f"rows      {s.rows_done}/{s.num_rows}",
+        f"message   {s.message}",
+    ]
+    if s.time_to_first_result_s:
+        lines.append(f"first row {s.time_to_first_result_s:.2f} s after the attempt started")
+    for a in s.attempts:
+        ended = f", ended: {a.end_reason}" if a.end_reason else ""
+        lines.append(f"attempt {a.number}: {a.world_size} ranks, {a.backend} at {a.master_addr}:{a.master_port}{ended}")
+        for r in a.ranks:
+            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}) on {r.host}")
+    return "\n".join(lines)
+
+
+def _table(header: tuple, rows: list[tuple]) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _to_json(message) -> str:
+    from google.protobuf.json_format import MessageToJson
+
+    return MessageToJson(message)
+
+
+COMMANDS = {
+    "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "results": cmd_results,
+    "jobs": cmd_jobs, "workers": cmd_workers,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

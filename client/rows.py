@@ -1,0 +1,77 @@
+"""Read datasets (JSONL, CSV, Parquet) row by row, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """The input file cannot be read as a dataset; the message says where and why."""
+
+
+FORMATS = ("jsonl", "csv", "parquet")
+
+
+def detect_format(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] in ([".jsonl"], [".ndjson"], [".json"]):
+        return "jsonl"
+    if suffixes[-1:] == [".csv"]:
+        return "csv"
+    if suffixes[-1:] in ([".parquet"], [".pq"]):
+        return "parquet"
+    raise InputError(f"{path}: cannot tell the format from the name; use .jsonl, .csv or .parquet, or --format")
+
+
+def read_rows(path: Path, text_field: str = "text", fmt: str | None = None) -> Iterator[dict]:
+    """Yield each row as a dict holding a string `text_field`; raise InputError at the first bad row."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    fmt = fmt or detect_format(path)
+    rows = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[fmt](path)
+    for where, row in rows:
+        if text_field not in row:
+            raise InputError(f"{where}: no {text_field!r} field (the row has: {', '.join(row) or 'nothing'}); "
+                             f"name the text column with --text-field")
+        if not isinstance(row[text_field], str):
+            raise InputError(f"{where}: field {text_field!r} is a {type(row[text_field]).__name__}, not a string")
+        yield row
+
+
+def _jsonl(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            yield f"{path}:{number}", row
+
+
+def _csv(path: Path):
+    with path.open(encoding="utf-8", newline="") as f:
+        for number, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+            yield f"{path}:{number}", row
+
+
+def _parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}: row {number}", row
+
+
+def write_jsonl(f, row: dict) -> None:
+    f.write(json.dumps(row, ensure_ascii=False))
+    f.write("\n")

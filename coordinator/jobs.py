@@ -1,0 +1,352 @@
+"""The job state machine: QUEUED -> SCHEDULED(attempt n) -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
+
+`JobManager` owns every job's status, forms attempts from free slots, reacts to what the slots report, and
+commits results. It runs on the coordinator's event loop; the store is driven from one thread of its own,
+so SQLite never blocks heartbeats or streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from distinfer.common.errors import DistinferError, FailedPrecondition, InvalidArgument, NotFound, status_code_by_name
+from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
+from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.scheduler import Placement, backend_for, pick_port, place
+from distinfer.coordinator.store import Store
+from distinfer.v1 import jobs_pb2, workers_pb2
+
+log = structlog.get_logger(__name__)
+
+S = jobs_pb2
+TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
+RESULTS_PER_MESSAGE = 256
+
+
+@dataclass
+class ActiveAttempt:
+    number: int
+    placements: list[Placement]
+    master_worker: str
+    master_port: int
+    joined: set[int] = field(default_factory=set)
+    finished: set[int] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Job:
+    status: jobs_pb2.JobStatus
+    attempt: ActiveAttempt | None = None
+    # Replaced (and the old one set) on every change, so streams wake without polling.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+    @property
+    def job_id(self) -> str:
+        return self.status.job_id
+
+
+class JobManager:
+    def __init__(self, store: Store, registry: Registry, rendezvous_timeout_s: float = 120.0):
+        self.store = store
+        self.registry = registry
+        self.rendezvous_timeout_s = rendezvous_timeout_s
+        self.jobs: dict[str, Job] = {}
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._wake = asyncio.Event()
+
+    async def db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+
+    # --- start-up -------------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load every job from the store; unfinished ones go back to the queue with their committed rows."""
+        for status in await self.db(self.store.load_jobs):
+            if status.state == UPLOADING:
+                await self.db(self.store.delete_job, status.job_id)  # its upload never completed: never accepted
+                continue
+            status.rows_done = await self.db(self.store.count_results, status.job_id)
+            if status.state not in TERMINAL and status.state != S.QUEUED:
+                if status.attempts and not status.attempts[-1].ended_at:
+                    status.attempts[-1].end_reason = "coordinator restarted"
+                    status.attempts[-1].ended_at = time.time()
+                status.state = S.QUEUED
+                status.message = "coordinator restarted: waiting for workers"
+                await self.db(self.store.save_job, status)
+            self.jobs[status.job_id] = Job(status)
+        log.info("jobs_recovered", jobs=len(self.jobs))
+
+    # --- client side ----------------------------------------------------------------------------------
+
+    async def submit(self, spec: jobs_pb2.JobSpec, batches: AsyncIterator[jobs_pb2.RowBatch]) -> jobs_pb2.JobStatus:
+        validate_spec(spec)
+        status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time())
+        await self.db(self.store.create_job, status)
+        try:
+            n = 0
+            async for batch in batches:
+                for offset, row in enumerate(batch.rows):
+                    if not row.HasField("text"):
+                        raise InvalidArgument(f"row {n + offset} has no text: every row needs a text field")
+                n += await self.db(self.store.add_rows, status.job_id, n, list(batch.rows))
+            if n == 0:
+                raise InvalidArgument("the dataset is empty: send at least one row after the spec")
+        except BaseException:
+            await self.db(self.store.delete_job, status.job_id)
+            raise
+        status.num_rows = n
+        status.state = S.QUEUED
+        status.message = "waiting for slots"
+        await self.db(self.store.save_job, status)
+        self.jobs[status.job_id] = Job(status)
+        log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
+        self.wake()
+        return status
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}: `distinfer jobs` lists the jobs this coordinator knows")
+        return job
+
+    def list_jobs(self) -> list[jobs_pb2.JobStatus]:
+        return [job.status for job in self.jobs.values()]
+
+    async def cancel(self, job_id: str) -> jobs_pb2.JobStatus:
+        job = self.job(job_id)
+        if job.status.state in TERMINAL:
+            raise FailedPrecondition(f"job {job_id} has already ended ({S.JobState.Name(job.status.state)})")
+        await self._end_attempt(job, "job cancelled", requeue=False)
+        await self._finish(job, S.CANCELLED, "cancelled by the user")
+        return job.status
+
+    async def stream_results(self, job_id: str, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
+        job = self.job(job_id)
+        if start > job.status.num_rows:
+            raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
+        next_index = start
+        while True:
+            changed = job.changed  # taken before reading, so no commit can slip between read and wait
+            results = await self.db(self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE)
+            if results:
+                next_index += len(results)
+                yield S.ResultBatch(results=results)
+                continue
+            if next_index >= job.status.num_rows:
+                return
+            if job.status.state == S.FAILED:
+                raise DistinferError(
+                    f"job {job_id} failed: {job.status.message}",
+                    status_code_by_name(job.status.error_code, grpc.StatusCode.ABORTED),
+                )
+            if job.status.state == S.CANCELLED:
+                raise DistinferError(f"job {job_id} was cancelled", grpc.StatusCode.CANCELLED)
+            await changed.wait()
+
+    # --- worker side ----------------------------------------------------------------------------------
+
+    async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
+        self._current_attempt(request.job_id, request.attempt)
+        rows = self.store.shard(request.job_id, request.attempt, request.rank, request.world_size)
+        while True:
+            batch = await self.db(next, rows, None)
+            if batch is None:
+                return
+            yield workers_pb2.ShardBatch(indices=[i for i, _ in batch], texts=[t for _, t in batch])
+
+    async def commit(self, job_id: str, attempt: int, results: list[jobs_pb2.Result]) -> int:
+        job = self._current_attempt(job_id, attempt)
+        for result in results:
+            if result.index >= job.status.num_rows:
+                raise InvalidArgument(f"result index {result.index} is past the job's last row")
+        blobs = [(r.index, r.SerializeToString()) for r in results]
+        added = await self.db(self.store.commit_results, job_id, attempt, blobs)
+        if added and job.attempt is not None and not job.status.time_to_first_result_s:
+            job.status.time_to_first_result_s = time.time() - job.attempt.started_at
+        job.status.rows_done += added
+        job.notify()
+        return added
+
+    async def slot_event(self, worker_id: str, event: workers_pb2.SlotEvent) -> None:
+        job = self.jobs.get(event.job_id)
+        if job is None or job.attempt is None or job.attempt.number != event.attempt:
+            return  # about an attempt that has already ended
+        attempt = job.attempt
+        record = job.status.attempts[-1]
+        if event.kind == workers_pb2.SlotEvent.JOINED:
+            attempt.joined.add(event.rank)
+            record.ranks[event.rank].MergeFrom(event.info)
+            if len(attempt.joined) == len(attempt.placements):
+                job.status.state = S.RUNNING
+                job.status.message = f"running on {len(attempt.placements)} ranks"
+                job.status.started_at = job.status.started_at or time.time()
+                await self._save(job)
+        elif event.kind == workers_pb2.SlotEvent.FINISHED:
+            attempt.finished.add(event.rank)
+            if len(attempt.finished) == len(attempt.placements):
+                missing = job.status.num_rows - job.status.rows_done
+                if missing == 0:
+                    await self._end_attempt(job, "", requeue=False)
+                    await self._finish(job, S.SUCCEEDED, f"{job.status.num_rows} rows done")
+                else:
+                    await self._end_attempt(job, f"every rank finished but {missing} rows were not committed")
+        elif event.kind == workers_pb2.SlotEvent.FAILED:
+            reason = f"rank {event.rank} on {worker_id} failed: {event.error}"
+            if event.permanent:
+                await self._end_attempt(job, reason, requeue=False)
+                await self._finish(job, S.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION")
+            else:
+                await self._end_attempt(job, reason)
+
+    async def worker_lost(self, worker_id: str, reason: str) -> None:
+        for job in list(self.jobs.values()):
+            if job.attempt and any(p.worker_id == worker_id for p in job.attempt.placements):
+                await self._end_attempt(job, f"worker {worker_id} lost: {reason}")
+        self.registry.remove(worker_id)
+        self.wake()
+
+    # --- scheduling -----------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run_scheduler(self, tick_s: float = 1.0) -> None:
+        """Place queued jobs whenever something changes (and every tick, for queue time-outs)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), tick_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._schedule_once()
+            except Exception:  # noqa: BLE001 - a scheduling bug must not stop every later job
+                log.exception("schedule_failed")
+
+    async def _schedule_once(self) -> None:
+        # Oldest first; a job that cannot start does not hold back a smaller one behind it.
+        for job in [j for j in self.jobs.values() if j.status.state == S.QUEUED]:
+            spec = job.status.spec
+            min_slots = max(1, spec.min_workers)
+            placements = place(self.registry.free_slots(), min_slots, spec.max_workers)
+            if placements is None:
+                await self._still_waiting(job, min_slots)
+                continue
+            master = placements[0]
+            worker = self.registry.get(master.worker_id)
+            port = pick_port(worker.port_lo, worker.port_hi, worker.ports_in_use)
+            if port is None:
+                await self._set_message(job, f"waiting for a free rendezvous port on {worker.advertise_host}")
+                continue
+            await self._start_attempt(job, placements, port)
+
+    async def _still_waiting(self, job: Job, min_slots: int) -> None:
+        free, total = len(self.registry.free_slots()), self.registry.total_slots()
+        message = f"waiting for {min_slots} free slots: {free} free of {total} registered"
+        timeout = job.status.spec.queue_timeout_s
+        if timeout and not job.status.attempts and time.time() - job.status.created_at > timeout:
+            await self._finish(job, S.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED")
+        else:
+            await self._set_message(job, message)
+
+    async def _start_attempt(self, job: Job, placements: list[Placement], port: int) -> None:
+        number = len(job.status.attempts) + 1
+        master_worker = self.registry.get(placements[0].worker_id)
+        master_worker.ports_in_use.add(port)
+        attempt = ActiveAttempt(number, placements, master_worker.worker_id, port)
+        backend = backend_for(placements)
+        record = job.status.attempts.add(
+            number=number,
+            world_size=len(placements),
+            master_addr=master_worker.advertise_host,
+            master_port=port,
+            backend=backend,
+            started_at=attempt.started_at,
+        )
+        for p in placements:
+            record.ranks.add(rank=p.rank, worker_id=p.worker_id, host=p.host, slot=p.slot, device=p.device)
+            self.registry.assign(p.worker_id, p.slot, job.job_id, number)
+        job.attempt = attempt
+        job.status.state = S.SCHEDULED
+        job.status.message = f"attempt {number}: forming a group of {len(placements)} ranks"
+        await self._save(job)
+        log.info("attempt_scheduled", job_id=job.job_id, attempt=number, world_size=len(placements),
+                 master=f"{master_worker.advertise_host}:{port}", backend=backend)
+        for p in placements:
+            assignment = workers_pb2.Assignment(
+                job_id=job.job_id, attempt=number, spec=job.status.spec, slot=p.slot, rank=p.rank,
+                world_size=len(placements), local_rank=p.local_rank, local_world_size=p.local_world_size,
+                master_addr=master_worker.advertise_host, master_port=port, backend=backend,
+                rendezvous_timeout_s=self.rendezvous_timeout_s,
+            )
+            if not self.registry.send(p.worker_id, workers_pb2.CoordinatorMessage(assignment=assignment)):
+                await self._end_attempt(job, f"worker {p.worker_id} went away before its assignment")
+                return
+
+    async def _end_attempt(self, job: Job, reason: str, requeue: bool = True) -> None:
+        """Close the running attempt (if any): abort its ranks, free its slots and port, maybe queue again."""
+        attempt, job.attempt = job.attempt, None
+        if attempt is None:
+            return
+        record = job.status.attempts[-1]
+        record.end_reason, record.ended_at = reason, time.time()
+        abort = workers_pb2.CoordinatorMessage(
+            abort=workers_pb2.AbortAttempt(job_id=job.job_id, attempt=attempt.number, reason=reason)
+        )
+        for worker_id in {p.worker_id for p in attempt.placements}:
+            if reason:  # a clean end needs no abort: every executor has left the group already
+                self.registry.send(worker_id, abort)
+        for p in attempt.placements:
+            self.registry.release(p.worker_id, p.slot, job.job_id, attempt.number)
+        master = self.registry.get(attempt.master_worker)
+        if master:
+            master.ports_in_use.discard(attempt.master_port)
+        if reason:
+            log.warning("attempt_ended", job_id=job.job_id, attempt=attempt.number, reason=reason)
+        if requeue:
+            max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
+            if attempt.number >= max_attempts:
+                await self._finish(job, S.FAILED, f"gave up after {attempt.number} attempts; the last: {reason}",
+                                   "ABORTED")
+            else:
+                job.status.state = S.QUEUED
+                job.status.message = f"attempt {attempt.number} failed ({reason}); waiting to retry"
+                await self._save(job)
+        self.wake()
+
+    async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+        job.status.state = state
+        job.status.message = message
+        job.status.error_code = error_code
+        job.status.finished_at = time.time()
+        await self._save(job)
+        log.info("job_finished", job_id=job.job_id, state=S.JobState.Name(state), message=message)
+
+    async def _set_message(self, job: Job, message: str) -> None:
+        if job.status.message != message:
+            job.status.message = message
+            await self._save(job)
+
+    async def _save(self, job: Job) -> None:
+        await self.db(self.store.save_job, job.status)
+        job.notify()
+
+    def _current_attempt(self, job_id: str, attempt: int) -> Job:
+        job = self.job(job_id)
+        if job.attempt is None or job.attempt.number != attempt:
+            raise FailedPrecondition(f"attempt {attempt} of job {job_id} is not running any more")
+        return job

@@ -1,0 +1,63 @@
+"""distinfer-coordinator: the head node's server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+import structlog
+
+from distinfer.common.log import configure_logging
+from distinfer.coordinator.server import Coordinator, CoordinatorConfig
+
+log = structlog.get_logger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="distinfer-coordinator",
+        description="Accept jobs, place them on registered workers, keep their state in --state-dir.",
+    )
+    p.add_argument("--listen", default="0.0.0.0:50051", help="host:port to serve gRPC on (default %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=Path("distinfer-state"),
+                   help="folder of the SQLite state; a restart with the same folder resumes every job")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds of silence after which a worker is taken for dead (default %(default)s)")
+    p.add_argument("--rendezvous-timeout", type=float, default=120.0,
+                   help="seconds the ranks of an attempt may take to form their group")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
+    p.add_argument("--log-level", default=None, help="debug, info, warning or error")
+    return p.parse_args(argv)
+
+
+async def serve(config: CoordinatorConfig, port_file: Path | None = None) -> None:
+    coordinator = Coordinator(config)
+    await coordinator.start()
+    if port_file:
+        port_file.write_text(str(coordinator.port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await coordinator.stop()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    config = CoordinatorConfig(
+        listen=args.listen,
+        state_dir=args.state_dir,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        rendezvous_timeout_s=args.rendezvous_timeout,
+    )
+    asyncio.run(serve(config, args.port_file))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Build and run the coordinator's gRPC server: jobs and workers services, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from distinfer.common.channels import MAX_MESSAGE_BYTES
+from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
+from distinfer.coordinator.store import Store
+from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    listen: str = "127.0.0.1:0"
+    state_dir: Path = Path("distinfer-state")
+    heartbeat_interval_s: float = 1.0
+    # A worker silent this long is taken for dead and its attempts are re-formed without it.
+    heartbeat_timeout_s: float = 5.0
+    # How long ranks may take to form a group before the attempt fails.
+    rendezvous_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be longer than the heartbeat "
+                f"interval ({self.heartbeat_interval_s}), or every worker would be declared dead"
+            )
+
+
+class Coordinator:
+    """A running coordinator: its server, its state and its background tasks."""
+
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = self.server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.listen}: the address is taken or not local")
+        self.manager: JobManager | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for service in ("", "distinfer.v1.Jobs", "distinfer.v1.Workers"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            [
+                jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name,
+                workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
+                reflection.SERVICE_NAME,
+                health.SERVICE_NAME,
+            ],
+            self.server,
+        )
+        # Open the store before serving: health says SERVING only once the state is there.
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(self.config.state_dir / "distinfer.sqlite")
+        self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s)
+        await self.manager.recover()
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager), self.server)
+        workers_pb2_grpc.add_WorkersServicer_to_server(
+            WorkersServicer(self.manager, self.config.heartbeat_interval_s), self.server
+        )
+        await self.server.start()
+        self._tasks = [
+            asyncio.create_task(self.manager.run_scheduler()),
+            asyncio.create_task(self._watch_heartbeats()),
+        ]
+        for service in ("", "distinfer.v1.Jobs", "distinfer.v1.Workers"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("coordinator_started", port=self.port, state_dir=str(self.config.state_dir))
+
+    async def _watch_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s / 2)
+            for worker in self.manager.registry.stale(self.config.heartbeat_timeout_s):
+                log.warning("worker_heartbeats_missed", worker_id=worker.worker_id)
+                worker.disconnect("missed heartbeats")
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(grace_s)
+        if self.manager:
+            self.manager.store.close()
+        log.info("coordinator_stopped")

@@ -1,0 +1,132 @@
+"""Thin gRPC servicers: validate the request's shape, delegate to the JobManager, convert at the edge."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+
+from distinfer.common.errors import InvalidArgument, NotFound, grpc_errors
+from distinfer.coordinator.jobs import JobManager
+from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+
+    @grpc_errors
+    async def SubmitJob(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("spec"):
+            raise InvalidArgument("the first SubmitJob message must carry the job's spec")
+
+        async def row_batches():
+            async for message in request_iterator:
+                if not message.HasField("rows"):
+                    raise InvalidArgument("only the first SubmitJob message may carry a spec; the rest carry rows")
+                yield message.rows
+
+        status = await self.manager.submit(first.spec, row_batches())
+        return jobs_pb2.SubmitJobResponse(job_id=status.job_id, num_rows=status.num_rows)
+
+    @grpc_errors
+    async def StreamResults(self, request, context):
+        async for batch in self.manager.stream_results(request.job_id, request.start_index):
+            yield batch
+
+    @grpc_errors
+    async def GetJob(self, request, context):
+        return self.manager.job(request.job_id).status
+
+    @grpc_errors
+    async def ListJobs(self, request, context):
+        return jobs_pb2.ListJobsResponse(jobs=self.manager.list_jobs())
+
+    @grpc_errors
+    async def CancelJob(self, request, context):
+        return await self.manager.cancel(request.job_id)
+
+    @grpc_errors
+    async def ListWorkers(self, request, context):
+        return jobs_pb2.ListWorkersResponse(workers=self.manager.registry.to_pb())
+
+
+class WorkersServicer(workers_pb2_grpc.WorkersServicer):
+    def __init__(self, manager: JobManager, heartbeat_interval_s: float):
+        self.manager = manager
+        self.registry = manager.registry
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    @grpc_errors
+    async def RegisterWorker(self, request, context):
+        if not request.slots:
+            raise InvalidArgument("a worker must offer at least one slot")
+        if not request.advertise_host:
+            raise InvalidArgument("a worker must advertise the address its rendezvous port is reached at")
+        if not 0 < request.port_lo <= request.port_hi < 65536:
+            raise InvalidArgument(f"bad rendezvous port range {request.port_lo}-{request.port_hi}")
+        worker = self.registry.register(request)
+        log.info("worker_registered", worker_id=worker.worker_id, host=worker.advertise_host,
+                 slots=[s.device for s in request.slots])
+        return workers_pb2.RegisterWorkerResponse(
+            worker_id=worker.worker_id, heartbeat_interval_s=self.heartbeat_interval_s
+        )
+
+    async def Connect(self, request_iterator, context):
+        """The control stream. Its end, or missed heartbeats, means the worker is gone."""
+        first = await anext(aiter(request_iterator), None)
+        worker = self.registry.get(first.worker_id) if first else None
+        if worker is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown worker id: register again")
+        outbox: asyncio.Queue = asyncio.Queue()
+        worker.outbox = outbox
+        await self._handle(worker, first)
+
+        async def read_inbound():
+            try:
+                async for message in request_iterator:
+                    await self._handle(worker, message)
+            except Exception as exc:  # noqa: BLE001 - any read error ends the stream like a disconnect
+                log.info("control_stream_read_failed", worker_id=worker.worker_id, error=repr(exc))
+            finally:
+                outbox.put_nowait(None)
+
+        reader = asyncio.create_task(read_inbound())
+        try:
+            while (message := await outbox.get()) is not None:
+                yield message
+        finally:
+            reason = worker.lost_reason or "control stream closed"
+            reader.cancel()
+            if self.registry.get(worker.worker_id) is worker:
+                worker.outbox = None
+                log.warning("worker_lost", worker_id=worker.worker_id, reason=reason)
+                await self.manager.worker_lost(worker.worker_id, reason)
+
+    async def _handle(self, worker, message: workers_pb2.WorkerMessage) -> None:
+        kind = message.WhichOneof("payload")
+        if kind == "heartbeat":
+            self.registry.heartbeat(worker, message.heartbeat)
+            self.manager.wake()
+        elif kind == "event":
+            await self.manager.slot_event(worker.worker_id, message.event)
+
+    @grpc_errors
+    async def FetchShard(self, request, context):
+        if request.world_size < 1 or request.rank >= request.world_size:
+            raise InvalidArgument(f"rank {request.rank} is outside a world of {request.world_size}")
+        async for batch in self.manager.shard(request):
+            yield batch
+
+    @grpc_errors
+    async def ReportResults(self, request_iterator, context):
+        committed = 0
+        async for message in request_iterator:
+            if not message.job_id:
+                raise NotFound("ReportResults needs a job id")
+            committed += await self.manager.commit(message.job_id, message.attempt, list(message.results))
+        return workers_pb2.ReportResultsResponse(committed=committed)

@@ -1,0 +1,145 @@
+"""The coordinator's durable state: jobs, their input rows, committed results and attempts, in SQLite (WAL).
+
+Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory) and results are
+committed idempotently by row index, so a repeated or late result never duplicates a row. The store is
+synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from distinfer.v1 import jobs_pb2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT UNIQUE NOT NULL,
+    status BLOB NOT NULL            -- a serialized JobStatus, attempts included
+);
+CREATE TABLE IF NOT EXISTS inputs (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,       -- the attempt that committed it: shards are cut over rows open at its start
+    result BLOB NOT NULL,           -- a serialized Result, without meta_json (joined from inputs on read)
+    PRIMARY KEY (job_id, idx)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit survives a coordinator crash (SIGKILL); only a power loss can cost the last ones.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    def create_job(self, status: jobs_pb2.JobStatus) -> None:
+        self._db.execute("INSERT INTO jobs (job_id, status) VALUES (?, ?)", (status.job_id, status.SerializeToString()))
+
+    def save_job(self, status: jobs_pb2.JobStatus) -> None:
+        self._db.execute("UPDATE jobs SET status = ? WHERE job_id = ?", (status.SerializeToString(), status.job_id))
+
+    def delete_job(self, job_id: str) -> None:
+        with self._transaction():
+            for table in ("jobs", "inputs", "results"):
+                self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+
+    def load_jobs(self) -> list[jobs_pb2.JobStatus]:
+        """Every job, oldest first."""
+        return [jobs_pb2.JobStatus.FromString(blob) for (blob,) in self._db.execute("SELECT status FROM jobs ORDER BY seq")]
+
+    # --- rows -------------------------------------------------------------------------------------------
+
+    def add_rows(self, job_id: str, first_index: int, rows: Iterable[jobs_pb2.InputRow]) -> int:
+        """Append rows with consecutive indices from first_index; returns how many were added."""
+        values = [(job_id, first_index + i, row.text, row.meta_json) for i, row in enumerate(rows)]
+        with self._transaction():
+            self._db.executemany("INSERT INTO inputs (job_id, idx, text, meta) VALUES (?, ?, ?, ?)", values)
+        return len(values)
+
+    def shard(self, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024) -> Iterator[list[tuple[int, str]]]:
+        """The rows of one rank, in batches: every world_size-th row among those open when the attempt began.
+
+        Rows committed by this same attempt still count as open, so the cut stays the same however late a
+        rank asks for its shard.
+        """
+        cursor = self._db.execute(
+            """SELECT i.idx, i.text FROM inputs i LEFT JOIN results r ON r.job_id = i.job_id AND r.idx = i.idx
+               WHERE i.job_id = ? AND (r.idx IS NULL OR r.attempt = ?) ORDER BY i.idx""",
+            (job_id, attempt),
+        )
+        position = 0
+        out: list[tuple[int, str]] = []
+        for idx, text in cursor:
+            if position % world_size == rank:
+                out.append((idx, text))
+                if len(out) >= batch:
+                    yield out
+                    out = []
+            position += 1
+        if out:
+            yield out
+
+    # --- results ----------------------------------------------------------------------------------------
+
+    def commit_results(self, job_id: str, attempt: int, results: Iterable[tuple[int, bytes]]) -> int:
+        """Store results not stored yet (idempotent by index); returns how many were new."""
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO results (job_id, idx, attempt, result) VALUES (?, ?, ?, ?)",
+                ((job_id, idx, attempt, blob) for idx, blob in results),
+            )
+            return self._db.total_changes - before
+
+    def count_results(self, job_id: str) -> int:
+        (n,) = self._db.execute("SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,)).fetchone()
+        return n
+
+    def results_from(self, job_id: str, start: int, limit: int) -> list[jobs_pb2.Result]:
+        """The committed results from index `start` on, stopping at the first row not committed yet."""
+        out = []
+        expected = start
+        for idx, blob, meta in self._db.execute(
+            """SELECT r.idx, r.result, i.meta FROM results r JOIN inputs i ON i.job_id = r.job_id AND i.idx = r.idx
+               WHERE r.job_id = ? AND r.idx >= ? ORDER BY r.idx LIMIT ?""",
+            (job_id, start, limit),
+        ):
+            if idx != expected:
+                break
+            result = jobs_pb2.Result.FromString(blob)
+            result.meta_json = meta
+            out.append(result)
+            expected += 1
+        return out
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN")
+
+    def __exit__(self, exc_type, exc, tb):
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,84 @@
+"""Turn rows into padded batches that waste as little compute as possible.
+
+Rows are tokenised once, sorted by token length, and cut into batches under a padded-token budget
+(rows x longest row): padding is the enemy, and attention cost grows with its square. Each row keeps its
+global index, so results go back to input order whatever the batch order was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncodedRow:
+    index: int
+    ids: list[int]
+    truncated: int  # tokens dropped to fit max_length
+
+
+class Encoder:
+    """Tokenise without special tokens, truncate the body, then wrap it in the model's own special tokens.
+
+    That gives the same ids as the tokenizer's own truncation, plus how many tokens each row lost.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        with_special = tokenizer("x")["input_ids"]
+        body = tokenizer("x", add_special_tokens=False)["input_ids"]
+        start = _find(with_special, body)
+        self.prefix = with_special[:start]
+        self.suffix = with_special[start + len(body):]
+        self.max_body = max_length - len(self.prefix) - len(self.suffix)
+        if self.max_body < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for text after the special tokens")
+
+    def encode(self, indices: list[int], texts: list[str]) -> list[EncodedRow]:
+        # verbose=False: rows longer than the model are expected here; they are cut below, and counted.
+        bodies = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        out = []
+        for index, body in zip(indices, bodies):
+            cut = max(0, len(body) - self.max_body)
+            out.append(EncodedRow(index, self.prefix + body[: self.max_body] + self.suffix, cut))
+        return out
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for start in range(len(haystack) - len(needle) + 1):
+        if haystack[start : start + len(needle)] == needle:
+            return start
+    raise ValueError("the tokenizer's special tokens could not be told apart from the text")
+
+
+def token_budget_batches(rows: list[EncodedRow], max_tokens: int, max_rows: int) -> list[list[EncodedRow]]:
+    """Longest rows first (a batch too big for the device fails at once, not at the end); a batch grows
+    while rows x longest row stays within max_tokens and rows stay within max_rows. A row longer than the
+    budget gets a batch of its own."""
+    ordered = sorted(rows, key=lambda r: len(r.ids), reverse=True)
+    batches: list[list[EncodedRow]] = []
+    current: list[EncodedRow] = []
+    for row in ordered:
+        longest = len(current[0].ids) if current else len(row.ids)
+        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(row)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad(batch: list[EncodedRow], pad_id: int, with_token_types: bool) -> dict[str, torch.Tensor]:
+    width = max(len(r.ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        ids[i, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+        mask[i, : len(row.ids)] = 1
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if with_token_types:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs

@@ -1,0 +1,263 @@
+"""The worker daemon: registers its slots, keeps the control stream, and runs one executor process per slot.
+
+It holds no job state and never joins a collective, so it never blocks on a dead peer and never dies with a
+job: it forwards assignments to executors, reports what they say, and kills the executors of an attempt the
+coordinator aborted (they may be stuck in a collective) to start fresh ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from distinfer.common.channels import insecure_aio_channel
+from distinfer.v1 import workers_pb2, workers_pb2_grpc
+from distinfer.worker.executor import executor_main
+
+log = structlog.get_logger(__name__)
+
+REGISTER_DEADLINE_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: str
+    devices: tuple[str, ...] = ("cpu",)
+    advertise_host: str = ""
+    port_lo: int = 29500
+    port_hi: int = 29599
+    # How long to keep trying to reach the coordinator before giving up (0: forever).
+    connect_timeout_s: float = 0.0
+    log_level: str | None = None
+
+    def __post_init__(self):
+        if not self.devices:
+            raise ValueError("a worker needs at least one slot")
+        if not 0 < self.port_lo <= self.port_hi < 65536:
+            raise ValueError(f"the rendezvous port range {self.port_lo}-{self.port_hi} is not a valid range")
+
+
+@dataclass
+class ExecutorHandle:
+    slot: int
+    device: str
+    process: multiprocessing.Process | None = None
+    inbox: object = None
+    ready: bool = False
+    # The (job_id, attempt) this executor is working on, if any.
+    running: tuple[str, int] | None = None
+    queued: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
+class WorkerDaemon:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.ctx = multiprocessing.get_context("spawn")
+        self.events = self.ctx.Queue()
+        self.executors = [ExecutorHandle(slot=i, device=d) for i, d in enumerate(config.devices)]
+        self.advertise_host = config.advertise_host or default_advertise_host(config.coordinator)
+        self.worker_id = ""
+        self._outbound: asyncio.Queue | None = None
+        self._stopping = False
+
+    # --- executors ------------------------------------------------------------------------------------
+
+    def _start_executor(self, handle: ExecutorHandle) -> None:
+        handle.inbox = self.ctx.Queue()
+        handle.ready, handle.running, handle.queued = False, None, []
+        handle.process = self.ctx.Process(
+            target=executor_main,
+            args=(handle.slot, handle.device, self.config.coordinator, handle.inbox, self.events, self.config.log_level),
+            name=f"distinfer-executor-{handle.slot}",
+            daemon=True,
+        )
+        handle.process.start()
+        log.info("executor_started", slot=handle.slot, device=handle.device, pid=handle.process.pid)
+
+    def _restart_executor(self, handle: ExecutorHandle, why: str) -> None:
+        if handle.process is not None and handle.process.is_alive():
+            handle.process.kill()
+            handle.process.join(5)
+        log.warning("executor_restarting", slot=handle.slot, reason=why)
+        self._start_executor(handle)
+        self._send_heartbeat()
+
+    def _pump_executor_events(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Thread: move executor events from the multiprocessing queue onto the event loop."""
+        while not self._stopping:
+            try:
+                item = self.events.get(timeout=0.5)
+            except Exception:  # noqa: BLE001 - queue.Empty, or the queue closing at shutdown
+                continue
+            loop.call_soon_threadsafe(self._on_executor_event, *item)
+
+    def _on_executor_event(self, kind: str, slot: int, blob: bytes) -> None:
+        handle = self.executors[slot]
+        if kind == "ready":
+            handle.ready = True
+            self._send_heartbeat()
+            return
+        event = workers_pb2.SlotEvent.FromString(blob)
+        ended = event.kind in (workers_pb2.SlotEvent.FINISHED, workers_pb2.SlotEvent.FAILED)
+        if ended and handle.running == (event.job_id, event.attempt):  # not a late word from a killed executor
+            handle.running = handle.queued.pop(0) if handle.queued else None
+        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, event=event))
+
+    async def _watch_executors(self) -> None:
+        """An executor that died (crash, OOM kill) fails its attempt and is replaced."""
+        while True:
+            await asyncio.sleep(0.5)
+            for handle in self.executors:
+                if handle.process is not None and not handle.process.is_alive():
+                    code = handle.process.exitcode
+                    for job_id, attempt in [handle.running, *handle.queued] if handle.running else []:
+                        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, event=workers_pb2.SlotEvent(
+                            job_id=job_id, attempt=attempt, slot=handle.slot, kind=workers_pb2.SlotEvent.FAILED,
+                            error=f"the executor of slot {handle.slot} exited with code {code}",
+                        )))
+                    self._restart_executor(handle, f"exited with code {code}")
+
+    def _assign(self, a: workers_pb2.Assignment) -> None:
+        handle = self.executors[a.slot]
+        if handle.running is None:
+            handle.running = (a.job_id, a.attempt)
+        else:
+            handle.queued.append((a.job_id, a.attempt))
+        handle.inbox.put(a.SerializeToString())
+        log.info("assignment_received", job_id=a.job_id, attempt=a.attempt, rank=a.rank, slot=a.slot,
+                 world_size=a.world_size)
+
+    def _abort(self, abort: workers_pb2.AbortAttempt) -> None:
+        target = (abort.job_id, abort.attempt)
+        for handle in self.executors:
+            if handle.running == target or target in handle.queued:
+                self._restart_executor(handle, f"attempt {abort.attempt} of {abort.job_id} aborted: {abort.reason}")
+
+    def _abort_everything(self, why: str) -> None:
+        for handle in self.executors:
+            if handle.running is not None:
+                self._restart_executor(handle, why)
+
+    # --- coordinator ----------------------------------------------------------------------------------
+
+    def _send(self, message: workers_pb2.WorkerMessage) -> None:
+        if self._outbound is not None:
+            self._outbound.put_nowait(message)
+
+    def _send_heartbeat(self) -> None:
+        healthy = [h.slot for h in self.executors if h.ready and h.process is not None and h.process.is_alive()]
+        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, heartbeat=workers_pb2.Heartbeat(healthy_slots=healthy)))
+
+    async def _register(self, stub) -> float:
+        request = workers_pb2.RegisterWorkerRequest(
+            hostname=socket.gethostname(),
+            advertise_host=self.advertise_host,
+            slots=[workers_pb2.Slot(index=h.slot, device=h.device) for h in self.executors],
+            port_lo=self.config.port_lo,
+            port_hi=self.config.port_hi,
+        )
+        stop = stop_after_delay(self.config.connect_timeout_s) if self.config.connect_timeout_s else None
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            stop=stop or (lambda state: False),
+            reraise=True,
+            before_sleep=lambda state: log.info("coordinator_unreachable", attempt=state.attempt_number,
+                                                address=self.config.coordinator),
+        ):
+            with attempt:
+                response = await stub.RegisterWorker(request, timeout=REGISTER_DEADLINE_S)
+        self.worker_id = response.worker_id
+        log.info("registered", worker_id=self.worker_id, advertise_host=self.advertise_host,
+                 slots=list(self.config.devices))
+        return response.heartbeat_interval_s
+
+    async def _control_stream(self, stub, heartbeat_interval_s: float) -> None:
+        self._outbound = asyncio.Queue()
+        self._send_heartbeat()
+        outbound = self._outbound
+
+        async def messages():
+            while (message := await outbound.get()) is not None:
+                yield message
+
+        async def beat():
+            while True:
+                await asyncio.sleep(heartbeat_interval_s)
+                self._send_heartbeat()
+
+        beater = asyncio.create_task(beat())
+        try:
+            async for message in stub.Connect(messages()):
+                kind = message.WhichOneof("payload")
+                if kind == "assignment":
+                    self._assign(message.assignment)
+                elif kind == "abort":
+                    self._abort(message.abort)
+        finally:
+            beater.cancel()
+            self._outbound = None
+            outbound.put_nowait(None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handle in self.executors:
+            self._start_executor(handle)
+        threading.Thread(target=self._pump_executor_events, args=(loop,), name="executor-events", daemon=True).start()
+        watcher = asyncio.create_task(self._watch_executors())
+        try:
+            async with insecure_aio_channel(self.config.coordinator) as channel:
+                stub = workers_pb2_grpc.WorkersStub(channel)
+                while True:
+                    interval = await self._register(stub)
+                    try:
+                        await self._control_stream(stub, interval)
+                        reason = "the coordinator closed the control stream"
+                    except grpc.aio.AioRpcError as exc:
+                        reason = f"control stream failed: {exc.code().name}"
+                    # The coordinator has written off this worker's attempts: computing on would be wasted.
+                    log.warning("control_stream_lost", reason=reason)
+                    self._abort_everything(reason)
+                    await asyncio.sleep(0.5)
+        finally:
+            watcher.cancel()
+            self.stop()
+
+    def stop(self) -> None:
+        self._stopping = True
+        for handle in self.executors:
+            if handle.process is not None and handle.process.is_alive():
+                handle.inbox.put(None)
+        for handle in self.executors:
+            if handle.process is not None:
+                handle.process.join(3)
+                if handle.process.is_alive():
+                    handle.process.kill()
+
+
+def default_advertise_host(coordinator: str) -> str:
+    """Loopback when the coordinator is on this machine; else what this host's name resolves to.
+
+    Multi-host clusters should pass --advertise-host: the private interface the other hosts reach.
+    """
+    host = coordinator.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "127.0.0.1", "::1", ""):
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,54 @@
+"""Collect every rank's results on rank 0 with tensor collectives, round by round.
+
+Ranks rarely have the same number of batches, so each round starts with a tiny all_gather of row counts
+(-1: "I have nothing left"); ranks that are done still take part with no rows until every rank is done,
+or the group would hang. Each row travels with its global index and truncation count packed into the same
+float32 tensor bit for bit (int64 viewed as two float32s), so one gather moves a whole round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DONE = -1
+META_COLUMNS = 4  # two int64 (index, truncated tokens) viewed as four float32
+
+
+class Gatherer:
+    def __init__(self, width: int, comm_device: torch.device):
+        self.width = width
+        self.comm_device = comm_device
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def round(
+        self, payload: torch.Tensor | None, indices: list[int], truncated: list[int]
+    ) -> list[tuple[int, int, torch.Tensor]] | None:
+        """Contribute this rank's rows (payload None: done). Returns None once every rank is done; otherwise
+        rank 0 gets (index, truncated, row) for the round's rows of all ranks, the other ranks []."""
+        count = DONE if payload is None else payload.shape[0]
+        counts = [torch.zeros(1, dtype=torch.long, device=self.comm_device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([count], dtype=torch.long, device=self.comm_device))
+        counts_list = [int(c.item()) for c in counts]
+        if all(c == DONE for c in counts_list):
+            return None
+        rows = max(counts_list)
+        packed = torch.zeros((rows, self.width + META_COLUMNS), dtype=torch.float32, device=self.comm_device)
+        if payload is not None:
+            meta = torch.tensor(list(zip(indices, truncated)), dtype=torch.long).view(torch.float32)
+            packed[:count, : self.width] = payload.to(self.comm_device, torch.float32)
+            packed[:count, self.width :] = meta.to(self.comm_device)
+        gathered = [torch.empty_like(packed) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(packed, gathered, dst=0)
+        if self.rank != 0:
+            return []
+        out = []
+        for part, n in zip(gathered, counts_list):
+            if n <= 0:
+                continue
+            part = part[:n].cpu()
+            meta = part[:, self.width :].contiguous().view(torch.long)
+            for row, (index, cut) in zip(part[:, : self.width], meta.tolist()):
+                out.append((index, cut, row))
+        return out
