@@ -16,7 +16,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 
 proto:
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
 		--mypy_out=proto --mypy_grpc_out=proto proto/distinfer/v1/*.proto
 
 test: install
@@ -27,6 +27,7 @@ bench: install
 
 lint:
 	$(BIN)/ruff check coordinator worker client common tests benchmarks
+	$(BIN)/ruff format --check coordinator worker client common tests benchmarks
 
 run-sample: install
 	HF_HUB_OFFLINE=1 $(BIN)/distinfer run --input examples/sample.jsonl --output sample-embeddings.jsonl

@@ -1,9 +1,9 @@
 """The Python API: submit a dataset, stream its results back in input order while the job runs.
 
-    client = Client("head-node:50051")
-    job = client.submit(["first text", "second text"], model="all-MiniLM-L6-v2", task="embed")
-    for row in job.results():
-        print(row["index"], row["embedding"][:3])
+client = Client("head-node:50051")
+job = client.submit(["first text", "second text"], model="all-MiniLM-L6-v2", task="embed")
+for row in job.results():
+    print(row["index"], row["embedding"][:3])
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import grpc
 import structlog
 
 from distinfer.common.channels import insecure_channel
+from distinfer.common.errors import JOB_ENDED_KEY
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -198,10 +199,10 @@ class Job:
                         yield list(batch.results)
                 return
             except grpc.RpcError as exc:
+                if dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY):
+                    raise JobFailed(exc.details()) from None
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and next_index == start:
-                        raise
-                    raise JobFailed(exc.details() or exc.code().name) from None
+                    raise
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RESUME_TIMEOUT_S:
                     raise

@@ -26,13 +26,18 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
     p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
     p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
-    p.add_argument("--max-batch-tokens", type=int, default=0,
-                   help="most padded tokens per forward pass (default: per device)")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=0, help="most padded tokens per forward pass (default: per device)"
+    )
     p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
     p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
     p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
-    p.add_argument("--queue-timeout", type=float, default=0.0,
-                   help="fail if the job waits longer than this for its workers (default: wait)")
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=0.0,
+        help="fail if the job waits longer than this for its workers (default: wait)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start a coordinator and workers on this machine, run one job, stop them")
     _job_options(run)
-    run.add_argument("--model", default=DEFAULT_MODEL, help="model directory or cached name (default: the "
-                     "bundled all-MiniLM-L6-v2)")
+    run.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model directory or cached name (default: the bundled all-MiniLM-L6-v2)"
+    )
     run.add_argument("--workers", type=int, default=2, help="ranks to run on this machine (default 2)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--state-dir", type=Path, help="keep the coordinator's state and the logs here")
@@ -50,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
     submit.add_argument("--coordinator", required=True, help="host:port")
     submit.add_argument("--model", required=True, help="model directory (as the workers see it) or cached name")
-    submit.add_argument("--workers", type=int, default=0,
-                        help="ranks to use: the job waits until this many are free (default: every free slot)")
+    submit.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="ranks to use: the job waits until this many are free (default: every free slot)",
+    )
     submit.add_argument("--detach", action="store_true", help="print the job id and return without waiting")
     _job_options(submit)
 
@@ -78,7 +88,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
-    except InputError as exc:
+    except (InputError, ValueError) as exc:
         print(f"distinfer: bad input: {exc}", file=sys.stderr)
         return 2
     except JobFailed as exc:
@@ -95,9 +105,16 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
     rows = read_rows(args.input, args.text_field, args.format)
     started = time.monotonic()
     job = client.submit(
-        rows, model=model, task=args.task, workers=workers, batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
-        normalize=False if args.no_normalize else None, return_logits=args.return_logits,
+        rows,
+        model=model,
+        task=args.task,
+        workers=workers,
+        text_field=args.text_field,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_length=args.max_length,
+        normalize=False if args.no_normalize else None,
+        return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,
     )
     print(f"distinfer: job {job.id} accepted: {job.num_rows} rows", file=sys.stderr)
@@ -107,18 +124,29 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
     written = _write_results(job, args.output, 0, job.num_rows)
     elapsed = time.monotonic() - started
     status = job.status()
-    print(f"distinfer: job {job.id} {jobs_pb2.JobState.Name(status.state).lower()}: {written} rows in "
-          f"{elapsed:.1f} s ({written / elapsed:.1f} rows/s) -> {args.output}", file=sys.stderr)
+    print(
+        f"distinfer: job {job.id} {jobs_pb2.JobState.Name(status.state).lower()}: {written} rows in "
+        f"{elapsed:.1f} s ({written / elapsed:.1f} rows/s) -> {args.output}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _write_results(job: Job, output: Path, start: int, total: int | None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    with output.open("w" if start == 0 else "a", encoding="utf-8") as f, tqdm(
-        total=total, initial=start, unit="row", desc=job.id, file=sys.stderr, dynamic_ncols=True,
-        disable=None,  # no bar when stderr is not a terminal
-    ) as bar:
+    with (
+        output.open("w" if start == 0 else "a", encoding="utf-8") as f,
+        tqdm(
+            total=total,
+            initial=start,
+            unit="row",
+            desc=job.id,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=None,  # no bar when stderr is not a terminal
+        ) as bar,
+    ):
         for batch in job.result_batches(start):
             for result in batch:
                 write_jsonl(f, result_to_dict(result))
@@ -132,8 +160,9 @@ def cmd_run(args) -> int:
 
     if args.workers < 1:
         raise SystemExit("distinfer run: --workers must be at least 1")
-    print(f"distinfer: starting a coordinator and {args.workers} {args.device} workers on this machine",
-          file=sys.stderr)
+    print(
+        f"distinfer: starting a coordinator and {args.workers} {args.device} workers on this machine", file=sys.stderr
+    )
     with LocalCluster(slots=args.workers, state_dir=args.state_dir, device=args.device) as cluster:
         with Client(cluster.address) as client:
             try:
@@ -180,8 +209,10 @@ def cmd_jobs(args) -> int:
     if args.json:
         print(json.dumps([json.loads(_to_json(j)) for j in jobs], indent=2))
         return 0
-    rows = [(j.job_id, jobs_pb2.JobState.Name(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model,
-             j.message) for j in jobs]
+    rows = [
+        (j.job_id, jobs_pb2.JobState.Name(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model, j.message)
+        for j in jobs
+    ]
     print(_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows))
     return 0
 
@@ -192,8 +223,11 @@ def cmd_workers(args) -> int:
     if args.json:
         print(json.dumps([json.loads(_to_json(w)) for w in workers], indent=2))
         return 0
-    rows = [(w.worker_id, w.advertise_host, s.index, s.device, s.state, s.job_id or "-",
-             f"{w.last_heartbeat_s_ago:.1f}s") for w in workers for s in w.slots]
+    rows = [
+        (w.worker_id, w.advertise_host, s.index, s.device, s.state, s.job_id or "-", f"{w.last_heartbeat_s_ago:.1f}s")
+        for w in workers
+        for s in w.slots
+    ]
     print(_table(("WORKER", "HOST", "SLOT", "DEVICE", "STATE", "JOB", "HEARTBEAT"), rows))
     return 0
 
@@ -229,8 +263,13 @@ def _to_json(message) -> str:
 
 
 COMMANDS = {
-    "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "results": cmd_results,
-    "jobs": cmd_jobs, "workers": cmd_workers,
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "cancel": cmd_cancel,
+    "results": cmd_results,
+    "jobs": cmd_jobs,
+    "workers": cmd_workers,
 }
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ class LocalCluster:
         self._logs.append(log_path)
         with log_path.open("ab") as log_file:
             return subprocess.Popen(
-                [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
+                [sys.executable, "-m", *args],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
                 start_new_session=True,
             )
 
@@ -61,8 +64,16 @@ class LocalCluster:
         port_file.unlink(missing_ok=True)
         self.coordinator = self._spawn(
             "coordinator",
-            ["distinfer.coordinator.main", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-             "--state-dir", str(self.state_dir / "state"), *self.extra_coordinator_args],
+            [
+                "distinfer.coordinator.main",
+                "--listen",
+                "127.0.0.1:0",
+                "--port-file",
+                str(port_file),
+                "--state-dir",
+                str(self.state_dir / "state"),
+                *self.extra_coordinator_args,
+            ],
         )
         deadline = time.monotonic() + timeout_s
         while not port_file.exists() or not port_file.read_text():
@@ -73,8 +84,15 @@ class LocalCluster:
         return self.address
 
     def add_worker(self, slots: int | None = None) -> subprocess.Popen:
-        args = ["distinfer.worker.main", "--coordinator", self.address, "--slots", str(slots or self.slots),
-                "--device", self.device]
+        args = [
+            "distinfer.worker.main",
+            "--coordinator",
+            self.address,
+            "--slots",
+            str(slots or self.slots),
+            "--device",
+            self.device,
+        ]
         if self.ports:
             args += ["--ports", self.ports]
         worker = self._spawn(f"worker-{len(self.workers)}", args)

@@ -35,8 +35,10 @@ def read_rows(path: Path, text_field: str = "text", fmt: str | None = None) -> I
     rows = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[fmt](path)
     for where, row in rows:
         if text_field not in row:
-            raise InputError(f"{where}: no {text_field!r} field (the row has: {', '.join(row) or 'nothing'}); "
-                             f"name the text column with --text-field")
+            raise InputError(
+                f"{where}: no {text_field!r} field (the row has: {', '.join(row) or 'nothing'}); "
+                f"name the text column with --text-field"
+            )
         if not isinstance(row[text_field], str):
             raise InputError(f"{where}: field {text_field!r} is a {type(row[text_field]).__name__}, not a string")
         yield row
@@ -58,8 +60,11 @@ def _jsonl(path: Path):
 
 def _csv(path: Path):
     with path.open(encoding="utf-8", newline="") as f:
-        for number, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-            yield f"{path}:{number}", row
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row:  # more values than the header has columns
+                raise InputError(f"{path}:{reader.line_num}: {len(row[None])} more values than the header's columns")
+            yield f"{path}:{reader.line_num}", row
 
 
 def _parquet(path: Path):

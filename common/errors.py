@@ -15,13 +15,19 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+# Trailing metadata on a result stream that ended because the job ended badly (value: the job's state), so
+# clients tell "the job failed with NOT_FOUND (its model)" from "no such job" (also NOT_FOUND).
+JOB_ENDED_KEY = "distinfer-job-ended"
+
+
 class DistinferError(Exception):
     code = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, trailers: tuple = ()):
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.trailers = trailers
 
 
 class InvalidArgument(DistinferError):
@@ -52,7 +58,7 @@ def grpc_errors(method):
 
     async def fail(context, exc: BaseException):
         if isinstance(exc, DistinferError):
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, str(exc), exc.trailers)
         log.exception("servicer_error", method=method.__name__)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {exc!r}")
 

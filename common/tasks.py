@@ -19,9 +19,7 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
     if spec.task not in TASKS:
         raise InvalidArgument(f"unknown task {spec.task!r}: choose one of {', '.join(TASKS)}")
     if spec.max_workers and spec.min_workers > spec.max_workers:
-        raise InvalidArgument(
-            f"min_workers ({spec.min_workers}) is larger than max_workers ({spec.max_workers})"
-        )
+        raise InvalidArgument(f"min_workers ({spec.min_workers}) is larger than max_workers ({spec.max_workers})")
     if spec.queue_timeout_s < 0:
         raise InvalidArgument(f"queue_timeout_s must be 0 (wait forever) or positive, not {spec.queue_timeout_s}")
     if spec.options.max_length > MAX_LENGTH_LIMIT:

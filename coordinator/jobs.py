@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from distinfer.common.errors import DistinferError, FailedPrecondition, InvalidArgument, NotFound, status_code_by_name
+from distinfer.common.errors import (
+    JOB_ENDED_KEY,
+    DistinferError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    status_code_by_name,
+)
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.scheduler import Placement, backend_for, pick_port, place
@@ -146,15 +153,18 @@ class JobManager:
                 next_index += len(results)
                 yield S.ResultBatch(results=results)
                 continue
-            if next_index >= job.status.num_rows:
-                return
+            if next_index >= job.status.num_rows and job.status.state in TERMINAL:
+                return  # ends with the job, so a client that read every row sees it SUCCEEDED
             if job.status.state == S.FAILED:
                 raise DistinferError(
                     f"job {job_id} failed: {job.status.message}",
                     status_code_by_name(job.status.error_code, grpc.StatusCode.ABORTED),
+                    trailers=((JOB_ENDED_KEY, "FAILED"),),
                 )
             if job.status.state == S.CANCELLED:
-                raise DistinferError(f"job {job_id} was cancelled", grpc.StatusCode.CANCELLED)
+                raise DistinferError(
+                    f"job {job_id} was cancelled", grpc.StatusCode.CANCELLED, trailers=((JOB_ENDED_KEY, "CANCELLED"),)
+                )
             await changed.wait()
 
     # --- worker side ----------------------------------------------------------------------------------
@@ -234,7 +244,7 @@ class JobManager:
             self._wake.clear()
             try:
                 await self._schedule_once()
-            except Exception:  # noqa: BLE001 - a scheduling bug must not stop every later job
+            except Exception:
                 log.exception("schedule_failed")
 
     async def _schedule_once(self) -> None:
@@ -259,7 +269,9 @@ class JobManager:
         message = f"waiting for {min_slots} free slots: {free} free of {total} registered"
         timeout = job.status.spec.queue_timeout_s
         if timeout and not job.status.attempts and time.time() - job.status.created_at > timeout:
-            await self._finish(job, S.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED")
+            await self._finish(
+                job, S.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
+            )
         else:
             await self._set_message(job, message)
 
@@ -284,13 +296,27 @@ class JobManager:
         job.status.state = S.SCHEDULED
         job.status.message = f"attempt {number}: forming a group of {len(placements)} ranks"
         await self._save(job)
-        log.info("attempt_scheduled", job_id=job.job_id, attempt=number, world_size=len(placements),
-                 master=f"{master_worker.advertise_host}:{port}", backend=backend)
+        log.info(
+            "attempt_scheduled",
+            job_id=job.job_id,
+            attempt=number,
+            world_size=len(placements),
+            master=f"{master_worker.advertise_host}:{port}",
+            backend=backend,
+        )
         for p in placements:
             assignment = workers_pb2.Assignment(
-                job_id=job.job_id, attempt=number, spec=job.status.spec, slot=p.slot, rank=p.rank,
-                world_size=len(placements), local_rank=p.local_rank, local_world_size=p.local_world_size,
-                master_addr=master_worker.advertise_host, master_port=port, backend=backend,
+                job_id=job.job_id,
+                attempt=number,
+                spec=job.status.spec,
+                slot=p.slot,
+                rank=p.rank,
+                world_size=len(placements),
+                local_rank=p.local_rank,
+                local_world_size=p.local_world_size,
+                master_addr=master_worker.advertise_host,
+                master_port=port,
+                backend=backend,
                 rendezvous_timeout_s=self.rendezvous_timeout_s,
             )
             if not self.registry.send(p.worker_id, workers_pb2.CoordinatorMessage(assignment=assignment)):
@@ -317,11 +343,18 @@ class JobManager:
             master.ports_in_use.discard(attempt.master_port)
         if reason:
             log.warning("attempt_ended", job_id=job.job_id, attempt=attempt.number, reason=reason)
-        if requeue:
+        if requeue and job.status.rows_done == job.status.num_rows:
+            await self._finish(
+                job,
+                S.SUCCEEDED,
+                f"{job.status.num_rows} rows done (attempt {attempt.number} ended after its last commit: {reason})",
+            )
+        elif requeue:
             max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
             if attempt.number >= max_attempts:
-                await self._finish(job, S.FAILED, f"gave up after {attempt.number} attempts; the last: {reason}",
-                                   "ABORTED")
+                await self._finish(
+                    job, S.FAILED, f"gave up after {attempt.number} attempts; the last: {reason}", "ABORTED"
+                )
             else:
                 job.status.state = S.QUEUED
                 job.status.message = f"attempt {attempt.number} failed ({reason}); waiting to retry"

@@ -21,13 +21,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Accept jobs, place them on registered workers, keep their state in --state-dir.",
     )
     p.add_argument("--listen", default="0.0.0.0:50051", help="host:port to serve gRPC on (default %(default)s)")
-    p.add_argument("--state-dir", type=Path, default=Path("distinfer-state"),
-                   help="folder of the SQLite state; a restart with the same folder resumes every job")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("distinfer-state"),
+        help="folder of the SQLite state; a restart with the same folder resumes every job",
+    )
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                   help="seconds of silence after which a worker is taken for dead (default %(default)s)")
-    p.add_argument("--rendezvous-timeout", type=float, default=120.0,
-                   help="seconds the ranks of an attempt may take to form their group")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        help="seconds of silence after which a worker is taken for dead (default %(default)s)",
+    )
+    p.add_argument(
+        "--rendezvous-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the ranks of an attempt may take to form their group",
+    )
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     return p.parse_args(argv)

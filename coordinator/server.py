@@ -45,8 +45,10 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
         )
         self.health = health.aio.HealthServicer()
         self.port = self.server.add_insecure_port(config.listen)

@@ -70,8 +70,12 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
         if not 0 < request.port_lo <= request.port_hi < 65536:
             raise InvalidArgument(f"bad rendezvous port range {request.port_lo}-{request.port_hi}")
         worker = self.registry.register(request)
-        log.info("worker_registered", worker_id=worker.worker_id, host=worker.advertise_host,
-                 slots=[s.device for s in request.slots])
+        log.info(
+            "worker_registered",
+            worker_id=worker.worker_id,
+            host=worker.advertise_host,
+            slots=[s.device for s in request.slots],
+        )
         return workers_pb2.RegisterWorkerResponse(
             worker_id=worker.worker_id, heartbeat_interval_s=self.heartbeat_interval_s
         )

@@ -63,7 +63,9 @@ class Store:
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
         """Every job, oldest first."""
-        return [jobs_pb2.JobStatus.FromString(blob) for (blob,) in self._db.execute("SELECT status FROM jobs ORDER BY seq")]
+        return [
+            jobs_pb2.JobStatus.FromString(blob) for (blob,) in self._db.execute("SELECT status FROM jobs ORDER BY seq")
+        ]
 
     # --- rows -------------------------------------------------------------------------------------------
 
@@ -74,7 +76,9 @@ class Store:
             self._db.executemany("INSERT INTO inputs (job_id, idx, text, meta) VALUES (?, ?, ?, ?)", values)
         return len(values)
 
-    def shard(self, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024) -> Iterator[list[tuple[int, str]]]:
+    def shard(
+        self, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024
+    ) -> Iterator[list[tuple[int, str]]]:
         """The rows of one rank, in batches: every world_size-th row among those open when the attempt began.
 
         Rows committed by this same attempt still count as open, so the cut stays the same however late a

@@ -31,8 +31,9 @@ class Encoder:
         body = tokenizer("x", add_special_tokens=False)["input_ids"]
         start = _find(with_special, body)
         self.prefix = with_special[:start]
-        self.suffix = with_special[start + len(body):]
+        self.suffix = with_special[start + len(body) :]
         self.max_body = max_length - len(self.prefix) - len(self.suffix)
+        self.keep_end = getattr(tokenizer, "truncation_side", "right") == "left"
         if self.max_body < 1:
             raise ValueError(f"max_length {max_length} leaves no room for text after the special tokens")
 
@@ -42,7 +43,8 @@ class Encoder:
         out = []
         for index, body in zip(indices, bodies):
             cut = max(0, len(body) - self.max_body)
-            out.append(EncodedRow(index, self.prefix + body[: self.max_body] + self.suffix, cut))
+            kept = body[cut:] if self.keep_end else body[: self.max_body]
+            out.append(EncodedRow(index, self.prefix + kept + self.suffix, cut))
         return out
 
 

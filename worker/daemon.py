@@ -81,7 +81,14 @@ class WorkerDaemon:
         handle.ready, handle.running, handle.queued = False, None, []
         handle.process = self.ctx.Process(
             target=executor_main,
-            args=(handle.slot, handle.device, self.config.coordinator, handle.inbox, self.events, self.config.log_level),
+            args=(
+                handle.slot,
+                handle.device,
+                self.config.coordinator,
+                handle.inbox,
+                self.events,
+                self.config.log_level,
+            ),
             name=f"distinfer-executor-{handle.slot}",
             daemon=True,
         )
@@ -125,10 +132,18 @@ class WorkerDaemon:
                 if handle.process is not None and not handle.process.is_alive():
                     code = handle.process.exitcode
                     for job_id, attempt in [handle.running, *handle.queued] if handle.running else []:
-                        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, event=workers_pb2.SlotEvent(
-                            job_id=job_id, attempt=attempt, slot=handle.slot, kind=workers_pb2.SlotEvent.FAILED,
-                            error=f"the executor of slot {handle.slot} exited with code {code}",
-                        )))
+                        self._send(
+                            workers_pb2.WorkerMessage(
+                                worker_id=self.worker_id,
+                                event=workers_pb2.SlotEvent(
+                                    job_id=job_id,
+                                    attempt=attempt,
+                                    slot=handle.slot,
+                                    kind=workers_pb2.SlotEvent.FAILED,
+                                    error=f"the executor of slot {handle.slot} exited with code {code}",
+                                ),
+                            )
+                        )
                     self._restart_executor(handle, f"exited with code {code}")
 
     def _assign(self, a: workers_pb2.Assignment) -> None:
@@ -138,8 +153,9 @@ class WorkerDaemon:
         else:
             handle.queued.append((a.job_id, a.attempt))
         handle.inbox.put(a.SerializeToString())
-        log.info("assignment_received", job_id=a.job_id, attempt=a.attempt, rank=a.rank, slot=a.slot,
-                 world_size=a.world_size)
+        log.info(
+            "assignment_received", job_id=a.job_id, attempt=a.attempt, rank=a.rank, slot=a.slot, world_size=a.world_size
+        )
 
     def _abort(self, abort: workers_pb2.AbortAttempt) -> None:
         target = (abort.job_id, abort.attempt)
@@ -160,7 +176,9 @@ class WorkerDaemon:
 
     def _send_heartbeat(self) -> None:
         healthy = [h.slot for h in self.executors if h.ready and h.process is not None and h.process.is_alive()]
-        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, heartbeat=workers_pb2.Heartbeat(healthy_slots=healthy)))
+        self._send(
+            workers_pb2.WorkerMessage(worker_id=self.worker_id, heartbeat=workers_pb2.Heartbeat(healthy_slots=healthy))
+        )
 
     async def _register(self, stub) -> float:
         request = workers_pb2.RegisterWorkerRequest(
@@ -176,14 +194,16 @@ class WorkerDaemon:
             wait=wait_exponential_jitter(initial=0.2, max=5.0),
             stop=stop or (lambda state: False),
             reraise=True,
-            before_sleep=lambda state: log.info("coordinator_unreachable", attempt=state.attempt_number,
-                                                address=self.config.coordinator),
+            before_sleep=lambda state: log.info(
+                "coordinator_unreachable", attempt=state.attempt_number, address=self.config.coordinator
+            ),
         ):
             with attempt:
                 response = await stub.RegisterWorker(request, timeout=REGISTER_DEADLINE_S)
         self.worker_id = response.worker_id
-        log.info("registered", worker_id=self.worker_id, advertise_host=self.advertise_host,
-                 slots=list(self.config.devices))
+        log.info(
+            "registered", worker_id=self.worker_id, advertise_host=self.advertise_host, slots=list(self.config.devices)
+        )
         return response.heartbeat_interval_s
 
     async def _control_stream(self, stub, heartbeat_interval_s: float) -> None:

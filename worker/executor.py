@@ -82,7 +82,7 @@ class Executor:
             log.warning("job_error", error=str(exc))
             self.emit(a, workers_pb2.SlotEvent.FAILED, error=str(exc), permanent=True, error_code=exc.code)
             return not dist.is_initialized()
-        except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which retries the attempt
+        except Exception as exc:
             log.exception("attempt_failed")
             self.emit(a, workers_pb2.SlotEvent.FAILED, error=f"{type(exc).__name__}: {exc}")
             return False
@@ -105,7 +105,9 @@ class Executor:
             raise BadModel(f"this worker does not know the task {a.spec.task!r}")
         path = resolve_model(a.spec.model)
         started = time.monotonic()
-        task = self.models.get(ModelKey(path, a.spec.task, self.device, str(dtype)), lambda: task_class(path, device, dtype))
+        task = self.models.get(
+            ModelKey(path, a.spec.task, self.device, str(dtype)), lambda: task_class(path, device, dtype)
+        )
         load_s = time.monotonic() - started
         encoder = Encoder(task.tokenizer, task.max_length(a.spec.options.max_length))
 
@@ -120,15 +122,24 @@ class Executor:
         # Prove the group: every rank adds its rank; the sum is known only if all of them took part.
         rank_sum = torch.tensor([a.rank], dtype=torch.long, device=comm_device)
         dist.all_reduce(rank_sum)
-        info = jobs_pb2.RankInfo(rank=a.rank, joined_world_size=dist.get_world_size(), pid=os.getpid(), rank_sum=int(rank_sum.item()))
+        info = jobs_pb2.RankInfo(
+            rank=a.rank, joined_world_size=dist.get_world_size(), pid=os.getpid(), rank_sum=int(rank_sum.item())
+        )
         self.emit(a, workers_pb2.SlotEvent.JOINED, info=info)
-        log.info("group_joined", world_size=a.world_size, master=f"{a.master_addr}:{a.master_port}",
-                 backend=a.backend, model_load_s=round(load_s, 3))
+        log.info(
+            "group_joined",
+            world_size=a.world_size,
+            master=f"{a.master_addr}:{a.master_port}",
+            backend=a.backend,
+            model_load_s=round(load_s, 3),
+        )
 
         defaults = CUDA_DEFAULTS if on_cuda else CPU_DEFAULTS
         options = a.spec.options
         batches = Prefetcher(
-            self.stub, a, encoder,
+            self.stub,
+            a,
+            encoder,
             max_tokens=options.max_batch_tokens or defaults.max_batch_tokens,
             max_rows=options.batch_size or defaults.max_rows,
         )
@@ -137,7 +148,9 @@ class Executor:
         pad_id = task.tokenizer.pad_token_id
         with torch.inference_mode():
             for batch in batches:
-                inputs = {k: v.to(device, non_blocking=True) for k, v in pad(batch, pad_id, task.with_token_types).items()}
+                inputs = {
+                    k: v.to(device, non_blocking=True) for k, v in pad(batch, pad_id, task.with_token_types).items()
+                }
                 payload = task.forward(inputs, options)
                 gathered = gatherer.round(payload, [r.index for r in batch], [r.truncated for r in batch])
                 if sender is not None:
@@ -162,7 +175,9 @@ class Prefetcher:
     def _produce(self) -> None:
         stub, a, encoder, max_tokens, max_rows = self._args
         try:
-            request = workers_pb2.FetchShardRequest(job_id=a.job_id, attempt=a.attempt, rank=a.rank, world_size=a.world_size)
+            request = workers_pb2.FetchShardRequest(
+                job_id=a.job_id, attempt=a.attempt, rank=a.rank, world_size=a.world_size
+            )
             indices: list[int] = []
             texts: list[str] = []
 

@@ -48,7 +48,8 @@ class Gatherer:
             if n <= 0:
                 continue
             part = part[:n].cpu()
-            meta = part[:, self.width :].contiguous().view(torch.long)
+            # A fresh row-major copy: a slice of the packed tensor cannot be viewed as int64 in place.
+            meta = part[:, self.width :].clone(memory_format=torch.contiguous_format).view(torch.long)
             for row, (index, cut) in zip(part[:, : self.width], meta.tolist()):
                 out.append((index, cut, row))
         return out

@@ -47,13 +47,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
     p.add_argument("--slots", type=int, help="executors to run: default one per GPU on cuda, 1 on cpu")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="what each slot computes on")
-    p.add_argument("--advertise-host", default="",
-                   help="address the other hosts reach this one at for rendezvous (a private interface: the "
-                        "torch TCPStore is unauthenticated); default loopback when the coordinator is local")
-    p.add_argument("--ports", type=parse_port_range, default=(29500, 29599),
-                   help="rendezvous ports this host may open, LO-HI (default 29500-29599)")
-    p.add_argument("--connect-timeout", type=float, default=0.0,
-                   help="give up if the coordinator stays unreachable this long (default: retry forever)")
+    p.add_argument(
+        "--advertise-host",
+        default="",
+        help="address the other hosts reach this one at for rendezvous (a private interface: the "
+        "torch TCPStore is unauthenticated); default loopback when the coordinator is local",
+    )
+    p.add_argument(
+        "--ports",
+        type=parse_port_range,
+        default=(29500, 29599),
+        help="rendezvous ports this host may open, LO-HI (default 29500-29599)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=0.0,
+        help="give up if the coordinator stays unreachable this long (default: retry forever)",
+    )
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     args = p.parse_args(argv)
     if args.slots is not None and args.slots < 1:

@@ -1,0 +1,192 @@
+"""Real coordinator, real worker daemon, real executor processes in one gloo group, real models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distinfer.client.api import JobFailed
+from distinfer.v1 import jobs_pb2
+
+
+def assert_every_row_once_in_order(results: list[dict], n: int) -> None:
+    assert [r["index"] for r in results] == list(range(n))
+
+
+def assert_one_group_of(status: jobs_pb2.JobStatus, world_size: int, worker_pid: int) -> None:
+    """The ranks joined one torch.distributed group of the assigned size at the assigned rendezvous."""
+    attempt = status.attempts[-1]
+    assert attempt.world_size == world_size and attempt.backend == "gloo"
+    assert attempt.master_addr == "127.0.0.1" and 29500 <= attempt.master_port <= 29599
+    assert [r.rank for r in attempt.ranks] == list(range(world_size))
+    for rank in attempt.ranks:
+        assert rank.joined_world_size == world_size  # what torch.distributed itself reported
+        assert rank.rank_sum == world_size * (world_size - 1) // 2  # an all_reduce over the whole group
+    pids = {r.pid for r in attempt.ranks}
+    assert len(pids) == world_size  # distinct processes...
+    for pid in pids:  # ...each an executor spawned by the worker daemon
+        parent = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("PPid:")
+            )
+        )
+        assert parent == worker_pid
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_embed_equals_sentence_transformers(client, cluster, sample_rows, reference_embeddings, workers):
+    job = client.submit(sample_rows, model="all-MiniLM-L6-v2", task="embed", workers=workers)
+    results = list(job.results())
+
+    assert_every_row_once_in_order(results, len(sample_rows))
+    assert [r["id"] for r in results] == [r["id"] for r in sample_rows]  # other fields ride along
+    got = np.array([r["embedding"] for r in results], dtype=np.float32)
+    np.testing.assert_allclose(got, reference_embeddings, atol=1e-5, rtol=0)
+    assert any(r.get("truncated_tokens", 0) > 0 for r in results)  # the long tail really was cut at 256
+    status = job.status()
+    assert status.state == jobs_pb2.SUCCEEDED and status.rows_done == len(sample_rows)
+    assert_one_group_of(status, workers, cluster.workers[0].pid)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, bundled_model_path):
+    """A small random BERT classifier with its own labels, saved like any local model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("classifier")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=3,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_classify_equals_a_single_process_loop(client, sample_rows, tiny_classifier):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = [r["text"] for r in sample_rows]
+    job = client.submit(texts, model=tiny_classifier, task="classify", workers=3, return_logits=True)
+    results = list(job.results())
+    assert_every_row_once_in_order(results, len(texts))
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    with torch.inference_mode():  # one row at a time: no padding, no batching, nothing shared with distinfer
+        logits = [model(**tokenizer(t, truncation=True, max_length=512, return_tensors="pt")).logits[0] for t in texts]
+    for result, expected in zip(results, logits):
+        probs = torch.softmax(expected, dim=0)
+        assert result["label"] == model.config.id2label[int(probs.argmax())]
+        assert result["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+        np.testing.assert_allclose(result["logits"], expected.numpy(), atol=1e-4)
+
+
+def test_unknown_model_fails_the_job_with_not_found_and_the_cluster_goes_on(client, sample_rows):
+    job = client.submit(["a row"], model="/no/such/model", task="embed", workers=2)
+    with pytest.raises(JobFailed, match="model directory '/no/such/model' does not exist on this worker"):
+        list(job.results())
+    status = job.status()
+    assert status.state == jobs_pb2.FAILED and status.error_code == "NOT_FOUND"
+    assert len(status.attempts) == 1  # a permanent error is not retried
+
+    good = client.submit(sample_rows[:5], model="all-MiniLM-L6-v2", workers=3)
+    assert len(list(good.results())) == 5
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_submit_and_inspect_with_jsonl_csv_and_parquet(cluster, tmp_path, sample_rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": r["id"], "body": r["text"]} for r in sample_rows[:12]]
+    inputs = {"jsonl": tmp_path / "in.jsonl", "csv": tmp_path / "in.csv", "parquet": tmp_path / "in.parquet"}
+    inputs["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inputs["csv"].write_text(
+        "id,body\n" + "".join(f'{r["id"]},"{r["body"].replace(chr(34), chr(34) * 2)}"\n' for r in rows)
+    )
+    pq.write_table(pa.Table.from_pylist(rows), inputs["parquet"])
+    outputs = {}
+    for fmt, path in inputs.items():
+        out = tmp_path / f"out-{fmt}.jsonl"
+        done = cli(
+            "submit",
+            "--coordinator",
+            cluster.address,
+            "--model",
+            "all-MiniLM-L6-v2",
+            "--input",
+            str(path),
+            "--output",
+            str(out),
+            "--text-field",
+            "body",
+            "--workers",
+            "2",
+        )
+        assert done.returncode == 0, done.stderr
+        assert "succeeded: 12 rows" in done.stderr
+        outputs[fmt] = [json.loads(line) for line in out.read_text().splitlines()]
+    for fmt, results in outputs.items():
+        assert [r["index"] for r in results] == list(range(12)), fmt
+        assert [r["id"] for r in results] == [r["id"] for r in rows], fmt
+        np.testing.assert_allclose(
+            [r["embedding"] for r in results], [r["embedding"] for r in outputs["jsonl"]], atol=1e-6
+        )
+
+    listed = cli("jobs", "--coordinator", cluster.address, "--json")
+    job_id = json.loads(listed.stdout)[-1]["jobId"]
+    status = cli("status", job_id, "--coordinator", cluster.address)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "rows      12/12" in status.stdout
+    refetched = tmp_path / "again.jsonl"
+    assert cli("results", job_id, "--coordinator", cluster.address, "--output", str(refetched)).returncode == 0
+    assert [json.loads(line) for line in refetched.read_text().splitlines()] == outputs["parquet"]
+    workers = cli("workers", "--coordinator", cluster.address)
+    assert workers.returncode == 0 and workers.stdout.count("idle") == 3
+
+
+def test_distinfer_run_embedded_default(tmp_path, sample_rows, reference_embeddings):
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows[:20]))
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "distinfer"),
+            "run",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert_every_row_once_in_order(results, 20)
+    np.testing.assert_allclose([r["embedding"] for r in results], reference_embeddings[:20], atol=1e-5)

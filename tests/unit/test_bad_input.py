@@ -1,0 +1,187 @@
+"""Bad input gets a clear gRPC status and a sentence a user can act on, and leaves no half-accepted job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from distinfer.client.api import JobFailed
+from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+def raw_submit(address: str, messages: list) -> jobs_pb2.SubmitJobResponse:
+    with grpc.insecure_channel(address) as channel:
+        return jobs_pb2_grpc.JobsStub(channel).SubmitJob(iter(messages), timeout=10)
+
+
+def spec(**overrides) -> jobs_pb2.JobSpec:
+    return jobs_pb2.JobSpec(**{"model": "all-MiniLM-L6-v2", "task": "embed", **overrides})
+
+
+def rows(*texts) -> jobs_pb2.SubmitJobRequest:
+    return jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t) for t in texts]))
+
+
+def expect_status(code: grpc.StatusCode, fragment: str, call, *args):
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args)
+    assert info.value.code() == code, info.value.details()
+    assert fragment in info.value.details()
+    return info.value.details()
+
+
+def test_row_without_text_is_invalid_argument_naming_the_row(coordinator, client):
+    messages = [
+        jobs_pb2.SubmitJobRequest(spec=spec()),
+        rows("a", "b"),
+        jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(meta_json="{}")])),
+    ]
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, "row 2 has no text", raw_submit, coordinator.address, messages)
+    assert client.jobs() == []  # the half-uploaded job is gone, not queued
+
+
+def test_empty_dataset_is_invalid_argument(coordinator, client):
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "dataset is empty",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec())],
+    )
+    assert client.jobs() == []
+
+
+def test_unknown_task_is_invalid_argument_listing_the_tasks(coordinator):
+    details = expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown task 'summarize'",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec(task="summarize")), rows("a")],
+    )
+    assert "embed" in details and "classify" in details
+
+
+def test_missing_model_and_contradictory_options_are_invalid_argument(coordinator):
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "names no model",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec(model=" ")), rows("a")],
+    )
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "min_workers (3) is larger than max_workers (2)",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec(min_workers=3, max_workers=2)), rows("a")],
+    )
+
+
+def test_first_message_must_be_the_spec(coordinator):
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "first SubmitJob message must carry the job's spec",
+        raw_submit,
+        coordinator.address,
+        [rows("a")],
+    )
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "only the first SubmitJob message may carry a spec",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec()), jobs_pb2.SubmitJobRequest(spec=spec())],
+    )
+
+
+def test_unknown_job_is_not_found_everywhere(client):
+    job = client.job("j-nope")
+    for call in (job.status, job.cancel):
+        expect_status(grpc.StatusCode.NOT_FOUND, "no job 'j-nope'", call)
+    expect_status(grpc.StatusCode.NOT_FOUND, "no job 'j-nope'", lambda: list(job.results()))
+
+
+def test_start_index_past_the_end_is_invalid_argument(client):
+    job = client.submit(["one", "two"], model="all-MiniLM-L6-v2")
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, "past the job's last row", lambda: list(job.results(start=5)))
+
+
+def test_job_wanting_more_workers_than_exist_waits_queued(client):
+    job = client.submit(["one"], model="all-MiniLM-L6-v2", workers=4)
+    time.sleep(1.5)
+    status = job.status()
+    assert status.state == jobs_pb2.QUEUED
+    assert "waiting for 4 free slots: 0 free of 0 registered" in status.message
+    cancelled = job.cancel()
+    assert cancelled.state == jobs_pb2.CANCELLED
+    expect_status(grpc.StatusCode.FAILED_PRECONDITION, "already ended", job.cancel)
+
+
+def test_job_with_a_queue_timeout_fails_with_the_reason(client):
+    job = client.submit(["one"], model="all-MiniLM-L6-v2", workers=2, queue_timeout_s=0.5)
+    with pytest.raises(JobFailed, match="gave up after 0.5 s in the queue"):
+        list(job.results())
+    status = job.status()
+    assert status.state == jobs_pb2.FAILED and status.error_code == "DEADLINE_EXCEEDED"
+
+
+def test_client_rejects_a_dict_row_without_the_text_field_before_anything_is_accepted(client):
+    with pytest.raises(ValueError, match="row 1 has no 'text' field"):
+        client.submit([{"text": "fine"}, {"body": "no text"}], model="all-MiniLM-L6-v2")
+    assert client.jobs() == []
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_reports_a_malformed_jsonl_line_with_its_number_and_submits_nothing(coordinator, client, tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": "good"}) + "\n" + '{"text": "broken\n')
+    result = run_cli(
+        "submit",
+        "--coordinator",
+        coordinator.address,
+        "--model",
+        "m",
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    )
+    assert result.returncode == 2
+    assert f"{data}:2: not valid JSON" in result.stderr
+    assert client.jobs() == []
+
+
+def test_cli_reports_a_row_without_the_text_field(coordinator, tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    result = run_cli(
+        "submit",
+        "--coordinator",
+        coordinator.address,
+        "--model",
+        "m",
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    )
+    assert result.returncode == 2
+    assert f"{data}:2: no 'text' field" in result.stderr and "--text-field" in result.stderr
+
+
+def test_cli_reports_an_unknown_job_as_not_found(coordinator):
+    result = run_cli("status", "j-missing", "--coordinator", coordinator.address)
+    assert result.returncode == 1
+    assert "NOT_FOUND: no job 'j-missing'" in result.stderr

@@ -1,0 +1,321 @@
+"""Reading datasets (JSONL, CSV, Parquet) with errors that name file and line; API row conversions."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distinfer.client.api import result_to_dict, to_input_row
+from distinfer.client.rows import InputError, detect_format, read_rows
+from distinfer.v1 import jobs_pb2
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_parquet(path, columns: dict, row_group_size: int | None = None):
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+# --- formats ------------------------------------------------------------------------------------------
+
+
+def test_jsonl_rows_come_back_as_dicts_in_order(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a", "id": 1}\n{"text": "b", "id": 2}\n')
+    assert list(read_rows(path)) == [{"text": "a", "id": 1}, {"text": "b", "id": 2}]
+
+
+def test_jsonl_keeps_unicode_and_nested_fields(tmp_path):
+    row = {"text": "héllo 🙂 世界", "meta": {"tags": ["x", "y"], "score": 0.5}}
+    path = write(tmp_path / "in.jsonl", json.dumps(row, ensure_ascii=False) + "\n")
+    assert list(read_rows(path)) == [row]
+
+
+def test_jsonl_without_trailing_newline(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a"}\n{"text": "b"}')
+    assert [r["text"] for r in read_rows(path)] == ["a", "b"]
+
+
+def test_jsonl_blank_lines_are_skipped(tmp_path):
+    path = write(tmp_path / "in.jsonl", '\n{"text": "a"}\n\n   \n{"text": "b"}\n\n')
+    assert [r["text"] for r in read_rows(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", ["in.ndjson", "in.json", "IN.JSONL"])
+def test_json_lines_extensions(tmp_path, name):
+    path = write(tmp_path / name, '{"text": "a"}\n')
+    assert [r["text"] for r in read_rows(path)] == ["a"]
+
+
+def test_csv_rows_come_back_as_dicts_of_strings(tmp_path):
+    path = write(tmp_path / "in.csv", 'text,label\nfirst,pos\n"second, with comma",neg\n')
+    assert list(read_rows(path)) == [
+        {"text": "first", "label": "pos"},
+        {"text": "second, with comma", "label": "neg"},
+    ]
+
+
+def test_csv_quoted_field_may_span_lines(tmp_path):
+    path = write(tmp_path / "in.csv", 'text\n"line one\nline two"\nnext\n')
+    assert [r["text"] for r in read_rows(path)] == ["line one\nline two", "next"]
+
+
+def test_parquet_rows_come_back_as_dicts(tmp_path):
+    path = write_parquet(tmp_path / "in.parquet", {"text": ["a", "b", "c"], "id": [1, 2, 3]})
+    assert list(read_rows(path)) == [{"text": "a", "id": 1}, {"text": "b", "id": 2}, {"text": "c", "id": 3}]
+
+
+def test_parquet_reads_every_row_group_in_order(tmp_path):
+    texts = [f"t{i}" for i in range(10)]
+    path = write_parquet(tmp_path / "in.pq", {"text": texts}, row_group_size=3)
+    assert pq.ParquetFile(path).num_row_groups == 4
+    assert [r["text"] for r in read_rows(path)] == texts
+
+
+def test_explicit_format_overrides_the_extension(tmp_path):
+    path = write(tmp_path / "data.txt", '{"text": "a"}\n')
+    assert [r["text"] for r in read_rows(path, fmt="jsonl")] == ["a"]
+
+
+def test_custom_text_field(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"body": "a", "text": 5}\n')
+    assert list(read_rows(path, text_field="body")) == [{"body": "a", "text": 5}]
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("a.jsonl", "jsonl"),
+        ("a.ndjson", "jsonl"),
+        ("a.json", "jsonl"),
+        ("a.csv", "csv"),
+        ("a.CSV", "csv"),
+        ("a.parquet", "parquet"),
+        ("a.pq", "parquet"),
+        ("archive.2024.parquet", "parquet"),
+    ],
+)
+def test_detect_format_from_the_extension(tmp_path, name, fmt):
+    assert detect_format(tmp_path / name) == fmt
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": oops}\n{"text": "d"}\n')
+    with pytest.raises(InputError, match=r"in\.jsonl:3: not valid JSON") as info:
+        list(read_rows(path))
+    assert str(path) in str(info.value)
+
+
+def test_malformed_jsonl_line_number_counts_blank_lines(tmp_path):
+    path = write(tmp_path / "in.jsonl", '\n{"text": "a"}\n\n{"text": \n')
+    with pytest.raises(InputError, match=r"in\.jsonl:4:"):
+        list(read_rows(path))
+
+
+def test_rows_before_a_malformed_line_are_yielded_first(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a"}\n{"text": "b"}\nnot json\n')
+    rows = read_rows(path)
+    assert [next(rows)["text"], next(rows)["text"]] == ["a", "b"]
+    with pytest.raises(InputError, match=":3:"):
+        next(rows)
+
+
+def test_jsonl_line_that_is_not_an_object_is_refused(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a"}\n["text", "b"]\n')
+    with pytest.raises(InputError, match=r"in\.jsonl:2: expected a JSON object per line, got list"):
+        list(read_rows(path))
+
+
+def test_row_without_text_field_names_the_field_and_suggests_text_field_option(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a"}\n{"body": "b", "id": 2}\n')
+    with pytest.raises(InputError) as info:
+        list(read_rows(path))
+    message = str(info.value)
+    assert "in.jsonl:2" in message
+    assert "'text'" in message
+    assert "body, id" in message  # what the row does have
+    assert "--text-field" in message
+
+
+def test_missing_custom_text_field_is_named(tmp_path):
+    path = write(tmp_path / "in.jsonl", '{"text": "a"}\n')
+    with pytest.raises(InputError, match=r"no 'sentence' field .*--text-field"):
+        list(read_rows(path, text_field="sentence"))
+
+
+def test_empty_object_row_says_it_has_nothing(tmp_path):
+    path = write(tmp_path / "in.jsonl", "{}\n")
+    with pytest.raises(InputError, match=r"the row has: nothing"):
+        list(read_rows(path))
+
+
+def test_csv_without_text_column_names_the_line_and_suggests_text_field_option(tmp_path):
+    path = write(tmp_path / "in.csv", "body,label\nhello,pos\n")
+    with pytest.raises(InputError, match=r"in\.csv:2: no 'text' field \(the row has: body, label\)") as info:
+        list(read_rows(path))
+    assert "--text-field" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"), [("5", "int"), ("null", "NoneType"), ('["a"]', "list"), ('{"a": 1}', "dict")]
+)
+def test_non_string_text_is_refused_with_its_type(tmp_path, value, type_name):
+    path = write(tmp_path / "in.jsonl", '{"text": "ok"}\n{"text": ' + value + "}\n")
+    with pytest.raises(InputError, match=rf"in\.jsonl:2: field 'text' is a {type_name}, not a string"):
+        list(read_rows(path))
+
+
+def test_csv_row_too_short_for_its_text_column_is_refused(tmp_path):
+    path = write(tmp_path / "in.csv", "id,text\n1,hello\n2\n")
+    with pytest.raises(InputError, match=r"in\.csv:3: field 'text' is a NoneType, not a string"):
+        list(read_rows(path))
+
+
+def test_parquet_null_text_names_the_row(tmp_path):
+    path = write_parquet(tmp_path / "in.parquet", {"text": ["a", None, "c"]})
+    with pytest.raises(InputError, match=r"in\.parquet: row 2: field 'text' is a NoneType, not a string"):
+        list(read_rows(path))
+
+
+def test_parquet_non_string_text_column_is_refused(tmp_path):
+    path = write_parquet(tmp_path / "in.parquet", {"text": [1, 2]})
+    with pytest.raises(InputError, match=r"row 1: field 'text' is a int, not a string"):
+        list(read_rows(path))
+
+
+def test_parquet_without_text_column_suggests_text_field_option(tmp_path):
+    path = write_parquet(tmp_path / "in.parquet", {"body": ["a"]})
+    with pytest.raises(InputError, match=r"row 1: no 'text' field \(the row has: body\).*--text-field"):
+        list(read_rows(path))
+
+
+@pytest.mark.parametrize("name", ["data.txt", "data", "data.jsonl.gz", "data.xlsx"])
+def test_unknown_extension_is_refused_with_the_known_ones(tmp_path, name):
+    path = write(tmp_path / name, '{"text": "a"}\n')
+    with pytest.raises(InputError, match=r"cannot tell the format.*\.jsonl, \.csv or \.parquet, or --format"):
+        list(read_rows(path))
+
+
+def test_missing_file_is_an_input_error_naming_it(tmp_path):
+    path = tmp_path / "nowhere.jsonl"
+    with pytest.raises(InputError, match=r"nowhere\.jsonl: no such file"):
+        list(read_rows(path))
+
+
+def test_input_error_is_a_value_error():
+    assert issubclass(InputError, ValueError)
+
+
+def test_csv_row_with_more_values_than_columns_is_an_input_error(tmp_path):
+    path = write(tmp_path / "in.csv", "body,label\nhello,pos,surplus\n")
+    with pytest.raises(InputError, match=r"in\.csv:2: 1 more values than the header's columns"):
+        list(read_rows(path))
+
+
+def test_csv_error_names_the_physical_line_after_a_multi_line_field(tmp_path):
+    path = write(tmp_path / "in.csv", 'id,text\n1,"two\nlines"\n2\n')
+    with pytest.raises(InputError, match=r"in\.csv:4: field 'text' is a NoneType"):
+        list(read_rows(path))
+
+
+# --- API conversions ----------------------------------------------------------------------------------
+
+
+def test_str_row_is_the_text_without_meta():
+    row = to_input_row("hello")
+    assert row.text == "hello"
+    assert row.meta_json == ""
+
+
+def test_dict_row_passes_its_other_fields_as_meta():
+    row = to_input_row({"text": "hello", "id": 7, "tags": ["a"], "name": "é"})
+    assert row.text == "hello"
+    assert json.loads(row.meta_json) == {"id": 7, "tags": ["a"], "name": "é"}
+    assert "é" in row.meta_json  # not escaped
+
+
+def test_dict_row_with_only_text_has_no_meta():
+    assert to_input_row({"text": "hello"}).meta_json == ""
+
+
+def test_dict_row_with_custom_text_field_keeps_text_key_as_meta():
+    row = to_input_row({"body": "hello", "text": "not the text"}, text_field="body")
+    assert row.text == "hello"
+    assert json.loads(row.meta_json) == {"text": "not the text"}
+
+
+def test_empty_string_is_a_valid_text():
+    row = to_input_row("")
+    assert row.HasField("text") and row.text == ""
+
+
+def test_input_row_passes_through_unchanged():
+    original = jobs_pb2.InputRow(text="x", meta_json='{"a": 1}')
+    assert to_input_row(original) is original
+
+
+def test_dict_row_without_text_field_names_row_and_field():
+    with pytest.raises(ValueError, match=r"row 4 has no 'text' field \(it has: body\)"):
+        to_input_row({"body": "x"}, number=4)
+
+
+def test_dict_row_with_non_string_text_names_its_type():
+    with pytest.raises(ValueError, match=r"row 2: field 'text' must be a string, not int"):
+        to_input_row({"text": 3}, number=2)
+
+
+@pytest.mark.parametrize("value", [3, None, b"bytes", ["a"]])
+def test_row_of_another_type_is_refused(value):
+    with pytest.raises(ValueError, match=r"give a str or a dict"):
+        to_input_row(value, number=1)
+
+
+def test_embedding_result_to_dict():
+    result = jobs_pb2.Result(index=3, embedding=jobs_pb2.Embedding(values=[0.5, -1.0, 2.0]))
+    assert result_to_dict(result) == {"index": 3, "embedding": [0.5, -1.0, 2.0]}
+
+
+def test_classification_result_to_dict_without_logits():
+    result = jobs_pb2.Result(index=0, classification=jobs_pb2.Classification(label="POSITIVE", score=0.75))
+    assert result_to_dict(result) == {"index": 0, "label": "POSITIVE", "score": 0.75}
+
+
+def test_classification_result_to_dict_with_logits_and_truncation():
+    result = jobs_pb2.Result(
+        index=9,
+        classification=jobs_pb2.Classification(label="NEG", score=0.25, logits=[-1.5, 1.5]),
+        truncated_tokens=40,
+    )
+    assert result_to_dict(result) == {
+        "index": 9,
+        "label": "NEG",
+        "score": 0.25,
+        "logits": [-1.5, 1.5],
+        "truncated_tokens": 40,
+    }
+
+
+def test_result_to_dict_merges_meta_fields():
+    result = jobs_pb2.Result(
+        index=1, embedding=jobs_pb2.Embedding(values=[1.0]), meta_json=json.dumps({"id": "doc-1", "n": 2})
+    )
+    assert result_to_dict(result) == {"index": 1, "id": "doc-1", "n": 2, "embedding": [1.0]}
+
+
+def test_meta_survives_the_round_trip_from_input_row_to_result_dict():
+    row = to_input_row({"text": "hello", "id": "doc-1", "nested": {"k": [1, 2]}})
+    result = jobs_pb2.Result(index=0, embedding=jobs_pb2.Embedding(values=[0.25]), meta_json=row.meta_json)
+    assert result_to_dict(result) == {"index": 0, "id": "doc-1", "nested": {"k": [1, 2]}, "embedding": [0.25]}
+
+
+def test_result_without_output_has_only_index():
+    assert result_to_dict(jobs_pb2.Result(index=5)) == {"index": 5}

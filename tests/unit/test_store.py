@@ -1,0 +1,370 @@
+"""The coordinator's SQLite store: jobs, rows, shard cuts, idempotent commits, and durability."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from distinfer.coordinator.store import Store
+from distinfer.v1 import jobs_pb2
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def job(job_id: str, **fields) -> jobs_pb2.JobStatus:
+    return jobs_pb2.JobStatus(job_id=job_id, **fields)
+
+
+def rows(*texts: str, meta: dict | None = None) -> list[jobs_pb2.InputRow]:
+    meta_json = json.dumps(meta) if meta else ""
+    return [jobs_pb2.InputRow(text=t, meta_json=meta_json) for t in texts]
+
+
+def result_blob(index: int, value: float = 0.0) -> tuple[int, bytes]:
+    r = jobs_pb2.Result(index=index, embedding=jobs_pb2.Embedding(values=[value, value + 1]))
+    return index, r.SerializeToString()
+
+
+def add_job_with_rows(store: Store, job_id: str, n: int) -> None:
+    store.create_job(job(job_id, num_rows=n))
+    store.add_rows(job_id, 0, rows(*(f"t{i}" for i in range(n))))
+
+
+def shard_indices(store: Store, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024):
+    return [idx for b in store.shard(job_id, attempt, rank, world_size, batch) for idx, _ in b]
+
+
+# --- jobs ---------------------------------------------------------------------------------------------
+
+
+def test_load_jobs_is_empty_for_a_new_store(store):
+    assert store.load_jobs() == []
+
+
+def test_created_jobs_load_oldest_first(store):
+    for job_id in ("j-c", "j-a", "j-b"):
+        store.create_job(job(job_id))
+    assert [s.job_id for s in store.load_jobs()] == ["j-c", "j-a", "j-b"]
+
+
+def test_save_job_replaces_status_and_keeps_order(store):
+    store.create_job(job("j-1", state=jobs_pb2.QUEUED))
+    store.create_job(job("j-2", state=jobs_pb2.QUEUED))
+    updated = job("j-1", state=jobs_pb2.RUNNING, message="running on 2 ranks", rows_done=7)
+    updated.attempts.add(number=1, started_at=12.5)
+    store.save_job(updated)
+    loaded = store.load_jobs()
+    assert [s.job_id for s in loaded] == ["j-1", "j-2"]
+    assert loaded[0] == updated
+    assert loaded[1].state == jobs_pb2.QUEUED
+
+
+def test_creating_a_job_twice_is_refused(store):
+    store.create_job(job("j-1"))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.create_job(job("j-1"))
+
+
+def test_delete_job_removes_job_rows_and_results_only_of_that_job(store):
+    add_job_with_rows(store, "j-gone", 3)
+    add_job_with_rows(store, "j-kept", 3)
+    store.commit_results("j-gone", 1, [result_blob(0)])
+    store.commit_results("j-kept", 1, [result_blob(0)])
+    store.delete_job("j-gone")
+    assert [s.job_id for s in store.load_jobs()] == ["j-kept"]
+    assert store.count_results("j-gone") == 0
+    assert shard_indices(store, "j-gone", 1, 0, 1) == []
+    assert store.count_results("j-kept") == 1
+    assert shard_indices(store, "j-kept", 2, 0, 1) == [1, 2]
+
+
+# --- rows ---------------------------------------------------------------------------------------------
+
+
+def test_add_rows_returns_count_and_numbers_rows_from_first_index(store):
+    store.create_job(job("j"))
+    assert store.add_rows("j", 0, rows("a", "b", "c")) == 3
+    assert store.add_rows("j", 3, rows("d", "e")) == 2
+    shard = [r for b in store.shard("j", 1, 0, 1) for r in b]
+    assert shard == [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]
+
+
+def test_add_rows_accepts_a_generator(store):
+    store.create_job(job("j"))
+    assert store.add_rows("j", 0, (jobs_pb2.InputRow(text=str(i)) for i in range(4))) == 4
+
+
+def test_add_rows_with_an_overlapping_index_adds_nothing(store):
+    add_job_with_rows(store, "j", 2)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_rows("j", 1, rows("x", "y"))
+    assert shard_indices(store, "j", 1, 0, 1) == [0, 1]  # the failed batch was rolled back whole
+
+
+# --- shards -------------------------------------------------------------------------------------------
+
+
+def test_shard_takes_every_world_size_th_open_row(store):
+    add_job_with_rows(store, "j", 10)
+    assert shard_indices(store, "j", 1, 0, 3) == [0, 3, 6, 9]
+    assert shard_indices(store, "j", 1, 1, 3) == [1, 4, 7]
+    assert shard_indices(store, "j", 1, 2, 3) == [2, 5, 8]
+
+
+def test_shard_carries_the_row_text(store):
+    store.create_job(job("j"))
+    store.add_rows("j", 0, rows("zero", "one", "two"))
+    assert [r for b in store.shard("j", 1, 1, 2) for r in b] == [(1, "one")]
+
+
+def test_shard_batches_hold_at_most_batch_rows(store):
+    add_job_with_rows(store, "j", 11)
+    batches = list(store.shard("j", 1, 0, 1, batch=4))
+    assert [len(b) for b in batches] == [4, 4, 3]
+    assert [idx for b in batches for idx, _ in b] == list(range(11))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_shards_of_all_ranks_are_disjoint_and_cover_every_open_row(store, world_size):
+    add_job_with_rows(store, "j", 23)
+    store.commit_results("j", 1, [result_blob(i) for i in (0, 5, 6, 17)])
+    open_rows = [i for i in range(23) if i not in (0, 5, 6, 17)]
+    per_rank = [shard_indices(store, "j", 2, rank, world_size) for rank in range(world_size)]
+    union = [i for s in per_rank for i in s]
+    assert sorted(union) == open_rows
+    assert len(union) == len(set(union))
+
+
+def test_shard_excludes_rows_committed_by_an_earlier_attempt(store):
+    add_job_with_rows(store, "j", 8)
+    store.commit_results("j", 1, [result_blob(i) for i in (1, 2, 5)])
+    # open rows for attempt 2: 0, 3, 4, 6, 7
+    assert shard_indices(store, "j", 2, 0, 2) == [0, 4, 7]
+    assert shard_indices(store, "j", 2, 1, 2) == [3, 6]
+
+
+def test_shard_is_stable_after_the_same_attempt_commits_some_rows(store):
+    add_job_with_rows(store, "j", 9)
+    before = [shard_indices(store, "j", 1, rank, 3) for rank in range(3)]
+    # rank 0 finishes its rows before rank 2 asks for its shard
+    store.commit_results("j", 1, [result_blob(i) for i in before[0]])
+    store.commit_results("j", 1, [result_blob(before[1][0])])
+    after = [shard_indices(store, "j", 1, rank, 3) for rank in range(3)]
+    assert after == before
+
+
+def test_shard_of_a_later_attempt_is_cut_over_rows_still_open(store):
+    add_job_with_rows(store, "j", 6)
+    store.commit_results("j", 1, [result_blob(i) for i in (0, 2, 4)])
+    store.commit_results("j", 2, [result_blob(1)])
+    # for attempt 2 its own commit still counts as open: rows 1, 3, 5
+    assert shard_indices(store, "j", 2, 0, 1) == [1, 3, 5]
+    # attempt 3 starts after attempts 1 and 2 committed: only 3 and 5 are left
+    assert shard_indices(store, "j", 3, 0, 2) == [3]
+    assert shard_indices(store, "j", 3, 1, 2) == [5]
+
+
+def test_shard_of_a_finished_job_is_empty(store):
+    add_job_with_rows(store, "j", 4)
+    store.commit_results("j", 1, [result_blob(i) for i in range(4)])
+    assert list(store.shard("j", 2, 0, 1)) == []
+
+
+def test_shard_only_sees_rows_of_its_job(store):
+    add_job_with_rows(store, "j-a", 3)
+    add_job_with_rows(store, "j-b", 5)
+    assert shard_indices(store, "j-a", 1, 0, 1) == [0, 1, 2]
+
+
+def test_rank_beyond_open_rows_gets_an_empty_shard(store):
+    add_job_with_rows(store, "j", 2)
+    assert list(store.shard("j", 1, 3, 4)) == []
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+
+def test_commit_results_returns_number_of_new_rows(store):
+    add_job_with_rows(store, "j", 5)
+    assert store.commit_results("j", 1, [result_blob(0), result_blob(1)]) == 2
+    assert store.count_results("j") == 2
+
+
+def test_repeated_commit_adds_nothing(store):
+    add_job_with_rows(store, "j", 5)
+    batch = [result_blob(0), result_blob(1)]
+    store.commit_results("j", 1, batch)
+    assert store.commit_results("j", 1, batch) == 0
+    assert store.count_results("j") == 2
+
+
+def test_overlapping_commit_counts_only_new_rows(store):
+    add_job_with_rows(store, "j", 5)
+    store.commit_results("j", 1, [result_blob(0), result_blob(1)])
+    assert store.commit_results("j", 1, [result_blob(1), result_blob(2), result_blob(3)]) == 2
+    assert store.count_results("j") == 4
+
+
+def test_duplicate_index_within_one_commit_counts_once(store):
+    add_job_with_rows(store, "j", 5)
+    assert store.commit_results("j", 1, [result_blob(2), result_blob(2)]) == 1
+    assert store.count_results("j") == 1
+
+
+def test_late_commit_of_another_attempt_keeps_the_first_result(store):
+    add_job_with_rows(store, "j", 3)
+    store.commit_results("j", 2, [result_blob(0, value=2.0)])
+    assert store.commit_results("j", 1, [result_blob(0, value=1.0)]) == 0
+    (first,) = store.results_from("j", 0, 10)
+    assert list(first.embedding.values) == [2.0, 3.0]
+
+
+def test_commit_of_nothing_returns_zero(store):
+    add_job_with_rows(store, "j", 3)
+    assert store.commit_results("j", 1, []) == 0
+
+
+def test_count_results_is_per_job(store):
+    add_job_with_rows(store, "j-a", 3)
+    add_job_with_rows(store, "j-b", 3)
+    store.commit_results("j-a", 1, [result_blob(0), result_blob(1)])
+    store.commit_results("j-b", 1, [result_blob(2)])
+    assert [store.count_results(j) for j in ("j-a", "j-b", "j-none")] == [2, 1, 0]
+
+
+def test_results_from_returns_results_in_index_order(store):
+    add_job_with_rows(store, "j", 4)
+    store.commit_results("j", 1, [result_blob(i, float(i)) for i in (3, 1, 0, 2)])
+    results = store.results_from("j", 0, 10)
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    assert [r.embedding.values[0] for r in results] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_results_from_stops_at_the_first_gap(store):
+    add_job_with_rows(store, "j", 6)
+    store.commit_results("j", 1, [result_blob(i) for i in (0, 1, 2, 4, 5)])
+    assert [r.index for r in store.results_from("j", 0, 10)] == [0, 1, 2]
+
+
+def test_results_from_is_empty_when_start_row_is_not_committed(store):
+    add_job_with_rows(store, "j", 6)
+    store.commit_results("j", 1, [result_blob(i) for i in (0, 2, 3)])
+    assert store.results_from("j", 1, 10) == []
+
+
+def test_results_from_resumes_at_start_index(store):
+    add_job_with_rows(store, "j", 6)
+    store.commit_results("j", 1, [result_blob(i) for i in range(6)])
+    assert [r.index for r in store.results_from("j", 4, 10)] == [4, 5]
+
+
+def test_results_from_respects_limit(store):
+    add_job_with_rows(store, "j", 6)
+    store.commit_results("j", 1, [result_blob(i) for i in range(6)])
+    assert [r.index for r in store.results_from("j", 1, 3)] == [1, 2, 3]
+
+
+def test_results_from_joins_meta_json_of_the_input_row(store):
+    store.create_job(job("j"))
+    store.add_rows("j", 0, rows("a", meta={"id": "first"}) + rows("b"))
+    store.commit_results("j", 1, [result_blob(0), result_blob(1)])
+    results = store.results_from("j", 0, 10)
+    assert json.loads(results[0].meta_json) == {"id": "first"}
+    assert results[1].meta_json == ""
+
+
+def test_results_from_keeps_result_fields(store):
+    add_job_with_rows(store, "j", 1)
+    r = jobs_pb2.Result(
+        index=0,
+        classification=jobs_pb2.Classification(label="POSITIVE", score=0.75, logits=[1.0, -1.0]),
+        truncated_tokens=12,
+    )
+    store.commit_results("j", 1, [(0, r.SerializeToString())])
+    (loaded,) = store.results_from("j", 0, 1)
+    assert loaded.classification.label == "POSITIVE"
+    assert loaded.classification.score == 0.75
+    assert list(loaded.classification.logits) == [1.0, -1.0]
+    assert loaded.truncated_tokens == 12
+
+
+# --- durability ---------------------------------------------------------------------------------------
+
+
+def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
+    path = tmp_path / "state.db"
+    first = Store(path)
+    status = job("j-1", state=jobs_pb2.RUNNING, num_rows=4)
+    first.create_job(status)
+    first.create_job(job("j-2"))
+    first.add_rows("j-1", 0, rows("a", "b", meta={"k": 1}) + rows("c", "d"))
+    first.commit_results("j-1", 1, [result_blob(0, 5.0), result_blob(1, 6.0)])
+    first.close()
+
+    second = Store(path)
+    try:
+        assert [s.job_id for s in second.load_jobs()] == ["j-1", "j-2"]
+        assert second.load_jobs()[0] == status
+        assert second.count_results("j-1") == 2
+        results = second.results_from("j-1", 0, 10)
+        assert [(r.index, r.embedding.values[0], json.loads(r.meta_json)) for r in results] == [
+            (0, 5.0, {"k": 1}),
+            (1, 6.0, {"k": 1}),
+        ]
+        assert [r for b in second.shard("j-1", 2, 0, 1) for r in b] == [(2, "c"), (3, "d")]
+        # commits stay idempotent across the restart
+        assert second.commit_results("j-1", 2, [result_blob(1), result_blob(2)]) == 1
+    finally:
+        second.close()
+
+
+def test_reopening_keeps_creation_order_for_new_jobs(tmp_path):
+    path = tmp_path / "state.db"
+    first = Store(path)
+    first.create_job(job("j-old"))
+    first.close()
+    second = Store(path)
+    try:
+        second.create_job(job("j-new"))
+        assert [s.job_id for s in second.load_jobs()] == ["j-old", "j-new"]
+    finally:
+        second.close()
+
+
+def test_deleted_job_stays_deleted_after_reopening(tmp_path):
+    path = tmp_path / "state.db"
+    first = Store(path)
+    add_job_with_rows(first, "j", 2)
+    first.commit_results("j", 1, [result_blob(0)])
+    first.delete_job("j")
+    first.close()
+    second = Store(path)
+    try:
+        assert second.load_jobs() == []
+        assert second.count_results("j") == 0
+        assert list(second.shard("j", 1, 0, 1)) == []
+    finally:
+        second.close()
+
+
+def test_committed_results_are_visible_to_a_new_store_without_closing_the_old_one(tmp_path):
+    """A coordinator killed without closing its store: a fresh one on the same file sees every commit."""
+    path = tmp_path / "state.db"
+    crashed = Store(path)
+    add_job_with_rows(crashed, "j", 3)
+    crashed.commit_results("j", 1, [result_blob(0), result_blob(2)])
+    restarted = Store(path)
+    try:
+        assert [s.job_id for s in restarted.load_jobs()] == ["j"]
+        assert restarted.count_results("j") == 2
+        assert shard_indices(restarted, "j", 2, 0, 1) == [1]
+    finally:
+        restarted.close()
+        crashed.close()
