@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
+
 from distinfer.client.api import Client
 
 
@@ -104,7 +106,12 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         with Client(self.address) as client:
             while True:
-                ready = sum(s.state != "unhealthy" for w in client.workers() for s in w.slots)
+                try:
+                    ready = sum(s.state != "unhealthy" for w in client.workers() for s in w.slots)
+                except grpc.RpcError as exc:  # the coordinator may still be starting
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    ready = 0
                 if ready >= count:
                     return
                 dead = [w for w in self.workers if w.poll() is not None]

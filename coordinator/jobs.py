@@ -258,7 +258,7 @@ class JobManager:
                 continue
             master = placements[0]
             worker = self.registry.get(master.worker_id)
-            port = pick_port(worker.port_lo, worker.port_hi, worker.ports_in_use)
+            port = pick_port(worker.port_lo, worker.port_hi, worker.ports_in_use, after=worker.last_port)
             if port is None:
                 await self._set_message(job, f"waiting for a free rendezvous port on {worker.advertise_host}")
                 continue
@@ -279,6 +279,7 @@ class JobManager:
         number = len(job.status.attempts) + 1
         master_worker = self.registry.get(placements[0].worker_id)
         master_worker.ports_in_use.add(port)
+        master_worker.last_port = port
         attempt = ActiveAttempt(number, placements, master_worker.worker_id, port)
         backend = backend_for(placements)
         record = job.status.attempts.add(

@@ -36,6 +36,7 @@ class WorkerEntry:
     # Messages for the worker's control stream; None while no stream is open.
     outbox: asyncio.Queue | None = None
     ports_in_use: set[int] = field(default_factory=set)
+    last_port: int = 0
     lost_reason: str = ""
 
     def disconnect(self, reason: str) -> None:

@@ -72,9 +72,16 @@ def backend_for(placements: list[Placement]) -> str:
     return "nccl" if placements and all(p.device.startswith("cuda") for p in placements) else "gloo"
 
 
-def pick_port(port_lo: int, port_hi: int, in_use: set[int]) -> int | None:
-    """The lowest port of [port_lo, port_hi] that no live group holds, or None when all are taken."""
-    for port in range(port_lo, port_hi + 1):
+def pick_port(port_lo: int, port_hi: int, in_use: set[int], after: int = 0) -> int | None:
+    """The first port after `after` (wrapping round [port_lo, port_hi]) that no live group holds, or None.
+
+    Going round the range rather than always taking the lowest port keeps a just-released port (whose
+    killed rendezvous store may still be closing) from being handed straight to the next attempt.
+    """
+    size = port_hi - port_lo + 1
+    start = after + 1 - port_lo if port_lo <= after <= port_hi else 0
+    for offset in range(size):
+        port = port_lo + (start + offset) % size
         if port not in in_use:
             return port
     return None

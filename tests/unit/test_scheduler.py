@@ -147,6 +147,14 @@ def test_gloo_for_no_placements():
     assert backend_for([]) == "gloo"
 
 
+def test_pick_port_goes_round_the_range_after_the_last_port_handed_out():
+    assert pick_port(29500, 29502, set(), after=29500) == 29501
+    assert pick_port(29500, 29502, set(), after=29502) == 29500  # wraps
+    assert pick_port(29500, 29502, {29501}, after=29500) == 29502
+    assert pick_port(29500, 29502, {29501, 29502}, after=29500) == 29500
+    assert pick_port(29500, 29502, set(), after=1234) == 29500  # outside the range: start at the bottom
+
+
 def test_pick_port_gives_lowest_port_of_the_range():
     assert pick_port(29500, 29510, set()) == 29500
 

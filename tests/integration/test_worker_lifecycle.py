@@ -1,0 +1,43 @@
+"""A worker started before its coordinator keeps retrying and registers once it is up; executors keep
+their model loaded between jobs."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from distinfer.client.api import Client
+from distinfer.client.local import LocalCluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_worker_waits_for_a_late_coordinator_then_serves_jobs_with_a_warm_model(tmp_path):
+    port = free_port()
+    cluster = LocalCluster(slots=1, state_dir=tmp_path)
+    try:
+        cluster.address = f"127.0.0.1:{port}"
+        worker = cluster.add_worker()
+        time.sleep(3)  # the worker has found nobody at that address and is backing off
+        assert worker.poll() is None
+        cluster.coordinator = cluster._spawn(
+            "coordinator",
+            ["distinfer.coordinator.main", "--listen", cluster.address, "--state-dir", str(tmp_path / "state")],
+        )
+        cluster.wait_for_slots(1)
+        with Client(cluster.address) as client:
+            for _ in range(2):
+                job = client.submit(["a first row", "a second row"], model="all-MiniLM-L6-v2", workers=1)
+                assert [r["index"] for r in job.results()] == [0, 1]
+        log = (tmp_path / "worker-0.log").read_text()
+        assert "coordinator_unreachable" in log  # it really did retry
+        assert log.count('"model_loaded"') == 1 and log.count('"model_reused"') == 1
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
