@@ -62,6 +62,7 @@ class LocalCluster:
             )
 
     def start_coordinator(self, timeout_s: float = 30.0) -> str:
+        """Start the coordinator: on a free port the first time, on the same port and state after that."""
         port_file = self.state_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
         self.coordinator = self._spawn(
@@ -69,7 +70,7 @@ class LocalCluster:
             [
                 "distinfer.coordinator.main",
                 "--listen",
-                "127.0.0.1:0",
+                self.address or "127.0.0.1:0",
                 "--port-file",
                 str(port_file),
                 "--state-dir",

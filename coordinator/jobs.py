@@ -201,6 +201,7 @@ class JobManager:
             attempt.joined.add(event.rank)
             record.ranks[event.rank].MergeFrom(event.info)
             if len(attempt.joined) == len(attempt.placements):
+                record.running_at = time.time()
                 job.status.state = S.RUNNING
                 job.status.message = f"running on {len(attempt.placements)} ranks"
                 job.status.started_at = job.status.started_at or time.time()

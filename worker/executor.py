@@ -7,8 +7,12 @@ keeps its model loaded. Started with `spawn`: gRPC threads and CUDA contexts do 
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +51,7 @@ CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024)
 
 def executor_main(slot: int, device: str, coordinator: str, inbox, events, log_level: str | None) -> None:
     """Process entry point: report ready, then run assignments until told to stop (None)."""
+    _die_with_parent()
     configure_logging(log_level)
     structlog.contextvars.bind_contextvars(slot=slot)
     transformers.utils.logging.disable_progress_bar()  # a progress bar per load clutters the worker's log
@@ -56,6 +61,19 @@ def executor_main(slot: int, device: str, coordinator: str, inbox, events, log_l
         keep_going = executor.run(workers_pb2.Assignment.FromString(blob))
         if not keep_going:
             return  # a failure inside a group may leave this process unusable: the daemon starts a fresh one
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this executor when its daemon dies (even by SIGKILL): an orphaned executor would
+    hold its device and sit in a collective, or compute into the void."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the daemon died before prctl took effect
+        os._exit(1)
 
 
 class Executor:
