@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned CPU wheel: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install proto test test-unit test-integration bench lint run-sample clean
+.PHONY: install proto test chaos bench lint run-sample clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ proto:
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# The chaos suite with many trials (CI runs one trial of each kind inside make test).
+chaos: install
+	HF_HUB_OFFLINE=1 DISTINFER_CHAOS_TRIALS=$${TRIALS:-10} $(BIN)/python -m pytest -q -s tests/integration/test_chaos.py
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run --out bench-report

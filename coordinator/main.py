@@ -31,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=5.0,
-        help="seconds of silence after which a worker is taken for dead (default %(default)s)",
+        default=3.0,
+        help="seconds of silence after which a worker is taken for dead (default %(default)s; a closed connection is noticed at once)",
     )
     p.add_argument(
         "--rendezvous-timeout",

@@ -27,7 +27,7 @@ class CoordinatorConfig:
     state_dir: Path = Path("distinfer-state")
     heartbeat_interval_s: float = 1.0
     # A worker silent this long is taken for dead and its attempts are re-formed without it.
-    heartbeat_timeout_s: float = 5.0
+    heartbeat_timeout_s: float = 3.0
     # How long ranks may take to form a group before the attempt fails.
     rendezvous_timeout_s: float = 120.0
 

@@ -45,6 +45,12 @@ class InProcessCoordinator:
 
 
 @pytest.fixture
+def coordinator_class():
+    """For tests that start, stop and restart coordinators themselves."""
+    return InProcessCoordinator
+
+
+@pytest.fixture
 def coordinator(tmp_path):
     server = InProcessCoordinator(tmp_path / "state")
     server.address = server.start()

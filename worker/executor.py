@@ -33,8 +33,13 @@ from distinfer.worker.tasks import TASKS
 
 log = structlog.get_logger(__name__)
 
-# Rows tokenised and sorted together: a bigger window pads less, a smaller one starts sooner.
-WINDOW_ROWS = 8192
+# Rows are tokenised and sorted by length a window at a time, windows in input order. Results stream to
+# clients in input order, so the first window is small (the first rows come back after a batch or two)
+# and each next one is 4x bigger. Measured on the 1,000 sample rows: 3-6% more padded tokens than one
+# sort of the whole shard (64, 256, 1,024...; doubling cost 6-9%), and the first result after ~1 s, not ~10 s.
+FIRST_WINDOW_ROWS = 64
+WINDOW_GROWTH = 4
+MAX_WINDOW_ROWS = 8192
 PREFETCH_BATCHES = 8
 
 
@@ -198,20 +203,21 @@ class Prefetcher:
             )
             indices: list[int] = []
             texts: list[str] = []
+            window = FIRST_WINDOW_ROWS
 
-            def flush():
-                for batch in token_budget_batches(encoder.encode(indices, texts), max_tokens, max_rows):
+            def flush(rows: int):
+                for batch in token_budget_batches(encoder.encode(indices[:rows], texts[:rows]), max_tokens, max_rows):
                     self._queue.put(batch)
-                indices.clear()
-                texts.clear()
+                del indices[:rows], texts[:rows]
 
             for shard_batch in stub.FetchShard(request):
                 indices.extend(shard_batch.indices)
                 texts.extend(shard_batch.texts)
-                if len(indices) >= WINDOW_ROWS:
-                    flush()
+                while len(indices) >= window:
+                    flush(window)
+                    window = min(window * WINDOW_GROWTH, MAX_WINDOW_ROWS)
             if indices:
-                flush()
+                flush(len(indices))
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which fails the attempt
             self._error = exc
         finally:

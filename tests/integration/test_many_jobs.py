@@ -1,0 +1,47 @@
+"""Several jobs at once: side by side on disjoint slots, gang-scheduled, and cancelled to free slots."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from distinfer.client.api import JobFailed
+from distinfer.v1 import jobs_pb2
+
+
+def wait_until(predicate, timeout_s: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def test_jobs_share_the_cluster_on_disjoint_slots_and_cancel_frees_them(client, sample_rows):
+    texts = [r["text"] for r in sample_rows] * 6  # long enough to watch them run side by side
+    first = client.submit(texts, model="all-MiniLM-L6-v2", workers=2)
+    second = client.submit(texts, model="all-MiniLM-L6-v2", workers=1)
+
+    def both_running():
+        states = {first.status().state, second.status().state}
+        return states == {jobs_pb2.RUNNING}
+
+    wait_until(both_running, what="two jobs running at once")
+    busy = [s.job_id for w in client.workers() for s in w.slots if s.job_id]
+    assert sorted(busy) == sorted([first.id, first.id, second.id])  # disjoint slots: 2 + 1 of 3
+
+    # Gang scheduling: a 2-rank job waits whole; it never starts on the 0 slots left.
+    third = client.submit(texts[:20], model="all-MiniLM-L6-v2", workers=2)
+    time.sleep(1.0)
+    assert third.status().state == jobs_pb2.QUEUED
+    assert "waiting for 2 free slots" in third.status().message
+
+    cancelled = first.cancel()
+    assert cancelled.state == jobs_pb2.CANCELLED
+    with pytest.raises(JobFailed, match="cancelled"):
+        list(first.results())
+    assert [r["index"] for r in third.results()] == list(range(20))  # it got the freed slots
+    assert [r["index"] for r in second.results()] == list(range(len(texts)))
+    assert second.status().state == jobs_pb2.SUCCEEDED
+    assert first.status().attempts[-1].end_reason == "job cancelled"

@@ -1,0 +1,37 @@
+"""A coordinator restarted on the same state dir has every accepted job; a half-uploaded one is gone."""
+
+from __future__ import annotations
+
+from distinfer.client.api import Client
+from distinfer.coordinator.store import Store
+from distinfer.v1 import jobs_pb2
+
+
+def test_restart_keeps_accepted_jobs_and_drops_unfinished_uploads(tmp_path, coordinator_class):
+    state = tmp_path / "state"
+    first = coordinator_class(state)
+    address = first.start()
+    with Client(address) as client:
+        job = client.submit([{"text": f"row {i}", "n": i} for i in range(1500)], model="m", workers=1)
+    first.stop()
+
+    # A job whose upload was cut off by a crash: rows stored, never accepted.
+    store = Store(state / "distinfer.sqlite")
+    store.create_job(jobs_pb2.JobStatus(job_id="j-halfway", state=jobs_pb2.JOB_STATE_UNSPECIFIED))
+    store.add_rows("j-halfway", 0, [jobs_pb2.InputRow(text="x")])
+    store.close()
+
+    second = coordinator_class(state)
+    address = second.start()
+    try:
+        with Client(address) as client:
+            assert [j.job_id for j in client.jobs()] == [job.id]
+            status = client.job(job.id).status()
+            assert status.state == jobs_pb2.QUEUED and status.num_rows == 1500
+        shard = list(second.coordinator.manager.store.shard(job.id, 1, 0, 1))
+        assert [text for batch in shard for _, text in batch] == [f"row {i}" for i in range(1500)]
+    finally:
+        second.stop()
+    reopened = Store(state / "distinfer.sqlite")
+    assert [s.job_id for s in reopened.load_jobs()] == [job.id]
+    assert list(reopened.shard("j-halfway", 1, 0, 1)) == []  # its rows are gone too
