@@ -51,9 +51,15 @@ class ExecutorHandle:
     process: multiprocessing.Process | None = None
     inbox: object = None
     ready: bool = False
-    # The (job_id, attempt) this executor is working on, if any.
-    running: tuple[str, int] | None = None
-    queued: list[tuple[str, int]] = field(default_factory=list)
+    # Assignments in the executor's inbox, in order; the first is the one it is running.
+    pending: list[workers_pb2.Assignment] = field(default_factory=list)
+
+    def running(self) -> workers_pb2.Assignment | None:
+        return self.pending[0] if self.pending else None
+
+
+def _key(a) -> tuple[str, int]:
+    return a.job_id, a.attempt
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -78,7 +84,9 @@ class WorkerDaemon:
 
     def _start_executor(self, handle: ExecutorHandle) -> None:
         handle.inbox = self.ctx.Queue()
-        handle.ready, handle.running, handle.queued = False, None, []
+        handle.ready = False
+        for assignment in handle.pending:  # what the replaced executor had not started yet
+            handle.inbox.put(assignment.SerializeToString())
         handle.process = self.ctx.Process(
             target=executor_main,
             args=(
@@ -95,7 +103,9 @@ class WorkerDaemon:
         handle.process.start()
         log.info("executor_started", slot=handle.slot, device=handle.device, pid=handle.process.pid)
 
-    def _restart_executor(self, handle: ExecutorHandle, why: str) -> None:
+    def _restart_executor(self, handle: ExecutorHandle, why: str, drop: set[tuple[str, int]] = frozenset()) -> None:
+        """Replace the executor; its pending assignments but those in `drop` go to the new one."""
+        handle.pending = [a for a in handle.pending if _key(a) not in drop]
         if handle.process is not None and handle.process.is_alive():
             handle.process.kill()
             handle.process.join(5)
@@ -119,10 +129,15 @@ class WorkerDaemon:
             self._send_heartbeat()
             return
         event = workers_pb2.SlotEvent.FromString(blob)
-        ended = event.kind in (workers_pb2.SlotEvent.FINISHED, workers_pb2.SlotEvent.FAILED)
-        if ended and handle.running == (event.job_id, event.attempt):  # not a late word from a killed executor
-            handle.running = handle.queued.pop(0) if handle.queued else None
+        running = handle.running()
+        if running is None or _key(running) != _key(event):
+            return  # a late word from an executor that was replaced: its attempt is over
         self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, event=event))
+        if event.kind in (workers_pb2.SlotEvent.FINISHED, workers_pb2.SlotEvent.FAILED):
+            handle.pending.pop(0)
+        if event.kind == workers_pb2.SlotEvent.FAILED and not event.permanent:
+            # It failed inside a group and is exiting: replace it now, before it is handed more work.
+            self._restart_executor(handle, "failed inside a process group")
 
     async def _watch_executors(self) -> None:
         """An executor that died (crash, OOM kill) fails its attempt and is replaced."""
@@ -131,42 +146,41 @@ class WorkerDaemon:
             for handle in self.executors:
                 if handle.process is not None and not handle.process.is_alive():
                     code = handle.process.exitcode
-                    for job_id, attempt in [handle.running, *handle.queued] if handle.running else []:
-                        self._send(
-                            workers_pb2.WorkerMessage(
-                                worker_id=self.worker_id,
-                                event=workers_pb2.SlotEvent(
-                                    job_id=job_id,
-                                    attempt=attempt,
-                                    slot=handle.slot,
-                                    kind=workers_pb2.SlotEvent.FAILED,
-                                    error=f"the executor of slot {handle.slot} exited with code {code}",
-                                ),
-                            )
+                    running = handle.running()
+                    if running is not None:
+                        event = workers_pb2.SlotEvent(
+                            job_id=running.job_id,
+                            attempt=running.attempt,
+                            slot=handle.slot,
+                            rank=running.rank,
+                            kind=workers_pb2.SlotEvent.FAILED,
+                            error=f"the executor of slot {handle.slot} exited with code {code}",
                         )
-                    self._restart_executor(handle, f"exited with code {code}")
+                        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, event=event))
+                    self._restart_executor(
+                        handle, f"exited with code {code}", drop={_key(running)} if running else set()
+                    )
 
     def _assign(self, a: workers_pb2.Assignment) -> None:
         handle = self.executors[a.slot]
-        if handle.running is None:
-            handle.running = (a.job_id, a.attempt)
-        else:
-            handle.queued.append((a.job_id, a.attempt))
+        handle.pending.append(a)
         handle.inbox.put(a.SerializeToString())
         log.info(
             "assignment_received", job_id=a.job_id, attempt=a.attempt, rank=a.rank, slot=a.slot, world_size=a.world_size
         )
 
     def _abort(self, abort: workers_pb2.AbortAttempt) -> None:
-        target = (abort.job_id, abort.attempt)
+        target = _key(abort)
         for handle in self.executors:
-            if handle.running == target or target in handle.queued:
-                self._restart_executor(handle, f"attempt {abort.attempt} of {abort.job_id} aborted: {abort.reason}")
+            # Even a queued one: it already sits in the executor's inbox, and only a new executor forgets it.
+            if any(_key(a) == target for a in handle.pending):
+                why = f"attempt {abort.attempt} of {abort.job_id} aborted: {abort.reason}"
+                self._restart_executor(handle, why, drop={target})
 
     def _abort_everything(self, why: str) -> None:
         for handle in self.executors:
-            if handle.running is not None:
-                self._restart_executor(handle, why)
+            if handle.pending:
+                self._restart_executor(handle, why, drop={_key(a) for a in handle.pending})
 
     # --- coordinator ----------------------------------------------------------------------------------
 

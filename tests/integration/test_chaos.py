@@ -88,14 +88,16 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
     consumer_error: list[BaseException] = []
 
     def consume():
+        reader = Client(cluster.address)  # its own connection, which it may drop
         try:
-            for row in job.results():
+            for row in reader.job(job.id).results():
                 results.append(row)
                 if drop_after is not None and len(results) == drop_after:
-                    client.close()  # the client goes away mid-stream
-                    return
+                    return  # the client goes away mid-stream
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             consumer_error.append(exc)
+        finally:
+            reader.close()
 
     consumer = threading.Thread(target=consume)
     consumer.start()
@@ -145,6 +147,7 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
     else:
         assert len(status.attempts) >= 2, "the failure should have cost an attempt"
     if len(status.attempts) >= 2:
-        report += f"; resumed (group formed) {status.attempts[1].running_at - killed_at:.2f} s after the fault"
+        report += f"; resumed (group formed) {status.attempts[-1].running_at - killed_at:.2f} s after the fault"
+    report += f"; {len(status.attempts)} attempts: " + " | ".join(a.end_reason[:80] for a in status.attempts)
     print(report)
     client.close()
