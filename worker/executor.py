@@ -26,10 +26,10 @@ import transformers
 from distinfer.common.channels import insecure_channel
 from distinfer.common.log import configure_logging
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
-from distinfer.worker.batching import Encoder, pad, token_budget_batches
+from distinfer.worker.batching import token_budget_batches
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, resolve_model
-from distinfer.worker.tasks import TASKS
+from distinfer.worker.tasks import TASKS, Task
 
 log = structlog.get_logger(__name__)
 
@@ -122,17 +122,9 @@ class Executor:
         else:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.local_world_size)))
-        dtype = torch.float16 if on_cuda else torch.float32
-        task_class = TASKS.get(a.spec.task)
-        if task_class is None:
-            raise BadModel(f"this worker does not know the task {a.spec.task!r}")
-        path = resolve_model(a.spec.model)
         started = time.monotonic()
-        task = self.models.get(
-            ModelKey(path, a.spec.task, self.device, str(dtype)), lambda: task_class(path, device, dtype)
-        )
+        task = self._task(a.spec, device)
         load_s = time.monotonic() - started
-        encoder = Encoder(task.tokenizer, task.max_length(a.spec.options.max_length))
 
         dist.init_process_group(
             a.backend,
@@ -162,19 +154,15 @@ class Executor:
         batches = Prefetcher(
             self.stub,
             a,
-            encoder,
+            task,
             max_tokens=options.max_batch_tokens or defaults.max_batch_tokens,
-            max_rows=options.batch_size or defaults.max_rows,
+            max_rows=options.batch_size or task.default_max_rows or defaults.max_rows,
         )
         gatherer = Gatherer(task.width, comm_device)
         sender = ResultSender(self.stub, a) if a.rank == 0 else None
-        pad_id = task.tokenizer.pad_token_id
         with torch.inference_mode():
             for batch in batches:
-                inputs = {
-                    k: v.to(device, non_blocking=True) for k, v in pad(batch, pad_id, task.with_token_types).items()
-                }
-                payload = task.forward(inputs, options)
+                payload = task.forward(task.inputs(batch), options)
                 gathered = gatherer.round(payload, [r.index for r in batch], [r.truncated for r in batch])
                 if sender is not None:
                     sender.send([task.result(i, row, cut, options) for i, cut, row in gathered])
@@ -185,18 +173,42 @@ class Executor:
         if sender is not None:
             sender.close()
 
+    def _task(self, spec: jobs_pb2.JobSpec, device: torch.device) -> Task:
+        """The job's task, its model loaded, or taken from the cache when the last job used the same one."""
+        task_class = TASKS.get(spec.task)
+        if task_class is None:
+            raise BadModel(f"this worker does not know the task {spec.task!r}")
+        if not task_class.needs_model:
+            task = task_class()
+        else:
+            path = resolve_model(spec.model)
+            dtype = pick_dtype(spec.options.dtype, device)
+            key = ModelKey(path, spec.task, self.device, str(dtype))
+            task = self.models.get(key, lambda: task_class(path, device, dtype))
+        task.start_job(spec.options)
+        return task
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU; on CUDA bfloat16 where the GPU has it (Ampere and later), else float16."""
+    if requested and requested != "auto":
+        return getattr(torch, requested)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
 
 class Prefetcher:
     """Fetch the shard and tokenise it in a thread ahead of the model; iterate to get padded-ready batches."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment, encoder, max_tokens: int, max_rows: int):
+    def __init__(self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int):
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
-        self._args = (stub, a, encoder, max_tokens, max_rows)
+        self._args = (stub, a, task, max_tokens, max_rows)
         threading.Thread(target=self._produce, name="prefetch", daemon=True).start()
 
     def _produce(self) -> None:
-        stub, a, encoder, max_tokens, max_rows = self._args
+        stub, a, task, max_tokens, max_rows = self._args
         try:
             request = workers_pb2.FetchShardRequest(
                 job_id=a.job_id, attempt=a.attempt, rank=a.rank, world_size=a.world_size
@@ -206,7 +218,7 @@ class Prefetcher:
             window = FIRST_WINDOW_ROWS
 
             def flush(rows: int):
-                for batch in token_budget_batches(encoder.encode(indices[:rows], texts[:rows]), max_tokens, max_rows):
+                for batch in token_budget_batches(task.encode(indices[:rows], texts[:rows]), max_tokens, max_rows):
                     self._queue.put(batch)
                 del indices[:rows], texts[:rows]
 

@@ -1,40 +1,39 @@
 """What each task computes per batch, and how a gathered row becomes a Result.
 
-A task's forward pass returns one fixed-width float32 row per input row: that is what travels through the
-collective gather (tensors, never pickled objects). Rank 0 turns the gathered rows into Results.
+A task encodes its rows (token ids for model tasks), turns a batch into device tensors, and its forward
+pass returns one fixed-width float32 row per input row: that is what travels through the collective gather
+(tensors, never pickled objects). Rank 0 turns the gathered rows into Results.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from distinfer.v1 import jobs_pb2
+from distinfer.worker.batching import EncodedRow, Encoder, pad
 from distinfer.worker.models import BadModel, max_length_of
 
 
 class Task:
     name = ""
-    model_class = AutoModel
-
-    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            self.model = self.model_class.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise BadModel(f"cannot load {model_dir!r} for the {self.name} task: {exc}") from None
-        self.model.to(device).eval()
-        self.model_dir = model_dir
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.with_token_types = "token_type_ids" in self.tokenizer.model_input_names
-
-    def max_length(self, requested: int) -> int:
-        return max_length_of(self.model_dir, self.tokenizer, self.model.config, requested)
+    needs_model = True
+    # Most rows in a batch when the job does not say; None: the device's default.
+    default_max_rows: int | None = None
 
     @property
     def width(self) -> int:
+        raise NotImplementedError
+
+    def start_job(self, options: jobs_pb2.TaskOptions) -> None:
+        """Per-job settings of a task whose model may already have served other jobs."""
+
+    def encode(self, indices: list[int], texts: list[str]) -> list[EncodedRow]:
+        raise NotImplementedError
+
+    def inputs(self, batch: list[EncodedRow]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, inputs: dict[str, torch.Tensor], options: jobs_pb2.TaskOptions) -> torch.Tensor:
@@ -44,7 +43,38 @@ class Task:
         raise NotImplementedError
 
 
-class EmbedTask(Task):
+class ModelTask(Task):
+    model_class = AutoModel
+
+    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.model_dir = model_dir
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.model = self.model_class.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BadModel(f"cannot load {model_dir!r} for the {self.name} task: {exc}") from None
+        self.model.to(device).eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.with_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.encoder: Encoder | None = None
+
+    def start_job(self, options):
+        max_length = max_length_of(self.model_dir, self.tokenizer, self.model.config, options.max_length)
+        self.encoder = Encoder(self.tokenizer, max_length)
+
+    def encode(self, indices, texts):
+        return self.encoder.encode(indices, texts)
+
+    def inputs(self, batch):
+        tensors = pad(batch, self.tokenizer.pad_token_id, self.with_token_types)
+        if self.device.type == "cuda":  # pinned pages let the copy run while the previous batch computes
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in tensors.items()}
+        return tensors
+
+
+class EmbedTask(ModelTask):
     """Mean pooling over the real tokens, L2-normalised unless the job says otherwise (sentence-transformers)."""
 
     name = "embed"
@@ -68,7 +98,7 @@ class EmbedTask(Task):
         )
 
 
-class ClassifyTask(Task):
+class ClassifyTask(ModelTask):
     """The top label from the model's id2label and its softmax score, and optionally every logit."""
 
     name = "classify"
@@ -93,4 +123,37 @@ class ClassifyTask(Task):
         return jobs_pb2.Result(index=index, truncated_tokens=truncated, classification=classification)
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (EmbedTask, ClassifyTask)}
+class EchoTask(Task):
+    """No model: each row's length in characters. Tests and measures everything around the model."""
+
+    name = "echo"
+    needs_model = False
+    default_max_rows = 4096
+    width = 1
+
+    def encode(self, indices, texts):
+        # One "token" a row, so a token budget counts rows.
+        return [EncodedRow(index, [len(text)], 0) for index, text in zip(indices, texts)]
+
+    def inputs(self, batch):
+        return {"chars": torch.tensor([r.ids for r in batch], dtype=torch.float32)}
+
+    def forward(self, inputs, options):
+        return inputs["chars"]
+
+    def result(self, index, row, truncated, options):
+        return jobs_pb2.Result(index=index, echo=jobs_pb2.Echo(chars=int(row[0])))
+
+
+class SimulateTask(EchoTask):
+    """Echo with a fixed compute time per batch: a stand-in model for measuring coordination and scaling."""
+
+    name = "simulate"
+    default_max_rows = 64
+
+    def forward(self, inputs, options):
+        time.sleep(options.simulated_batch_ms / 1000)
+        return inputs["chars"]
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (EmbedTask, ClassifyTask, EchoTask, SimulateTask)}

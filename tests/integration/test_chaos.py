@@ -3,8 +3,8 @@ equal to a single-process reference.
 
 Kinds: (a) SIGKILL a worker daemon, (b) SIGKILL one executor, (c) SIGKILL the coordinator and restart it on
 the same state, (d) drop the client mid-stream and resume, (e) freeze a worker daemon (SIGSTOP: a host that
-drops off the network without closing its connections) until the coordinator has written it off. CI runs one trial of each; set
-DISTINFER_CHAOS_TRIALS=N for a longer run, and DISTINFER_CHAOS_SEED to replay one.
+drops off the network without closing its connections) until the coordinator has written it off.
+CI runs one trial of each; set DISTINFER_CHAOS_TRIALS=N for a longer run, and DISTINFER_CHAOS_SEED to replay one.
 """
 
 from __future__ import annotations

@@ -190,3 +190,9 @@ def test_distinfer_run_embedded_default(tmp_path, sample_rows, reference_embeddi
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert_every_row_once_in_order(results, 20)
     np.testing.assert_allclose([r["embedding"] for r in results], reference_embeddings[:20], atol=1e-5)
+
+
+def test_echo_task_runs_the_whole_path_without_a_model(client, sample_rows):
+    texts = [r["text"] for r in sample_rows]
+    job = client.submit(texts, model="", task="echo", workers=3)
+    assert [(r["index"], r["chars"]) for r in job.results()] == [(i, len(t)) for i, t in enumerate(texts)]

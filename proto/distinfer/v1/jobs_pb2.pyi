@@ -62,7 +62,7 @@ class JobSpec(_message.Message):
     model: _builtins.str
     """A local model directory (seen by the workers) or a model name in the workers' local Hugging Face cache."""
     task: _builtins.str
-    """"embed" or "classify"."""
+    """"embed", "classify", or the model-free plumbing tasks "echo" and "simulate" (model may be empty)."""
     min_workers: _builtins.int
     """Ranks wanted. The job waits (QUEUED) until min_workers slots are free, then takes up to max_workers.
     0 for min_workers means 1; 0 for max_workers means every free slot.
@@ -102,6 +102,8 @@ class TaskOptions(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SIMULATED_BATCH_MS_FIELD_NUMBER: _builtins.int
     normalize: _builtins.bool
     """embed: L2-normalise the pooled embedding. Unset means true (what sentence-transformers models expect)."""
     return_logits: _builtins.bool
@@ -112,6 +114,12 @@ class TaskOptions(_message.Message):
     """Most padded tokens (rows x longest row) in one forward pass; 0 means the device default."""
     max_length: _builtins.int
     """Tokens kept per row; 0 means the model's own limit."""
+    dtype: _builtins.str
+    """Weights' dtype on the device: "auto" or empty (bfloat16 on CUDA where supported, else float16 on CUDA,
+    float32 on CPU), "float32", "bfloat16" or "float16".
+    """
+    simulated_batch_ms: _builtins.int
+    """simulate: milliseconds each batch pretends to compute (a stand-in model for measuring coordination)."""
     def __init__(
         self,
         *,
@@ -120,10 +128,12 @@ class TaskOptions(_message.Message):
         batch_size: _builtins.int = ...,
         max_batch_tokens: _builtins.int = ...,
         max_length: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        simulated_batch_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
@@ -246,6 +256,27 @@ class Embedding(_message.Message):
 Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
 
 @_typing.final
+class Echo(_message.Message):
+    """echo and simulate: the row's length in characters (they test and measure the plumbing, not a model)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARS_FIELD_NUMBER: _builtins.int
+    chars: _builtins.int
+    def __init__(
+        self,
+        *,
+        chars: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chars", b"chars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Echo: _TypeAlias = Echo  # noqa: Y015
+
+@_typing.final
 class Classification(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -280,6 +311,7 @@ class Result(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    ECHO_FIELD_NUMBER: _builtins.int
     TRUNCATED_TOKENS_FIELD_NUMBER: _builtins.int
     META_JSON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
@@ -290,20 +322,23 @@ class Result(_message.Message):
     def embedding(self) -> Global___Embedding: ...
     @_builtins.property
     def classification(self) -> Global___Classification: ...
+    @_builtins.property
+    def echo(self) -> Global___Echo: ...
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         embedding: Global___Embedding | None = ...,
         classification: Global___Classification | None = ...,
+        echo: Global___Echo | None = ...,
         truncated_tokens: _builtins.int = ...,
         meta_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "embedding", b"embedding", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "echo", b"echo", "embedding", b"embedding", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "embedding", b"embedding", "index", b"index", "meta_json", b"meta_json", "output", b"output", "truncated_tokens", b"truncated_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "echo", b"echo", "embedding", b"embedding", "index", b"index", "meta_json", b"meta_json", "output", b"output", "truncated_tokens", b"truncated_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["embedding", "classification"]  # noqa: Y015
+    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["embedding", "classification", "echo"]  # noqa: Y015
     _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
 
