@@ -1,10 +1,13 @@
 """Side-by-side throughput of the ways to embed the same rows on this machine, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
+        [--skip-coordination | --coordination-only] [--echo-rows N]
 
 Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on CPU. The
 "plain loop" (one process, rows sorted by token length, batches under a padded-token budget) is the
 per-device limit; everything else is reported as a ratio to it, so distinfer's overhead is visible.
+benchmarks/coordination.py then measures distinfer without a model (simulated-compute scaling, echo
+throughput) into the same report's "coordination" section.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
+
+from benchmarks import coordination
+from benchmarks.coordination import proc_status_mb
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.jsonl"
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -89,12 +95,6 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - started, result
 
 
-def proc_status_mb(pid: int) -> dict[str, float]:
-    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
-
-
 def distinfer_run(texts: list[str], ranks: int, reference: torch.Tensor) -> dict:
     from distinfer.client.api import Client
     from distinfer.client.local import LocalCluster
@@ -131,6 +131,10 @@ def distinfer_run(texts: list[str], ranks: int, reference: torch.Tensor) -> dict
 
 
 def markdown(report: dict) -> str:
+    m = report["machine"]
+    footer = f"{m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"
+    if "entries" not in report:  # --coordination-only
+        return coordination.markdown(report["coordination"]) + f"\n{footer}\n"
     lines = ["| way of running | rows/s | vs plain loop | notes |", "|---|---|---|---|"]
     for e in report["entries"]:
         lines.append(f"| {e['name']} | {e['rows_per_s']:.1f} | {e['vs_plain']:.2f} | {e['notes']} |")
@@ -143,8 +147,9 @@ def markdown(report: dict) -> str:
                 f" (server {e['server_time_to_first_result_s']:.2f}) | "
                 f"{e['coordinator_rss_mb']:.0f} / {e['coordinator_peak_mb']:.0f} |"
             )
-    m = report["machine"]
-    lines += ["", f"{report['rows']} rows, {m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"]
+    lines += ["", f"{report['rows']} rows, {footer}"]
+    if "coordination" in report:
+        lines += ["", coordination.markdown(report["coordination"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +159,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=None, help="rows of the sample to use (default: all 1,000)")
     parser.add_argument("--quick", action="store_true", help="200 rows, for a smoke run")
     parser.add_argument("--skip-naive", action="store_true", help="leave out the slow per-item loop")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--skip-coordination", action="store_true", help="leave out the model-free benchmark")
+    parts.add_argument("--coordination-only", action="store_true", help="only the model-free benchmark")
+    parser.add_argument("--echo-rows", type=int, default=None, help="rows of the echo run (default 1,000,000)")
     args = parser.parse_args(argv)
+    report = {"machine": machine()}
+    if not args.coordination_only:
+        report.update(model_benchmark(args))
+    if not args.skip_coordination:
+        report["coordination"] = coordination.run(quick=args.quick, echo_row_count=args.echo_rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "report.md").write_text(table)
+    print(table)
+    return 0
+
+
+def machine() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def model_benchmark(args: argparse.Namespace) -> dict:
+    """The model entries: plain loop, sentence-transformers, naive loop, distinfer on 1 and 2 ranks."""
     texts = load_texts(args.rows or (200 if args.quick else None))
     path = model_path()
     threads = torch.get_num_threads()
@@ -207,27 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in entries:
         entry["rows_per_s"] = len(texts) / entry["seconds"]
         entry["vs_plain"] = entry["rows_per_s"] / entries[0]["rows_per_s"]
-    report = {
-        "rows": len(texts),
-        "model": MODEL_NAME,
-        "task": "embed",
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": threads,
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-        "entries": entries,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out / "report.md").write_text(table)
-    print(table)
-    return 0
+    return {"rows": len(texts), "model": MODEL_NAME, "task": "embed", "entries": entries}
 
 
 if __name__ == "__main__":

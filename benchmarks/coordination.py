@@ -1,0 +1,160 @@
+"""What distinfer itself costs, with no model in the way: scaling of simulated compute, and echo throughput.
+
+Both parts share ONE LocalCluster, started once: on a small machine each executor takes seconds to start,
+and jobs pick `workers=N` of its slots while the rest stay idle.
+
+- Scaling (weak): each rank gets the same work, `batches` batches of 32 rows that each sleep 25 ms, so an
+  ideal system takes batches * 25 ms whatever the rank count. Sleeping costs no CPU, so what is left over
+  (gather rounds, shard fetch, result commits, rendezvous) is coordination, even on 2 cores with 8 ranks.
+- Echo: many short rows through the whole path (upload, SQLite spool, shard fetch, gather, commit, result
+  stream), each row's answer being its length. This is the ceiling that any model's throughput sits under.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from distinfer.client.api import Client
+from distinfer.client.local import LocalCluster
+
+BATCH_ROWS, BATCH_MS = 32, 25
+FULL_RANKS, FULL_BATCHES = (1, 2, 4, 8), 48
+QUICK_RANKS, QUICK_BATCHES = (1, 2, 4), 16
+ECHO_RANKS = 2
+ECHO_ROWS, QUICK_ECHO_ROWS = 1_000_000, 100_000
+SPOT_CHECK_EVERY = 9_973  # a prime, so the checked rows fall at every offset within result batches
+
+
+def proc_status_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def echo_text(i: int) -> str:
+    return f"row {i} of the echo benchmark"
+
+
+def echo_rows(count: int) -> Iterator[str]:
+    """A generator, never a list: the client must stream the upload, not hold the dataset."""
+    return (echo_text(i) for i in range(count))
+
+
+def consume(job, rows: int) -> tuple[float, float]:
+    """Iterate every result, checking indices are exactly 0..rows-1 in order; return (first, last) wall clock.
+
+    The index check runs inside the timed loop on purpose: a real consumer touches every row too.
+    """
+    if job.num_rows != rows:
+        raise RuntimeError(f"job {job.id}: the coordinator took {job.num_rows} rows of {rows}")
+    expected, first = 0, None
+    for batch in job.result_batches():
+        first = first or time.time()
+        indices = [r.index for r in batch]
+        if indices != list(range(expected, expected + len(batch))):
+            raise RuntimeError(f"job {job.id}: results out of order or missing after index {expected}")
+        for r in batch[(-expected) % SPOT_CHECK_EVERY :: SPOT_CHECK_EVERY]:
+            if r.echo.chars != len(echo_text(r.index)):
+                raise RuntimeError(f"job {job.id}: row {r.index} has chars {r.echo.chars}, expected its length")
+        expected += len(batch)
+    if expected != rows:
+        raise RuntimeError(f"job {job.id}: {expected} results for {rows} rows")
+    return first or time.time(), time.time()
+
+
+def scaling_run(client: Client, ranks: int, batches: int) -> dict:
+    rows = batches * BATCH_ROWS * ranks  # weak scaling: the same work per rank
+    ideal_s = batches * BATCH_MS / 1000
+    submitted = time.time()
+    job = client.submit(
+        echo_rows(rows), model="", task="simulate", workers=ranks, batch_size=BATCH_ROWS, simulated_batch_ms=BATCH_MS
+    )
+    _, last = consume(job, rows)
+    wall_s = last - submitted
+    # started_at is when every rank had joined the group (coordinator clock, same machine): what comes
+    # before it is upload, scheduling and rendezvous, paid once per job; what comes after is per round.
+    group_s = job.status().started_at - submitted
+    return {
+        "ranks": ranks,
+        "rows": rows,
+        "batches_per_rank": batches,
+        "wall_s": wall_s,
+        "rows_per_s": rows / wall_s,
+        "ideal_s": ideal_s,
+        "to_group_formed_s": group_s,
+        "overhead_per_round_ms": (wall_s - ideal_s) / batches * 1000,
+        "running_overhead_per_round_ms": (wall_s - group_s - ideal_s) / batches * 1000,
+    }
+
+
+def echo_run(client: Client, coordinator_pid: int, rows: int) -> dict:
+    started = time.time()
+    job = client.submit(echo_rows(rows), model="", task="echo", workers=ECHO_RANKS)
+    uploaded = time.time()
+    first, last = consume(job, rows)
+    memory = proc_status_mb(coordinator_pid)
+    return {
+        "rows": rows,
+        "ranks": ECHO_RANKS,
+        "upload_s": uploaded - started,
+        "upload_rows_per_s": rows / (uploaded - started),
+        "time_to_first_result_s": first - started,
+        "end_to_end_s": last - started,
+        "end_to_end_rows_per_s": rows / (last - started),
+        "coordinator_rss_mb": memory["VmRSS"],
+        "coordinator_peak_mb": memory["VmHWM"],
+    }
+
+
+def run(quick: bool = False, echo_row_count: int | None = None) -> dict:
+    """Start the cluster once, warm it up, run both parts; the report's "coordination" section."""
+    ranks, batches = (QUICK_RANKS, QUICK_BATCHES) if quick else (FULL_RANKS, FULL_BATCHES)
+    echo_count = echo_row_count or (QUICK_ECHO_ROWS if quick else ECHO_ROWS)
+    slots = max(*ranks, ECHO_RANKS)
+    started = time.perf_counter()
+    with LocalCluster(slots=slots) as cluster, Client(cluster.address) as client:
+        startup_s = time.perf_counter() - started
+        # One small job on every slot: first-time costs (gloo setup, imports in the executors) are not
+        # coordination throughput.
+        consume(client.submit(echo_rows(slots * 64), model="", task="simulate", workers=slots), slots * 64)
+        scaling = [scaling_run(client, n, batches) for n in ranks]
+        echo = echo_run(client, cluster.coordinator.pid, echo_count)
+    for entry in scaling:
+        entry["efficiency"] = entry["rows_per_s"] / (entry["ranks"] * scaling[0]["rows_per_s"])
+    return {
+        "slots": slots,
+        "cluster_startup_s": startup_s,
+        "scaling": {"batch_rows": BATCH_ROWS, "batch_ms": BATCH_MS, "entries": scaling},
+        "echo": echo,
+    }
+
+
+def markdown(section: dict) -> str:
+    s = section["scaling"]
+    lines = [
+        f"| ranks (simulate, {s['batch_rows']}-row batches x {s['batch_ms']} ms, weak scaling) | rows | wall s "
+        "| ideal s | rows/s | efficiency | to group formed s | overhead/round ms (all / after group) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in s["entries"]:
+        lines.append(
+            f"| {e['ranks']} | {e['rows']:,} | {e['wall_s']:.2f} | {e['ideal_s']:.2f} | {e['rows_per_s']:,.0f} "
+            f"| {e['efficiency']:.2f} | {e['to_group_formed_s']:.2f} | {e['overhead_per_round_ms']:.1f} / "
+            f"{e['running_overhead_per_round_ms']:.1f} |"
+        )
+    e = section["echo"]
+    lines += [
+        "",
+        "| echo, end to end | rows | ranks | upload rows/s | first result s | end to end s | end to end rows/s "
+        "| coordinator RSS MB / peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| all rows checked in order | {e['rows']:,} | {e['ranks']} | {e['upload_rows_per_s']:,.0f} "
+        f"| {e['time_to_first_result_s']:.2f} | {e['end_to_end_s']:.2f} | {e['end_to_end_rows_per_s']:,.0f} "
+        f"| {e['coordinator_rss_mb']:.0f} / {e['coordinator_peak_mb']:.0f} |",
+        "",
+        f"One LocalCluster of {section['slots']} CPU slots, started in {section['cluster_startup_s']:.1f} s; "
+        "overhead/round = (wall - ideal) / batches per rank.",
+    ]
+    return "\n".join(lines) + "\n"

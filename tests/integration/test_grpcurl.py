@@ -1,0 +1,62 @@
+"""A user without our Python package: grpcurl lists the services, checks health, submits a job with inline
+rows and streams its results, through server reflection alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+
+def grpcurl(address: str, *args: str, data: str | None = None) -> str:
+    command = [GRPCURL, "-plaintext", *(["-d", "@"] if data is not None else []), address, *args]
+    done = subprocess.run(command, input=data, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def json_messages(text: str) -> list[dict]:
+    """grpcurl prints each message as pretty JSON, one after another."""
+    decoder, out, at = json.JSONDecoder(), [], 0
+    while (at := _skip_space(text, at)) < len(text):
+        message, at = decoder.raw_decode(text, at)
+        out.append(message)
+    return out
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+def test_grpcurl_lists_checks_health_submits_and_streams(cluster):
+    services = grpcurl(cluster.address, "list").split()
+    assert {"distinfer.v1.Jobs", "distinfer.v1.Workers", "grpc.health.v1.Health"} <= set(services)
+    assert json.loads(grpcurl(cluster.address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+
+    upload = "\n".join(
+        [
+            json.dumps({"spec": {"model": "all-MiniLM-L6-v2", "task": "embed", "max_workers": 2}}),
+            json.dumps({"rows": {"rows": [{"text": "first row"}, {"text": "second row", "meta_json": '{"id": 7}'}]}}),
+            json.dumps({"rows": {"rows": [{"text": "third row"}]}}),
+        ]
+    )
+    submitted = json.loads(grpcurl(cluster.address, "distinfer.v1.Jobs/SubmitJob", data=upload))
+    assert submitted["num_rows"] == "3"
+
+    stream = grpcurl(
+        cluster.address, "distinfer.v1.Jobs/StreamResults", data=json.dumps({"job_id": submitted["job_id"]})
+    )
+    results = [r for message in json_messages(stream) for r in message["results"]]
+    assert [int(r.get("index", 0)) for r in results] == [0, 1, 2]
+    assert all(len(r["embedding"]["values"]) == 384 for r in results)
+    assert results[1]["meta_json"] == '{"id": 7}'
+
+    status = json.loads(
+        grpcurl(cluster.address, "distinfer.v1.Jobs/GetJob", data=json.dumps({"job_id": submitted["job_id"]}))
+    )
+    assert status["state"] == "SUCCEEDED"
