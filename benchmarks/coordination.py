@@ -22,6 +22,7 @@ from distinfer.client.local import LocalCluster
 BATCH_ROWS, BATCH_MS = 32, 25
 FULL_RANKS, FULL_BATCHES = (1, 2, 4, 8), 48
 QUICK_RANKS, QUICK_BATCHES = (1, 2, 4), 16
+WARMUP_BATCHES = 4
 ECHO_RANKS = 2
 ECHO_ROWS, QUICK_ECHO_ROWS = 1_000_000, 100_000
 SPOT_CHECK_EVERY = 9_973  # a prime, so the checked rows fall at every offset within result batches
@@ -71,11 +72,13 @@ def scaling_run(client: Client, ranks: int, batches: int) -> dict:
     job = client.submit(
         echo_rows(rows), model="", task="simulate", workers=ranks, batch_size=BATCH_ROWS, simulated_batch_ms=BATCH_MS
     )
+    uploaded = time.time()
     _, last = consume(job, rows)
     wall_s = last - submitted
-    # started_at is when every rank had joined the group (coordinator clock, same machine): what comes
-    # before it is upload, scheduling and rendezvous, paid once per job; what comes after is per round.
-    group_s = job.status().started_at - submitted
+    # Coordinator clock, same machine. Before the group forms: upload, waiting for slots (the previous job's
+    # ranks must report FINISHED first), rendezvous; paid once per job. After it: the per-round cost.
+    attempt = job.status().attempts[-1]
+    group_s = attempt.running_at - submitted
     return {
         "ranks": ranks,
         "rows": rows,
@@ -84,8 +87,12 @@ def scaling_run(client: Client, ranks: int, batches: int) -> dict:
         "rows_per_s": rows / wall_s,
         "ideal_s": ideal_s,
         "to_group_formed_s": group_s,
+        "upload_s": uploaded - submitted,
+        "slot_wait_s": max(0.0, attempt.started_at - uploaded),  # scheduling may beat submit's return
+        "rendezvous_s": attempt.running_at - attempt.started_at,
         "overhead_per_round_ms": (wall_s - ideal_s) / batches * 1000,
         "running_overhead_per_round_ms": (wall_s - group_s - ideal_s) / batches * 1000,
+        "running_efficiency": ideal_s / (wall_s - group_s),
     }
 
 
@@ -116,9 +123,10 @@ def run(quick: bool = False, echo_row_count: int | None = None) -> dict:
     started = time.perf_counter()
     with LocalCluster(slots=slots) as cluster, Client(cluster.address) as client:
         startup_s = time.perf_counter() - started
-        # One small job on every slot: first-time costs (gloo setup, imports in the executors) are not
-        # coordination throughput.
-        consume(client.submit(echo_rows(slots * 64), model="", task="simulate", workers=slots), slots * 64)
+        # Small jobs shaped like the measured ones, on one slot and on all: first-time costs (gloo setup,
+        # imports and first calls in the executors and the coordinator) are not coordination throughput.
+        for n in (1, slots):
+            scaling_run(client, n, WARMUP_BATCHES)
         scaling = [scaling_run(client, n, batches) for n in ranks]
         echo = echo_run(client, cluster.coordinator.pid, echo_count)
     for entry in scaling:
@@ -135,14 +143,16 @@ def markdown(section: dict) -> str:
     s = section["scaling"]
     lines = [
         f"| ranks (simulate, {s['batch_rows']}-row batches x {s['batch_ms']} ms, weak scaling) | rows | wall s "
-        "| ideal s | rows/s | efficiency | to group formed s | overhead/round ms (all / after group) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ideal s | rows/s | efficiency | group formed s (upload / slot wait / rendezvous) "
+        "| overhead/round ms (all / after group) | efficiency after group |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in s["entries"]:
         lines.append(
             f"| {e['ranks']} | {e['rows']:,} | {e['wall_s']:.2f} | {e['ideal_s']:.2f} | {e['rows_per_s']:,.0f} "
-            f"| {e['efficiency']:.2f} | {e['to_group_formed_s']:.2f} | {e['overhead_per_round_ms']:.1f} / "
-            f"{e['running_overhead_per_round_ms']:.1f} |"
+            f"| {e['efficiency']:.2f} | {e['to_group_formed_s']:.2f} ({e['upload_s']:.2f} / {e['slot_wait_s']:.2f}"
+            f" / {e['rendezvous_s']:.2f}) | {e['overhead_per_round_ms']:.1f} / {e['running_overhead_per_round_ms']:.1f}"
+            f" | {e['running_efficiency']:.2f} |"
         )
     e = section["echo"]
     lines += [

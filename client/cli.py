@@ -172,7 +172,9 @@ def cmd_run(args) -> int:
     print(
         f"distinfer: starting a coordinator and {args.workers} {args.device} workers on this machine", file=sys.stderr
     )
-    with LocalCluster(slots=args.workers, state_dir=args.state_dir, device=args.device) as cluster:
+    # The model the user names on this machine is one the local workers may load.
+    roots = (str(Path(args.model).resolve()),) if Path(args.model).is_dir() else ()
+    with LocalCluster(slots=args.workers, state_dir=args.state_dir, device=args.device, model_roots=roots) as cluster:
         with Client(cluster.address) as client:
             try:
                 return _submit_and_collect(client, args, args.model, args.workers)

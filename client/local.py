@@ -30,6 +30,7 @@ class LocalCluster:
         state_dir: str | Path | None = None,
         device: str = "cpu",
         ports: str | None = None,
+        model_roots: tuple[str, ...] = (),
         extra_coordinator_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ):
@@ -42,6 +43,7 @@ class LocalCluster:
         self.slots = slots
         self.device = device
         self.ports = ports
+        self.model_roots = model_roots
         self.extra_coordinator_args = extra_coordinator_args
         self.env = {**os.environ, **(env or {})}
         self.coordinator: subprocess.Popen | None = None
@@ -98,6 +100,8 @@ class LocalCluster:
         ]
         if self.ports:
             args += ["--ports", self.ports]
+        for root in self.model_roots:
+            args += ["--model-root", str(root)]
         worker = self._spawn(f"worker-{len(self.workers)}", args)
         self.workers.append(worker)
         return worker

@@ -20,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 from distinfer.common.channels import insecure_aio_channel
 from distinfer.v1 import workers_pb2, workers_pb2_grpc
 from distinfer.worker.executor import executor_main
+from distinfer.worker.models import ModelPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +37,7 @@ class WorkerConfig:
     # How long to keep trying to reach the coordinator before giving up (0: forever).
     connect_timeout_s: float = 0.0
     log_level: str | None = None
+    models: ModelPolicy = ModelPolicy()
 
     def __post_init__(self):
         if not self.devices:
@@ -96,6 +98,7 @@ class WorkerDaemon:
                 handle.inbox,
                 self.events,
                 self.config.log_level,
+                self.config.models,
             ),
             name=f"distinfer-executor-{handle.slot}",
             daemon=True,

@@ -28,7 +28,7 @@ from distinfer.common.log import configure_logging
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.batching import token_budget_batches
 from distinfer.worker.gather import Gatherer
-from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, resolve_model
+from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, ModelPolicy
 from distinfer.worker.tasks import TASKS, Task
 
 log = structlog.get_logger(__name__)
@@ -54,13 +54,15 @@ CPU_DEFAULTS = DeviceDefaults(max_batch_tokens=1024, max_rows=128)
 CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024)
 
 
-def executor_main(slot: int, device: str, coordinator: str, inbox, events, log_level: str | None) -> None:
+def executor_main(
+    slot: int, device: str, coordinator: str, inbox, events, log_level: str | None, policy: ModelPolicy
+) -> None:
     """Process entry point: report ready, then run assignments until told to stop (None)."""
     _die_with_parent()
     configure_logging(log_level)
     structlog.contextvars.bind_contextvars(slot=slot)
     transformers.utils.logging.disable_progress_bar()  # a progress bar per load clutters the worker's log
-    executor = Executor(slot, device, coordinator, events)
+    executor = Executor(slot, device, coordinator, events, policy)
     events.put(("ready", slot, b""))
     while (blob := inbox.get()) is not None:
         keep_going = executor.run(workers_pb2.Assignment.FromString(blob))
@@ -82,7 +84,8 @@ def _die_with_parent() -> None:
 
 
 class Executor:
-    def __init__(self, slot: int, device: str, coordinator: str, events):
+    def __init__(self, slot: int, device: str, coordinator: str, events, policy: ModelPolicy):
+        self.policy = policy
         self.slot = slot
         self.device = device
         self.events = events
@@ -181,10 +184,10 @@ class Executor:
         if not task_class.needs_model:
             task = task_class()
         else:
-            path = resolve_model(spec.model)
+            path = self.policy.resolve(spec.model)
             dtype = pick_dtype(spec.options.dtype, device)
             key = ModelKey(path, spec.task, self.device, str(dtype))
-            task = self.models.get(key, lambda: task_class(path, device, dtype))
+            task = self.models.get(key, lambda: task_class(path, device, dtype, self.policy))
         task.start_job(spec.options)
         return task
 

@@ -10,6 +10,7 @@ import structlog
 
 from distinfer.common.log import configure_logging
 from distinfer.worker.daemon import WorkerConfig, WorkerDaemon
+from distinfer.worker.models import ModelPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +66,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="give up if the coordinator stays unreachable this long (default: retry forever)",
     )
+    p.add_argument(
+        "--model-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder jobs may load models from (repeatable); the local Hugging Face cache and the bundled "
+        "model are always allowed, any other path is refused with PERMISSION_DENIED",
+    )
+    p.add_argument(
+        "--allow-pickle-weights",
+        action="store_true",
+        help="also load .bin/.pt weights, which can run code when unpickled (default: safetensors only)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped in a model's folder (default: never)",
+    )
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     args = p.parse_args(argv)
     if args.slots is not None and args.slots < 1:
@@ -94,6 +113,11 @@ def main(argv=None) -> None:
         port_hi=args.ports[1],
         connect_timeout_s=args.connect_timeout,
         log_level=args.log_level,
+        models=ModelPolicy(
+            roots=tuple(args.model_root),
+            allow_pickle_weights=args.allow_pickle_weights,
+            trust_remote_code=args.trust_remote_code,
+        ),
     )
     asyncio.run(_run(WorkerDaemon(config)))
 

