@@ -23,6 +23,7 @@ from distinfer.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
@@ -37,6 +38,31 @@ S = jobs_pb2
 TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
 UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
 RESULTS_PER_MESSAGE = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one coordinator accepts; past these, RESOURCE_EXHAUSTED with the limit's name."""
+
+    max_rows_per_job: int = 100_000_000
+    max_row_bytes: int = 1 << 20
+    max_queued_jobs: int = 1000
+
+    def __post_init__(self):
+        for name in ("max_rows_per_job", "max_row_bytes", "max_queued_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+    def check_row(self, index: int, row: jobs_pb2.InputRow) -> None:
+        chars = len(row.text) + len(row.meta_json)
+        if chars * 4 <= self.max_row_bytes:  # UTF-8 takes at most 4 bytes a character: no need to encode
+            return
+        size = len(row.text.encode()) + len(row.meta_json.encode())
+        if size > self.max_row_bytes:
+            raise ResourceExhausted(
+                f"row {index} is {size} bytes, more than the {self.max_row_bytes} this coordinator takes "
+                "(--max-row-bytes): shorten it or split it"
+            )
 
 
 @dataclass
@@ -67,7 +93,10 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, store: Store, registry: Registry, rendezvous_timeout_s: float = 120.0):
+    def __init__(
+        self, store: Store, registry: Registry, rendezvous_timeout_s: float = 120.0, limits: Limits = Limits()
+    ):
+        self.limits = limits
         self.store = store
         self.registry = registry
         self.rendezvous_timeout_s = rendezvous_timeout_s
@@ -101,6 +130,12 @@ class JobManager:
 
     async def submit(self, spec: jobs_pb2.JobSpec, batches: AsyncIterator[jobs_pb2.RowBatch]) -> jobs_pb2.JobStatus:
         validate_spec(spec)
+        waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values())
+        if waiting >= self.limits.max_queued_jobs:
+            raise ResourceExhausted(
+                f"{waiting} jobs are queued or running, the most this coordinator takes (--max-queued-jobs): "
+                "submit again when some have finished"
+            )
         status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time())
         await self.db(self.store.create_job, status)
         try:
@@ -109,6 +144,12 @@ class JobManager:
                 for offset, row in enumerate(batch.rows):
                     if not row.HasField("text"):
                         raise InvalidArgument(f"row {n + offset} has no text: every row needs a text field")
+                    self.limits.check_row(n + offset, row)
+                if n + len(batch.rows) > self.limits.max_rows_per_job:
+                    raise ResourceExhausted(
+                        f"the job has more than {self.limits.max_rows_per_job} rows, the most this coordinator "
+                        "takes in one job (--max-rows-per-job): split the dataset"
+                    )
                 n += await self.db(self.store.add_rows, status.job_id, n, list(batch.rows))
             if n == 0:
                 raise InvalidArgument("the dataset is empty: send at least one row after the spec")

@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from distinfer.common.log import configure_logging
+from distinfer.coordinator.jobs import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
 
 log = structlog.get_logger(__name__)
@@ -32,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--heartbeat-timeout",
         type=float,
         default=3.0,
-        help="seconds of silence after which a worker is taken for dead (default %(default)s; a closed connection is noticed at once)",
+        help="seconds of silence after which a worker is taken for dead (default %(default)s); "
+        "a closed connection is noticed at once",
     )
     p.add_argument(
         "--rendezvous-timeout",
@@ -40,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=120.0,
         help="seconds the ranks of an attempt may take to form their group",
     )
+    p.add_argument("--max-rows-per-job", type=int, default=Limits.max_rows_per_job, help="rows one job may have")
+    p.add_argument("--max-row-bytes", type=int, default=Limits.max_row_bytes, help="bytes of one row (text + fields)")
+    p.add_argument("--max-queued-jobs", type=int, default=Limits.max_queued_jobs, help="jobs queued or running at once")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     return p.parse_args(argv)
@@ -67,6 +72,7 @@ def main(argv=None) -> None:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
         rendezvous_timeout_s=args.rendezvous_timeout,
+        limits=Limits(args.max_rows_per_job, args.max_row_bytes, args.max_queued_jobs),
     )
     asyncio.run(serve(config, args.port_file))
 

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distinfer.common.channels import MAX_MESSAGE_BYTES
-from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.jobs import JobManager, Limits
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
 from distinfer.coordinator.store import Store
@@ -30,6 +30,7 @@ class CoordinatorConfig:
     heartbeat_timeout_s: float = 3.0
     # How long ranks may take to form a group before the attempt fails.
     rendezvous_timeout_s: float = 120.0
+    limits: Limits = Limits()
 
     def __post_init__(self):
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
@@ -73,7 +74,7 @@ class Coordinator:
         # Open the store before serving: health says SERVING only once the state is there.
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         store = Store(self.config.state_dir / "distinfer.sqlite")
-        self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s)
+        self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s, self.config.limits)
         await self.manager.recover()
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager), self.server)
         workers_pb2_grpc.add_WorkersServicer_to_server(

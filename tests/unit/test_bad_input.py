@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from distinfer.client.api import JobFailed
+from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 
@@ -185,3 +185,47 @@ def test_cli_reports_an_unknown_job_as_not_found(coordinator):
     result = run_cli("status", "j-missing", "--coordinator", coordinator.address)
     assert result.returncode == 1
     assert "NOT_FOUND: no job 'j-missing'" in result.stderr
+
+
+@pytest.fixture
+def small_limits(tmp_path, coordinator_class):
+    from distinfer.coordinator.jobs import Limits
+
+    server = coordinator_class(
+        tmp_path / "state", limits=Limits(max_rows_per_job=5, max_row_bytes=64, max_queued_jobs=2)
+    )
+    address = server.start()
+    yield address
+    server.stop()
+
+
+def test_limits_are_resource_exhausted_naming_the_limit(small_limits):
+    with Client(small_limits) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.submit(["x"] * 6, model="m")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than 5 rows" in info.value.details() and "--max-rows-per-job" in info.value.details()
+
+        with pytest.raises(grpc.RpcError) as info:
+            client.submit(["fine", "é" * 40], model="m")  # 80 bytes in UTF-8, though only 40 characters
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "row 1 is 80 bytes" in info.value.details() and "--max-row-bytes" in info.value.details()
+
+        client.submit(["one"], model="m")
+        client.submit(["two"], model="m")
+        with pytest.raises(grpc.RpcError) as info:
+            client.submit(["three"], model="m")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 jobs are queued or running" in info.value.details()
+        assert len(client.jobs()) == 2  # nothing refused was kept
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted(coordinator):
+    huge = jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text="x" * (65 << 20))]))
+    expect_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec()), huge],
+    )
