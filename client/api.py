@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import grpc
 import structlog
 
-from distinfer.common.channels import insecure_channel
+from distinfer.common.channels import ChannelSecurity, env_token, open_channel
 from distinfer.common.errors import JOB_ENDED_KEY
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -73,9 +73,12 @@ def result_to_dict(result: jobs_pb2.Result) -> dict:
 
 
 class Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: ChannelSecurity | None = None):
+        """`security` defaults to plaintext with the token in DISTINFER_TOKEN, if set."""
         self.address = address
-        self.channel = insecure_channel(address)
+        security = security or ChannelSecurity(token=env_token("DISTINFER_TOKEN"))
+        self.metadata = security.metadata()
+        self.channel = open_channel(address, security)
         self.stub = jobs_pb2_grpc.JobsStub(self.channel)
 
     def close(self) -> None:
@@ -149,7 +152,7 @@ class Client:
 
         # No deadline: an upload takes as long as the dataset is big. A broken upload leaves no job behind.
         try:
-            response = self.stub.SubmitJob(messages())
+            response = self.stub.SubmitJob(messages(), metadata=self.metadata)
         except grpc.RpcError:
             if input_error:
                 raise input_error[0] from None
@@ -160,10 +163,16 @@ class Client:
         return Job(self, job_id)
 
     def jobs(self) -> list[jobs_pb2.JobStatus]:
-        return list(self.stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=CALL_DEADLINE_S).jobs)
+        return list(
+            self.stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=CALL_DEADLINE_S, metadata=self.metadata).jobs
+        )
 
     def workers(self) -> list[jobs_pb2.WorkerStatus]:
-        return list(self.stub.ListWorkers(jobs_pb2.ListWorkersRequest(), timeout=CALL_DEADLINE_S).workers)
+        return list(
+            self.stub.ListWorkers(
+                jobs_pb2.ListWorkersRequest(), timeout=CALL_DEADLINE_S, metadata=self.metadata
+            ).workers
+        )
 
 
 class Job:
@@ -176,10 +185,14 @@ class Job:
         return f"Job({self.id!r})"
 
     def status(self) -> jobs_pb2.JobStatus:
-        return self.client.stub.GetJob(jobs_pb2.GetJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S)
+        return self.client.stub.GetJob(
+            jobs_pb2.GetJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
+        )
 
     def cancel(self) -> jobs_pb2.JobStatus:
-        return self.client.stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S)
+        return self.client.stub.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
+        )
 
     def wait(self, poll_s: float = 0.5, timeout_s: float | None = None) -> jobs_pb2.JobStatus:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -201,7 +214,7 @@ class Job:
         while True:
             try:
                 request = jobs_pb2.StreamResultsRequest(job_id=self.id, start_index=next_index)
-                for batch in self.client.stub.StreamResults(request):
+                for batch in self.client.stub.StreamResults(request, metadata=self.client.metadata):
                     failing_since, delay = None, 0.2
                     if batch.results:
                         next_index = batch.results[-1].index + 1

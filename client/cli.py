@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from distinfer.client.api import Client, Job, JobFailed, result_to_dict
 from distinfer.client.rows import FORMATS, InputError, read_rows, write_jsonl
+from distinfer.common.channels import add_security_flags, security_from_args
 from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
 from distinfer.v1 import jobs_pb2
 
@@ -46,6 +47,11 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _coordinator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+    add_security_flags(p, "--token", "DISTINFER_TOKEN")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distinfer", description="Run Hugging Face models over a dataset on many workers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, help="keep the coordinator's state and the logs here")
 
     submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
-    submit.add_argument("--coordinator", required=True, help="host:port")
+    _coordinator_options(submit)
     submit.add_argument(
         "--model", default="", help="model directory (as the workers see it) or cached name; none for echo"
     )
@@ -76,18 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "show a job's state, progress and attempts"), ("cancel", "cancel a job")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job_id")
-        cmd.add_argument("--coordinator", required=True)
+        _coordinator_options(cmd)
         cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
     results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
     results.add_argument("job_id")
-    results.add_argument("--coordinator", required=True)
+    _coordinator_options(results)
     results.add_argument("--output", type=Path, required=True)
     results.add_argument("--start", type=int, default=0, help="first row index to fetch")
 
     for name, text in (("jobs", "list the jobs"), ("workers", "list the workers and their slots")):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--coordinator", required=True)
+        _coordinator_options(cmd)
         cmd.add_argument("--json", action="store_true")
     return p
 
@@ -184,12 +190,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, security_from_args(args)) as client:
         return _submit_and_collect(client, args, args.model, args.workers)
 
 
 def cmd_status(args) -> int:
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, security_from_args(args)) as client:
         status = client.job(args.job_id).status()
     if args.json:
         print(_to_json(status))
@@ -199,14 +205,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, security_from_args(args)) as client:
         status = client.job(args.job_id).cancel()
     print(format_status(status))
     return 0
 
 
 def cmd_results(args) -> int:
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, security_from_args(args)) as client:
         job = client.job(args.job_id)
         total = job.status().num_rows
         written = _write_results(job, args.output, args.start, total)
@@ -215,7 +221,7 @@ def cmd_results(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, security_from_args(args)) as client:
         jobs = client.jobs()
     if args.json:
         print(json.dumps([json.loads(_to_json(j)) for j in jobs], indent=2))
@@ -229,7 +235,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_workers(args) -> int:
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, security_from_args(args)) as client:
         workers = client.workers()
     if args.json:
         print(json.dumps([json.loads(_to_json(w)) for w in workers], indent=2))

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from distinfer.client.api import Client
+from distinfer.common.channels import ChannelSecurity
 
 
 class ClusterError(RuntimeError):
@@ -32,6 +33,8 @@ class LocalCluster:
         ports: str | None = None,
         model_roots: tuple[str, ...] = (),
         extra_coordinator_args: tuple[str, ...] = (),
+        extra_worker_args: tuple[str, ...] = (),
+        security: ChannelSecurity | None = None,
         env: dict[str, str] | None = None,
     ):
         self._tmp = None
@@ -45,6 +48,8 @@ class LocalCluster:
         self.ports = ports
         self.model_roots = model_roots
         self.extra_coordinator_args = extra_coordinator_args
+        self.extra_worker_args = extra_worker_args
+        self.security = security  # how this object's own client reaches the coordinator
         self.env = {**os.environ, **(env or {})}
         self.coordinator: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -102,6 +107,7 @@ class LocalCluster:
             args += ["--ports", self.ports]
         for root in self.model_roots:
             args += ["--model-root", str(root)]
+        args += self.extra_worker_args
         worker = self._spawn(f"worker-{len(self.workers)}", args)
         self.workers.append(worker)
         return worker
@@ -109,7 +115,7 @@ class LocalCluster:
     def wait_for_slots(self, count: int, timeout_s: float = 120.0) -> None:
         """Until `count` slots are registered with a live executor."""
         deadline = time.monotonic() + timeout_s
-        with Client(self.address) as client:
+        with Client(self.address, self.security) as client:
             while True:
                 try:
                     ready = sum(s.state != "unhealthy" for w in client.workers() for s in w.slots)

@@ -1,6 +1,10 @@
-"""gRPC channel settings shared by every program that talks to the coordinator."""
+"""How every program reaches the coordinator: channel options, TLS (optionally mutual) and bearer tokens."""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -18,9 +22,77 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def insecure_channel(address: str) -> grpc.Channel:
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """A caller's side of security. TLS is on when a CA is given (or `tls`); a client certificate and key
+    make it mutual TLS; the token is sent as `authorization: Bearer <token>` on every call."""
+
+    token: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self):
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs its key, and a key its certificate (--tls-cert, --tls-key)")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or bool(self.ca_file or self.cert_file)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),  # None: the system's trusted CAs
+            private_key=_read(self.key_file),
+            certificate_chain=_read(self.cert_file),
+        )
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def open_channel(address: str, security: ChannelSecurity = ChannelSecurity()) -> grpc.Channel:
+    if security.uses_tls:
+        return grpc.secure_channel(address, security.credentials(), options=CHANNEL_OPTIONS)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def insecure_aio_channel(address: str) -> grpc.aio.Channel:
+def open_aio_channel(address: str, security: ChannelSecurity = ChannelSecurity()) -> grpc.aio.Channel:
+    if security.uses_tls:
+        return grpc.aio.secure_channel(address, security.credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def env_token(name: str) -> str:
+    """Tokens come from the environment by default: a flag's value is visible to anyone who lists processes."""
+    return os.environ.get(name, "")
+
+
+def add_security_flags(parser, token_flag: str, token_env: str) -> None:
+    """The flags with which a caller (CLI, worker) reaches a coordinator that uses TLS and tokens."""
+    parser.add_argument(
+        token_flag,
+        dest="token",
+        default=None,
+        help=f"bearer token for the coordinator (default: ${token_env}; prefer the variable: flags show in ps)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", default="", help="use TLS, trusting this CA (PEM) for the coordinator")
+    parser.add_argument("--tls-cert", default="", help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--tls-key", default="", help="the client certificate's key (PEM)")
+    parser.set_defaults(token_env=token_env)
+
+
+def security_from_args(args) -> ChannelSecurity:
+    return ChannelSecurity(
+        token=args.token if args.token is not None else env_token(args.token_env),
+        tls=args.tls,
+        ca_file=args.tls_ca,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from distinfer.common.channels import env_token
 from distinfer.common.log import configure_logging
 from distinfer.coordinator.jobs import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
@@ -45,6 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-rows-per-job", type=int, default=Limits.max_rows_per_job, help="rows one job may have")
     p.add_argument("--max-row-bytes", type=int, default=Limits.max_row_bytes, help="bytes of one row (text + fields)")
     p.add_argument("--max-queued-jobs", type=int, default=Limits.max_queued_jobs, help="jobs queued or running at once")
+    p.add_argument("--tls-cert", default="", help="server certificate (PEM): serve TLS instead of plaintext")
+    p.add_argument("--tls-key", default="", help="the server certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", default="", help="CA (PEM) client certificates must chain to: mutual TLS")
+    p.add_argument(
+        "--client-token",
+        default=env_token("DISTINFER_CLIENT_TOKEN"),
+        help="bearer token clients must send (default: $DISTINFER_CLIENT_TOKEN; none: no check)",
+    )
+    p.add_argument(
+        "--join-token",
+        default=env_token("DISTINFER_JOIN_TOKEN"),
+        help="bearer token workers must send to join (default: $DISTINFER_JOIN_TOKEN; none: no check)",
+    )
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     return p.parse_args(argv)
@@ -73,6 +87,11 @@ def main(argv=None) -> None:
         heartbeat_timeout_s=args.heartbeat_timeout,
         rendezvous_timeout_s=args.rendezvous_timeout,
         limits=Limits(args.max_rows_per_job, args.max_row_bytes, args.max_queued_jobs),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        client_token=args.client_token,
+        join_token=args.join_token,
     )
     asyncio.run(serve(config, args.port_file))
 

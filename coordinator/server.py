@@ -11,6 +11,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import MAX_MESSAGE_BYTES
 from distinfer.coordinator.jobs import JobManager, Limits
 from distinfer.coordinator.registry import Registry
@@ -31,8 +32,19 @@ class CoordinatorConfig:
     # How long ranks may take to form a group before the attempt fails.
     rendezvous_timeout_s: float = 120.0
     limits: Limits = Limits()
+    # TLS: the server's certificate and key; a client CA makes it mutual TLS (clients must present a cert).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer tokens: one for clients (the Jobs service), another for workers (the Workers service).
+    client_token: str = ""
+    join_token: str = ""
 
     def __post_init__(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both the server certificate and its key (--tls-cert and --tls-key)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("mutual TLS (--tls-client-ca) needs the server's own certificate and key too")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be longer than the heartbeat "
@@ -46,17 +58,28 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.server = grpc.aio.server(
+            interceptors=[TokenAuth(config.client_token, config.join_token)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
-        self.port = self.server.add_insecure_port(config.listen)
+        self.port = self._bind(config)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.listen}: the address is taken or not local")
         self.manager: JobManager | None = None
         self._tasks: list[asyncio.Task] = []
+
+    def _bind(self, config: CoordinatorConfig) -> int:
+        if not config.tls_cert:
+            return self.server.add_insecure_port(config.listen)
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+            root_certificates=Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None,
+            require_client_auth=bool(config.tls_client_ca),
+        )
+        return self.server.add_secure_port(config.listen, credentials)
 
     async def start(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

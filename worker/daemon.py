@@ -17,7 +17,7 @@ import grpc
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from distinfer.common.channels import insecure_aio_channel
+from distinfer.common.channels import ChannelSecurity, open_aio_channel
 from distinfer.v1 import workers_pb2, workers_pb2_grpc
 from distinfer.worker.executor import executor_main
 from distinfer.worker.models import ModelPolicy
@@ -38,6 +38,8 @@ class WorkerConfig:
     connect_timeout_s: float = 0.0
     log_level: str | None = None
     models: ModelPolicy = ModelPolicy()
+    # How the daemon and its executors reach the coordinator (TLS, join token).
+    security: ChannelSecurity = ChannelSecurity()
 
     def __post_init__(self):
         if not self.devices:
@@ -99,6 +101,7 @@ class WorkerDaemon:
                 self.events,
                 self.config.log_level,
                 self.config.models,
+                self.config.security,
             ),
             name=f"distinfer-executor-{handle.slot}",
             daemon=True,
@@ -216,7 +219,9 @@ class WorkerDaemon:
             ),
         ):
             with attempt:
-                response = await stub.RegisterWorker(request, timeout=REGISTER_DEADLINE_S)
+                response = await stub.RegisterWorker(
+                    request, timeout=REGISTER_DEADLINE_S, metadata=self.config.security.metadata()
+                )
         self.worker_id = response.worker_id
         log.info(
             "registered", worker_id=self.worker_id, advertise_host=self.advertise_host, slots=list(self.config.devices)
@@ -239,7 +244,7 @@ class WorkerDaemon:
 
         beater = asyncio.create_task(beat())
         try:
-            async for message in stub.Connect(messages()):
+            async for message in stub.Connect(messages(), metadata=self.config.security.metadata()):
                 kind = message.WhichOneof("payload")
                 if kind == "assignment":
                     self._assign(message.assignment)
@@ -257,7 +262,7 @@ class WorkerDaemon:
         threading.Thread(target=self._pump_executor_events, args=(loop,), name="executor-events", daemon=True).start()
         watcher = asyncio.create_task(self._watch_executors())
         try:
-            async with insecure_aio_channel(self.config.coordinator) as channel:
+            async with open_aio_channel(self.config.coordinator, self.config.security) as channel:
                 stub = workers_pb2_grpc.WorkersStub(channel)
                 while True:
                     interval = await self._register(stub)

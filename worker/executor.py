@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from distinfer.common.channels import insecure_channel
+from distinfer.common.channels import ChannelSecurity, open_channel
 from distinfer.common.log import configure_logging
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.batching import token_budget_batches
@@ -55,14 +55,21 @@ CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024)
 
 
 def executor_main(
-    slot: int, device: str, coordinator: str, inbox, events, log_level: str | None, policy: ModelPolicy
+    slot: int,
+    device: str,
+    coordinator: str,
+    inbox,
+    events,
+    log_level: str | None,
+    policy: ModelPolicy,
+    security: ChannelSecurity,
 ) -> None:
     """Process entry point: report ready, then run assignments until told to stop (None)."""
     _die_with_parent()
     configure_logging(log_level)
     structlog.contextvars.bind_contextvars(slot=slot)
     transformers.utils.logging.disable_progress_bar()  # a progress bar per load clutters the worker's log
-    executor = Executor(slot, device, coordinator, events, policy)
+    executor = Executor(slot, device, coordinator, events, policy, security)
     events.put(("ready", slot, b""))
     while (blob := inbox.get()) is not None:
         keep_going = executor.run(workers_pb2.Assignment.FromString(blob))
@@ -84,12 +91,15 @@ def _die_with_parent() -> None:
 
 
 class Executor:
-    def __init__(self, slot: int, device: str, coordinator: str, events, policy: ModelPolicy):
+    def __init__(
+        self, slot: int, device: str, coordinator: str, events, policy: ModelPolicy, security: ChannelSecurity
+    ):
         self.policy = policy
+        self.metadata = security.metadata()
         self.slot = slot
         self.device = device
         self.events = events
-        self.channel = insecure_channel(coordinator)
+        self.channel = open_channel(coordinator, security)
         self.stub = workers_pb2_grpc.WorkersStub(self.channel)
         self.models = ModelCache()
 
@@ -160,9 +170,10 @@ class Executor:
             task,
             max_tokens=options.max_batch_tokens or defaults.max_batch_tokens,
             max_rows=options.batch_size or task.default_max_rows or defaults.max_rows,
+            metadata=self.metadata,
         )
         gatherer = Gatherer(task.width, comm_device)
-        sender = ResultSender(self.stub, a) if a.rank == 0 else None
+        sender = ResultSender(self.stub, a, self.metadata) if a.rank == 0 else None
         with torch.inference_mode():
             for batch in batches:
                 payload = task.forward(task.inputs(batch), options)
@@ -204,7 +215,8 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 class Prefetcher:
     """Fetch the shard and tokenise it in a thread ahead of the model; iterate to get padded-ready batches."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int):
+    def __init__(self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int, metadata=()):
+        self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
         self._args = (stub, a, task, max_tokens, max_rows)
@@ -225,7 +237,7 @@ class Prefetcher:
                     self._queue.put(batch)
                 del indices[:rows], texts[:rows]
 
-            for shard_batch in stub.FetchShard(request):
+            for shard_batch in stub.FetchShard(request, metadata=self._metadata):
                 indices.extend(shard_batch.indices)
                 texts.extend(shard_batch.texts)
                 while len(indices) >= window:
@@ -251,7 +263,8 @@ class Prefetcher:
 class ResultSender:
     """Rank 0 streams gathered results to the coordinator in a thread, while the next batch runs."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment):
+    def __init__(self, stub, a: workers_pb2.Assignment, metadata=()):
+        self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._a = a
         self._response = None
@@ -265,7 +278,7 @@ class ResultSender:
 
     def _run(self, stub) -> None:
         try:
-            self._response = stub.ReportResults(self._messages())
+            self._response = stub.ReportResults(self._messages(), metadata=self._metadata)
         except BaseException as exc:  # noqa: BLE001 - raised again by close() in the main thread
             self._error = exc
 

@@ -8,6 +8,7 @@ import signal
 
 import structlog
 
+from distinfer.common.channels import add_security_flags, security_from_args
 from distinfer.common.log import configure_logging
 from distinfer.worker.daemon import WorkerConfig, WorkerDaemon
 from distinfer.worker.models import ModelPolicy
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="run Python code shipped in a model's folder (default: never)",
     )
+    add_security_flags(p, "--join-token", "DISTINFER_JOIN_TOKEN")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     args = p.parse_args(argv)
     if args.slots is not None and args.slots < 1:
@@ -113,6 +115,7 @@ def main(argv=None) -> None:
         port_hi=args.ports[1],
         connect_timeout_s=args.connect_timeout,
         log_level=args.log_level,
+        security=security_from_args(args),
         models=ModelPolicy(
             roots=tuple(args.model_root),
             allow_pickle_weights=args.allow_pickle_weights,
