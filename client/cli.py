@@ -257,6 +257,18 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
         f"rows      {s.rows_done}/{s.num_rows}",
         f"message   {s.message}",
     ]
+    if s.HasField("timings"):
+        t = s.timings
+        parts = [
+            ("queued", t.queued_s),
+            ("rendezvous", t.rendezvous_s),
+            ("model load", t.model_load_s),
+            ("tokenise", t.tokenize_s),
+            ("compute", t.compute_s),
+            ("gather", t.gather_s),
+            ("stream", t.stream_s),
+        ]
+        lines.append("time      " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts))
     if s.time_to_first_result_s:
         lines.append(f"first row {s.time_to_first_result_s:.2f} s after the attempt started")
     for a in s.attempts:

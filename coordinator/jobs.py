@@ -27,6 +27,7 @@ from distinfer.common.errors import (
     status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
+from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.scheduler import Placement, backend_for, pick_port, place
 from distinfer.coordinator.store import Store
@@ -94,9 +95,15 @@ class Job:
 
 class JobManager:
     def __init__(
-        self, store: Store, registry: Registry, rendezvous_timeout_s: float = 120.0, limits: Limits = Limits()
+        self,
+        store: Store,
+        registry: Registry,
+        rendezvous_timeout_s: float = 120.0,
+        limits: Limits = Limits(),
+        metrics: CoordinatorMetrics | None = None,
     ):
         self.limits = limits
+        self.metrics = metrics or CoordinatorMetrics()
         self.store = store
         self.registry = registry
         self.rendezvous_timeout_s = rendezvous_timeout_s
@@ -229,6 +236,7 @@ class JobManager:
         if added and job.attempt is not None and not job.status.time_to_first_result_s:
             job.status.time_to_first_result_s = time.time() - job.attempt.started_at
         job.status.rows_done += added
+        self.metrics.rows_committed.inc(added)
         job.notify()
         return added
 
@@ -249,9 +257,12 @@ class JobManager:
                 await self._save(job)
         elif event.kind == workers_pb2.SlotEvent.FINISHED:
             attempt.finished.add(event.rank)
+            record.ranks[event.rank].timings.CopyFrom(event.info.timings)
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.status.num_rows - job.status.rows_done
                 if missing == 0:
+                    job.status.timings.CopyFrom(record.ranks[0].timings)
+                    job.status.timings.queued_s = job.status.attempts[0].started_at - job.status.created_at
                     await self._end_attempt(job, "", requeue=False)
                     await self._finish(job, S.SUCCEEDED, f"{job.status.num_rows} rows done")
                 else:
@@ -319,6 +330,9 @@ class JobManager:
 
     async def _start_attempt(self, job: Job, placements: list[Placement], port: int) -> None:
         number = len(job.status.attempts) + 1
+        self.metrics.attempts.labels("started").inc()
+        if number == 1:
+            self.metrics.queue_seconds.observe(time.time() - job.status.created_at)
         master_worker = self.registry.get(placements[0].worker_id)
         master_worker.ports_in_use.add(port)
         master_worker.last_port = port
@@ -384,6 +398,7 @@ class JobManager:
         master = self.registry.get(attempt.master_worker)
         if master:
             master.ports_in_use.discard(attempt.master_port)
+        self.metrics.attempts.labels("failed" if reason else "succeeded").inc()
         if reason:
             log.warning("attempt_ended", job_id=job.job_id, attempt=attempt.number, reason=reason)
         if requeue and job.status.rows_done == job.status.num_rows:
@@ -405,6 +420,7 @@ class JobManager:
         self.wake()
 
     async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+        self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
         job.status.state = state
         job.status.message = message
         job.status.error_code = error_code

@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=env_token("DISTINFER_JOIN_TOKEN"),
         help="bearer token workers must send to join (default: $DISTINFER_JOIN_TOKEN; none: no check)",
     )
+    p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     return p.parse_args(argv)
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
         tls_client_ca=args.tls_client_ca,
         client_token=args.client_token,
         join_token=args.join_token,
+        metrics_listen=args.metrics_listen,
     )
     asyncio.run(serve(config, args.port_file))
 

@@ -13,7 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import MAX_MESSAGE_BYTES
+from distinfer.common.metrics import serve_metrics
 from distinfer.coordinator.jobs import JobManager, Limits
+from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
 from distinfer.coordinator.store import Store
@@ -39,6 +41,8 @@ class CoordinatorConfig:
     # Bearer tokens: one for clients (the Jobs service), another for workers (the Workers service).
     client_token: str = ""
     join_token: str = ""
+    # host:port to serve Prometheus metrics on; empty: no metrics endpoint.
+    metrics_listen: str = ""
 
     def __post_init__(self):
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -97,7 +101,11 @@ class Coordinator:
         # Open the store before serving: health says SERVING only once the state is there.
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         store = Store(self.config.state_dir / "distinfer.sqlite")
-        self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s, self.config.limits)
+        metrics = CoordinatorMetrics()
+        self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s, self.config.limits, metrics)
+        metrics.watch(self.manager)
+        if self.config.metrics_listen:
+            self.metrics_port = serve_metrics(metrics.registry, self.config.metrics_listen)
         await self.manager.recover()
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager), self.server)
         workers_pb2_grpc.add_WorkersServicer_to_server(

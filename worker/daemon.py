@@ -18,8 +18,10 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from distinfer.common.channels import ChannelSecurity, open_aio_channel
+from distinfer.common.metrics import serve_metrics
 from distinfer.v1 import workers_pb2, workers_pb2_grpc
 from distinfer.worker.executor import executor_main
+from distinfer.worker.metrics import WorkerMetrics
 from distinfer.worker.models import ModelPolicy
 
 log = structlog.get_logger(__name__)
@@ -40,6 +42,8 @@ class WorkerConfig:
     models: ModelPolicy = ModelPolicy()
     # How the daemon and its executors reach the coordinator (TLS, join token).
     security: ChannelSecurity = ChannelSecurity()
+    # host:port to serve Prometheus metrics on; empty: no metrics endpoint.
+    metrics_listen: str = ""
 
     def __post_init__(self):
         if not self.devices:
@@ -82,6 +86,8 @@ class WorkerDaemon:
         self.advertise_host = config.advertise_host or default_advertise_host(config.coordinator)
         self.worker_id = ""
         self._outbound: asyncio.Queue | None = None
+        self.metrics = WorkerMetrics()
+        self.metrics.watch(self)
         self._stopping = False
 
     # --- executors ------------------------------------------------------------------------------------
@@ -116,6 +122,7 @@ class WorkerDaemon:
             handle.process.kill()
             handle.process.join(5)
         log.warning("executor_restarting", slot=handle.slot, reason=why)
+        self.metrics.executor_restarts.inc()
         self._start_executor(handle)
         self._send_heartbeat()
 
@@ -134,6 +141,11 @@ class WorkerDaemon:
             handle.ready = True
             self._send_heartbeat()
             return
+        if kind == "batch":
+            seconds, rows = blob
+            self.metrics.batch_seconds.observe(seconds)
+            self.metrics.rows.inc(rows)
+            return
         event = workers_pb2.SlotEvent.FromString(blob)
         running = handle.running()
         if running is None or _key(running) != _key(event):
@@ -141,6 +153,7 @@ class WorkerDaemon:
         self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, event=event))
         if event.kind in (workers_pb2.SlotEvent.FINISHED, workers_pb2.SlotEvent.FAILED):
             handle.pending.pop(0)
+            self.metrics.attempts.labels("finished" if event.kind == workers_pb2.SlotEvent.FINISHED else "failed").inc()
         if event.kind == workers_pb2.SlotEvent.FAILED and not event.permanent:
             # It failed inside a group and is exiting: replace it now, before it is handed more work.
             self._restart_executor(handle, "failed inside a process group")
@@ -257,6 +270,9 @@ class WorkerDaemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.metrics_listen:
+            port = serve_metrics(self.metrics.registry, self.config.metrics_listen)
+            log.info("metrics_serving", port=port)
         for handle in self.executors:
             self._start_executor(handle)
         threading.Thread(target=self._pump_executor_events, args=(loop,), name="executor-events", daemon=True).start()

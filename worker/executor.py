@@ -113,8 +113,8 @@ class Executor:
         """Run one rank of one attempt; returns whether this process may serve another job."""
         structlog.contextvars.bind_contextvars(job_id=a.job_id, attempt=a.attempt, rank=a.rank)
         try:
-            self._run(a)
-            self.emit(a, workers_pb2.SlotEvent.FINISHED)
+            timings = self._run(a)
+            self.emit(a, workers_pb2.SlotEvent.FINISHED, info=jobs_pb2.RankInfo(rank=a.rank, timings=timings))
             return True
         except JobError as exc:
             log.warning("job_error", error=str(exc))
@@ -129,7 +129,7 @@ class Executor:
                 dist.destroy_process_group()
             structlog.contextvars.unbind_contextvars("job_id", "attempt", "rank")
 
-    def _run(self, a: workers_pb2.Assignment) -> None:
+    def _run(self, a: workers_pb2.Assignment) -> jobs_pb2.Timings:
         on_cuda = self.device.startswith("cuda")
         device = torch.device(self.device)
         if on_cuda:
@@ -137,10 +137,12 @@ class Executor:
         else:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.local_world_size)))
+        timings = jobs_pb2.Timings()
         started = time.monotonic()
         task = self._task(a.spec, device)
-        load_s = time.monotonic() - started
+        timings.model_load_s = load_s = time.monotonic() - started
 
+        started = time.monotonic()
         if a.rank != 0:
             wait_for_listener(a.master_addr, a.master_port, a.rendezvous_timeout_s)
         dist.init_process_group(
@@ -154,6 +156,7 @@ class Executor:
         # Prove the group: every rank adds its rank; the sum is known only if all of them took part.
         rank_sum = torch.tensor([a.rank], dtype=torch.long, device=comm_device)
         dist.all_reduce(rank_sum)
+        timings.rendezvous_s = time.monotonic() - started
         info = jobs_pb2.RankInfo(
             rank=a.rank, joined_world_size=dist.get_world_size(), pid=os.getpid(), rank_sum=int(rank_sum.item())
         )
@@ -181,16 +184,30 @@ class Executor:
         sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
         with torch.inference_mode():
             for batch in batches:
+                started = time.monotonic()
                 payload = task.forward(task.inputs(batch), options)
+                computed = time.monotonic()
                 gathered = gatherer.round(payload, [r.index for r in batch], [r.truncated for r in batch])
+                gathered_at = time.monotonic()
+                timings.compute_s += computed - started
+                timings.gather_s += gathered_at - computed
+                # For the daemon's metrics (batch latency, rows): local IPC between our own processes.
+                self.events.put(("batch", self.slot, (computed - started, len(batch))))
                 if sender is not None:
                     sender.send(gathered)
+                    timings.stream_s += time.monotonic() - gathered_at  # only when the stream pushes back
+            started = time.monotonic()
             while (gathered := gatherer.round(None, [], [])) is not None:
                 if sender is not None:
                     sender.send(gathered)
+            timings.gather_s += time.monotonic() - started
         batches.check()
+        timings.tokenize_s = batches.encode_s
         if sender is not None:
-            sender.close()
+            started = time.monotonic()
+            sender.close()  # the tail: results still on their way to the coordinator
+            timings.stream_s += time.monotonic() - started
+        return timings
 
     def _task(self, spec: jobs_pb2.JobSpec, device: torch.device) -> Task:
         """The job's task, its model loaded, or taken from the cache when the last job used the same one."""
@@ -235,6 +252,7 @@ class Prefetcher:
 
     def __init__(self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int, metadata=()):
         self._metadata = metadata
+        self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
         self._args = (stub, a, task, max_tokens, max_rows)
@@ -251,7 +269,10 @@ class Prefetcher:
             window = FIRST_WINDOW_ROWS
 
             def flush(rows: int):
-                for batch in token_budget_batches(task.encode(indices[:rows], texts[:rows]), max_tokens, max_rows):
+                started = time.monotonic()
+                encoded = task.encode(indices[:rows], texts[:rows])
+                self.encode_s += time.monotonic() - started
+                for batch in token_budget_batches(encoded, max_tokens, max_rows):
                     self._queue.put(batch)
                 del indices[:rows], texts[:rows]
 

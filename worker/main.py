@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="run Python code shipped in a model's folder (default: never)",
     )
     add_security_flags(p, "--join-token", "DISTINFER_JOIN_TOKEN")
+    p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
     args = p.parse_args(argv)
     if args.slots is not None and args.slots < 1:
@@ -116,6 +117,7 @@ def main(argv=None) -> None:
         connect_timeout_s=args.connect_timeout,
         log_level=args.log_level,
         security=security_from_args(args),
+        metrics_listen=args.metrics_listen,
         models=ModelPolicy(
             roots=tuple(args.model_root),
             allow_pickle_weights=args.allow_pickle_weights,

@@ -4,6 +4,7 @@ each slot an executor process; shared by the whole session, since starting execu
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,22 @@ SLOTS = 3
 def cluster(tmp_path_factory):
     # Models the tests build live under pytest's temporary folder: the only extra root the workers allow.
     roots = (str(tmp_path_factory.getbasetemp()),)
-    with LocalCluster(slots=SLOTS, state_dir=tmp_path_factory.mktemp("cluster"), model_roots=roots) as running:
+    metrics = {"coordinator": free_port(), "worker": free_port()}
+    with LocalCluster(
+        slots=SLOTS,
+        state_dir=tmp_path_factory.mktemp("cluster"),
+        model_roots=roots,
+        extra_coordinator_args=("--metrics-listen", f"127.0.0.1:{metrics['coordinator']}"),
+        extra_worker_args=("--metrics-listen", f"127.0.0.1:{metrics['worker']}"),
+    ) as running:
+        running.metrics_ports = metrics
         yield running
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

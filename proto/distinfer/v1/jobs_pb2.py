@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64istinfer/v1/jobs.proto\x12\x0c\x64istinfer.v1\"\xab\x01\n\x07JobSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0bmin_workers\x18\x03 \x01(\r\x12\x13\n\x0bmax_workers\x18\x04 \x01(\r\x12\x17\n\x0fqueue_timeout_s\x18\x05 \x01(\x01\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\r\x12*\n\x07options\x18\x07 \x01(\x0b\x32\x19.distinfer.v1.TaskOptions\"\xb7\x01\n\x0bTaskOptions\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rreturn_logits\x18\x02 \x01(\x08\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1a\n\x12simulated_batch_ms\x18\x07 \x01(\rB\x0c\n\n_normalize\"9\n\x08InputRow\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tmeta_json\x18\x02 \x01(\tB\x07\n\x05_text\"l\n\x10SubmitJobRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x15.distinfer.v1.JobSpecH\x00\x12&\n\x04rows\x18\x02 \x01(\x0b\x32\x16.distinfer.v1.RowBatchH\x00\x42\t\n\x07payload\"0\n\x08RowBatch\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.distinfer.v1.InputRow\"5\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x15\n\x04\x45\x63ho\x12\r\n\x05\x63hars\x18\x01 \x01(\x04\">\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06logits\x18\x03 \x03(\x02\"\xd8\x01\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\x04\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.distinfer.v1.EmbeddingH\x00\x12\x36\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32\x1c.distinfer.v1.ClassificationH\x00\x12\"\n\x04\x65\x63ho\x18\x06 \x01(\x0b\x32\x12.distinfer.v1.EchoH\x00\x12\x18\n\x10truncated_tokens\x18\x04 \x01(\r\x12\x11\n\tmeta_json\x18\x05 \x01(\tB\x08\n\x06output\";\n\x14StreamResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\x04\"4\n\x0bResultBatch\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.distinfer.v1.Result\"\x91\x01\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x19\n\x11joined_world_size\x18\x06 \x01(\r\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x10\n\x08rank_sum\x18\x08 \x01(\x04\"\xdd\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x13\n\x0bmaster_addr\x18\x03 \x01(\t\x12\x13\n\x0bmaster_port\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12%\n\x05ranks\x18\x06 \x03(\x0b\x32\x16.distinfer.v1.RankInfo\x12\x12\n\nend_reason\x18\x07 \x01(\t\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\t \x01(\x01\x12\x12\n\nrunning_at\x18\n \x01(\x01\"\xb7\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.distinfer.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.distinfer.v1.JobState\x12\x10\n\x08num_rows\x18\x04 \x01(\x04\x12\x11\n\trows_done\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\'\n\x08\x61ttempts\x18\x07 \x03(\x0b\x32\x15.distinfer.v1.Attempt\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12\x1e\n\x16time_to_first_result_s\x18\x0b \x01(\x01\x12\x12\n\nerror_code\x18\x0c \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"9\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.distinfer.v1.JobStatus\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"J\n\nSlotStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\x92\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x03 \x01(\t\x12\'\n\x05slots\x18\x04 \x03(\x0b\x32\x18.distinfer.v1.SlotStatus\x12\x1c\n\x14last_heartbeat_s_ago\x18\x05 \x01(\x01\"\x14\n\x12ListWorkersRequest\"B\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.distinfer.v1.WorkerStatus*w\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\r\n\tSCHEDULED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tCANCELLED\x10\x06\x32\xcd\x03\n\x04Jobs\x12N\n\tSubmitJob\x12\x1e.distinfer.v1.SubmitJobRequest\x1a\x1f.distinfer.v1.SubmitJobResponse(\x01\x12P\n\rStreamResults\x12\".distinfer.v1.StreamResultsRequest\x1a\x19.distinfer.v1.ResultBatch0\x01\x12>\n\x06GetJob\x12\x1b.distinfer.v1.GetJobRequest\x1a\x17.distinfer.v1.JobStatus\x12I\n\x08ListJobs\x12\x1d.distinfer.v1.ListJobsRequest\x1a\x1e.distinfer.v1.ListJobsResponse\x12\x44\n\tCancelJob\x12\x1e.distinfer.v1.CancelJobRequest\x1a\x17.distinfer.v1.JobStatus\x12R\n\x0bListWorkers\x12 .distinfer.v1.ListWorkersRequest\x1a!.distinfer.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64istinfer/v1/jobs.proto\x12\x0c\x64istinfer.v1\"\xab\x01\n\x07JobSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0bmin_workers\x18\x03 \x01(\r\x12\x13\n\x0bmax_workers\x18\x04 \x01(\r\x12\x17\n\x0fqueue_timeout_s\x18\x05 \x01(\x01\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\r\x12*\n\x07options\x18\x07 \x01(\x0b\x32\x19.distinfer.v1.TaskOptions\"\xb7\x01\n\x0bTaskOptions\x12\x16\n\tnormalize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rreturn_logits\x18\x02 \x01(\x08\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1a\n\x12simulated_batch_ms\x18\x07 \x01(\rB\x0c\n\n_normalize\"9\n\x08InputRow\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tmeta_json\x18\x02 \x01(\tB\x07\n\x05_text\"l\n\x10SubmitJobRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x15.distinfer.v1.JobSpecH\x00\x12&\n\x04rows\x18\x02 \x01(\x0b\x32\x16.distinfer.v1.RowBatchH\x00\x42\t\n\x07payload\"0\n\x08RowBatch\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.distinfer.v1.InputRow\"5\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x15\n\x04\x45\x63ho\x12\r\n\x05\x63hars\x18\x01 \x01(\x04\">\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06logits\x18\x03 \x03(\x02\"\xd8\x01\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\x04\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.distinfer.v1.EmbeddingH\x00\x12\x36\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32\x1c.distinfer.v1.ClassificationH\x00\x12\"\n\x04\x65\x63ho\x18\x06 \x01(\x0b\x32\x12.distinfer.v1.EchoH\x00\x12\x18\n\x10truncated_tokens\x18\x04 \x01(\r\x12\x11\n\tmeta_json\x18\x05 \x01(\tB\x08\n\x06output\";\n\x14StreamResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_index\x18\x02 \x01(\x04\"4\n\x0bResultBatch\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.distinfer.v1.Result\"\x92\x01\n\x07Timings\x12\x10\n\x08queued_s\x18\x01 \x01(\x01\x12\x14\n\x0crendezvous_s\x18\x02 \x01(\x01\x12\x14\n\x0cmodel_load_s\x18\x03 \x01(\x01\x12\x12\n\ntokenize_s\x18\x04 \x01(\x01\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x10\n\x08gather_s\x18\x06 \x01(\x01\x12\x10\n\x08stream_s\x18\x07 \x01(\x01\"\xb9\x01\n\x08RankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x19\n\x11joined_world_size\x18\x06 \x01(\r\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x10\n\x08rank_sum\x18\x08 \x01(\x04\x12&\n\x07timings\x18\t \x01(\x0b\x32\x15.distinfer.v1.Timings\"\xdd\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x13\n\x0bmaster_addr\x18\x03 \x01(\t\x12\x13\n\x0bmaster_port\x18\x04 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12%\n\x05ranks\x18\x06 \x03(\x0b\x32\x16.distinfer.v1.RankInfo\x12\x12\n\nend_reason\x18\x07 \x01(\t\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\t \x01(\x01\x12\x12\n\nrunning_at\x18\n \x01(\x01\"\xdf\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.distinfer.v1.JobSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.distinfer.v1.JobState\x12\x10\n\x08num_rows\x18\x04 \x01(\x04\x12\x11\n\trows_done\x18\x05 \x01(\x04\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\'\n\x08\x61ttempts\x18\x07 \x03(\x0b\x32\x15.distinfer.v1.Attempt\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12\x1e\n\x16time_to_first_result_s\x18\x0b \x01(\x01\x12\x12\n\nerror_code\x18\x0c \x01(\t\x12&\n\x07timings\x18\r \x01(\x0b\x32\x15.distinfer.v1.Timings\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"9\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.distinfer.v1.JobStatus\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"J\n\nSlotStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\x92\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x03 \x01(\t\x12\'\n\x05slots\x18\x04 \x03(\x0b\x32\x18.distinfer.v1.SlotStatus\x12\x1c\n\x14last_heartbeat_s_ago\x18\x05 \x01(\x01\"\x14\n\x12ListWorkersRequest\"B\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.distinfer.v1.WorkerStatus*w\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\r\n\tSCHEDULED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tCANCELLED\x10\x06\x32\xcd\x03\n\x04Jobs\x12N\n\tSubmitJob\x12\x1e.distinfer.v1.SubmitJobRequest\x1a\x1f.distinfer.v1.SubmitJobResponse(\x01\x12P\n\rStreamResults\x12\".distinfer.v1.StreamResultsRequest\x1a\x19.distinfer.v1.ResultBatch0\x01\x12>\n\x06GetJob\x12\x1b.distinfer.v1.GetJobRequest\x1a\x17.distinfer.v1.JobStatus\x12I\n\x08ListJobs\x12\x1d.distinfer.v1.ListJobsRequest\x1a\x1e.distinfer.v1.ListJobsResponse\x12\x44\n\tCancelJob\x12\x1e.distinfer.v1.CancelJobRequest\x1a\x17.distinfer.v1.JobStatus\x12R\n\x0bListWorkers\x12 .distinfer.v1.ListWorkersRequest\x1a!.distinfer.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distinfer.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2273
-  _globals['_JOBSTATE']._serialized_end=2392
+  _globals['_JOBSTATE']._serialized_start=2502
+  _globals['_JOBSTATE']._serialized_end=2621
   _globals['_JOBSPEC']._serialized_start=42
   _globals['_JOBSPEC']._serialized_end=213
   _globals['_TASKOPTIONS']._serialized_start=216
@@ -57,28 +57,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMRESULTSREQUEST']._serialized_end=1069
   _globals['_RESULTBATCH']._serialized_start=1071
   _globals['_RESULTBATCH']._serialized_end=1123
-  _globals['_RANKINFO']._serialized_start=1126
-  _globals['_RANKINFO']._serialized_end=1271
-  _globals['_ATTEMPT']._serialized_start=1274
-  _globals['_ATTEMPT']._serialized_end=1495
-  _globals['_JOBSTATUS']._serialized_start=1498
-  _globals['_JOBSTATUS']._serialized_end=1809
-  _globals['_GETJOBREQUEST']._serialized_start=1811
-  _globals['_GETJOBREQUEST']._serialized_end=1842
-  _globals['_LISTJOBSREQUEST']._serialized_start=1844
-  _globals['_LISTJOBSREQUEST']._serialized_end=1861
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1863
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1920
-  _globals['_CANCELJOBREQUEST']._serialized_start=1922
-  _globals['_CANCELJOBREQUEST']._serialized_end=1956
-  _globals['_SLOTSTATUS']._serialized_start=1958
-  _globals['_SLOTSTATUS']._serialized_end=2032
-  _globals['_WORKERSTATUS']._serialized_start=2035
-  _globals['_WORKERSTATUS']._serialized_end=2181
-  _globals['_LISTWORKERSREQUEST']._serialized_start=2183
-  _globals['_LISTWORKERSREQUEST']._serialized_end=2203
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=2205
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2271
-  _globals['_JOBS']._serialized_start=2395
-  _globals['_JOBS']._serialized_end=2856
+  _globals['_TIMINGS']._serialized_start=1126
+  _globals['_TIMINGS']._serialized_end=1272
+  _globals['_RANKINFO']._serialized_start=1275
+  _globals['_RANKINFO']._serialized_end=1460
+  _globals['_ATTEMPT']._serialized_start=1463
+  _globals['_ATTEMPT']._serialized_end=1684
+  _globals['_JOBSTATUS']._serialized_start=1687
+  _globals['_JOBSTATUS']._serialized_end=2038
+  _globals['_GETJOBREQUEST']._serialized_start=2040
+  _globals['_GETJOBREQUEST']._serialized_end=2071
+  _globals['_LISTJOBSREQUEST']._serialized_start=2073
+  _globals['_LISTJOBSREQUEST']._serialized_end=2090
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2092
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2149
+  _globals['_CANCELJOBREQUEST']._serialized_start=2151
+  _globals['_CANCELJOBREQUEST']._serialized_end=2185
+  _globals['_SLOTSTATUS']._serialized_start=2187
+  _globals['_SLOTSTATUS']._serialized_end=2261
+  _globals['_WORKERSTATUS']._serialized_start=2264
+  _globals['_WORKERSTATUS']._serialized_end=2410
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2412
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2432
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2434
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2500
+  _globals['_JOBS']._serialized_start=2624
+  _globals['_JOBS']._serialized_end=3085
 # @@protoc_insertion_point(module_scope)

@@ -388,6 +388,47 @@ class ResultBatch(_message.Message):
 Global___ResultBatch: _TypeAlias = ResultBatch  # noqa: Y015
 
 @_typing.final
+class Timings(_message.Message):
+    """Where a job's time went, in seconds. Per rank, and for the job (queued, plus rank 0's parts of the last
+    attempt). compute is wall time around the forward pass (on CUDA it includes waiting for the device).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUED_S_FIELD_NUMBER: _builtins.int
+    RENDEZVOUS_S_FIELD_NUMBER: _builtins.int
+    MODEL_LOAD_S_FIELD_NUMBER: _builtins.int
+    TOKENIZE_S_FIELD_NUMBER: _builtins.int
+    COMPUTE_S_FIELD_NUMBER: _builtins.int
+    GATHER_S_FIELD_NUMBER: _builtins.int
+    STREAM_S_FIELD_NUMBER: _builtins.int
+    queued_s: _builtins.float
+    rendezvous_s: _builtins.float
+    model_load_s: _builtins.float
+    tokenize_s: _builtins.float
+    compute_s: _builtins.float
+    gather_s: _builtins.float
+    stream_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        queued_s: _builtins.float = ...,
+        rendezvous_s: _builtins.float = ...,
+        model_load_s: _builtins.float = ...,
+        tokenize_s: _builtins.float = ...,
+        compute_s: _builtins.float = ...,
+        gather_s: _builtins.float = ...,
+        stream_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_s", b"compute_s", "gather_s", b"gather_s", "model_load_s", b"model_load_s", "queued_s", b"queued_s", "rendezvous_s", b"rendezvous_s", "stream_s", b"stream_s", "tokenize_s", b"tokenize_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Timings: _TypeAlias = Timings  # noqa: Y015
+
+@_typing.final
 class RankInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -399,6 +440,7 @@ class RankInfo(_message.Message):
     JOINED_WORLD_SIZE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     RANK_SUM_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -410,6 +452,10 @@ class RankInfo(_message.Message):
     """
     pid: _builtins.int
     rank_sum: _builtins.int
+    @_builtins.property
+    def timings(self) -> Global___Timings:
+        """Filled in when the rank finishes."""
+
     def __init__(
         self,
         *,
@@ -421,10 +467,11 @@ class RankInfo(_message.Message):
         joined_world_size: _builtins.int = ...,
         pid: _builtins.int = ...,
         rank_sum: _builtins.int = ...,
+        timings: Global___Timings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "host", b"host", "joined_world_size", b"joined_world_size", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "host", b"host", "joined_world_size", b"joined_world_size", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +542,7 @@ class JobStatus(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_RESULT_S_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     num_rows: _builtins.int
@@ -512,6 +560,8 @@ class JobStatus(_message.Message):
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]: ...
+    @_builtins.property
+    def timings(self) -> Global___Timings: ...
     def __init__(
         self,
         *,
@@ -527,10 +577,11 @@ class JobStatus(_message.Message):
         finished_at: _builtins.float = ...,
         time_to_first_result_s: _builtins.float = ...,
         error_code: _builtins.str = ...,
+        timings: Global___Timings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error_code", b"error_code", "finished_at", b"finished_at", "job_id", b"job_id", "message", b"message", "num_rows", b"num_rows", "rows_done", b"rows_done", "spec", b"spec", "started_at", b"started_at", "state", b"state", "time_to_first_result_s", b"time_to_first_result_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error_code", b"error_code", "finished_at", b"finished_at", "job_id", b"job_id", "message", b"message", "num_rows", b"num_rows", "rows_done", b"rows_done", "spec", b"spec", "started_at", b"started_at", "state", b"state", "time_to_first_result_s", b"time_to_first_result_s", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
