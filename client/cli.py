@@ -14,6 +14,7 @@ from tqdm import tqdm
 from distinfer.client.api import Client, Job, JobFailed, result_to_dict
 from distinfer.client.rows import FORMATS, InputError, read_rows, write_jsonl
 from distinfer.common.channels import add_security_flags, security_from_args
+from distinfer.common.config import apply_config
 from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
 from distinfer.v1 import jobs_pb2
 
@@ -49,10 +50,10 @@ def _job_options(p: argparse.ArgumentParser) -> None:
 
 def _coordinator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
-    add_security_flags(p, "--token", "DISTINFER_TOKEN")
+    add_security_flags(p, "--token")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distinfer", description="Run Hugging Face models over a dataset on many workers.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -95,11 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         _coordinator_options(cmd)
         cmd.add_argument("--json", action="store_true")
+    apply_config(list(sub.choices.values()), argv, "client")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
     except (InputError, ValueError) as exc:

@@ -73,24 +73,23 @@ def env_token(name: str) -> str:
     return os.environ.get(name, "")
 
 
-def add_security_flags(parser, token_flag: str, token_env: str) -> None:
+def add_security_flags(parser, token_flag: str) -> None:
     """The flags with which a caller (CLI, worker) reaches a coordinator that uses TLS and tokens."""
     parser.add_argument(
         token_flag,
         dest="token",
-        default=None,
-        help=f"bearer token for the coordinator (default: ${token_env}; prefer the variable: flags show in ps)",
+        default="",
+        help="bearer token for the coordinator (prefer the environment variable: flags show in ps)",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
     parser.add_argument("--tls-ca", default="", help="use TLS, trusting this CA (PEM) for the coordinator")
     parser.add_argument("--tls-cert", default="", help="client certificate (PEM) for mutual TLS")
     parser.add_argument("--tls-key", default="", help="the client certificate's key (PEM)")
-    parser.set_defaults(token_env=token_env)
 
 
 def security_from_args(args) -> ChannelSecurity:
     return ChannelSecurity(
-        token=args.token if args.token is not None else env_token(args.token_env),
+        token=args.token,
         tls=args.tls,
         ca_file=args.tls_ca,
         cert_file=args.tls_cert,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from distinfer.common.channels import env_token
+from distinfer.common.config import apply_config
 from distinfer.common.log import configure_logging
 from distinfer.coordinator.jobs import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
@@ -51,17 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tls-client-ca", default="", help="CA (PEM) client certificates must chain to: mutual TLS")
     p.add_argument(
         "--client-token",
-        default=env_token("DISTINFER_CLIENT_TOKEN"),
-        help="bearer token clients must send (default: $DISTINFER_CLIENT_TOKEN; none: no check)",
+        default="",
+        help="bearer token clients must send (none: no check; prefer the variable: flags show in ps)",
     )
     p.add_argument(
         "--join-token",
-        default=env_token("DISTINFER_JOIN_TOKEN"),
-        help="bearer token workers must send to join (default: $DISTINFER_JOIN_TOKEN; none: no check)",
+        default="",
+        help="bearer token workers must send to join (none: no check; prefer the variable)",
     )
     p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
+    apply_config([p], argv, "coordinator")
     return p.parse_args(argv)
 
 

@@ -26,7 +26,7 @@ def _write(folder: Path, name: str, cert, key) -> tuple[str, str]:
 
 
 def make_certs(folder: Path, ca_name: str = "distinfer test CA") -> dict[str, str]:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = _key()
     ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
     ca = (

@@ -9,6 +9,7 @@ import signal
 import structlog
 
 from distinfer.common.channels import add_security_flags, security_from_args
+from distinfer.common.config import apply_config
 from distinfer.common.log import configure_logging
 from distinfer.worker.daemon import WorkerConfig, WorkerDaemon
 from distinfer.worker.models import ModelPolicy
@@ -85,9 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="run Python code shipped in a model's folder (default: never)",
     )
-    add_security_flags(p, "--join-token", "DISTINFER_JOIN_TOKEN")
+    add_security_flags(p, "--join-token")
     p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
+    apply_config([p], argv, "worker")
     args = p.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         p.error("--slots must be at least 1")
