@@ -185,7 +185,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

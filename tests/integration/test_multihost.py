@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +68,11 @@ class Hosts:
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def spawn(self, name: str, host: Host, *args: str) -> subprocess.Popen:
-        """Start `python -m ARGS` inside the host's namespace, in its own session (so that its executor
+        """Start `python ARGS` inside the host's namespace, in its own session (so that its executor
         processes can be killed with it), logging to a file shown when the test fails."""
         log = (self.tmp / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, sys.executable, "-m", *args],
+            ["ip", "netns", "exec", host.netns, sys.executable, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             # gloo binds to the interface named here, not to whatever the hostname resolves to.
@@ -91,6 +92,16 @@ class Hosts:
             env=self.env,
             timeout=timeout,
         )
+
+    def wait_for_slots(self, host: Host, coordinator: str, wanted: int, timeout_s: float = 90) -> None:
+        """Until `wanted` slots are registered, asked from inside `host` (the only place the coordinator's
+        address exists); fails at once if a daemon dies instead of waiting out the time limit."""
+        waiter = self.spawn("wait-for-slots", host, "-c", WAIT_FOR_SLOTS, coordinator, str(wanted), str(timeout_s))
+        while waiter.poll() is None:
+            dead = [name for name, proc in self.procs if proc.poll() is not None and proc is not waiter]
+            assert not dead, f"{', '.join(dead)} exited before the slots came up"
+            time.sleep(0.2)
+        assert waiter.returncode == 0, "the workers' slots did not come up (see wait-for-slots below)"
 
     def logs(self, tail_lines: int = 60) -> str:
         out = []
@@ -198,6 +209,7 @@ def test_job_spans_two_hosts_that_reach_each_other_only_by_their_advertised_addr
         hosts.spawn(
             "coordinator",
             h1,
+            "-m",
             "distinfer.coordinator.main",
             "--listen",
             coordinator,
@@ -210,6 +222,7 @@ def test_job_spans_two_hosts_that_reach_each_other_only_by_their_advertised_addr
             hosts.spawn(
                 name,
                 host,
+                "-m",
                 "distinfer.worker.main",
                 "--coordinator",
                 coordinator,
@@ -222,8 +235,7 @@ def test_job_spans_two_hosts_that_reach_each_other_only_by_their_advertised_addr
                 "--ports",
                 WORKER_PORTS,
             )
-        waited = hosts.run(h1, "-c", WAIT_FOR_SLOTS, coordinator, "2", "90", timeout=120)
-        assert waited.returncode == 0, f"workers did not come up: {waited.stderr}"
+        hosts.wait_for_slots(h1, coordinator, 2)
         assert port_file.read_text() == str(COORDINATOR_PORT)
 
         data = tmp_path / "rows.jsonl"
