@@ -232,7 +232,7 @@ def cmd_jobs(args) -> int:
         (j.job_id, jobs_pb2.JobState.Name(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model, j.message)
         for j in jobs
     ]
-    print(_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows))
+    _print_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows)
     return 0
 
 
@@ -247,7 +247,7 @@ def cmd_workers(args) -> int:
         for w in workers
         for s in w.slots
     ]
-    print(_table(("WORKER", "HOST", "SLOT", "DEVICE", "STATE", "JOB", "HEARTBEAT"), rows))
+    _print_table(("WORKER", "HOST", "SLOT", "DEVICE", "STATE", "JOB", "HEARTBEAT"), rows)
     return 0
 
 
@@ -281,10 +281,28 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
     return "\n".join(lines)
 
 
-def _table(header: tuple, rows: list[tuple]) -> str:
-    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+STATE_STYLES = {
+    "idle": "green",
+    "busy": "cyan",
+    "unhealthy": "red",
+    "SUCCEEDED": "green",
+    "RUNNING": "cyan",
+    "FAILED": "red",
+    "CANCELLED": "yellow",
+    "QUEUED": "yellow",
+    "SCHEDULED": "cyan",
+}
+
+
+def _print_table(header: tuple, rows: list[tuple]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*(f"[{STATE_STYLES[c]}]{c}[/]" if c in STATE_STYLES else str(c) for c in row))
+    # Wide when piped, so scripts and greps see whole rows; colours only on a terminal.
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
 
 
 def _to_json(message) -> str:
