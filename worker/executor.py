@@ -143,15 +143,7 @@ class Executor:
         timings.model_load_s = load_s = time.monotonic() - started
 
         started = time.monotonic()
-        if a.rank != 0:
-            wait_for_listener(a.master_addr, a.master_port, a.rendezvous_timeout_s)
-        dist.init_process_group(
-            a.backend,
-            init_method=f"tcp://{a.master_addr}:{a.master_port}",
-            rank=a.rank,
-            world_size=a.world_size,
-            timeout=timedelta(seconds=a.rendezvous_timeout_s),
-        )
+        join_group(a)
         comm_device = device if a.backend == "nccl" else torch.device("cpu")
         # Prove the group: every rank adds its rank; the sum is known only if all of them took part.
         rank_sum = torch.tensor([a.rank], dtype=torch.long, device=comm_device)
@@ -223,6 +215,30 @@ class Executor:
             task = self.models.get(key, lambda: task_class(path, device, dtype, self.policy))
         task.start_job(spec.options)
         return task
+
+
+def join_group(a: workers_pb2.Assignment) -> None:
+    """Join the attempt's process group at the rendezvous the coordinator assigned.
+
+    Rank 0 opens the rendezvous store on the advertised address only, not on every interface: torch's TCPStore
+    is unauthenticated, so it must not be reachable from networks other than the cluster's private one.
+    """
+    timeout = timedelta(seconds=a.rendezvous_timeout_s)
+    if a.rank == 0:
+        listener = socket.create_server((a.master_addr, a.master_port), backlog=max(128, 2 * a.world_size))
+        store = dist.TCPStore(
+            a.master_addr,
+            a.master_port,
+            a.world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),  # the store owns (and closes) the socket from here on
+        )
+    else:
+        wait_for_listener(a.master_addr, a.master_port, a.rendezvous_timeout_s)
+        store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=timeout)
 
 
 def wait_for_listener(host: str, port: int, timeout_s: float) -> None:
