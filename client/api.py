@@ -60,6 +60,14 @@ def result_to_dict(result: jobs_pb2.Result) -> dict:
     kind = result.WhichOneof("output")
     if kind == "embedding":
         out["embedding"] = list(result.embedding.values)
+    elif kind == "generation":
+        g = result.generation
+        out.update(
+            text=g.text,
+            prompt_tokens=g.prompt_tokens,
+            generated_tokens=g.generated_tokens,
+            finish_reason=g.finish_reason,
+        )
     elif kind == "echo":
         out["chars"] = result.echo.chars
     elif kind == "classification":
@@ -107,6 +115,7 @@ class Client:
         max_length: int = 0,
         dtype: str = "",
         simulated_batch_ms: int = 0,
+        generate: dict | None = None,
         queue_timeout_s: float = 0.0,
         max_attempts: int = 0,
     ) -> Job:
@@ -120,6 +129,8 @@ class Client:
             dtype=dtype,
             simulated_batch_ms=simulated_batch_ms,
         )
+        if generate is not None:  # e.g. {"max_new_tokens": 32, "temperature": 0.7, "seed": 1, "stop": ["\n"]}
+            options.generate.CopyFrom(jobs_pb2.GenerateOptions(**generate))
         if normalize is not None:
             options.normalize = normalize
         spec = jobs_pb2.JobSpec(

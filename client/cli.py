@@ -40,6 +40,14 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
     p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
+    gen = p.add_argument_group("generate")
+    gen.add_argument("--max-new-tokens", type=int, default=0, help="tokens to add at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (default: all)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; row i uses seed + i, however it is sharded")
+    gen.add_argument("--stop", action="append", default=[], help="stop a row at this text (repeatable)")
+    gen.add_argument("--chat-template", action="store_true", help="wrap each row in the model's chat template")
     p.add_argument(
         "--queue-timeout",
         type=float,
@@ -133,6 +141,7 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         normalize=False if args.no_normalize else None,
         return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,
+        generate=_generate_options(args) if args.task == "generate" else None,
     )
     print(f"distinfer: job {job.id} accepted: {job.num_rows} rows", file=sys.stderr)
     if getattr(args, "detach", False):
@@ -147,6 +156,18 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _generate_options(args) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "chat_template": args.chat_template,
+    }
 
 
 def _write_results(job: Job, output: Path, start: int, total: int | None) -> int:

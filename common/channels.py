@@ -22,6 +22,17 @@ CHANNEL_OPTIONS = [
 ]
 
 
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Accept the clients' keepalive pings on idle streams (a result stream waiting on a queued job): by
+    # default a server answers pings more often than every 5 minutes with GOAWAY "too many pings".
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 @dataclass(frozen=True)
 class ChannelSecurity:
     """A caller's side of security. TLS is on when a CA is given (or `tls`); a client certificate and key

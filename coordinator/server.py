@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distinfer.common.auth import TokenAuth
-from distinfer.common.channels import MAX_MESSAGE_BYTES
+from distinfer.common.channels import SERVER_OPTIONS
 from distinfer.common.metrics import serve_metrics
 from distinfer.coordinator.jobs import JobManager, Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
@@ -63,10 +63,7 @@ class Coordinator:
         self.config = config
         self.server = grpc.aio.server(
             interceptors=[TokenAuth(config.client_token, config.join_token)],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+            options=SERVER_OPTIONS,
         )
         self.health = health.aio.HealthServicer()
         self.port = self._bind(config)

@@ -25,15 +25,21 @@ class Encoder:
     That gives the same ids as the tokenizer's own truncation, plus how many tokens each row lost.
     """
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, special_tokens: bool = True, keep_end: bool | None = None):
+        """special_tokens=False: the text already carries them (a chat template); keep_end: truncate the start
+        (prompts keep their end, next to what is generated); None: as the tokenizer is configured."""
         self.tokenizer = tokenizer
-        with_special = tokenizer("x")["input_ids"]
-        body = tokenizer("x", add_special_tokens=False)["input_ids"]
-        start = _find(with_special, body)
-        self.prefix = with_special[:start]
-        self.suffix = with_special[start + len(body) :]
+        self.prefix, self.suffix = [], []
+        if special_tokens:
+            with_special = tokenizer("x")["input_ids"]
+            body = tokenizer("x", add_special_tokens=False)["input_ids"]
+            start = _find(with_special, body)
+            self.prefix = with_special[:start]
+            self.suffix = with_special[start + len(body) :]
         self.max_body = max_length - len(self.prefix) - len(self.suffix)
-        self.keep_end = getattr(tokenizer, "truncation_side", "right") == "left"
+        if keep_end is None:
+            keep_end = getattr(tokenizer, "truncation_side", "right") == "left"
+        self.keep_end = keep_end
         if self.max_body < 1:
             raise ValueError(f"max_length {max_length} leaves no room for text after the special tokens")
 
@@ -73,13 +79,15 @@ def token_budget_batches(rows: list[EncodedRow], max_tokens: int, max_rows: int)
     return batches
 
 
-def pad(batch: list[EncodedRow], pad_id: int, with_token_types: bool) -> dict[str, torch.Tensor]:
+def pad(batch: list[EncodedRow], pad_id: int, with_token_types: bool, left: bool = False) -> dict[str, torch.Tensor]:
+    """Right padding, or left padding (generation appends after the last real token of every row)."""
     width = max(len(r.ids) for r in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, row in enumerate(batch):
-        ids[i, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-        mask[i, : len(row.ids)] = 1
+        span = slice(width - len(row.ids), width) if left else slice(0, len(row.ids))
+        ids[i, span] = torch.tensor(row.ids, dtype=torch.long)
+        mask[i, span] = 1
     inputs = {"input_ids": ids, "attention_mask": mask}
     if with_token_types:
         inputs["token_type_ids"] = torch.zeros_like(ids)

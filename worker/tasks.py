@@ -11,7 +11,14 @@ import os
 import time
 
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from distinfer.v1 import jobs_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad
@@ -169,4 +176,118 @@ class SimulateTask(EchoTask):
         return inputs["chars"]
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (EmbedTask, ClassifyTask, EchoTask, SimulateTask)}
+class StopOnText(StoppingCriteria):
+    """Stop a row once its new text contains a stop string. Decoding the text works with any tokenizer, where
+    transformers' own stop_strings needs a vocabulary it can take apart."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
+
+
+class GenerateTask(ModelTask):
+    """Causal LMs continue each prompt: greedy, or sampled with a seed per row; stop strings; finish reasons.
+
+    The gathered row is [generated count, prompt tokens, finish code, token ids padded to max_new_tokens]:
+    ids are exact in float32 below 2**24, far above any vocabulary. Rank 0 decodes them to text.
+    """
+
+    name = "generate"
+    model_class = AutoModelForCausalLM
+    META = 3
+    FINISH = ("length", "stop")
+
+    def start_job(self, options):
+        g = options.generate
+        self.max_new = g.max_new_tokens or 64
+        limit = max_length_of(self.model_dir, self.tokenizer, self.model.config, options.max_length)
+        if limit <= self.max_new:
+            raise BadModel(f"max_new_tokens {self.max_new} leaves no room for a prompt in {limit} positions")
+        # Prompts keep their end; a chat template already writes the special tokens.
+        self.encoder = Encoder(self.tokenizer, limit - self.max_new, special_tokens=not g.chat_template, keep_end=True)
+        if g.chat_template and not self.tokenizer.chat_template:
+            raise BadModel(f"model {self.model_dir!r} has no chat template: submit without chat_template")
+        self.chat = g.chat_template
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    @property
+    def width(self) -> int:
+        return self.max_new + self.META
+
+    def encode(self, indices, texts):
+        if self.chat:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                )
+                for text in texts
+            ]
+        return self.encoder.encode(indices, texts)
+
+    def inputs(self, batch):
+        tensors = pad(batch, self.tokenizer.pad_token_id, with_token_types=False, left=True)
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        tensors["row_index"] = torch.tensor([r.index for r in batch])
+        return tensors
+
+    def forward(self, inputs, options):
+        g = options.generate
+        row_index = inputs.pop("row_index")
+        settings = {"max_new_tokens": self.max_new, "pad_token_id": self.tokenizer.pad_token_id}
+        if g.stop:
+            prompt_width = inputs["input_ids"].shape[1]
+            settings["stopping_criteria"] = StoppingCriteriaList(
+                [StopOnText(self.tokenizer, list(g.stop), prompt_width)]
+            )
+        if g.temperature <= 0:
+            new = self.model.generate(**inputs, do_sample=False, **settings)[:, inputs["input_ids"].shape[1] :]
+            return self._pack(new, inputs["attention_mask"].sum(dim=1))
+        # Sampling: one row at a time, each from its own seed, so a row's text never depends on its batch.
+        sampled = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p or 1.0, "top_k": g.top_k or 0}
+        rows = []
+        for i, index in enumerate(row_index.tolist()):
+            keep = inputs["attention_mask"][i].bool()
+            one = {k: v[i : i + 1, keep] for k, v in inputs.items()}
+            torch.manual_seed(g.seed + index)
+            rows.append(self.model.generate(**one, **sampled, **settings)[0, one["input_ids"].shape[1] :])
+        padded = torch.full((len(rows), self.max_new), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+        return self._pack(padded, inputs["attention_mask"].sum(dim=1), lengths=[len(r) for r in rows])
+
+    def _pack(self, new: torch.Tensor, prompt_tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        out = torch.zeros((new.shape[0], self.width), dtype=torch.float32)
+        for i, tokens in enumerate(new.tolist()):
+            count = lengths[i] if lengths is not None else len(tokens)
+            finish = 0
+            for position, token in enumerate(tokens[:count]):
+                if token in self.eos_ids:
+                    count, finish = position, 1  # the end-of-sequence token is not part of the text
+                    break
+            if count < self.max_new:
+                finish = 1  # stopped early: end of sequence or a stop string
+            out[i, 0], out[i, 1], out[i, 2] = count, float(prompt_tokens[i]), finish
+            out[i, self.META : self.META + count] = torch.tensor(tokens[:count], dtype=torch.float32)
+        return out
+
+    def result(self, index, row, truncated, options):
+        count = int(row[0])
+        ids = row[self.META : self.META + count].long().tolist()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        finish = self.FINISH[int(row[2])]
+        cuts = [text.find(stop) for stop in options.generate.stop if stop and stop in text]
+        if cuts:
+            text, finish = text[: min(cuts)], "stop"
+        generation = jobs_pb2.Generation(
+            text=text, prompt_tokens=int(row[1]), generated_tokens=count, finish_reason=finish
+        )
+        return jobs_pb2.Result(index=index, truncated_tokens=truncated, generation=generation)
+
+
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (EmbedTask, ClassifyTask, GenerateTask, EchoTask, SimulateTask)
+}

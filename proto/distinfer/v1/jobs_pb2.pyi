@@ -62,7 +62,7 @@ class JobSpec(_message.Message):
     model: _builtins.str
     """A local model directory (seen by the workers) or a model name in the workers' local Hugging Face cache."""
     task: _builtins.str
-    """"embed", "classify", or the model-free plumbing tasks "echo" and "simulate" (model may be empty)."""
+    """"embed", "classify", "generate", or the model-free plumbing tasks "echo" and "simulate" (model may be empty)."""
     min_workers: _builtins.int
     """Ranks wanted. The job waits (QUEUED) until min_workers slots are free, then takes up to max_workers.
     0 for min_workers means 1; 0 for max_workers means every free slot.
@@ -104,6 +104,7 @@ class TaskOptions(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     SIMULATED_BATCH_MS_FIELD_NUMBER: _builtins.int
+    GENERATE_FIELD_NUMBER: _builtins.int
     normalize: _builtins.bool
     """embed: L2-normalise the pooled embedding. Unset means true (what sentence-transformers models expect)."""
     return_logits: _builtins.bool
@@ -120,6 +121,8 @@ class TaskOptions(_message.Message):
     """
     simulated_batch_ms: _builtins.int
     """simulate: milliseconds each batch pretends to compute (a stand-in model for measuring coordination)."""
+    @_builtins.property
+    def generate(self) -> Global___GenerateOptions: ...
     def __init__(
         self,
         *,
@@ -130,16 +133,65 @@ class TaskOptions(_message.Message):
         max_length: _builtins.int = ...,
         dtype: _builtins.str = ...,
         simulated_batch_ms: _builtins.int = ...,
+        generate: Global___GenerateOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "normalize", b"normalize"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "generate", b"generate", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
 
 Global___TaskOptions: _TypeAlias = TaskOptions  # noqa: Y015
+
+@_typing.final
+class GenerateOptions(_message.Message):
+    """generate: how causal LMs continue each row's prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    max_new_tokens: _builtins.int
+    """Tokens to add at most; 0 means 64."""
+    temperature: _builtins.float
+    """Sample instead of greedy decoding when temperature > 0."""
+    top_p: _builtins.float
+    top_k: _builtins.int
+    seed: _builtins.int
+    """With sampling: each row draws from its own generator seeded with seed + row index, so a row's text does
+    not depend on how rows were sharded or batched.
+    """
+    chat_template: _builtins.bool
+    """Wrap each row as a user message in the tokenizer's chat template."""
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stop a row when its text contains one of these (the stop string is not returned)."""
+
+    def __init__(
+        self,
+        *,
+        max_new_tokens: _builtins.int = ...,
+        temperature: _builtins.float = ...,
+        top_p: _builtins.float = ...,
+        top_k: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        chat_template: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "max_new_tokens", b"max_new_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateOptions: _TypeAlias = GenerateOptions  # noqa: Y015
 
 @_typing.final
 class InputRow(_message.Message):
@@ -277,6 +329,35 @@ class Echo(_message.Message):
 Global___Echo: _TypeAlias = Echo  # noqa: Y015
 
 @_typing.final
+class Generation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    prompt_tokens: _builtins.int
+    generated_tokens: _builtins.int
+    finish_reason: _builtins.str
+    """"stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        generated_tokens: _builtins.int = ...,
+        finish_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "prompt_tokens", b"prompt_tokens", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Generation: _TypeAlias = Generation  # noqa: Y015
+
+@_typing.final
 class Classification(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -312,6 +393,7 @@ class Result(_message.Message):
     EMBEDDING_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     ECHO_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     TRUNCATED_TOKENS_FIELD_NUMBER: _builtins.int
     META_JSON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
@@ -324,6 +406,8 @@ class Result(_message.Message):
     def classification(self) -> Global___Classification: ...
     @_builtins.property
     def echo(self) -> Global___Echo: ...
+    @_builtins.property
+    def generation(self) -> Global___Generation: ...
     def __init__(
         self,
         *,
@@ -331,14 +415,15 @@ class Result(_message.Message):
         embedding: Global___Embedding | None = ...,
         classification: Global___Classification | None = ...,
         echo: Global___Echo | None = ...,
+        generation: Global___Generation | None = ...,
         truncated_tokens: _builtins.int = ...,
         meta_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "echo", b"echo", "embedding", b"embedding", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "echo", b"echo", "embedding", b"embedding", "generation", b"generation", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "echo", b"echo", "embedding", b"embedding", "index", b"index", "meta_json", b"meta_json", "output", b"output", "truncated_tokens", b"truncated_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "echo", b"echo", "embedding", b"embedding", "generation", b"generation", "index", b"index", "meta_json", b"meta_json", "output", b"output", "truncated_tokens", b"truncated_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["embedding", "classification", "echo"]  # noqa: Y015
+    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["embedding", "classification", "echo", "generation"]  # noqa: Y015
     _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
 
