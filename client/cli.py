@@ -144,8 +144,8 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         generate=_generate_options(args) if args.task == "generate" else None,
     )
     print(f"distinfer: job {job.id} accepted: {job.num_rows} rows", file=sys.stderr)
+    print(job.id, flush=True)  # stdout carries only the job id, for scripts
     if getattr(args, "detach", False):
-        print(job.id)
         return 0
     written = _write_results(job, args.output, 0, job.num_rows)
     elapsed = time.monotonic() - started

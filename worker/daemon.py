@@ -316,6 +316,13 @@ def default_advertise_host(coordinator: str) -> str:
     if host in ("localhost", "127.0.0.1", "::1", ""):
         return "127.0.0.1"
     try:
-        return socket.gethostbyname(socket.gethostname())
+        address = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        address = ""
+    if not address or address.startswith("127."):
+        # Other hosts could never reach a loopback rendezvous: the group would hang, then time out.
+        raise ValueError(
+            f"cannot tell which address other hosts reach this one at ({socket.gethostname()!r} resolves to "
+            f"{address or 'nothing'}): pass --advertise-host with this host's private-network address"
+        )
+    return address

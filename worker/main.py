@@ -126,7 +126,11 @@ def main(argv=None) -> None:
             trust_remote_code=args.trust_remote_code,
         ),
     )
-    asyncio.run(_run(WorkerDaemon(config)))
+    try:
+        daemon = WorkerDaemon(config)
+    except ValueError as exc:
+        raise SystemExit(f"distinfer-worker: {exc}") from None
+    asyncio.run(_run(daemon))
 
 
 if __name__ == "__main__":
