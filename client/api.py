@@ -116,6 +116,7 @@ class Client:
         dtype: str = "",
         simulated_batch_ms: int = 0,
         generate: dict | None = None,
+        tp_size: int = 0,
         queue_timeout_s: float = 0.0,
         max_attempts: int = 0,
     ) -> Job:
@@ -141,6 +142,7 @@ class Client:
             queue_timeout_s=queue_timeout_s,
             max_attempts=max_attempts,
             options=options,
+            tp_size=tp_size,
         )
 
         input_error: list[Exception] = []

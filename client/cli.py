@@ -47,6 +47,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; row i uses seed + i, however it is sharded")
     gen.add_argument("--stop", action="append", default=[], help="stop a row at this text (repeatable)")
+    gen.add_argument(
+        "--tp-size", type=int, default=0, help="split the model over this many GPUs of one host (tensor parallel)"
+    )
     gen.add_argument("--chat-template", action="store_true", help="wrap each row in the model's chat template")
     p.add_argument(
         "--queue-timeout",
@@ -142,6 +145,7 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,
         generate=_generate_options(args) if args.task == "generate" else None,
+        tp_size=args.tp_size,
     )
     print(f"distinfer: job {job.id} accepted: {job.num_rows} rows", file=sys.stderr)
     print(job.id, flush=True)  # stdout carries only the job id, for scripts

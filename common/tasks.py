@@ -39,5 +39,14 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument(f"temperature must be >= 0 and top_p within [0, 1] (got {g.temperature}, {g.top_p})")
     if g.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise InvalidArgument(f"max_new_tokens {g.max_new_tokens} is more than {MAX_NEW_TOKENS_LIMIT}")
+    if spec.tp_size > 1:
+        if spec.task != "generate":
+            raise InvalidArgument(f"tp_size applies to the generate task only, not {spec.task}")
+        for name in ("min_workers", "max_workers"):
+            if getattr(spec, name) % spec.tp_size:
+                raise InvalidArgument(
+                    f"{name} ({getattr(spec, name)}) must be a multiple of tp_size ({spec.tp_size}): "
+                    "workers counts ranks, and each replica of the model takes tp_size of them"
+                )
     if spec.options.return_logits and spec.task != "classify":
         raise InvalidArgument("return_logits applies to the classify task only")

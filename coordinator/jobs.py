@@ -28,6 +28,7 @@ from distinfer.common.errors import (
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
 from distinfer.coordinator.metrics import CoordinatorMetrics
+from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.scheduler import Placement, backend_for, pick_port, place
 from distinfer.coordinator.store import Store
@@ -137,6 +138,7 @@ class JobManager:
 
     async def submit(self, spec: jobs_pb2.JobSpec, batches: AsyncIterator[jobs_pb2.RowBatch]) -> jobs_pb2.JobStatus:
         validate_spec(spec)
+        check_tensor_parallel(spec)
         waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values())
         if waiting >= self.limits.max_queued_jobs:
             raise ResourceExhausted(
@@ -257,7 +259,12 @@ class JobManager:
                 await self._save(job)
         elif event.kind == workers_pb2.SlotEvent.FINISHED:
             attempt.finished.add(event.rank)
-            record.ranks[event.rank].timings.CopyFrom(event.info.timings)
+            finished = record.ranks[event.rank]
+            finished.timings.CopyFrom(event.info.timings)
+            finished.parameters_local, finished.parameters_total = (
+                event.info.parameters_local,
+                event.info.parameters_total,
+            )
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.status.num_rows - job.status.rows_done
                 if missing == 0:
@@ -304,8 +311,9 @@ class JobManager:
         # Oldest first; a job that cannot start does not hold back a smaller one behind it.
         for job in [j for j in self.jobs.values() if j.status.state == S.QUEUED]:
             spec = job.status.spec
-            min_slots = max(1, spec.min_workers)
-            placements = place(self.registry.free_slots(), min_slots, spec.max_workers)
+            group = max(1, spec.tp_size)
+            min_slots = max(group, spec.min_workers)
+            placements = place(self.registry.free_slots(), min_slots, spec.max_workers, group)
             if placements is None:
                 await self._still_waiting(job, min_slots)
                 continue
@@ -375,6 +383,7 @@ class JobManager:
                 master_port=port,
                 backend=backend,
                 rendezvous_timeout_s=self.rendezvous_timeout_s,
+                tp_size=max(1, job.status.spec.tp_size),
             )
             if not self.registry.send(p.worker_id, workers_pb2.CoordinatorMessage(assignment=assignment)):
                 await self._end_attempt(job, f"worker {p.worker_id} went away before its assignment")

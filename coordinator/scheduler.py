@@ -30,24 +30,29 @@ class Placement:
     device: str
 
 
-def place(free: list[FreeSlot], min_slots: int, max_slots: int) -> list[Placement] | None:
+def place(free: list[FreeSlot], min_slots: int, max_slots: int, group: int = 1) -> list[Placement] | None:
     """Choose between min_slots and max_slots (0: no upper bound) of the free slots, or None if too few.
 
     Hosts with more free slots come first, so a job spans as few hosts as it can; ties keep the order in
-    which the slots were given (registration order), which makes placement deterministic.
+    which the slots were given (registration order), which makes placement deterministic. With group > 1
+    (tensor parallelism) a host gives a multiple of `group` slots, so no group straddles two hosts.
     """
     if min_slots < 1:
         raise ValueError(f"a job needs at least one slot, not {min_slots}")
-    if len(free) < min_slots:
-        return None
+    if group < 1 or min_slots % group or max_slots % group:
+        raise ValueError(f"{min_slots}-{max_slots or 'all'} slots cannot be cut into groups of {group}")
     by_host: dict[str, list[FreeSlot]] = defaultdict(list)
     for slot in free:
         by_host[slot.host].append(slot)
-    hosts = sorted(by_host, key=lambda host: -len(by_host[host]))  # stable: ties keep registration order
-    wanted = len(free) if max_slots == 0 else min(max_slots, len(free))
+    usable = {host: len(slots) - len(slots) % group for host, slots in by_host.items()}
+    if sum(usable.values()) < min_slots:
+        return None
+    hosts = sorted(by_host, key=lambda host: -usable[host])  # stable: ties keep registration order
+    wanted = sum(usable.values()) if max_slots == 0 else min(max_slots, sum(usable.values()))
     chosen: list[list[FreeSlot]] = []
     for host in hosts:
-        take = by_host[host][: wanted - sum(len(c) for c in chosen)]
+        room = wanted - sum(len(c) for c in chosen)
+        take = by_host[host][: min(usable[host], room - room % group)]
         if take:
             chosen.append(sorted(take, key=lambda s: (s.worker_id, s.slot)))
     placements = []

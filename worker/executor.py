@@ -31,6 +31,7 @@ from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.batching import token_budget_batches
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, ModelPolicy
+from distinfer.worker.parallel import Layout, parameter_counts
 from distinfer.worker.tasks import TASKS, Task
 
 log = structlog.get_logger(__name__)
@@ -113,8 +114,9 @@ class Executor:
         """Run one rank of one attempt; returns whether this process may serve another job."""
         structlog.contextvars.bind_contextvars(job_id=a.job_id, attempt=a.attempt, rank=a.rank)
         try:
-            timings = self._run(a)
-            self.emit(a, workers_pb2.SlotEvent.FINISHED, info=jobs_pb2.RankInfo(rank=a.rank, timings=timings))
+            timings, (local, total) = self._run(a)
+            info = jobs_pb2.RankInfo(rank=a.rank, timings=timings, parameters_local=local, parameters_total=total)
+            self.emit(a, workers_pb2.SlotEvent.FINISHED, info=info)
             return True
         except JobError as exc:
             log.warning("job_error", error=str(exc))
@@ -129,7 +131,7 @@ class Executor:
                 dist.destroy_process_group()
             structlog.contextvars.unbind_contextvars("job_id", "attempt", "rank")
 
-    def _run(self, a: workers_pb2.Assignment) -> jobs_pb2.Timings:
+    def _run(self, a: workers_pb2.Assignment) -> tuple[jobs_pb2.Timings, tuple[int, int]]:
         on_cuda = self.device.startswith("cuda")
         device = torch.device(self.device)
         if on_cuda:
@@ -138,9 +140,11 @@ class Executor:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.local_world_size)))
         timings = jobs_pb2.Timings()
+        layout = Layout.of(a)
         started = time.monotonic()
-        task = self._task(a.spec, device)
-        timings.model_load_s = load_s = time.monotonic() - started
+        if layout.tp_size == 1:  # a whole model loads before the group forms (and stays for the next job)
+            task = self._task(a.spec, device)
+        timings.model_load_s = time.monotonic() - started
 
         started = time.monotonic()
         join_group(a)
@@ -153,13 +157,13 @@ class Executor:
             rank=a.rank, joined_world_size=dist.get_world_size(), pid=os.getpid(), rank_sum=int(rank_sum.item())
         )
         self.emit(a, workers_pb2.SlotEvent.JOINED, info=info)
-        log.info(
-            "group_joined",
-            world_size=a.world_size,
-            master=f"{a.master_addr}:{a.master_port}",
-            backend=a.backend,
-            model_load_s=round(load_s, 3),
-        )
+        log.info("group_joined", world_size=a.world_size, master=f"{a.master_addr}:{a.master_port}", backend=a.backend)
+        if layout.tp_size > 1:  # a split model loads inside the group, all its ranks together
+            started = time.monotonic()
+            task = self._task(a.spec, device, layout)
+            timings.model_load_s = time.monotonic() - started
+        # Results are gathered over the replicas only: the first rank of each holds its replica's results.
+        gather_group = layout.gather_group()
 
         defaults = CUDA_DEFAULTS if on_cuda else CPU_DEFAULTS
         options = a.spec.options
@@ -170,8 +174,9 @@ class Executor:
             max_tokens=options.max_batch_tokens or defaults.max_batch_tokens,
             max_rows=options.batch_size or task.default_max_rows or defaults.max_rows,
             metadata=self.metadata,
+            shard=(layout.dp_rank, layout.dp_size),
         )
-        gatherer = Gatherer(task.width, comm_device)
+        gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
         to_result = functools.partial(task.result, options=options)
         sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
         with torch.inference_mode():
@@ -179,7 +184,8 @@ class Executor:
                 started = time.monotonic()
                 payload = task.forward(task.inputs(batch), options)
                 computed = time.monotonic()
-                gathered = gatherer.round(payload, [r.index for r in batch], [r.truncated for r in batch])
+                if gatherer is not None:
+                    gathered = gatherer.round(payload, [r.index for r in batch], [r.truncated for r in batch])
                 gathered_at = time.monotonic()
                 timings.compute_s += computed - started
                 timings.gather_s += gathered_at - computed
@@ -189,7 +195,7 @@ class Executor:
                     sender.send(gathered)
                     timings.stream_s += time.monotonic() - gathered_at  # only when the stream pushes back
             started = time.monotonic()
-            while (gathered := gatherer.round(None, [], [])) is not None:
+            while gatherer is not None and (gathered := gatherer.round(None, [], [])) is not None:
                 if sender is not None:
                     sender.send(gathered)
             timings.gather_s += time.monotonic() - started
@@ -199,10 +205,12 @@ class Executor:
             started = time.monotonic()
             sender.close()  # the tail: results still on their way to the coordinator
             timings.stream_s += time.monotonic() - started
-        return timings
+        model = getattr(task, "model", None)
+        return timings, parameter_counts(model) if model is not None else (0, 0)
 
-    def _task(self, spec: jobs_pb2.JobSpec, device: torch.device) -> Task:
-        """The job's task, its model loaded, or taken from the cache when the last job used the same one."""
+    def _task(self, spec: jobs_pb2.JobSpec, device: torch.device, layout: Layout | None = None) -> Task:
+        """The job's task, its model loaded, or taken from the cache when the last job used the same one.
+        A tensor-parallel model lives on the job's group, which ends with the job: it is never cached."""
         task_class = TASKS.get(spec.task)
         if task_class is None:
             raise BadModel(f"this worker does not know the task {spec.task!r}")
@@ -212,7 +220,10 @@ class Executor:
             path = self.policy.resolve(spec.model)
             dtype = pick_dtype(spec.options.dtype, device)
             key = ModelKey(path, spec.task, self.device, str(dtype))
-            task = self.models.get(key, lambda: task_class(path, device, dtype, self.policy))
+            if layout is not None:
+                task = task_class(path, device, dtype, self.policy, layout)
+            else:
+                task = self.models.get(key, lambda: task_class(path, device, dtype, self.policy))
         task.start_job(spec.options)
         return task
 
@@ -266,8 +277,12 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 class Prefetcher:
     """Fetch the shard and tokenise it in a thread ahead of the model; iterate to get padded-ready batches."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int, metadata=()):
+    def __init__(
+        self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int, metadata=(), shard=None
+    ):
+        """shard: (index, count) of the shard to fetch; by default this rank's of the job's world."""
         self._metadata = metadata
+        self._shard = shard or (a.rank, a.world_size)
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
@@ -278,7 +293,7 @@ class Prefetcher:
         stub, a, task, max_tokens, max_rows = self._args
         try:
             request = workers_pb2.FetchShardRequest(
-                job_id=a.job_id, attempt=a.attempt, rank=a.rank, world_size=a.world_size
+                job_id=a.job_id, attempt=a.attempt, rank=self._shard[0], world_size=self._shard[1]
             )
             indices: list[int] = []
             texts: list[str] = []

@@ -16,11 +16,13 @@ META_COLUMNS = 4  # two int64 (index, truncated tokens) viewed as four float32
 
 
 class Gatherer:
-    def __init__(self, width: int, comm_device: torch.device):
+    def __init__(self, width: int, comm_device: torch.device, group=None):
+        """group: the ranks that gather (None: all); its first member must be global rank 0, the receiver."""
         self.width = width
         self.comm_device = comm_device
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
 
     def round(
         self, payload: torch.Tensor | None, indices: list[int], truncated: list[int]
@@ -29,7 +31,7 @@ class Gatherer:
         rank 0 gets (index, truncated, row) for the round's rows of all ranks, the other ranks []."""
         count = DONE if payload is None else payload.shape[0]
         counts = [torch.zeros(1, dtype=torch.long, device=self.comm_device) for _ in range(self.world_size)]
-        dist.all_gather(counts, torch.tensor([count], dtype=torch.long, device=self.comm_device))
+        dist.all_gather(counts, torch.tensor([count], dtype=torch.long, device=self.comm_device), group=self.group)
         counts_list = [int(c.item()) for c in counts]
         if all(c == DONE for c in counts_list):
             return None
@@ -40,7 +42,7 @@ class Gatherer:
             packed[:count, : self.width] = payload.to(self.comm_device, torch.float32)
             packed[:count, self.width :] = meta.to(self.comm_device)
         gathered = [torch.empty_like(packed) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(packed, gathered, dst=0)
+        dist.gather(packed, gathered, dst=0, group=self.group)
         if self.rank != 0:
             return []
         out = []

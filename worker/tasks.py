@@ -7,6 +7,7 @@ pass returns one fixed-width float32 row per input row: that is what travels thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -23,6 +24,7 @@ from transformers import (
 from distinfer.v1 import jobs_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad
 from distinfer.worker.models import BadModel, ModelNotAllowed, ModelPolicy, max_length_of
+from distinfer.worker.parallel import Layout, check_splittable, tensor_parallel_loading
 
 
 class Task:
@@ -54,7 +56,15 @@ class Task:
 class ModelTask(Task):
     model_class = AutoModel
 
-    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype, policy: ModelPolicy):
+    def __init__(
+        self,
+        model_dir: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        policy: ModelPolicy,
+        layout: Layout | None = None,
+    ):
+        """layout: split the model over this rank's tensor-parallel replica (all its ranks load together)."""
         self.device = device
         self.model_dir = model_dir
         if not policy.allow_pickle_weights and not _has_safetensors(model_dir):
@@ -62,15 +72,23 @@ class ModelTask(Task):
                 f"model {model_dir!r} has no safetensors weights, and pickled weights can run code when loaded: "
                 "convert it to safetensors, or the operator starts the worker with --allow-pickle-weights"
             )
-        load = policy.load_kwargs()
+        load, loading = policy.load_kwargs(), contextlib.nullcontext()
+        split = layout is not None and layout.tp_size > 1
+        if split:
+            check_splittable(model_dir, layout.tp_size)
+            extra, loading = tensor_parallel_loading(layout, device)
+            load.update(extra)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 model_dir, local_files_only=True, trust_remote_code=policy.trust_remote_code
             )
-            self.model = self.model_class.from_pretrained(model_dir, dtype=dtype, **load)
+            with loading:
+                self.model = self.model_class.from_pretrained(model_dir, dtype=dtype, **load)
         except (OSError, ValueError, KeyError) as exc:
             raise BadModel(f"cannot load {model_dir!r} for the {self.name} task: {exc}") from None
-        self.model.to(device).eval()
+        if not split:  # a split model's shards are placed on the mesh's devices as they load
+            self.model.to(device)
+        self.model.eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.with_token_types = "token_type_ids" in self.tokenizer.model_input_names

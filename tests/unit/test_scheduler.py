@@ -173,3 +173,22 @@ def test_pick_port_none_when_every_port_is_taken():
 
 def test_pick_port_ignores_in_use_ports_outside_the_range():
     assert pick_port(29500, 29500, {1, 29499, 29501}) == 29500
+
+
+def test_tensor_parallel_groups_never_straddle_hosts():
+    free = slots("a", 3) + slots("b", 2) + slots("c", 1)
+    placements = place(free, min_slots=2, max_slots=0, group=2)
+    by_rank = [(p.host, p.local_rank) for p in placements]
+    # a gives 2 of its 3 slots, b gives 2, c's lone slot cannot hold a group: 4 ranks, groups [0,1] and [2,3]
+    assert by_rank == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    for group_start in range(0, len(placements), 2):
+        assert placements[group_start].host == placements[group_start + 1].host
+
+
+def test_tensor_parallel_job_waits_when_no_host_has_a_whole_group():
+    assert place(slots("a", 1) + slots("b", 1), min_slots=2, max_slots=2, group=2) is None
+
+
+def test_slot_counts_must_be_whole_groups():
+    with pytest.raises(ValueError, match="groups of 2"):
+        place(slots("a", 4), min_slots=3, max_slots=0, group=2)

@@ -59,6 +59,7 @@ class JobSpec(_message.Message):
     QUEUE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    TP_SIZE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A local model directory (seen by the workers) or a model name in the workers' local Hugging Face cache."""
     task: _builtins.str
@@ -72,6 +73,10 @@ class JobSpec(_message.Message):
     """Seconds a job may wait in the queue for its slots before it fails; 0 waits forever."""
     max_attempts: _builtins.int
     """Attempts before the job fails; 0 means the default (3)."""
+    tp_size: _builtins.int
+    """Tensor parallel: split the model across this many slots of one host (generate only). The job's ranks
+    form data-parallel replicas of tp_size ranks each; workers counts ranks and must be a multiple of it.
+    """
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
     def __init__(
@@ -84,10 +89,11 @@ class JobSpec(_message.Message):
         queue_timeout_s: _builtins.float = ...,
         max_attempts: _builtins.int = ...,
         options: Global___TaskOptions | None = ...,
+        tp_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "max_workers", b"max_workers", "min_workers", b"min_workers", "model", b"model", "options", b"options", "queue_timeout_s", b"queue_timeout_s", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "max_workers", b"max_workers", "min_workers", b"min_workers", "model", b"model", "options", b"options", "queue_timeout_s", b"queue_timeout_s", "task", b"task", "tp_size", b"tp_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,6 +532,8 @@ class RankInfo(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     RANK_SUM_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    PARAMETERS_LOCAL_FIELD_NUMBER: _builtins.int
+    PARAMETERS_TOTAL_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -537,6 +545,9 @@ class RankInfo(_message.Message):
     """
     pid: _builtins.int
     rank_sum: _builtins.int
+    parameters_local: _builtins.int
+    """Parameters this rank holds, and the model's total: a tensor-parallel rank holds about total / tp_size."""
+    parameters_total: _builtins.int
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Filled in when the rank finishes."""
@@ -553,10 +564,12 @@ class RankInfo(_message.Message):
         pid: _builtins.int = ...,
         rank_sum: _builtins.int = ...,
         timings: Global___Timings | None = ...,
+        parameters_local: _builtins.int = ...,
+        parameters_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "host", b"host", "joined_world_size", b"joined_world_size", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -117,6 +117,7 @@ class Assignment(_message.Message):
     MASTER_PORT_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     RENDEZVOUS_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    TP_SIZE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     slot: _builtins.int
@@ -130,6 +131,8 @@ class Assignment(_message.Message):
     """"nccl" or "gloo"."""
     rendezvous_timeout_s: _builtins.float
     """Seconds to wait for the whole group to form."""
+    tp_size: _builtins.int
+    """Ranks per tensor-parallel group (consecutive ranks, one host); 1 or 0: no tensor parallelism."""
     @_builtins.property
     def spec(self) -> _jobs_pb2.JobSpec: ...
     def __init__(
@@ -147,10 +150,11 @@ class Assignment(_message.Message):
         master_port: _builtins.int = ...,
         backend: _builtins.str = ...,
         rendezvous_timeout_s: _builtins.float = ...,
+        tp_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backend", b"backend", "job_id", b"job_id", "local_rank", b"local_rank", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "rank", b"rank", "rendezvous_timeout_s", b"rendezvous_timeout_s", "slot", b"slot", "spec", b"spec", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backend", b"backend", "job_id", b"job_id", "local_rank", b"local_rank", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "rank", b"rank", "rendezvous_timeout_s", b"rendezvous_timeout_s", "slot", b"slot", "spec", b"spec", "tp_size", b"tp_size", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
