@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distinfer.common.errors import InvalidArgument
+from distinfer.common.errors import InvalidArgument, shown
 from distinfer.v1 import jobs_pb2
 
 TASKS = ("embed", "classify", "generate", "echo", "simulate")
@@ -21,15 +21,15 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
     if not spec.model.strip() and spec.task not in MODEL_FREE_TASKS:
         raise InvalidArgument("the job names no model: set spec.model to a local model directory or a cached name")
     if spec.task not in TASKS:
-        raise InvalidArgument(f"unknown task {spec.task!r}: choose one of {', '.join(TASKS)}")
+        raise InvalidArgument(f"unknown task {shown(spec.task)}: choose one of {', '.join(TASKS)}")
     if spec.max_workers and spec.min_workers > spec.max_workers:
         raise InvalidArgument(f"min_workers ({spec.min_workers}) is larger than max_workers ({spec.max_workers})")
-    if spec.queue_timeout_s < 0:
+    if not spec.queue_timeout_s >= 0:  # also refuses NaN
         raise InvalidArgument(f"queue_timeout_s must be 0 (wait forever) or positive, not {spec.queue_timeout_s}")
     if spec.options.max_length > MAX_LENGTH_LIMIT:
         raise InvalidArgument(f"max_length {spec.options.max_length} is beyond any model's limit")
     if spec.options.dtype not in DTYPES:
-        raise InvalidArgument(f"unknown dtype {spec.options.dtype!r}: choose auto, float32, bfloat16 or float16")
+        raise InvalidArgument(f"unknown dtype {shown(spec.options.dtype)}: choose auto, float32, bfloat16 or float16")
     if spec.options.simulated_batch_ms and spec.task != "simulate":
         raise InvalidArgument("simulated_batch_ms applies to the simulate task only")
     g = spec.options.generate

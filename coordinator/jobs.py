@@ -24,6 +24,7 @@ from distinfer.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    shown,
     status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
@@ -40,6 +41,8 @@ S = jobs_pb2
 TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
 UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
 RESULTS_PER_MESSAGE = 256
+# Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
+MESSAGE_LIMIT = 2000
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class JobManager:
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id!r}: `distinfer jobs` lists the jobs this coordinator knows")
+            raise NotFound(f"no job {shown(job_id)}: `distinfer jobs` lists the jobs this coordinator knows")
         return job
 
     def list_jobs(self) -> list[jobs_pb2.JobStatus]:
@@ -247,6 +250,10 @@ class JobManager:
         if job is None or job.attempt is None or job.attempt.number != event.attempt:
             return  # about an attempt that has already ended
         attempt = job.attempt
+        placement = attempt.placements[event.rank] if event.rank < len(attempt.placements) else None
+        if placement is None or placement.worker_id != worker_id:
+            log.warning("slot_event_ignored", job_id=job.job_id, rank=event.rank, worker_id=worker_id)
+            return  # not a rank this worker holds in this attempt
         record = job.status.attempts[-1]
         if event.kind == workers_pb2.SlotEvent.JOINED:
             attempt.joined.add(event.rank)
@@ -275,7 +282,7 @@ class JobManager:
                 else:
                     await self._end_attempt(job, f"every rank finished but {missing} rows were not committed")
         elif event.kind == workers_pb2.SlotEvent.FAILED:
-            reason = f"rank {event.rank} on {worker_id} failed: {event.error}"
+            reason = f"rank {event.rank} on {worker_id} failed: {event.error[:MESSAGE_LIMIT]}"
             if event.permanent:
                 await self._end_attempt(job, reason, requeue=False)
                 await self._finish(job, S.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION")
@@ -431,7 +438,7 @@ class JobManager:
     async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
         self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
         job.status.state = state
-        job.status.message = message
+        job.status.message = message[:MESSAGE_LIMIT]
         job.status.error_code = error_code
         job.status.finished_at = time.time()
         await self._save(job)

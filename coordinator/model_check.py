@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distinfer.common.errors import InvalidArgument
+from distinfer.common.errors import InvalidArgument, shown
 from distinfer.v1 import jobs_pb2
 
 
@@ -25,6 +25,6 @@ def check_tensor_parallel(spec: jobs_pb2.JobSpec) -> None:
         heads = text.get(key)
         if isinstance(heads, int) and heads % tp:
             raise InvalidArgument(
-                f"model {spec.model!r} cannot be split {tp} ways: its {key} ({heads}) is not divisible by "
+                f"model {shown(spec.model)} cannot be split {tp} ways: its {key} ({heads}) is not divisible by "
                 f"tp_size {tp}; choose a tp_size that divides it"
             )

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import SERVER_OPTIONS
+from distinfer.common.errors import UnparsableRequests
 from distinfer.common.metrics import serve_metrics
 from distinfer.coordinator.jobs import JobManager, Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
@@ -62,7 +63,7 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.server = grpc.aio.server(
-            interceptors=[TokenAuth(config.client_token, config.join_token)],
+            interceptors=[TokenAuth(config.client_token, config.join_token), UnparsableRequests()],
             options=SERVER_OPTIONS,
         )
         self.health = health.aio.HealthServicer()

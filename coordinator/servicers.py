@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import structlog
 
-from distinfer.common.errors import InvalidArgument, NotFound, grpc_errors
+from distinfer.common.errors import InvalidArgument, grpc_errors
 from distinfer.coordinator.jobs import JobManager
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -82,10 +82,17 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
 
     async def Connect(self, request_iterator, context):
         """The control stream. Its end, or missed heartbeats, means the worker is gone."""
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken first message: the stream cannot start
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the first control message is unusable: {exc}")
         worker = self.registry.get(first.worker_id) if first else None
         if worker is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown worker id: register again")
+        if worker.outbox is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker already has a control stream")
         outbox: asyncio.Queue = asyncio.Queue()
         worker.outbox = outbox
         await self._handle(worker, first)
@@ -131,6 +138,6 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
         committed = 0
         async for message in request_iterator:
             if not message.job_id:
-                raise NotFound("ReportResults needs a job id")
+                raise InvalidArgument("ReportResults needs a job id")
             committed += await self.manager.commit(message.job_id, message.attempt, list(message.results))
         return workers_pb2.ReportResultsResponse(committed=committed)
