@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from benchmarks import coordination
+from benchmarks import coordination, generation
 from benchmarks.coordination import proc_status_mb
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.jsonl"
@@ -148,6 +148,8 @@ def markdown(report: dict) -> str:
                 f"{e['coordinator_rss_mb']:.0f} / {e['coordinator_peak_mb']:.0f} |"
             )
     lines += ["", f"{report['rows']} rows, {footer}"]
+    if "generate" in report:
+        lines += ["", generation.markdown(report["generate"])]
     if "coordination" in report:
         lines += ["", coordination.markdown(report["coordination"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
@@ -163,10 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parts.add_argument("--skip-coordination", action="store_true", help="leave out the model-free benchmark")
     parts.add_argument("--coordination-only", action="store_true", help="only the model-free benchmark")
     parser.add_argument("--echo-rows", type=int, default=None, help="rows of the echo run (default 1,000,000)")
+    parser.add_argument("--skip-generate", action="store_true", help="leave out the generate benchmark")
     args = parser.parse_args(argv)
     report = {"machine": machine()}
     if not args.coordination_only:
         report.update(model_benchmark(args))
+    if not args.coordination_only and not args.skip_generate:
+        report["generate"] = generation.run(load_texts(48 if args.quick else 96), model_path())
     if not args.skip_coordination:
         report["coordination"] = coordination.run(quick=args.quick, echo_row_count=args.echo_rows)
     out = Path(args.out)
