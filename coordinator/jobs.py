@@ -28,6 +28,7 @@ from distinfer.common.errors import (
     status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
+from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.coordinator.registry import Registry
@@ -43,31 +44,6 @@ UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dro
 RESULTS_PER_MESSAGE = 256
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one coordinator accepts; past these, RESOURCE_EXHAUSTED with the limit's name."""
-
-    max_rows_per_job: int = 100_000_000
-    max_row_bytes: int = 1 << 20
-    max_queued_jobs: int = 1000
-
-    def __post_init__(self):
-        for name in ("max_rows_per_job", "max_row_bytes", "max_queued_jobs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-
-    def check_row(self, index: int, row: jobs_pb2.InputRow) -> None:
-        chars = len(row.text) + len(row.meta_json)
-        if chars * 4 <= self.max_row_bytes:  # UTF-8 takes at most 4 bytes a character: no need to encode
-            return
-        size = len(row.text.encode()) + len(row.meta_json.encode())
-        if size > self.max_row_bytes:
-            raise ResourceExhausted(
-                f"row {index} is {size} bytes, more than the {self.max_row_bytes} this coordinator takes "
-                "(--max-row-bytes): shorten it or split it"
-            )
 
 
 @dataclass
@@ -103,10 +79,10 @@ class JobManager:
         store: Store,
         registry: Registry,
         rendezvous_timeout_s: float = 120.0,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         metrics: CoordinatorMetrics | None = None,
     ):
-        self.limits = limits
+        self.limits = limits or Limits()
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store
         self.registry = registry

@@ -11,7 +11,7 @@ import structlog
 
 from distinfer.common.config import apply_config
 from distinfer.common.log import configure_logging
-from distinfer.coordinator.jobs import Limits
+from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
 
 log = structlog.get_logger(__name__)

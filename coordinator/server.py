@@ -15,7 +15,8 @@ from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import SERVER_OPTIONS
 from distinfer.common.errors import UnparsableRequests
 from distinfer.common.metrics import serve_metrics
-from distinfer.coordinator.jobs import JobManager, Limits
+from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.servicers import JobsServicer, WorkersServicer

@@ -179,21 +179,31 @@ class Executor:
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
         to_result = functools.partial(task.result, options=options)
         sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
+        outbox = Outbox()
+
+        def gather(final: bool = False) -> None:
+            """One gather round with what this rank has computed since the last one."""
+            if gatherer is None or (not outbox.ready() and not final) or not outbox.rows:
+                return
+            started = time.monotonic()
+            gathered = gatherer.round(*outbox.take())
+            gathered_at = time.monotonic()
+            timings.gather_s += gathered_at - started
+            if sender is not None:
+                sender.send(gathered)
+                timings.stream_s += time.monotonic() - gathered_at  # only when the stream pushes back
+
         with torch.inference_mode():
             for batch in batches:
                 started = time.monotonic()
                 payload = task.forward(task.inputs(batch), options)
                 computed = time.monotonic()
-                if gatherer is not None:
-                    gathered = gatherer.round(payload, [r.index for r in batch], [r.truncated for r in batch])
-                gathered_at = time.monotonic()
                 timings.compute_s += computed - started
-                timings.gather_s += gathered_at - computed
+                outbox.add(payload, batch)
                 # For the daemon's metrics (batch latency, rows): local IPC between our own processes.
                 self.events.put(("batch", self.slot, (computed - started, len(batch))))
-                if sender is not None:
-                    sender.send(gathered)
-                    timings.stream_s += time.monotonic() - gathered_at  # only when the stream pushes back
+                gather()
+            gather(final=True)
             started = time.monotonic()
             while gatherer is not None and (gathered := gatherer.round(None, [], [])) is not None:
                 if sender is not None:
@@ -272,6 +282,41 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class Outbox:
+    """A rank's computed rows waiting for the next gather round. Rounds are collective, so each costs every
+    rank a synchronisation: the first one goes out after one batch (results stream early), then rounds carry
+    twice as many batches each time, up to MAX_BATCHES_PER_ROUND or MAX_ROWS_PER_ROUND (bigger rounds would
+    commit, stream and lose to a failure in coarser steps). Ranks need not agree on when: the n-th round of
+    one rank simply meets the n-th round of the others."""
+
+    MAX_BATCHES_PER_ROUND = 8
+    MAX_ROWS_PER_ROUND = 256
+
+    def __init__(self) -> None:
+        self.payloads: list[torch.Tensor] = []
+        self.indices: list[int] = []
+        self.truncated: list[int] = []
+        self.per_round = 1
+
+    @property
+    def rows(self) -> int:
+        return len(self.indices)
+
+    def add(self, payload: torch.Tensor, batch) -> None:
+        self.payloads.append(payload)
+        self.indices.extend(r.index for r in batch)
+        self.truncated.extend(r.truncated for r in batch)
+
+    def ready(self) -> bool:
+        return len(self.payloads) >= self.per_round or self.rows >= self.MAX_ROWS_PER_ROUND
+
+    def take(self) -> tuple[torch.Tensor, list[int], list[int]]:
+        taken = (torch.cat(self.payloads), self.indices, self.truncated)
+        self.payloads, self.indices, self.truncated = [], [], []
+        self.per_round = min(self.per_round * 2, self.MAX_BATCHES_PER_ROUND)
+        return taken
 
 
 class Prefetcher:

@@ -189,7 +189,7 @@ def test_cli_reports_an_unknown_job_as_not_found(coordinator):
 
 @pytest.fixture
 def small_limits(tmp_path, coordinator_class):
-    from distinfer.coordinator.jobs import Limits
+    from distinfer.coordinator.limits import Limits
 
     server = coordinator_class(
         tmp_path / "state", limits=Limits(max_rows_per_job=5, max_row_bytes=64, max_queued_jobs=2)

@@ -32,7 +32,7 @@ from hypothesis import strategies as st  # noqa: E402
 from distinfer.common.channels import open_channel  # noqa: E402
 from distinfer.common.errors import InvalidArgument  # noqa: E402
 from distinfer.common.tasks import TASKS, validate_spec  # noqa: E402
-from distinfer.coordinator.jobs import Limits  # noqa: E402
+from distinfer.coordinator.limits import Limits  # noqa: E402
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc  # noqa: E402
 
 EXAMPLES = int(os.environ.get("DISTINFER_FUZZ_EXAMPLES", "40"))
