@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -28,6 +27,7 @@ from distinfer.common.errors import (
     status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
+from distinfer.coordinator.job import ActiveAttempt, Job
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
@@ -44,33 +44,6 @@ UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dro
 RESULTS_PER_MESSAGE = 256
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
-
-
-@dataclass
-class ActiveAttempt:
-    number: int
-    placements: list[Placement]
-    master_worker: str
-    master_port: int
-    joined: set[int] = field(default_factory=set)
-    finished: set[int] = field(default_factory=set)
-    started_at: float = field(default_factory=time.time)
-
-
-@dataclass
-class Job:
-    status: jobs_pb2.JobStatus
-    attempt: ActiveAttempt | None = None
-    # Replaced (and the old one set) on every change, so streams wake without polling.
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def notify(self) -> None:
-        old, self.changed = self.changed, asyncio.Event()
-        old.set()
-
-    @property
-    def job_id(self) -> str:
-        return self.status.job_id
 
 
 class JobManager:

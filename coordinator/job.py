@@ -1,0 +1,37 @@
+"""A job as the coordinator holds it in memory: its durable status and its running attempt, if any."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from distinfer.coordinator.scheduler import Placement
+from distinfer.v1 import jobs_pb2
+
+
+@dataclass
+class ActiveAttempt:
+    number: int
+    placements: list[Placement]
+    master_worker: str
+    master_port: int
+    joined: set[int] = field(default_factory=set)
+    finished: set[int] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Job:
+    status: jobs_pb2.JobStatus
+    attempt: ActiveAttempt | None = None
+    # Replaced (and the old one set) on every change, so streams wake without polling.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+    @property
+    def job_id(self) -> str:
+        return self.status.job_id
