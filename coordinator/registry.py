@@ -31,7 +31,6 @@ class WorkerEntry:
     port_lo: int
     port_hi: int
     slots: dict[int, SlotState]
-    registered_at: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.monotonic)
     # Messages for the worker's control stream; None while no stream is open.
     outbox: asyncio.Queue | None = None

@@ -104,7 +104,8 @@ class Coordinator:
         self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s, self.config.limits, metrics)
         metrics.watch(self.manager)
         if self.config.metrics_listen:
-            self.metrics_port = serve_metrics(metrics.registry, self.config.metrics_listen)
+            port = serve_metrics(metrics.registry, self.config.metrics_listen)
+            log.info("metrics_serving", port=port)
         await self.manager.recover()
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager), self.server)
         workers_pb2_grpc.add_WorkersServicer_to_server(

@@ -123,7 +123,6 @@ class ResultSender:
         self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._a = a
-        self._response = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(stub,), name="results", daemon=True)
         self._thread.start()
@@ -135,7 +134,7 @@ class ResultSender:
 
     def _run(self, stub) -> None:
         try:
-            self._response = stub.ReportResults(self._messages(), metadata=self._metadata)
+            stub.ReportResults(self._messages(), metadata=self._metadata)
         except BaseException as exc:  # noqa: BLE001 - raised again by close() in the main thread
             self._error = exc
 
