@@ -20,7 +20,7 @@ from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 
 BATCH_ROWS, BATCH_MS = 32, 25
-FULL_RANKS, FULL_BATCHES = (1, 2, 4, 8), 48
+FULL_RANKS, FULL_BATCHES = (1, 2, 4, 8), 200
 QUICK_RANKS, QUICK_BATCHES = (1, 2, 4), 16
 WARMUP_BATCHES = 4
 ECHO_RANKS = 2

@@ -36,7 +36,7 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
-        help="weights' dtype: auto is bfloat16 (or float16) on CUDA, float32 on CPU",
+        help="weights' dtype: auto is bfloat16 (or float16) on CUDA, bfloat16 on CPUs with AMX, else float32",
     )
     p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
     p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
@@ -302,7 +302,8 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
         ended = f", ended: {a.end_reason}" if a.end_reason else ""
         lines.append(f"attempt {a.number}: {a.world_size} ranks, {a.backend} at {a.master_addr}:{a.master_port}{ended}")
         for r in a.ranks:
-            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}) on {r.host}")
+            dtype = f", {r.dtype}" if r.dtype else ""
+            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}) on {r.host}")
     return "\n".join(lines)
 
 

@@ -217,9 +217,10 @@ class JobManager:
             attempt.finished.add(event.rank)
             finished = record.ranks[event.rank]
             finished.timings.CopyFrom(event.info.timings)
-            finished.parameters_local, finished.parameters_total = (
+            finished.parameters_local, finished.parameters_total, finished.dtype = (
                 event.info.parameters_local,
                 event.info.parameters_total,
+                event.info.dtype,
             )
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.status.num_rows - job.status.rows_done

@@ -66,7 +66,12 @@ def executor_main(
     while (blob := inbox.get()) is not None:
         keep_going = executor.run(workers_pb2.Assignment.FromString(blob))
         if not keep_going:
-            return  # a failure inside a group may leave this process unusable: the daemon starts a fresh one
+            # A failure inside a group leaves it in any state (a gather round may wait on a dead peer for
+            # good), and tearing it down could hang too: leave at once, once the daemon has our last words.
+            # The daemon starts a fresh executor.
+            events.close()
+            events.join_thread()
+            os._exit(0)
 
 
 def _die_with_parent() -> None:
@@ -103,9 +108,10 @@ class Executor:
         """Run one rank of one attempt; returns whether this process may serve another job."""
         structlog.contextvars.bind_contextvars(job_id=a.job_id, attempt=a.attempt, rank=a.rank)
         try:
-            timings, (local, total) = self._run(a)
-            info = jobs_pb2.RankInfo(rank=a.rank, timings=timings, parameters_local=local, parameters_total=total)
+            info = self._run(a)
             self.emit(a, workers_pb2.SlotEvent.FINISHED, info=info)
+            if dist.is_initialized():
+                dist.destroy_process_group()
             return True
         except JobError as exc:
             log.warning("job_error", error=str(exc))
@@ -116,11 +122,10 @@ class Executor:
             self.emit(a, workers_pb2.SlotEvent.FAILED, error=f"{type(exc).__name__}: {exc}")
             return False
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
             structlog.contextvars.unbind_contextvars("job_id", "attempt", "rank")
 
-    def _run(self, a: workers_pb2.Assignment) -> tuple[jobs_pb2.Timings, tuple[int, int]]:
+    def _run(self, a: workers_pb2.Assignment) -> jobs_pb2.RankInfo:
+        """Run the rank; what it reports when it finishes: timings, parameters and dtype."""
         on_cuda = self.device.startswith("cuda")
         device = torch.device(self.device)
         if on_cuda:
@@ -168,44 +173,35 @@ class Executor:
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
         to_result = functools.partial(task.result, options=options)
         sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
-        outbox = Outbox()
-
-        def gather(final: bool = False) -> None:
-            """One gather round with what this rank has computed since the last one."""
-            if gatherer is None or (not outbox.ready() and not final) or not outbox.rows:
-                return
-            started = time.monotonic()
-            gathered = gatherer.round(*outbox.take())
-            gathered_at = time.monotonic()
-            timings.gather_s += gathered_at - started
-            if sender is not None:
-                sender.send(gathered)
-                timings.stream_s += time.monotonic() - gathered_at  # only when the stream pushes back
-
-        with torch.inference_mode():
-            for batch in batches:
-                started = time.monotonic()
-                payload = task.forward(task.inputs(batch), options)
-                computed = time.monotonic()
-                timings.compute_s += computed - started
-                outbox.add(payload, batch)
-                # For the daemon's metrics (batch latency, rows): local IPC between our own processes.
-                self.events.put(("batch", self.slot, (computed - started, len(batch))))
-                gather()
-            gather(final=True)
-            started = time.monotonic()
-            while gatherer is not None and (gathered := gatherer.round(None, [], [])) is not None:
-                if sender is not None:
-                    sender.send(gathered)
-            timings.gather_s += time.monotonic() - started
+        # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
+        outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl")
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    started = time.monotonic()
+                    payload = task.forward(task.inputs(batch), options)
+                    computed = time.monotonic()
+                    timings.compute_s += computed - started
+                    outbox.add(payload, batch)
+                    # For the daemon's metrics (batch latency, rows): local IPC between our own processes.
+                    self.events.put(("batch", self.slot, (computed - started, len(batch))))
+                outbox.finish()
+        except BaseException:
+            outbox.abandon()
+            raise
+        timings.gather_s, timings.stream_s = outbox.gather_s, outbox.stream_s
         batches.check()
         timings.tokenize_s = batches.encode_s
         if sender is not None:
             started = time.monotonic()
             sender.close()  # the tail: results still on their way to the coordinator
             timings.stream_s += time.monotonic() - started
+        info = jobs_pb2.RankInfo(rank=a.rank, timings=timings)
         model = getattr(task, "model", None)
-        return timings, parameter_counts(model) if model is not None else (0, 0)
+        if model is not None:
+            info.parameters_local, info.parameters_total = parameter_counts(model)
+            info.dtype = str(model.dtype).removeprefix("torch.")
+        return info
 
     def _task(self, spec: jobs_pb2.JobSpec, device: torch.device, layout: Layout | None = None) -> Task:
         """The job's task, its model loaded, or taken from the cache when the last job used the same one.

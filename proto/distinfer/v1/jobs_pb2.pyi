@@ -122,8 +122,9 @@ class TaskOptions(_message.Message):
     max_length: _builtins.int
     """Tokens kept per row; 0 means the model's own limit."""
     dtype: _builtins.str
-    """Weights' dtype on the device: "auto" or empty (bfloat16 on CUDA where supported, else float16 on CUDA,
-    float32 on CPU), "float32", "bfloat16" or "float16".
+    """Weights' dtype on the device: "auto" or empty (the fastest sound one: bfloat16 on GPUs that have it, else
+    float16; bfloat16 on CPUs with AMX tiles, else float32), "float32", "bfloat16" or "float16". Each rank
+    reports the one it ran with in RankInfo.dtype.
     """
     simulated_batch_ms: _builtins.int
     """simulate: milliseconds each batch pretends to compute (a stand-in model for measuring coordination)."""
@@ -534,6 +535,7 @@ class RankInfo(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     PARAMETERS_LOCAL_FIELD_NUMBER: _builtins.int
     PARAMETERS_TOTAL_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -548,6 +550,8 @@ class RankInfo(_message.Message):
     parameters_local: _builtins.int
     """Parameters this rank holds, and the model's total: a tensor-parallel rank holds about total / tp_size."""
     parameters_total: _builtins.int
+    dtype: _builtins.str
+    """The dtype of the model's weights on this rank (empty for tasks without a model)."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Filled in when the rank finishes."""
@@ -566,10 +570,11 @@ class RankInfo(_message.Message):
         timings: Global___Timings | None = ...,
         parameters_local: _builtins.int = ...,
         parameters_total: _builtins.int = ...,
+        dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

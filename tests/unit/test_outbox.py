@@ -1,0 +1,123 @@
+"""Outbox across three real gloo processes: rounds run beside the compute loop, never inside it.
+
+Rank 1 is a slow peer (it starts computing late): the other ranks' compute must not wait for it, while
+every row still reaches rank 0 exactly once. A peer that dies makes the others fail, not hang.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.unit.test_gather import free_port
+
+WORLD_SIZE = 3
+WIDTH = 4
+SLOW_START_S = 2.0
+BATCHES = {0: [8] * 20, 1: [5] * 3, 2: []}  # rows per batch; rank 2 has nothing to compute
+
+
+@dataclass
+class Row:
+    index: int
+    truncated: int
+
+
+class CollectingSender:
+    def __init__(self):
+        self.rows = []
+
+    def send(self, gathered):
+        self.rows.extend((index, cut, row.tolist()) for index, cut, row in gathered)
+
+
+def _rank(rank: int, port: int, out_dir: str, inline: bool, dying_rank: int | None) -> None:
+    from distinfer.worker.gather import Gatherer
+    from distinfer.worker.pipeline import Outbox
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=30)
+    )
+    sender = CollectingSender() if rank == 0 else None
+    outbox = Outbox(Gatherer(WIDTH, torch.device("cpu")), sender, inline=inline)
+    add_waits, error = [], None
+    try:
+        if rank == 1:
+            time.sleep(SLOW_START_S)
+        for b, rows in enumerate(BATCHES[rank]):
+            batch = [Row(index=rank * 10_000 + b * 100 + i, truncated=i % 3) for i in range(rows)]
+            payload = torch.tensor([[float(r.index)] * WIDTH for r in batch])
+            started = time.monotonic()
+            outbox.add(payload, batch)
+            add_waits.append(time.monotonic() - started)
+            time.sleep(0.01)  # the "model"
+            if rank == dying_rank and b == 1:
+                os._exit(3)
+        outbox.finish()
+    except RuntimeError as exc:
+        error = str(exc)
+    torch.save(
+        {"add_waits": add_waits, "rows": sender.rows if sender else [], "error": error}, Path(out_dir) / f"{rank}.pt"
+    )
+    os._exit(0)  # a failed group cannot be torn down cleanly; the test only needs what was saved
+
+
+def run_group(out_dir: Path, inline: bool = False, dying_rank: int | None = None) -> dict:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    context = mp.start_processes(
+        _rank,
+        args=(free_port(), str(out_dir), inline, dying_rank),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while any(p.is_alive() for p in context.processes):
+            if time.monotonic() > deadline:
+                pytest.fail("a rank of the outbox group hung for 60 s")
+            time.sleep(0.1)
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return {rank: torch.load(out_dir / f"{rank}.pt") for rank in range(WORLD_SIZE) if (out_dir / f"{rank}.pt").exists()}
+
+
+def expected_rows() -> list:
+    return sorted(
+        (rank * 10_000 + b * 100 + i, i % 3, [float(rank * 10_000 + b * 100 + i)] * WIDTH)
+        for rank, sizes in BATCHES.items()
+        for b, rows in enumerate(sizes)
+        for i in range(rows)
+    )
+
+
+def test_rank_zero_gets_every_row_once_and_compute_never_waits_for_a_slow_peer(tmp_path):
+    ranks = run_group(tmp_path)
+    assert all(r["error"] is None for r in ranks.values())
+    assert sorted(ranks[0]["rows"]) == expected_rows()
+    # Rank 1 joins its first round SLOW_START_S late; rank 0 kept computing all the same.
+    assert max(ranks[0]["add_waits"]) < SLOW_START_S / 4
+
+
+def test_inline_rounds_deliver_the_same_rows_but_wait_for_the_slowest_rank(tmp_path):
+    ranks = run_group(tmp_path, inline=True)
+    assert all(r["error"] is None for r in ranks.values())
+    assert sorted(ranks[0]["rows"]) == expected_rows()
+    assert max(ranks[0]["add_waits"]) > SLOW_START_S / 2  # what the background thread saves
+
+
+def test_a_peer_dying_mid_job_fails_the_others_instead_of_hanging(tmp_path):
+    ranks = run_group(tmp_path, dying_rank=0)
+    assert 0 not in ranks  # it died without a word
+    for rank in (1, 2):
+        assert "gathering results on rank 0 failed" in ranks[rank]["error"]
