@@ -133,6 +133,9 @@ class Executor:
         else:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.local_world_size)))
+            # torch takes a thread's OpenMP count from the last set_num_threads on first use: use it here,
+            # before the helper threads (pipeline.start_helper_thread) set theirs to 1.
+            torch.get_num_threads()
         timings = jobs_pb2.Timings()
         layout = Layout.of(a)
         started = time.monotonic()

@@ -121,3 +121,15 @@ def test_a_peer_dying_mid_job_fails_the_others_instead_of_hanging(tmp_path):
     assert 0 not in ranks  # it died without a word
     for rank in (1, 2):
         assert "gathering results on rank 0 failed" in ranks[rank]["error"]
+
+
+def test_helper_threads_run_torch_on_one_thread_and_leave_the_models_threads_alone():
+    """Without this, libgomp sees more OpenMP threads than cores and the model's threads stop spinning."""
+    from distinfer.worker.pipeline import start_helper_thread
+
+    torch.set_num_threads(2)
+    torch.get_num_threads()  # as the executor does, before its helpers start
+    seen = []
+    start_helper_thread(lambda: seen.append(torch.get_num_threads()), "helper").join()
+    assert seen == [1]
+    assert torch.get_num_threads() == 2
