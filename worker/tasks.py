@@ -122,10 +122,10 @@ class EmbedTask(ModelTask):
         return self.model.config.hidden_size
 
     def forward(self, inputs, options):
-        hidden = self.model(**inputs).last_hidden_state
+        # Pooled in float32 whatever the model's dtype: a bfloat16 sum over hundreds of tokens loses digits.
+        hidden = self.model(**inputs).last_hidden_state.float()
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        pooled = pooled.float()
         if not options.HasField("normalize") or options.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled

@@ -80,7 +80,9 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
     cluster = chaos_cluster
     restore(cluster)
     client = Client(cluster.address)
-    job = client.submit(chaos_rows, model="all-MiniLM-L6-v2", min_workers=1, max_workers=0, max_attempts=5)
+    job = client.submit(
+        chaos_rows, model="all-MiniLM-L6-v2", min_workers=1, max_workers=0, max_attempts=5, dtype="float32"
+    )
 
     # The consumer reads results as they come, across whatever happens below (the client resumes by itself).
     results: list[dict] = []

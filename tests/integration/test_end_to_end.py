@@ -43,7 +43,8 @@ def assert_one_group_of(status: jobs_pb2.JobStatus, world_size: int, worker_pid:
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_embed_equals_sentence_transformers(client, cluster, sample_rows, reference_embeddings, workers):
-    job = client.submit(sample_rows, model="all-MiniLM-L6-v2", task="embed", workers=workers)
+    # float32 on purpose: the reference is sentence-transformers' float32 ("auto" may pick bfloat16).
+    job = client.submit(sample_rows, model="all-MiniLM-L6-v2", task="embed", workers=workers, dtype="float32")
     results = list(job.results())
 
     assert_every_row_once_in_order(results, len(sample_rows))
@@ -84,7 +85,7 @@ def test_classify_equals_a_single_process_loop(client, sample_rows, tiny_classif
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     texts = [r["text"] for r in sample_rows]
-    job = client.submit(texts, model=tiny_classifier, task="classify", workers=3, return_logits=True)
+    job = client.submit(texts, model=tiny_classifier, task="classify", workers=3, return_logits=True, dtype="float32")
     results = list(job.results())
     assert_every_row_once_in_order(results, len(texts))
 
@@ -190,7 +191,29 @@ def test_distinfer_run_embedded_default(tmp_path, sample_rows, reference_embeddi
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert_every_row_once_in_order(results, 20)
-    np.testing.assert_allclose([r["embedding"] for r in results], reference_embeddings[:20], atol=1e-5)
+    # The default dtype may be bfloat16 (see test_auto_dtype_...): close to float32, not equal.
+    assert_cosines_above([r["embedding"] for r in results], reference_embeddings[:20], 0.999)
+
+
+def assert_cosines_above(got, expected, floor: float) -> None:
+    got, expected = torch.tensor(np.array(got)), torch.tensor(np.array(expected))
+    cosines = torch.nn.functional.cosine_similarity(got, expected, dim=1)
+    assert cosines.min().item() > floor, cosines.min().item()
+
+
+def test_auto_dtype_is_the_fastest_sound_one_for_the_cpu_and_is_reported(client, sample_rows, reference_embeddings):
+    from distinfer.worker.executor import cpu_has_amx
+
+    auto = client.submit(sample_rows, model="all-MiniLM-L6-v2", workers=2)
+    results = [r["embedding"] for r in auto.results()]
+    # AMX tiles run bfloat16 matrix products in hardware; without them float32 is the faster.
+    expected = "bfloat16" if cpu_has_amx() else "float32"
+    assert [r.dtype for r in auto.status().attempts[-1].ranks] == [expected, expected]
+    assert_cosines_above(results, reference_embeddings, 0.999)
+
+    asked = client.submit(sample_rows[:3], model="all-MiniLM-L6-v2", workers=1, dtype="float32")
+    list(asked.results())
+    assert [r.dtype for r in asked.status().attempts[-1].ranks] == ["float32"]
 
 
 def test_echo_task_runs_the_whole_path_without_a_model(client, sample_rows):

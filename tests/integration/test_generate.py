@@ -74,7 +74,9 @@ def test_greedy_generation_equals_single_process_generate(client, tiny_lm):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
-    job = client.submit(PROMPTS, model=tiny_lm, task="generate", workers=3, generate={"max_new_tokens": 12})
+    job = client.submit(
+        PROMPTS, model=tiny_lm, task="generate", workers=3, generate={"max_new_tokens": 12}, dtype="float32"
+    )
     results = list(job.results())
     assert [r["index"] for r in results] == list(range(len(PROMPTS)))
     for prompt, result in zip(PROMPTS, results):

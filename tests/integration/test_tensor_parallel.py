@@ -71,7 +71,13 @@ def single_process_greedy(path: str) -> list[str]:
 @pytest.mark.parametrize("workers", [2, 4], ids=["tp2", "dp2xtp2"])
 def test_tensor_parallel_generation_equals_single_process(four_slots, llama, workers):
     job = four_slots.submit(
-        PROMPTS, model=llama, task="generate", workers=workers, tp_size=2, generate={"max_new_tokens": MAX_NEW}
+        PROMPTS,
+        model=llama,
+        task="generate",
+        workers=workers,
+        tp_size=2,
+        generate={"max_new_tokens": MAX_NEW},
+        dtype="float32",  # as the single-process reference
     )
     results = list(job.results())
     assert [r["index"] for r in results] == list(range(len(PROMPTS)))
