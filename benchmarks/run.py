@@ -5,7 +5,9 @@
 
 Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on CPU. The
 "plain loop" (one process, rows sorted by token length, batches under a padded-token budget) is the
-per-device limit; everything else is reported as a ratio to it, so distinfer's overhead is visible.
+per-device limit; everything else is reported as a ratio to the plain loop of the same dtype, so
+distinfer's overhead is visible, and to the naive per-item loop. Where distinfer's `auto` dtype is not
+float32 (bfloat16 on CPUs with AMX), the plain loop and distinfer run in both.
 benchmarks/coordination.py then measures distinfer without a model (simulated-compute scaling, echo
 throughput) into the same report's "coordination" section.
 """
@@ -32,8 +34,10 @@ SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.jsonl"
 MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_LENGTH = 256  # the model's sentence_bert_config max_seq_length, as distinfer and sentence-transformers use
 TOKEN_BUDGET, MAX_ROWS = 1024, 128  # distinfer's CPU defaults: the best budget measured on this CPU
-WARMUP_ROWS = 8
-TOLERANCE = 1e-5
+COLD_ROWS = 8  # distinfer's first job: it loads the model
+REPEATS = 3  # timed passes per entry (the naive loop, 10x slower, gets one)
+TOLERANCE = 1e-5  # float32 against float32
+MIN_COSINE = 0.999  # any dtype against float32
 
 
 def model_path() -> str:
@@ -76,7 +80,7 @@ def plain_loop(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, dict]:
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
             hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            out[batch] = F.normalize(mean_pool(hidden, mask), p=2, dim=1)
+            out[batch] = F.normalize(mean_pool(hidden.float(), mask), p=2, dim=1)
     stats = {"batches": len(batches), "real_tokens": sum(map(len, ids)), "padded_tokens": padded}
     return out, stats
 
@@ -89,45 +93,79 @@ def naive_loop(model, tokenizer, texts: list[str]) -> None:
             mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
 
 
+def best_of(repeats: int, fn, *args, **kwargs):
+    """(fastest seconds, last result) over `repeats` calls: a shared 2-core VM's noise only ever slows a run."""
+    best = float("inf")
+    for _ in range(repeats):
+        seconds, result = timed(fn, *args, **kwargs)
+        best = min(best, seconds)
+    return best, result
+
+
 def timed(fn, *args, **kwargs):
     started = time.perf_counter()
     result = fn(*args, **kwargs)
     return time.perf_counter() - started, result
 
 
-def distinfer_run(texts: list[str], ranks: int, reference: torch.Tensor) -> dict:
+def distinfer_runs(texts: list[str], ranks: int, dtypes: list[str], reference: torch.Tensor) -> list[dict]:
+    """One LocalCluster of `ranks` slots; for each dtype a small warm-up job (it loads the model: what a user's
+    first job pays once), then the measured job, end to end from submit to the last result."""
     from distinfer.client.api import Client
     from distinfer.client.local import LocalCluster
 
+    entries = []
     started = time.perf_counter()
     with LocalCluster(slots=ranks) as cluster, Client(cluster.address) as client:
         startup_s = time.perf_counter() - started
-        # A small first job loads the model into every executor: what a user's first job pays once.
-        cold_s, _ = timed(lambda: list(client.submit(texts[:WARMUP_ROWS], model=MODEL_NAME, workers=ranks).results()))
-        submitted = time.perf_counter()
-        job = client.submit(texts, model=MODEL_NAME, task="embed", workers=ranks)
-        results, first_s = [], None
-        for row in job.results():
-            first_s = first_s if first_s is not None else time.perf_counter() - submitted
-            results.append(row)
-        elapsed = time.perf_counter() - submitted
-        status = job.status()
-        memory = proc_status_mb(cluster.coordinator.pid)
-    if [r["index"] for r in results] != list(range(len(texts))):
-        raise RuntimeError(f"distinfer ({ranks} ranks) returned rows out of order or missing")
-    diff = (torch.tensor([r["embedding"] for r in results]) - reference).abs().max().item()
-    if diff > TOLERANCE:
-        raise RuntimeError(f"distinfer ({ranks} ranks) embeddings differ from the plain loop's by {diff:.2e}")
-    return {
-        "seconds": elapsed,
-        "startup_s": startup_s,
-        "cold_start_s": cold_s,
-        "time_to_first_result_s": first_s,
-        "server_time_to_first_result_s": status.time_to_first_result_s,
-        "coordinator_rss_mb": memory["VmRSS"],
-        "coordinator_peak_mb": memory["VmHWM"],
-        "max_abs_diff_vs_plain": diff,
-    }
+        for dtype in dtypes:
+            options = {"model": MODEL_NAME, "task": "embed", "workers": ranks, "dtype": dtype}
+            cold_s, _ = timed(lambda options=options: list(client.submit(texts[:COLD_ROWS], **options).results()))
+            # The first pass over new batch shapes also JIT-compiles oneDNN kernels (bfloat16 on AMX: ~15% of a
+            # pass): every entry makes one untimed pass first, then is timed REPEATS times; the best one counts.
+            warm_s, _ = timed(lambda options=options: list(client.submit(texts, **options).results()))
+            elapsed = float("inf")
+            for _ in range(REPEATS):
+                submitted = time.perf_counter()
+                job = client.submit(texts, **options)
+                results, first = [], None
+                for row in job.results():
+                    first = first if first is not None else time.perf_counter() - submitted
+                    results.append(row)
+                if time.perf_counter() - submitted < elapsed:
+                    elapsed, first_s = time.perf_counter() - submitted, first
+            status = job.status()
+            memory = proc_status_mb(cluster.coordinator.pid)
+            ran_with = status.attempts[-1].ranks[0].dtype
+            if [r["index"] for r in results] != list(range(len(texts))):
+                raise RuntimeError(f"distinfer ({ranks} ranks) returned rows out of order or missing")
+            embeddings = torch.tensor([r["embedding"] for r in results])
+            entries.append(
+                {
+                    "ranks": ranks,
+                    "dtype": ran_with,
+                    "seconds": elapsed,
+                    "startup_s": startup_s,
+                    "cold_start_s": cold_s,
+                    "first_pass_rows_per_s": len(texts) / warm_s,
+                    "time_to_first_result_s": first_s,
+                    "server_time_to_first_result_s": status.time_to_first_result_s,
+                    "coordinator_rss_mb": memory["VmRSS"],
+                    "coordinator_peak_mb": memory["VmHWM"],
+                    **agreement(f"distinfer ({ranks} ranks, {ran_with})", ran_with, embeddings, reference),
+                }
+            )
+    return entries
+
+
+def agreement(name: str, dtype: str, embeddings: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Check a run against the float32 plain loop: float32 runs to TOLERANCE; others by their cosine to it,
+    since rounding in bfloat16 depends on how rows were batched."""
+    diff = (embeddings.float() - reference).abs().max().item()
+    cosine = F.cosine_similarity(embeddings.float(), reference, dim=1).min().item()
+    if (dtype == "float32" and diff > TOLERANCE) or cosine < MIN_COSINE:
+        raise RuntimeError(f"{name}: embeddings differ from float32's (max {diff:.2e}, min cosine {cosine:.5f})")
+    return {"max_abs_diff_vs_float32": diff, "min_cosine_vs_float32": cosine}
 
 
 def markdown(report: dict) -> str:
@@ -135,19 +173,28 @@ def markdown(report: dict) -> str:
     footer = f"{m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"
     if "entries" not in report:  # --coordination-only
         return coordination.markdown(report["coordination"]) + f"\n{footer}\n"
-    lines = ["| way of running | rows/s | vs plain loop | notes |", "|---|---|---|---|"]
+    lines = [
+        "| way of running | rows/s | vs plain loop (same dtype) | vs naive loop | notes |",
+        "|---|---|---|---|---|",
+    ]
     for e in report["entries"]:
-        lines.append(f"| {e['name']} | {e['rows_per_s']:.1f} | {e['vs_plain']:.2f} | {e['notes']} |")
-    lines += ["", "| distinfer | startup s | cold start s | time to first result s | coordinator RSS MB / peak MB |"]
-    lines.append("|---|---|---|---|---|")
+        vs_naive = f"{e['vs_naive']:.2f}" if e["vs_naive"] is not None else "-"
+        lines.append(f"| {e['name']} | {e['rows_per_s']:.1f} | {e['vs_plain']:.2f} | {vs_naive} | {e['notes']} |")
+    lines += [
+        "",
+        "| distinfer | cluster startup s | cold first job s | first full pass rows/s | time to first result s "
+        "| coordinator RSS MB / peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in report["entries"]:
         if "startup_s" in e:
             lines.append(
-                f"| {e['name']} | {e['startup_s']:.1f} | {e['cold_start_s']:.1f} | {e['time_to_first_result_s']:.2f}"
+                f"| {e['name']} | {e['startup_s']:.1f} | {e['cold_start_s']:.1f} | {e['first_pass_rows_per_s']:.1f} "
+                f"| {e['time_to_first_result_s']:.2f}"
                 f" (server {e['server_time_to_first_result_s']:.2f}) | "
                 f"{e['coordinator_rss_mb']:.0f} / {e['coordinator_peak_mb']:.0f} |"
             )
-    lines += ["", f"{report['rows']} rows, {footer}"]
+    lines += ["", f"{report['rows']} rows; distinfer's auto dtype here: {report['auto_dtype']}; {footer}"]
     if "generate" in report:
         lines += ["", generation.markdown(report["generate"])]
     if "coordination" in report:
@@ -195,60 +242,81 @@ def machine() -> dict:
 
 
 def model_benchmark(args: argparse.Namespace) -> dict:
-    """The model entries: plain loop, sentence-transformers, naive loop, distinfer on 1 and 2 ranks."""
+    """The model entries, in one process and one run: plain loops, sentence-transformers, the naive loop,
+    distinfer on 1 and 2 ranks; in float32 and, where distinfer's "auto" picks another dtype, in that one."""
+    from distinfer.worker.executor import pick_dtype
+
     texts = load_texts(args.rows or (200 if args.quick else None))
     path = model_path()
     threads = torch.get_num_threads()
+    auto = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    dtypes = ["float32"] if auto == "float32" else [auto, "float32"]
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    plain_loop(model, tokenizer, texts[:WARMUP_ROWS])  # first-call costs are not throughput
-    plain_s, (reference, batch_stats) = timed(plain_loop, model, tokenizer, texts)
-    entries = [
-        {
-            "name": "plain loop",
-            "seconds": plain_s,
-            **batch_stats,
-            "notes": f"1 process x {threads} threads, sorted by tokens, {TOKEN_BUDGET}-token batches; the limit",
-        },
-    ]
+    entries, reference = [], None
+    for dtype in reversed(dtypes):  # float32 first: it is the reference the others are checked against
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype)).eval()
+        plain_loop(model, tokenizer, texts)  # the untimed pass
+        plain_s, (out, batch_stats) = best_of(REPEATS, plain_loop, model, tokenizer, texts)
+        reference = out if reference is None else reference
+        entries.append(
+            {
+                "name": f"plain loop, {dtype}",
+                "dtype": dtype,
+                "seconds": plain_s,
+                **batch_stats,
+                **agreement(f"plain loop ({dtype})", dtype, out, reference),
+                "notes": f"1 process x {threads} threads, sorted by tokens, {TOKEN_BUDGET}-token batches; the limit",
+            }
+        )
+        if dtype == "float32" and not args.skip_naive:
+            naive_loop(model, tokenizer, texts)  # the untimed pass
+            naive_s, _ = timed(naive_loop, model, tokenizer, texts)
+            entries.append(
+                {
+                    "name": "naive per-item loop, float32",
+                    "dtype": dtype,
+                    "seconds": naive_s,
+                    "notes": "one row per forward pass, as the torch.distributed tutorials do",
+                }
+            )
+        del model
 
     from sentence_transformers import SentenceTransformer
 
     st_model = SentenceTransformer(path, device="cpu")
-    st_model.encode(texts[:WARMUP_ROWS], batch_size=32)
-    st_s, st_out = timed(st_model.encode, texts, batch_size=32, convert_to_tensor=True)
-    st_diff = (st_out.cpu() - reference).abs().max().item()
+    st_model.encode(texts, batch_size=32)  # the untimed pass
+    st_s, st_out = best_of(REPEATS, st_model.encode, texts, batch_size=32, convert_to_tensor=True)
     entries.append(
         {
-            "name": "sentence-transformers encode",
+            "name": "sentence-transformers encode, float32",
+            "dtype": "float32",
             "seconds": st_s,
-            "max_abs_diff_vs_plain": st_diff,
-            "notes": "batch_size 32, sorted by characters",
+            **agreement("sentence-transformers", "float32", st_out.cpu(), reference),
+            "notes": "its defaults: batch_size 32, sorted by characters",
         }
     )
     del st_model
 
-    if not args.skip_naive:
-        naive_s, _ = timed(naive_loop, model, tokenizer, texts)
-        entries.append({"name": "naive per-item loop", "seconds": naive_s, "notes": "one row per forward pass"})
-    del model
-
     for ranks in (1, 2):
-        result = distinfer_run(texts, ranks, reference)
-        entries.append(
-            {
-                "name": f"distinfer, {ranks} rank{'s' * (ranks > 1)}",
-                **result,
-                "notes": f"{ranks} executor(s) x {max(1, (os.cpu_count() or 1) // ranks)} threads, gloo; "
-                "end to end from submit, model already loaded",
-            }
-        )
+        for result in distinfer_runs(texts, ranks, dtypes if ranks == 1 else [auto], reference):
+            entries.append(
+                {
+                    "name": f"distinfer, {ranks} rank{'s' * (ranks > 1)}, {result['dtype']}",
+                    **result,
+                    "notes": f"{ranks} executor(s) x {max(1, (os.cpu_count() or 1) // ranks)} threads, gloo; "
+                    "end to end from submit, model already loaded",
+                }
+            )
 
+    plain = {e["dtype"]: e for e in entries if e["name"].startswith("plain loop")}
+    naive = next((e for e in entries if e["name"].startswith("naive")), None)
     for entry in entries:
         entry["rows_per_s"] = len(texts) / entry["seconds"]
-        entry["vs_plain"] = entry["rows_per_s"] / entries[0]["rows_per_s"]
-    return {"rows": len(texts), "model": MODEL_NAME, "task": "embed", "entries": entries}
+    for entry in entries:
+        entry["vs_plain"] = entry["rows_per_s"] / plain[entry["dtype"]]["rows_per_s"]
+        entry["vs_naive"] = entry["rows_per_s"] / naive["rows_per_s"] if naive else None
+    return {"rows": len(texts), "model": MODEL_NAME, "task": "embed", "auto_dtype": auto, "entries": entries}
 
 
 if __name__ == "__main__":
