@@ -107,12 +107,11 @@ class Outbox:
 
     def abandon(self) -> None:
         """The attempt failed on this rank: stop the rounds at the next chance (one may be stuck on a peer)."""
-        while self._thread is not None:
-            try:
-                self._waiting.get_nowait()
-            except queue.Empty:
-                self._waiting.put(_ABANDON)
-                return
+        if self._thread is None:
+            return
+        while not self._waiting.empty():  # this thread is the only one that adds: the put below cannot block
+            self._waiting.get_nowait()
+        self._waiting.put(_ABANDON)
 
     def _check(self) -> None:
         if self._error is not None:
