@@ -133,5 +133,5 @@ class Coordinator:
             task.cancel()
         await self.server.stop(grace_s)
         if self.manager:
-            self.manager.store.close()
+            await self.manager.close()
         log.info("coordinator_stopped")

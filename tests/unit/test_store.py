@@ -368,3 +368,37 @@ def test_committed_results_are_visible_to_a_new_store_without_closing_the_old_on
     finally:
         restarted.close()
         crashed.close()
+
+
+# --- shutdown -------------------------------------------------------------------------------------------
+
+
+def test_closing_the_job_manager_waits_for_the_store_call_in_flight(tmp_path):
+    """A handler cancelled at shutdown leaves its store call running; closing under it crashed the process."""
+    import asyncio
+    import threading
+    import time
+
+    from distinfer.coordinator.jobs import JobManager
+    from distinfer.coordinator.registry import Registry
+
+    store = Store(tmp_path / "state.db")
+    store.create_job(job("j1"))
+    started = threading.Event()
+
+    def slow_save(status):
+        started.set()
+        time.sleep(0.3)
+        store.save_job(status)
+
+    async def shut_down_during_a_save():
+        manager = JobManager(store, Registry())
+        in_flight = asyncio.ensure_future(manager.db(slow_save, job("j1", num_rows=7)))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        in_flight.cancel()  # as the server's shutdown cancels the handler awaiting it
+        await manager.close()
+
+    asyncio.run(shut_down_during_a_save())
+    assert Store(tmp_path / "state.db").load_jobs()[0].num_rows == 7  # the save ran to its end...
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.load_jobs()  # ...and then the connection was closed
