@@ -27,7 +27,7 @@ chaos: install
 	HF_HUB_OFFLINE=1 DISTINFER_CHAOS_TRIALS=$${TRIALS:-10} $(BIN)/python -m pytest -q -s tests/integration/test_chaos.py
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run --out bench-report
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run --out bench-report $(BENCH_ARGS)
 
 lint:
 	$(BIN)/ruff check coordinator worker client common tests benchmarks

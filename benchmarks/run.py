@@ -1,9 +1,10 @@
 """Side-by-side throughput of the ways to embed the same rows on this machine, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
-        [--skip-coordination | --coordination-only] [--echo-rows N]
+        [--skip-coordination | --coordination-only] [--echo-rows N] [--device cpu|cuda]
 
-Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on CPU. The
+Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on the CPU
+(or, with --device cuda, the GPUs: distinfer's groups then use NCCL). The
 "plain loop" (one process, rows sorted by token length, batches under a padded-token budget) is the
 per-device limit; everything else is reported as a ratio to the plain loop of the same dtype, so
 distinfer's overhead is visible, and to the naive per-item loop. Where distinfer's `auto` dtype is not
@@ -33,7 +34,6 @@ from benchmarks.coordination import proc_status_mb
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.jsonl"
 MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_LENGTH = 256  # the model's sentence_bert_config max_seq_length, as distinfer and sentence-transformers use
-TOKEN_BUDGET, MAX_ROWS = 1024, 128  # distinfer's CPU defaults: the best budget measured on this CPU
 COLD_ROWS = 8  # distinfer's first job: it loads the model
 REPEATS = 3  # timed passes per entry (the naive loop, 10x slower, gets one)
 TOLERANCE = 1e-5  # float32 against float32
@@ -58,17 +58,20 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def plain_loop(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, dict]:
-    """Tokenise once, sort by length, cut into token-budget batches; embeddings come back in input order."""
+    """Tokenise once, sort by length, cut into token-budget batches (distinfer's defaults for the device);
+    embeddings come back in input order, on the CPU."""
+    budget = budget_for(model.device)
     ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
     batches, current = [], []
     for i in order:  # longest first, so the first row of a batch sets its width
-        if current and ((len(current) + 1) * len(ids[current[0]]) > TOKEN_BUDGET or len(current) >= MAX_ROWS):
+        too_big = (len(current) + 1) * len(ids[current[0]]) > budget.max_batch_tokens if current else False
+        if too_big or len(current) >= budget.max_rows:
             batches.append(current)
             current = []
         current.append(i)
     batches.append(current)
-    out = torch.empty(len(texts), model.config.hidden_size)
+    out = torch.empty(len(texts), model.config.hidden_size, device=model.device)
     padded = 0
     with torch.inference_mode():
         for batch in batches:
@@ -79,18 +82,26 @@ def plain_loop(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, dict]:
             for row, i in enumerate(batch):
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
+            input_ids, mask = input_ids.to(model.device), mask.to(model.device)
             hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             out[batch] = F.normalize(mean_pool(hidden.float(), mask), p=2, dim=1)
     stats = {"batches": len(batches), "real_tokens": sum(map(len, ids)), "padded_tokens": padded}
-    return out, stats
+    return out.cpu(), stats  # the copy waits for the device to finish
 
 
 def naive_loop(model, tokenizer, texts: list[str]) -> None:
     """One row per forward pass: no padding at all, but no batching either."""
     with torch.inference_mode():
         for text in texts:
-            inputs = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-            mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
+            inputs = tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt").to(model.device)
+            embedding = mean_pool(model(**inputs).last_hidden_state, inputs["attention_mask"])
+        embedding.cpu()  # waits for the device to finish
+
+
+def budget_for(device: torch.device):
+    from distinfer.worker.executor import CPU_DEFAULTS, CUDA_DEFAULTS
+
+    return CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
 
 
 def best_of(repeats: int, fn, *args, **kwargs):
@@ -108,7 +119,9 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - started, result
 
 
-def distinfer_runs(texts: list[str], ranks: int, dtypes: list[str], reference: torch.Tensor) -> list[dict]:
+def distinfer_runs(
+    texts: list[str], ranks: int, dtypes: list[str], reference: torch.Tensor, device: str = "cpu"
+) -> list[dict]:
     """One LocalCluster of `ranks` slots; for each dtype a small warm-up job (it loads the model: what a user's
     first job pays once), then the measured job, end to end from submit to the last result."""
     from distinfer.client.api import Client
@@ -116,7 +129,7 @@ def distinfer_runs(texts: list[str], ranks: int, dtypes: list[str], reference: t
 
     entries = []
     started = time.perf_counter()
-    with LocalCluster(slots=ranks) as cluster, Client(cluster.address) as client:
+    with LocalCluster(slots=ranks, device=device) as cluster, Client(cluster.address) as client:
         startup_s = time.perf_counter() - started
         for dtype in dtypes:
             options = {"model": MODEL_NAME, "task": "embed", "workers": ranks, "dtype": dtype}
@@ -170,7 +183,7 @@ def agreement(name: str, dtype: str, embeddings: torch.Tensor, reference: torch.
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    footer = f"{m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"
+    footer = f"{m['device']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"
     if "entries" not in report:  # --coordination-only
         return coordination.markdown(report["coordination"]) + f"\n{footer}\n"
     lines = [
@@ -213,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parts.add_argument("--coordination-only", action="store_true", help="only the model-free benchmark")
     parser.add_argument("--echo-rows", type=int, default=None, help="rows of the echo run (default 1,000,000)")
     parser.add_argument("--skip-generate", action="store_true", help="leave out the generate benchmark")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the model entries run (cuda: NCCL groups)"
+    )
     args = parser.parse_args(argv)
-    report = {"machine": machine()}
+    report = {"machine": machine(args.device)}
     if not args.coordination_only:
         report.update(model_benchmark(args))
     if not args.coordination_only and not args.skip_generate:
@@ -230,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -248,14 +265,16 @@ def model_benchmark(args: argparse.Namespace) -> dict:
 
     texts = load_texts(args.rows or (200 if args.quick else None))
     path = model_path()
-    threads = torch.get_num_threads()
-    auto = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    device = torch.device(args.device)
+    auto = str(pick_dtype("auto", device)).removeprefix("torch.")
+    budget = budget_for(device)
+    layout = "1 GPU" if device.type == "cuda" else f"1 process x {torch.get_num_threads()} threads"
     dtypes = ["float32"] if auto == "float32" else [auto, "float32"]
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     entries, reference = [], None
     for dtype in reversed(dtypes):  # float32 first: it is the reference the others are checked against
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype)).eval()
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype)).to(device).eval()
         plain_loop(model, tokenizer, texts)  # the untimed pass
         plain_s, (out, batch_stats) = best_of(REPEATS, plain_loop, model, tokenizer, texts)
         reference = out if reference is None else reference
@@ -266,7 +285,7 @@ def model_benchmark(args: argparse.Namespace) -> dict:
                 "seconds": plain_s,
                 **batch_stats,
                 **agreement(f"plain loop ({dtype})", dtype, out, reference),
-                "notes": f"1 process x {threads} threads, sorted by tokens, {TOKEN_BUDGET}-token batches; the limit",
+                "notes": f"{layout}, sorted by tokens, {budget.max_batch_tokens}-token batches; the limit",
             }
         )
         if dtype == "float32" and not args.skip_naive:
@@ -284,7 +303,7 @@ def model_benchmark(args: argparse.Namespace) -> dict:
 
     from sentence_transformers import SentenceTransformer
 
-    st_model = SentenceTransformer(path, device="cpu")
+    st_model = SentenceTransformer(path, device=args.device)
     st_model.encode(texts, batch_size=32)  # the untimed pass
     st_s, st_out = best_of(REPEATS, st_model.encode, texts, batch_size=32, convert_to_tensor=True)
     entries.append(
@@ -298,14 +317,16 @@ def model_benchmark(args: argparse.Namespace) -> dict:
     )
     del st_model
 
-    for ranks in (1, 2):
-        for result in distinfer_runs(texts, ranks, dtypes if ranks == 1 else [auto], reference):
+    # On CUDA a rank is a GPU: 2 ranks only where there are 2.
+    rank_counts = (1, 2) if device.type == "cpu" or torch.cuda.device_count() > 1 else (1,)
+    for ranks in rank_counts:
+        per_rank = "1 GPU, nccl" if device.type == "cuda" else f"{max(1, (os.cpu_count() or 1) // ranks)} threads, gloo"
+        for result in distinfer_runs(texts, ranks, dtypes if ranks == 1 else [auto], reference, args.device):
             entries.append(
                 {
                     "name": f"distinfer, {ranks} rank{'s' * (ranks > 1)}, {result['dtype']}",
                     **result,
-                    "notes": f"{ranks} executor(s) x {max(1, (os.cpu_count() or 1) // ranks)} threads, gloo; "
-                    "end to end from submit, model already loaded",
+                    "notes": f"{ranks} executor(s) x {per_rank}; end to end from submit, model already loaded",
                 }
             )
 
