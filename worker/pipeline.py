@@ -54,6 +54,9 @@ class Outbox:
     up to MAX_ROWS_PER_ROUND (bigger rounds would commit, stream and lose to a failure in coarser steps).
     Ranks need not agree on round sizes: the n-th round of one rank meets the n-th round of the others.
 
+    Batches are handed over a round's worth at a time, so the round thread wakes once a round, not once a
+    batch: every wake-up takes the GIL from the model's thread, whose OpenMP threads then wait.
+
     inline=True runs the rounds in the computing thread instead: for a tensor-parallel model on NCCL,
     whose forward pass runs collectives of its own, two communicators used from two threads at once can
     deadlock on a GPU.
@@ -61,7 +64,7 @@ class Outbox:
 
     MAX_BATCHES_PER_ROUND = 8
     MAX_ROWS_PER_ROUND = 256
-    MAX_WAITING_BATCHES = 64  # computed batches not yet gathered: the bound on the memory they hold
+    MAX_WAITING_GROUPS = 8  # handed-over groups not yet gathered (at most 64 batches): bounds their memory
 
     def __init__(self, gatherer: Gatherer | None, sender: ResultSender | None, inline: bool = False):
         """gatherer None: this rank's rows are gathered by another (a tensor-parallel rank other than the first)."""
@@ -69,39 +72,41 @@ class Outbox:
         self.stream_s = 0.0  # time rank 0 waited for the result stream to take a round
         self._gatherer = gatherer
         self._sender = sender
+        self._group: list = []  # computed batches not handed over yet
         self._per_round = 1
-        self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING_BATCHES)
+        self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING_GROUPS)
         self._error: BaseException | None = None
         self._thread = None
         if gatherer is not None and not inline:
             self._thread = start_helper_thread(self._gather_in_background, "gather")
 
     def add(self, payload: torch.Tensor, batch) -> None:
-        """Hand over a computed batch; blocks only while MAX_WAITING_BATCHES are waiting."""
+        """Keep a computed batch; hand the group over once it is a round's worth (blocks only while
+        MAX_WAITING_GROUPS are waiting)."""
         if self._gatherer is None:
             return
-        item = (payload, [r.index for r in batch], [r.truncated for r in batch])
-        if self._thread is None:
-            self._waiting.put(item)
-            if self._waiting.qsize() >= self._per_round:
-                self._round(self._collect())
+        self._group.append((payload, [r.index for r in batch], [r.truncated for r in batch]))
+        if len(self._group) < self._per_round:
             return
-        while True:
-            self._check()
-            try:
-                self._waiting.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        group, self._group = self._group, []
+        self._per_round = min(self._per_round * 2, self.MAX_BATCHES_PER_ROUND)
+        if self._thread is None:
+            self._round(group)
+        else:
+            self._hand_over(group)
 
     def finish(self) -> None:
         """Gather what is left, then take part in rounds until every rank is done."""
         if self._gatherer is None:
             return
+        group, self._group = self._group, []
         if self._thread is None:
+            self._round(group)
             self._drain()
             return
-        self._waiting.put(_END)
+        if group:
+            self._hand_over(group)
+        self._hand_over(_END)
         self._thread.join()
         self._check()
 
@@ -113,48 +118,51 @@ class Outbox:
             self._waiting.get_nowait()
         self._waiting.put(_ABANDON)
 
+    def _hand_over(self, group) -> None:
+        while True:
+            self._check()
+            try:
+                self._waiting.put(group, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def _check(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"gathering results on rank 0 failed: {self._error}") from self._error
 
     def _gather_in_background(self) -> None:
         try:
-            while (items := self._collect(wait=True)) is not None:
-                self._round(items)
-                if items[-1] is _END:
+            while True:
+                batches, ended = self._collect()
+                if batches is None:
+                    return  # abandoned
+                self._round(batches)
+                if ended:
                     break
-            else:
-                return  # abandoned
             self._drain()
         except BaseException as exc:  # noqa: BLE001 - raised again in the computing thread by add() or finish()
             self._error = exc
 
-    def _collect(self, wait: bool = False) -> list | None:
-        """The next round's batches: per_round of them (waiting for them if asked), then whatever else is
-        already waiting, up to the row cap. Ends with _END when the rank has computed everything; None if
-        abandoned."""
-        items, rows = [], 0
+    def _collect(self) -> tuple[list | None, bool]:
+        """The next round's batches: a handed-over group (waiting for one), then any other groups already
+        waiting, up to the row cap. Returns (batches or None if abandoned, whether the rank is done)."""
+        batches: list = []
+        group = self._waiting.get()
         while True:
-            if wait and len(items) < self._per_round:
-                item = self._waiting.get()
-            else:
-                try:
-                    item = self._waiting.get_nowait()
-                except queue.Empty:
-                    break
-            if item is _ABANDON:
-                return None
-            items.append(item)
-            if item is _END:
-                break
-            rows += len(item[1])
-            if rows >= self.MAX_ROWS_PER_ROUND:
-                break
-        self._per_round = min(self._per_round * 2, self.MAX_BATCHES_PER_ROUND)
-        return items
+            if group is _ABANDON:
+                return None, True
+            if group is _END:
+                return batches, True
+            batches.extend(group)
+            if sum(len(indices) for _, indices, _ in batches) >= self.MAX_ROWS_PER_ROUND:
+                return batches, False
+            try:
+                group = self._waiting.get_nowait()
+            except queue.Empty:
+                return batches, False
 
-    def _round(self, items: list) -> None:
-        batches = [item for item in items if item is not _END]
+    def _round(self, batches: list) -> None:
         if not batches:
             return
         payload = torch.cat([p for p, _, _ in batches])
@@ -165,9 +173,7 @@ class Outbox:
         self._deliver(gathered, started)
 
     def _drain(self) -> None:
-        """Flush (inline), then rounds with nothing until every rank reports done."""
-        while self._thread is None and (items := self._collect()):
-            self._round(items)
+        """Rounds with nothing until every rank reports done."""
         while True:
             started = time.monotonic()
             gathered = self._gatherer.round(None, [], [])
