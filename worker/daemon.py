@@ -141,10 +141,10 @@ class WorkerDaemon:
             handle.ready = True
             self._send_heartbeat()
             return
-        if kind == "batch":
-            seconds, rows = blob
-            self.metrics.batch_seconds.observe(seconds)
-            self.metrics.rows.inc(rows)
+        if kind == "batches":
+            for seconds, rows in blob:
+                self.metrics.batch_seconds.observe(seconds)
+                self.metrics.rows.inc(rows)
             return
         event = workers_pb2.SlotEvent.FromString(blob)
         running = handle.running()

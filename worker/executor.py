@@ -44,6 +44,7 @@ class DeviceDefaults:
 # Measured on a 2-core CPU: a 1,024-token budget beat 4,096-8,192 by 20-35%; GPUs want far larger batches.
 CPU_DEFAULTS = DeviceDefaults(max_batch_tokens=1024, max_rows=128)
 CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024)
+METRICS_EVERY_S = 1.0
 
 
 def executor_main(
@@ -178,6 +179,9 @@ class Executor:
         sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl")
+        # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
+        # batch woke the queue's feeder thread every batch, which took the GIL from this thread.
+        batch_metrics, metrics_sent = [], time.monotonic()
         try:
             with torch.inference_mode():
                 for batch in batches:
@@ -186,9 +190,13 @@ class Executor:
                     computed = time.monotonic()
                     timings.compute_s += computed - started
                     outbox.add(payload, batch)
-                    # For the daemon's metrics (batch latency, rows): local IPC between our own processes.
-                    self.events.put(("batch", self.slot, (computed - started, len(batch))))
+                    batch_metrics.append((computed - started, len(batch)))
+                    if computed - metrics_sent >= METRICS_EVERY_S:
+                        self.events.put(("batches", self.slot, batch_metrics))
+                        batch_metrics, metrics_sent = [], computed
                 outbox.finish()
+            if batch_metrics:
+                self.events.put(("batches", self.slot, batch_metrics))
         except BaseException:
             outbox.abandon()
             raise
