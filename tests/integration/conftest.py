@@ -4,10 +4,10 @@ each slot an executor process; shared by the whole session, since starting execu
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
@@ -31,12 +31,6 @@ def cluster(tmp_path_factory):
     ) as running:
         running.metrics_ports = metrics
         yield running
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

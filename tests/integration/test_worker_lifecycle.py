@@ -3,17 +3,12 @@ their model loaded between jobs."""
 
 from __future__ import annotations
 
-import socket
 import time
+
+from ports import free_port
 
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_worker_waits_for_a_late_coordinator_then_serves_jobs_with_a_warm_model(tmp_path):

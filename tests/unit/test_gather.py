@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 WORLD_SIZE = 3
 WIDTH = 6  # even; test_odd_width_with_one_row_contributions covers odd widths
@@ -89,12 +89,6 @@ def _worker(rank: int, port: int, out_dir: str, width: int, sizes: dict) -> None
         torch.save({"rounds": rounds, "rows": rows}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bits(t: torch.Tensor) -> list[int]:

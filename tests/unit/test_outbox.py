@@ -16,8 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from tests.unit.test_gather import free_port
+from ports import free_port
 
 WORLD_SIZE = 3
 WIDTH = 4

@@ -8,11 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import socket
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 def listening_addresses(port: int) -> set[str]:
