@@ -75,8 +75,9 @@ def scaling_run(client: Client, ranks: int, batches: int) -> dict:
     uploaded = time.time()
     _, last = consume(job, rows)
     wall_s = last - submitted
-    # Coordinator clock, same machine. Before the group forms: upload, waiting for slots (the previous job's
-    # ranks must report FINISHED first), rendezvous; paid once per job. After it: the per-round cost.
+    # Coordinator clock, same machine. Before the group forms: the first rows' upload (the rest arrives while the
+    # job runs), waiting for slots (the previous job's ranks must report FINISHED first), rendezvous; paid once
+    # per job. After it: the per-round cost.
     attempt = job.status().attempts[-1]
     group_s = attempt.running_at - submitted
     return {

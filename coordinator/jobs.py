@@ -33,7 +33,7 @@ from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.scheduler import Placement, backend_for, pick_port, place
-from distinfer.coordinator.store import Store
+from distinfer.coordinator.store import ShardCursor, Store
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
@@ -79,7 +79,7 @@ class JobManager:
     async def recover(self) -> None:
         """Load every job from the store; unfinished ones go back to the queue with their committed rows."""
         for status in await self.db(self.store.load_jobs):
-            if status.state == UPLOADING:
+            if status.state == UPLOADING or status.uploading:
                 await self.db(self.store.delete_job, status.job_id)  # its upload never completed: never accepted
                 continue
             status.rows_done = await self.db(self.store.count_results, status.job_id)
@@ -95,7 +95,11 @@ class JobManager:
 
     # --- client side ----------------------------------------------------------------------------------
 
-    async def submit(self, spec: jobs_pb2.JobSpec, batches: AsyncIterator[jobs_pb2.RowBatch]) -> jobs_pb2.JobStatus:
+    async def submit(
+        self, spec: jobs_pb2.JobSpec, batches: AsyncIterator[jobs_pb2.RowBatch], cancelled=lambda: False
+    ) -> jobs_pb2.JobStatus:
+        """Store the rows as they arrive; the job is scheduled from its first rows on. cancelled(): whether the
+        client gave up on the call (in grpc.aio its row stream then just ends, as if the upload were whole)."""
         validate_spec(spec)
         check_tensor_parallel(spec)
         waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values())
@@ -106,6 +110,7 @@ class JobManager:
             )
         status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time())
         await self.db(self.store.create_job, status)
+        job = None
         try:
             n = 0
             async for batch in batches:
@@ -119,18 +124,27 @@ class JobManager:
                         "takes in one job (--max-rows-per-job): split the dataset"
                     )
                 n += await self.db(self.store.add_rows, status.job_id, n, list(batch.rows))
+                status.num_rows = n
+                if job is None:  # schedulable from its first rows on: it runs while the rest arrives
+                    status.state, status.uploading, status.message = S.QUEUED, True, "waiting for slots"
+                    job = self.jobs[status.job_id] = Job(status)
+                    self.wake()
+                job.notify()  # ranks at the end of their shard take the new rows
+            if cancelled():
+                raise asyncio.CancelledError("the client cancelled the upload")
             if n == 0:
                 raise InvalidArgument("the dataset is empty: send at least one row after the spec")
+            status.uploading = False
+            await self._save(job)  # a cancel that lands here still undoes the job, below
         except BaseException:
+            if job is not None:  # nothing of a failed upload is accepted, even rows already computed
+                del self.jobs[status.job_id]
+                await self._end_attempt(job, "its upload failed", requeue=False)
+                status.state, status.message = S.FAILED, "its upload failed"  # for streams already open
+                job.notify()
             await self.db(self.store.delete_job, status.job_id)
             raise
-        status.num_rows = n
-        status.state = S.QUEUED
-        status.message = "waiting for slots"
-        await self.db(self.store.save_job, status)
-        self.jobs[status.job_id] = Job(status)
         log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
-        self.wake()
         return status
 
     def job(self, job_id: str) -> Job:
@@ -179,13 +193,18 @@ class JobManager:
     # --- worker side ----------------------------------------------------------------------------------
 
     async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
-        self._current_attempt(request.job_id, request.attempt)
-        rows = self.store.shard(request.job_id, request.attempt, request.rank, request.world_size)
+        """A rank's rows; while the job is uploading, the stream follows the upload to its end."""
+        job = self._current_attempt(request.job_id, request.attempt)
+        cursor = ShardCursor()
         while True:
-            batch = await self.db(next, rows, None)
-            if batch is None:
+            changed, uploading = job.changed, job.status.uploading  # both read before the rows are
+            rows = self.store.shard(request.job_id, request.attempt, request.rank, request.world_size, cursor=cursor)
+            while (batch := await self.db(next, rows, None)) is not None:
+                yield workers_pb2.ShardBatch(indices=[i for i, _ in batch], texts=[t for _, t in batch])
+            if not uploading:
                 return
-            yield workers_pb2.ShardBatch(indices=[i for i, _ in batch], texts=[t for _, t in batch])
+            await changed.wait()
+            self._current_attempt(request.job_id, request.attempt)  # it may have ended while we waited
 
     async def commit(self, job_id: str, attempt: int, results: list[jobs_pb2.Result]) -> int:
         job = self._current_attempt(job_id, attempt)
@@ -374,7 +393,7 @@ class JobManager:
         self.metrics.attempts.labels("failed" if reason else "succeeded").inc()
         if reason:
             log.warning("attempt_ended", job_id=job.job_id, attempt=attempt.number, reason=reason)
-        if requeue and job.status.rows_done == job.status.num_rows:
+        if requeue and job.status.rows_done == job.status.num_rows and not job.status.uploading:
             await self._finish(
                 job,
                 S.SUCCEEDED,

@@ -30,7 +30,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                     raise InvalidArgument("only the first SubmitJob message may carry a spec; the rest carry rows")
                 yield message.rows
 
-        status = await self.manager.submit(first.spec, row_batches())
+        status = await self.manager.submit(first.spec, row_batches(), context.cancelled)
         return jobs_pb2.SubmitJobResponse(job_id=status.job_id, num_rows=status.num_rows)
 
     @grpc_errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from distinfer.v1 import jobs_pb2
@@ -34,6 +35,12 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (job_id, idx)
 );
 """
+
+
+@dataclass
+class ShardCursor:
+    after: int = -1  # the last row index scanned
+    position: int = 0  # open rows scanned so far: the k-th belongs to rank k % world_size
 
 
 class Store:
@@ -77,27 +84,34 @@ class Store:
         return len(values)
 
     def shard(
-        self, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024
+        self,
+        job_id: str,
+        attempt: int,
+        rank: int,
+        world_size: int,
+        batch: int = 1024,
+        cursor: ShardCursor | None = None,
     ) -> Iterator[list[tuple[int, str]]]:
         """The rows of one rank, in batches: every world_size-th row among those open when the attempt began.
 
         Rows committed by this same attempt still count as open, so the cut stays the same however late a
-        rank asks for its shard.
+        rank asks for its shard. cursor: where an earlier call stopped (rows still uploading arrive later,
+        with higher indices); it is moved along as rows are scanned.
         """
-        cursor = self._db.execute(
+        cursor = cursor or ShardCursor()
+        rows = self._db.execute(
             """SELECT i.idx, i.text FROM inputs i LEFT JOIN results r ON r.job_id = i.job_id AND r.idx = i.idx
-               WHERE i.job_id = ? AND (r.idx IS NULL OR r.attempt = ?) ORDER BY i.idx""",
-            (job_id, attempt),
+               WHERE i.job_id = ? AND i.idx > ? AND (r.idx IS NULL OR r.attempt = ?) ORDER BY i.idx""",
+            (job_id, cursor.after, attempt),
         )
-        position = 0
         out: list[tuple[int, str]] = []
-        for idx, text in cursor:
-            if position % world_size == rank:
+        for idx, text in rows:
+            if cursor.position % world_size == rank:
                 out.append((idx, text))
                 if len(out) >= batch:
                     yield out
                     out = []
-            position += 1
+            cursor.after, cursor.position = idx, cursor.position + 1
         if out:
             yield out
 

@@ -646,6 +646,7 @@ class JobStatus(_message.Message):
     TIME_TO_FIRST_RESULT_S_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    UPLOADING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     num_rows: _builtins.int
@@ -659,6 +660,10 @@ class JobStatus(_message.Message):
     """Seconds from the attempt's start to its first committed result."""
     error_code: _builtins.str
     """For a FAILED job: the gRPC status code name that fits its reason (e.g. NOT_FOUND for a missing model)."""
+    uploading: _builtins.bool
+    """Rows are still arriving: a job is scheduled from its first rows on and runs while the rest uploads;
+    num_rows counts the rows stored so far.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -681,10 +686,11 @@ class JobStatus(_message.Message):
         time_to_first_result_s: _builtins.float = ...,
         error_code: _builtins.str = ...,
         timings: Global___Timings | None = ...,
+        uploading: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error_code", b"error_code", "finished_at", b"finished_at", "job_id", b"job_id", "message", b"message", "num_rows", b"num_rows", "rows_done", b"rows_done", "spec", b"spec", "started_at", b"started_at", "state", b"state", "time_to_first_result_s", b"time_to_first_result_s", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error_code", b"error_code", "finished_at", b"finished_at", "job_id", b"job_id", "message", b"message", "num_rows", b"num_rows", "rows_done", b"rows_done", "spec", b"spec", "started_at", b"started_at", "state", b"state", "time_to_first_result_s", b"time_to_first_result_s", "timings", b"timings", "uploading", b"uploading"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
