@@ -124,6 +124,8 @@ class JobManager:
                         "takes in one job (--max-rows-per-job): split the dataset"
                     )
                 n += await self.db(self.store.add_rows, status.job_id, n, list(batch.rows))
+                if n == 0:
+                    continue  # an empty message: nothing to schedule yet
                 status.num_rows = n
                 if job is None:  # schedulable from its first rows on: it runs while the rest arrives
                     status.state, status.uploading, status.message = S.QUEUED, True, "waiting for slots"
