@@ -17,8 +17,14 @@ def test_worker_waits_for_a_late_coordinator_then_serves_jobs_with_a_warm_model(
     try:
         cluster.address = f"127.0.0.1:{port}"
         worker = cluster.add_worker()
-        time.sleep(3)  # the worker has found nobody at that address and is backing off
-        assert worker.poll() is None
+        # Wait until the worker has found nobody at that address and is backing off (its start, importing
+        # torch on a cold machine, can take seconds).
+        log_file = tmp_path / "worker-0.log"
+        deadline = time.monotonic() + 60
+        while "coordinator_unreachable" not in (log_file.read_text() if log_file.exists() else ""):
+            assert worker.poll() is None, "the worker exited instead of retrying"
+            assert time.monotonic() < deadline, "the worker never tried to reach the coordinator"
+            time.sleep(0.2)
         cluster.coordinator = cluster._spawn(
             "coordinator",
             ["distinfer.coordinator.main", "--listen", cluster.address, "--state-dir", str(tmp_path / "state")],
@@ -28,8 +34,8 @@ def test_worker_waits_for_a_late_coordinator_then_serves_jobs_with_a_warm_model(
             for _ in range(2):
                 job = client.submit(["a first row", "a second row"], model="all-MiniLM-L6-v2", workers=1)
                 assert [r["index"] for r in job.results()] == [0, 1]
-        log = (tmp_path / "worker-0.log").read_text()
-        assert "coordinator_unreachable" in log  # it really did retry
+        log = log_file.read_text()
+        assert worker.poll() is None
         assert log.count('"model_loaded"') == 1 and log.count('"model_reused"') == 1
     except BaseException:
         print(cluster.logs())
