@@ -16,7 +16,7 @@ import grpc
 import structlog
 
 from distinfer.common.channels import ChannelSecurity, env_token, open_channel
-from distinfer.common.errors import JOB_ENDED_KEY
+from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -25,6 +25,8 @@ ROWS_PER_MESSAGE = 512
 CALL_DEADLINE_S = 30.0
 # How long a result stream keeps trying to resume while the coordinator is unreachable.
 RESUME_TIMEOUT_S = 120.0
+# How long a failed job's result stream waits for its still-open upload to say why it broke.
+UPLOAD_ERROR_WAIT_S = 5.0
 TERMINAL_STATES = (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
 
 
@@ -119,9 +121,14 @@ class Client:
         tp_size: int = 0,
         queue_timeout_s: float = 0.0,
         max_attempts: int = 0,
+        wait_for_upload: bool = True,
     ) -> Job:
         """Upload the rows and queue the job. `workers=N` asks for exactly N ranks (the job waits for them);
-        0 takes every free slot. Rows are streamed in batches, never held whole in memory."""
+        0 takes every free slot. Rows are streamed in batches, never held whole in memory.
+
+        The job runs from its first rows on. wait_for_upload=False returns it then, while the rest uploads in
+        the background, so its results can be read at once; an upload that fails later (a bad row, too many
+        rows) is raised by job.results() or job.wait_for_upload(), and leaves no job behind."""
         options = jobs_pb2.TaskOptions(
             return_logits=return_logits,
             batch_size=batch_size,
@@ -164,13 +171,12 @@ class Client:
                 yield jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=batch))
 
         # No deadline: an upload takes as long as the dataset is big. A broken upload leaves no job behind.
-        try:
-            response = self.stub.SubmitJob(messages(), metadata=self.metadata)
-        except grpc.RpcError:
-            if input_error:
-                raise input_error[0] from None
-            raise
-        return Job(self, response.job_id, response.num_rows)
+        upload = Upload(self.stub.SubmitJob.future(messages(), metadata=self.metadata), input_error)
+        job_id = upload.job_id() if not wait_for_upload else None
+        if job_id is None:
+            response = upload.response()
+            return Job(self, response.job_id, response.num_rows)
+        return Job(self, job_id, upload=upload)
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
@@ -188,11 +194,69 @@ class Client:
         )
 
 
+class Upload:
+    """A SubmitJob call whose rows are still being sent (by gRPC's own thread)."""
+
+    def __init__(self, call, input_error: list[Exception]):
+        self._call = call
+        self._input_error = input_error  # what the caller's rows raised, if they did
+
+    def job_id(self) -> str | None:
+        """Waits until the coordinator has accepted the first rows: the job's id, or None if the call ended
+        first (response() then says how)."""
+        try:
+            return dict(self._call.initial_metadata() or ()).get(JOB_ID_KEY)
+        except KeyboardInterrupt:
+            self._call.cancel()  # an interrupted upload leaves no job behind
+            raise
+
+    def response(self) -> jobs_pb2.SubmitJobResponse:
+        """Waits for the whole upload; raises what broke it: the caller's rows, or the coordinator's status."""
+        try:
+            return self._call.result()
+        except grpc.RpcError:
+            if self._input_error:
+                raise self._input_error[0] from None
+            raise
+        except KeyboardInterrupt:
+            self._call.cancel()
+            raise
+
+    def done(self) -> bool:
+        return self._call.done()
+
+    def raise_if_failed(self, wait_s: float) -> None:
+        """Raise what broke the upload if it ends within wait_s (a failed upload also fails its job's result
+        stream, and the two statuses may arrive in either order)."""
+        try:
+            self._call.exception(timeout=wait_s)
+        except grpc.FutureTimeoutError:
+            return
+        if self._call.exception() is not None:
+            self.response()
+
+
 class Job:
-    def __init__(self, client: Client, job_id: str, num_rows: int | None = None):
+    def __init__(self, client: Client, job_id: str, num_rows: int | None = None, upload: Upload | None = None):
+        """upload: the job's rows still on their way (Client.submit with wait_for_upload=False)."""
         self.client = client
         self.id = job_id
-        self.num_rows = num_rows
+        self._num_rows = num_rows
+        self._upload = upload
+
+    @property
+    def num_rows(self) -> int | None:
+        """The job's row count; None while its rows are still uploading."""
+        if self._num_rows is None and self._upload is not None and self._upload.done():
+            self.wait_for_upload()
+        return self._num_rows
+
+    def wait_for_upload(self) -> int:
+        """Wait until all the job's rows are at the coordinator; their count. Raises what broke the upload."""
+        if self._upload is not None:
+            self._num_rows = self._upload.response().num_rows
+            self._upload = None
+        return self._num_rows if self._num_rows is not None else self.status().num_rows
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -232,9 +296,13 @@ class Job:
                     if batch.results:
                         next_index = batch.results[-1].index + 1
                         yield list(batch.results)
-                return
+                break
             except grpc.RpcError as exc:
-                if dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY):
+                ended = bool(dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY))
+                if self._upload is not None and (ended or exc.code() == grpc.StatusCode.NOT_FOUND):
+                    # A broken upload fails (and removes) its job: its own error says more.
+                    self._upload.raise_if_failed(wait_s=UPLOAD_ERROR_WAIT_S)
+                if ended:
                     raise JobFailed(exc.details()) from None
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -244,6 +312,8 @@ class Job:
                 log.info("result_stream_resuming", job_id=self.id, next_index=next_index, delay_s=round(delay, 2))
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        if self._upload is not None:
+            self.wait_for_upload()  # the job ended, so its upload has too: take the response
 
     def results(self, start: int = 0) -> Iterator[dict]:
         """Result rows as dicts ({"index": i, ...task fields, ...passed-through fields}) in input order."""

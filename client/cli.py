@@ -130,6 +130,7 @@ def main(argv=None) -> int:
 
 def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
     rows = read_rows(args.input, args.text_field, args.format)
+    detach = getattr(args, "detach", False)
     started = time.monotonic()
     job = client.submit(
         rows,
@@ -146,10 +147,13 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         queue_timeout_s=args.queue_timeout,
         generate=_generate_options(args) if args.task == "generate" else None,
         tp_size=args.tp_size,
+        # Results are written while the rest of the rows upload; a detached job's upload must end first.
+        wait_for_upload=detach,
     )
-    print(f"distinfer: job {job.id} accepted: {job.num_rows} rows", file=sys.stderr)
+    rows_note = f"{job.num_rows} rows" if job.num_rows is not None else "running while its rows upload"
+    print(f"distinfer: job {job.id} accepted: {rows_note}", file=sys.stderr)
     print(job.id, flush=True)  # stdout carries only the job id, for scripts
-    if getattr(args, "detach", False):
+    if detach:
         return 0
     written = _write_results(job, args.output, 0, job.num_rows)
     elapsed = time.monotonic() - started
@@ -192,7 +196,10 @@ def _write_results(job: Job, output: Path, start: int, total: int | None) -> int
         for batch in job.result_batches(start):
             for result in batch:
                 write_jsonl(f, result_to_dict(result))
+            f.flush()  # what has come back is in the file, for whoever follows it
             written += len(batch)
+            if bar.total is None and job.num_rows is not None:  # the upload has ended: the total is known
+                bar.total = job.num_rows
             bar.update(len(batch))
     return written
 

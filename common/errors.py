@@ -19,6 +19,9 @@ log = structlog.get_logger(__name__)
 # Trailing metadata on a result stream that ended because the job ended badly (value: the job's state), so
 # clients tell "the job failed with NOT_FOUND (its model)" from "no such job" (also NOT_FOUND).
 JOB_ENDED_KEY = "distinfer-job-ended"
+# Initial metadata of SubmitJob once the job exists (its first rows are stored): the job's id, so a client
+# can stream results while the rest of its rows still upload.
+JOB_ID_KEY = "distinfer-job-id"
 
 
 class DistinferError(Exception):

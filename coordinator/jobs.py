@@ -96,10 +96,15 @@ class JobManager:
     # --- client side ----------------------------------------------------------------------------------
 
     async def submit(
-        self, spec: jobs_pb2.JobSpec, batches: AsyncIterator[jobs_pb2.RowBatch], cancelled=lambda: False
+        self,
+        spec: jobs_pb2.JobSpec,
+        batches: AsyncIterator[jobs_pb2.RowBatch],
+        cancelled=lambda: False,
+        accepted=None,
     ) -> jobs_pb2.JobStatus:
         """Store the rows as they arrive; the job is scheduled from its first rows on. cancelled(): whether the
-        client gave up on the call (in grpc.aio its row stream then just ends, as if the upload were whole)."""
+        client gave up on the call (in grpc.aio its row stream then just ends, as if the upload were whole).
+        accepted(job_id): awaited once the job exists, from when its results can be streamed."""
         validate_spec(spec)
         check_tensor_parallel(spec)
         waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values())
@@ -131,6 +136,8 @@ class JobManager:
                     status.state, status.uploading, status.message = S.QUEUED, True, "waiting for slots"
                     job = self.jobs[status.job_id] = Job(status)
                     self.wake()
+                    if accepted is not None:
+                        await accepted(status.job_id)
                 job.notify()  # ranks at the end of their shard take the new rows
             if cancelled():
                 raise asyncio.CancelledError("the client cancelled the upload")
@@ -201,10 +208,14 @@ class JobManager:
         while True:
             changed, uploading = job.changed, job.status.uploading  # both read before the rows are
             rows = self.store.shard(request.job_id, request.attempt, request.rank, request.world_size, cursor=cursor)
+            sent = False
             while (batch := await self.db(next, rows, None)) is not None:
                 yield workers_pb2.ShardBatch(indices=[i for i, _ in batch], texts=[t for _, t in batch])
+                sent = True
             if not uploading:
                 return
+            if sent:
+                yield workers_pb2.ShardBatch()  # caught up with the upload: compute what you hold
             await changed.wait()
             self._current_attempt(request.job_id, request.attempt)  # it may have ended while we waited
 

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import structlog
 
-from distinfer.common.errors import InvalidArgument, grpc_errors
+from distinfer.common.errors import JOB_ID_KEY, InvalidArgument, grpc_errors
 from distinfer.coordinator.jobs import JobManager
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -30,7 +30,10 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                     raise InvalidArgument("only the first SubmitJob message may carry a spec; the rest carry rows")
                 yield message.rows
 
-        status = await self.manager.submit(first.spec, row_batches(), context.cancelled)
+        async def accepted(job_id: str) -> None:
+            await context.send_initial_metadata(((JOB_ID_KEY, job_id),))
+
+        status = await self.manager.submit(first.spec, row_batches(), context.cancelled, accepted)
         return jobs_pb2.SubmitJobResponse(job_id=status.job_id, num_rows=status.num_rows)
 
     @grpc_errors

@@ -189,7 +189,7 @@ class Executor:
                     payload = task.forward(task.inputs(batch), options)
                     computed = time.monotonic()
                     timings.compute_s += computed - started
-                    outbox.add(payload, batch)
+                    outbox.add(payload, batch, more_ready=batches.ready())
                     batch_metrics.append((computed - started, len(batch)))
                     if computed - metrics_sent >= METRICS_EVERY_S:
                         self.events.put(("batches", self.slot, batch_metrics))

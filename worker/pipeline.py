@@ -80,13 +80,14 @@ class Outbox:
         if gatherer is not None and not inline:
             self._thread = start_helper_thread(self._gather_in_background, "gather")
 
-    def add(self, payload: torch.Tensor, batch) -> None:
-        """Keep a computed batch; hand the group over once it is a round's worth (blocks only while
-        MAX_WAITING_GROUPS are waiting)."""
+    def add(self, payload: torch.Tensor, batch, more_ready: bool = True) -> None:
+        """Keep a computed batch; hand the group over once it is a round's worth, or at once if no next batch
+        is ready (the rank's input is behind, e.g. a slow upload: its rows should not wait for more rows).
+        Blocks only while MAX_WAITING_GROUPS are waiting."""
         if self._gatherer is None:
             return
         self._group.append((payload, [r.index for r in batch], [r.truncated for r in batch]))
-        if len(self._group) < self._per_round:
+        if len(self._group) < self._per_round and more_ready:
             return
         group, self._group = self._group, []
         self._per_round = min(self._per_round * 2, self.MAX_BATCHES_PER_ROUND)
@@ -228,6 +229,10 @@ class Prefetcher:
                 del indices[:rows], texts[:rows]
 
             for shard_batch in stub.FetchShard(request, metadata=self._metadata):
+                if not shard_batch.indices:  # every row uploaded so far is here: the next may be long in coming
+                    if indices:
+                        flush(len(indices))
+                    continue
                 indices.extend(shard_batch.indices)
                 texts.extend(shard_batch.texts)
                 while len(indices) >= window:
@@ -244,6 +249,10 @@ class Prefetcher:
         while (batch := self._queue.get()) is not None:
             yield batch
         self.check()
+
+    def ready(self) -> bool:
+        """Whether the next batch is already waiting (the model will not wait for input)."""
+        return not self._queue.empty()
 
     def check(self) -> None:
         if self._error is not None:

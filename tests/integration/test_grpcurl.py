@@ -4,6 +4,7 @@ rows and streams its results, through server reflection alone."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ from pathlib import Path
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
-def grpcurl(address: str, *args: str, data: str | None = None) -> str:
-    command = [GRPCURL, "-plaintext", *(["-d", "@"] if data is not None else []), address, *args]
+def grpcurl(address: str, *args: str, data: str | None = None, flags: tuple[str, ...] = ()) -> str:
+    command = [GRPCURL, "-plaintext", *flags, *(["-d", "@"] if data is not None else []), address, *args]
     done = subprocess.run(command, input=data, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -60,3 +61,15 @@ def test_grpcurl_lists_checks_health_submits_and_streams(cluster):
         grpcurl(cluster.address, "distinfer.v1.Jobs/GetJob", data=json.dumps({"job_id": submitted["job_id"]}))
     )
     assert status["state"] == "SUCCEEDED"
+
+
+def test_grpcurl_sees_the_job_id_in_the_response_headers(cluster):
+    """The id comes in SubmitJob's initial metadata too: what lets a client stream results during a long upload."""
+    upload = "\n".join(
+        [json.dumps({"spec": {"task": "echo", "max_workers": 1}}), json.dumps({"rows": {"rows": [{"text": "a row"}]}})]
+    )
+    verbose = grpcurl(cluster.address, "distinfer.v1.Jobs/SubmitJob", data=upload, flags=("-v",))
+    in_headers = re.search(r"distinfer-job-id: (j-[0-9a-f]+)", verbose)
+    in_response = re.search(r'"job_id": "(j-[0-9a-f]+)"', verbose)
+    assert in_headers and in_response, verbose
+    assert in_headers.group(1) == in_response.group(1)

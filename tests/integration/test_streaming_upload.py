@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
 import time
 
+import grpc
 import pytest
 
-from distinfer.client.api import Client
+from distinfer.client.api import ROWS_PER_MESSAGE, Client
 from distinfer.v1 import jobs_pb2
 
 FIRST_ROWS = 1100  # two whole 512-row upload messages are at the coordinator while the client holds back
@@ -63,3 +69,89 @@ def test_an_upload_that_fails_after_the_job_started_leaves_nothing(client, clust
         time.sleep(0.1)
     assert not [s for s in client.jobs() if s.uploading or s.state == jobs_pb2.RUNNING]
     assert [r["index"] for r in client.submit(["after"], model="", task="echo").results()] == [0]
+
+
+def test_results_stream_while_the_rows_are_still_uploading(client):
+    """wait_for_upload=False: every row the coordinator has comes back while the caller still holds the
+    rest back (ranks compute what they hold rather than wait for a full window or round)."""
+    uploaded = 2 * ROWS_PER_MESSAGE  # what the client has sent of FIRST_ROWS: whole messages only
+    all_uploaded_rows_back = threading.Event()
+    held_back_until_then = []
+
+    def rows():
+        for i in range(FIRST_ROWS):
+            yield f"row {i}"
+        held_back_until_then.append(all_uploaded_rows_back.wait(timeout=30))
+        for i in range(FIRST_ROWS, FIRST_ROWS + MORE_ROWS):
+            yield f"row {i}"
+
+    job = client.submit(rows(), model="", task="echo", workers=2, wait_for_upload=False)
+    assert job.num_rows is None  # not known while the rows upload
+    results = []
+    for row in job.results():
+        results.append(row)
+        if len(results) == uploaded:
+            all_uploaded_rows_back.set()
+    assert held_back_until_then == [True]
+    assert [r["index"] for r in results] == list(range(FIRST_ROWS + MORE_ROWS))
+    assert job.num_rows == FIRST_ROWS + MORE_ROWS
+    assert job.status().state == jobs_pb2.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    "bad_row, error",
+    [
+        ({"body": "a row without its text field"}, ValueError),  # caught by the client
+        (jobs_pb2.InputRow(meta_json="{}"), grpc.RpcError),  # caught by the coordinator
+    ],
+)
+def test_an_upload_that_fails_while_results_stream_raises_its_own_error(client, bad_row, error):
+    first_result = threading.Event()
+
+    def rows():
+        for i in range(FIRST_ROWS):
+            yield f"row {i}"
+        first_result.wait(timeout=30)
+        yield bad_row
+
+    job = client.submit(rows(), model="", task="echo", workers=2, wait_for_upload=False)
+    with pytest.raises(error, match="text") as raised:
+        for _ in job.results():
+            first_result.set()
+    assert first_result.is_set()
+    if error is grpc.RpcError:
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as gone:  # nothing of a failed upload is kept
+        job.status()
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_writes_results_while_its_input_is_still_being_written(cluster, tmp_path):
+    """`distinfer submit` reading a pipe: results land in the output before the input has ended."""
+    pipe, output = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    os.mkfifo(pipe)
+    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
+    submit = subprocess.Popen(
+        [*command, "--task", "echo", "--workers", "2", "--input", str(pipe), "--output", str(output)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with pipe.open("w") as writer:
+            writer.writelines(json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS))
+            writer.flush()
+            deadline = time.monotonic() + 60
+            while not (output.exists() and output.stat().st_size > 0):
+                assert submit.poll() is None, submit.stderr.read()
+                assert time.monotonic() < deadline, "no result was written while the input was still open"
+                time.sleep(0.05)
+            writer.writelines(
+                json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS, FIRST_ROWS + MORE_ROWS)
+            )
+        _, stderr = submit.communicate(timeout=120)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, stderr
+    assert "running while its rows upload" in stderr and f"succeeded: {FIRST_ROWS + MORE_ROWS} rows" in stderr
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["index"] for r in results] == list(range(FIRST_ROWS + MORE_ROWS))

@@ -132,3 +132,34 @@ def test_helper_threads_run_torch_on_one_thread_and_leave_the_models_threads_alo
     start_helper_thread(lambda: seen.append(torch.get_num_threads()), "helper").join()
     assert seen == [1]
     assert torch.get_num_threads() == 2
+
+
+def _held_back_rows(_rank: int, port: int, out_path: str) -> None:
+    """One rank: a first batch (a round of its own), then a second. Which rows reach rank 0's sender before
+    the rank finishes, with the next batch ready and with none."""
+    from distinfer.worker.gather import Gatherer
+    from distinfer.worker.pipeline import Outbox
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    delivered = {}
+    for more_ready in (True, False):
+        sender = CollectingSender()
+        outbox = Outbox(Gatherer(WIDTH, torch.device("cpu")), sender)
+        for b in range(2):
+            batch = [Row(index=b * 100 + i, truncated=0) for i in range(4)]
+            outbox.add(torch.zeros(len(batch), WIDTH), batch, more_ready=more_ready)
+        time.sleep(1.0)  # the round thread has had all the time it needs
+        delivered[more_ready] = sorted(index for index, _, _ in sender.rows)
+        outbox.finish()
+    torch.save(delivered, out_path)
+    os._exit(0)
+
+
+def test_a_rank_whose_input_is_behind_hands_its_rows_over_without_waiting_for_a_full_round(tmp_path):
+    """A rank still waiting on a slow upload: its computed rows go to rank 0 at once, not when more come."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    out_path = tmp_path / "delivered.pt"
+    mp.start_processes(_held_back_rows, args=(free_port(), str(out_path)), nprocs=1, start_method="spawn")
+    delivered = torch.load(out_path)
+    assert delivered[True] == [0, 1, 2, 3]  # the second batch waits for a round's worth (2 batches)
+    assert delivered[False] == [0, 1, 2, 3, 100, 101, 102, 103]

@@ -71,6 +71,8 @@ class JobsServicer:
 
     def SubmitJob(self, request_iterator, context):
         """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive.
+        The job runs from its first rows on: the call's initial metadata then carries "distinfer-job-id", so
+        results can be streamed while the rest uploads. The response comes when the upload is whole.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,10 @@ class JobsStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> JobsAsyncStub: ...
     SubmitJob: _grpc.StreamUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]
-    """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive."""
+    """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive.
+    The job runs from its first rows on: the call's initial metadata then carries "distinfer-job-id", so
+    results can be streamed while the rest uploads. The response comes when the upload is whole.
+    """
     StreamResults: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamResultsRequest, _jobs_pb2.ResultBatch]
     """Results in input order from start_index, as they are committed; ends when the job has ended."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]
@@ -46,7 +49,10 @@ class JobsStub:
 class JobsAsyncStub(JobsStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.StreamUnaryMultiCallable[_jobs_pb2.SubmitJobRequest, _jobs_pb2.SubmitJobResponse]  # type: ignore[assignment]
-    """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive."""
+    """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive.
+    The job runs from its first rows on: the call's initial metadata then carries "distinfer-job-id", so
+    results can be streamed while the rest uploads. The response comes when the upload is whole.
+    """
     StreamResults: _aio.UnaryStreamMultiCallable[_jobs_pb2.StreamResultsRequest, _jobs_pb2.ResultBatch]  # type: ignore[assignment]
     """Results in input order from start_index, as they are committed; ends when the job has ended."""
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]  # type: ignore[assignment]
@@ -61,7 +67,10 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_jobs_pb2.SubmitJobRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.SubmitJobResponse, _abc.Awaitable[_jobs_pb2.SubmitJobResponse]]:
-        """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive."""
+        """Client stream: a JobSpec first, then RowBatch messages. Rows are stored (spooled to disk) as they arrive.
+        The job runs from its first rows on: the call's initial metadata then carries "distinfer-job-id", so
+        results can be streamed while the rest uploads. The response comes when the upload is whole.
+        """
 
     @_abc_1.abstractmethod
     def StreamResults(

@@ -363,7 +363,9 @@ Global___FetchShardRequest: _TypeAlias = FetchShardRequest  # noqa: Y015
 
 @_typing.final
 class ShardBatch(_message.Message):
-    """A batch of a shard's rows, each with its global index."""
+    """A batch of a shard's rows, each with its global index. An empty one, while the job is still uploading,
+    says the rank has every row there is so far: it computes what it holds instead of waiting for more.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
