@@ -214,7 +214,7 @@ class Upload:
         """Waits for the whole upload; raises what broke it: the caller's rows, or the coordinator's status."""
         try:
             return self._call.result()
-        except grpc.RpcError:
+        except (grpc.RpcError, grpc.FutureCancelledError):
             if self._input_error:
                 raise self._input_error[0] from None
             raise
@@ -229,10 +229,12 @@ class Upload:
         """Raise what broke the upload if it ends within wait_s (a failed upload also fails its job's result
         stream, and the two statuses may arrive in either order)."""
         try:
-            self._call.exception(timeout=wait_s)
+            failed = self._call.exception(timeout=wait_s) is not None
         except grpc.FutureTimeoutError:
             return
-        if self._call.exception() is not None:
+        except grpc.FutureCancelledError:
+            failed = True
+        if failed:
             self.response()
 
 
