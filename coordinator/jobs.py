@@ -79,9 +79,10 @@ class JobManager:
     async def recover(self) -> None:
         """Load every job from the store; unfinished ones go back to the queue with their committed rows."""
         for status in await self.db(self.store.load_jobs):
-            if status.state == UPLOADING or status.uploading:
+            if status.state == UPLOADING or (status.uploading and status.state not in TERMINAL):
                 await self.db(self.store.delete_job, status.job_id)  # its upload never completed: never accepted
                 continue
+            status.uploading = False  # a job that ended while uploading keeps its record, and takes no more rows
             status.rows_done = await self.db(self.store.count_results, status.job_id)
             if status.state not in TERMINAL and status.state != S.QUEUED:
                 if status.attempts and not status.attempts[-1].ended_at:
@@ -119,6 +120,8 @@ class JobManager:
         try:
             n = 0
             async for batch in batches:
+                if job is not None and job.status.state in TERMINAL:
+                    continue  # it failed or was cancelled while uploading: the rest of its rows are not needed
                 for offset, row in enumerate(batch.rows):
                     if not row.HasField("text"):
                         raise InvalidArgument(f"row {n + offset} has no text: every row needs a text field")
@@ -146,6 +149,12 @@ class JobManager:
             status.uploading = False
             await self._save(job)  # a cancel that lands here still undoes the job, below
         except BaseException:
+            if job is not None and job.status.state in TERMINAL:
+                # It ended while uploading (failed, cancelled), so the client may well stop sending: the job
+                # stays on record as it ended.
+                status.uploading = False
+                await self._save(job)
+                raise
             if job is not None:  # nothing of a failed upload is accepted, even rows already computed
                 del self.jobs[status.job_id]
                 await self._end_attempt(job, "its upload failed", requeue=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -155,3 +156,28 @@ def test_cli_writes_results_while_its_input_is_still_being_written(cluster, tmp_
     assert "running while its rows upload" in stderr and f"succeeded: {FIRST_ROWS + MORE_ROWS} rows" in stderr
     results = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["index"] for r in results] == list(range(FIRST_ROWS + MORE_ROWS))
+
+
+def test_a_job_that_fails_while_uploading_stays_on_record_when_the_client_goes(cluster, client, tmp_path):
+    """`distinfer submit` stops at its job's failure, which ends its upload: the failed job is kept, not
+    undone like a broken upload, and `distinfer status` can still say why it failed."""
+    pipe = tmp_path / "rows.jsonl"
+    os.mkfifo(pipe)
+    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
+    submit = subprocess.Popen(
+        [*command, "--model", "no-such-model", "--input", str(pipe), "--output", str(tmp_path / "out.jsonl")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with contextlib.suppress(BrokenPipeError), pipe.open("w") as writer:
+            writer.writelines(json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS))
+            writer.flush()
+            stdout, stderr = submit.communicate(timeout=120)  # it exits with the input still open
+    finally:
+        submit.kill()
+    assert submit.returncode == 1 and "job failed" in stderr, stderr
+    status = client.job(stdout.split()[0]).status()
+    assert status.state == jobs_pb2.FAILED and "no-such-model" in status.message, status
+    assert not status.uploading

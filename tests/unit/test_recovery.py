@@ -1,4 +1,5 @@
-"""A coordinator restarted on the same state dir has every accepted job; a half-uploaded one is gone."""
+"""A coordinator restarted on the same state dir has every accepted job; a half-uploaded one is gone, unless
+it had already ended (failed or cancelled while uploading): that one is kept as it ended."""
 
 from __future__ import annotations
 
@@ -19,13 +20,19 @@ def test_restart_keeps_accepted_jobs_and_drops_unfinished_uploads(tmp_path, coor
     store = Store(state / "distinfer.sqlite")
     store.create_job(jobs_pb2.JobStatus(job_id="j-halfway", state=jobs_pb2.JOB_STATE_UNSPECIFIED))
     store.add_rows("j-halfway", 0, [jobs_pb2.InputRow(text="x")])
+    # Jobs still uploading at the crash: one running (never accepted), one that had already failed (kept).
+    for job_id, job_state in (("j-running", jobs_pb2.RUNNING), ("j-failed", jobs_pb2.FAILED)):
+        store.create_job(jobs_pb2.JobStatus(job_id=job_id, state=job_state, uploading=True, num_rows=1))
+        store.add_rows(job_id, 0, [jobs_pb2.InputRow(text="x")])
     store.close()
 
     second = coordinator_class(state)
     address = second.start()
     try:
         with Client(address) as client:
-            assert [j.job_id for j in client.jobs()] == [job.id]
+            assert [j.job_id for j in client.jobs()] == [job.id, "j-failed"]
+            failed = client.job("j-failed").status()
+            assert failed.state == jobs_pb2.FAILED and not failed.uploading
             status = client.job(job.id).status()
             assert status.state == jobs_pb2.QUEUED and status.num_rows == 1500
         shard = list(second.coordinator.manager.store.shard(job.id, 1, 0, 1))
@@ -33,5 +40,5 @@ def test_restart_keeps_accepted_jobs_and_drops_unfinished_uploads(tmp_path, coor
     finally:
         second.stop()
     reopened = Store(state / "distinfer.sqlite")
-    assert [s.job_id for s in reopened.load_jobs()] == [job.id]
+    assert [s.job_id for s in reopened.load_jobs()] == [job.id, "j-failed"]
     assert list(reopened.shard("j-halfway", 1, 0, 1)) == []  # its rows are gone too
