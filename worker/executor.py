@@ -178,7 +178,7 @@ class Executor:
         to_result = functools.partial(task.result, options=options)
         sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
-        outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl")
+        outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl", idle=batches.starved)
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
         # batch woke the queue's feeder thread every batch, which took the GIL from this thread.
         batch_metrics, metrics_sent = [], time.monotonic()

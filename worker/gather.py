@@ -36,8 +36,10 @@ class Gatherer:
         if all(c == DONE for c in counts_list):
             return None
         rows = max(counts_list)
+        if rows <= 0:
+            return []  # a round in which nobody had rows (ranks waiting for input)
         packed = torch.zeros((rows, self.width + META_COLUMNS), dtype=torch.float32, device=self.comm_device)
-        if payload is not None:
+        if count > 0:
             meta = torch.tensor(list(zip(indices, truncated)), dtype=torch.long).view(torch.float32)
             packed[:count, : self.width] = payload.to(self.comm_device, torch.float32)
             packed[:count, self.width :] = meta.to(self.comm_device)

@@ -65,9 +65,15 @@ class Outbox:
     MAX_BATCHES_PER_ROUND = 8
     MAX_ROWS_PER_ROUND = 256
     MAX_WAITING_GROUPS = 8  # handed-over groups not yet gathered (at most 64 batches): bounds their memory
+    IDLE_ROUND_S = 0.05
 
-    def __init__(self, gatherer: Gatherer | None, sender: ResultSender | None, inline: bool = False):
-        """gatherer None: this rank's rows are gathered by another (a tensor-parallel rank other than the first)."""
+    def __init__(
+        self, gatherer: Gatherer | None, sender: ResultSender | None, inline: bool = False, idle=lambda: False
+    ):
+        """gatherer None: this rank's rows are gathered by another (a tensor-parallel rank other than the first).
+        idle(): whether the rank is waiting for input. Rounds are collective, so another rank's rows wait for
+        this rank's next round: a rank that has waited IDLE_ROUND_S for input takes part in a round with no
+        rows (a slow upload must not hold back rows already computed elsewhere)."""
         self.gather_s = 0.0  # time in rounds
         self.stream_s = 0.0  # time rank 0 waited for the result stream to take a round
         self._gatherer = gatherer
@@ -76,6 +82,7 @@ class Outbox:
         self._per_round = 1
         self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING_GROUPS)
         self._error: BaseException | None = None
+        self._idle = idle
         self._thread = None
         if gatherer is not None and not inline:
             self._thread = start_helper_thread(self._gather_in_background, "gather")
@@ -138,7 +145,11 @@ class Outbox:
                 batches, ended = self._collect()
                 if batches is None:
                     return  # abandoned
-                self._round(batches)
+                if batches:
+                    self._round(batches)
+                elif not ended:  # waiting for input
+                    started = time.monotonic()
+                    self._deliver(self._gatherer.round(torch.empty(0, self._gatherer.width), [], []), started)
                 if ended:
                     break
             self._drain()
@@ -149,8 +160,10 @@ class Outbox:
         """The next round's batches: a handed-over group (waiting for one), then any other groups already
         waiting, up to the row cap. Returns (batches or None if abandoned, whether the rank is done)."""
         batches: list = []
-        group = self._waiting.get()
+        group = self._next_group()
         while True:
+            if group is _IDLE:
+                return [], False
             if group is _ABANDON:
                 return None, True
             if group is _END:
@@ -162,6 +175,15 @@ class Outbox:
                 group = self._waiting.get_nowait()
             except queue.Empty:
                 return batches, False
+
+    def _next_group(self):
+        """The next handed-over group, or _IDLE once none has come for IDLE_ROUND_S while the rank waits for input."""
+        while True:
+            try:
+                return self._waiting.get(timeout=self.IDLE_ROUND_S)
+            except queue.Empty:
+                if self._idle():
+                    return _IDLE
 
     def _round(self, batches: list) -> None:
         if not batches:
@@ -193,6 +215,7 @@ class Outbox:
 
 _END = object()  # the rank has computed all its batches
 _ABANDON = object()  # the attempt failed: rounds stop
+_IDLE = object()  # nothing handed over while the rank waits for input
 
 
 class Prefetcher:
@@ -205,6 +228,7 @@ class Prefetcher:
         self._metadata = metadata
         self._shard = shard or (a.rank, a.world_size)
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
+        self._waiting = False  # the consuming thread is blocked on the queue
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
         self._args = (stub, a, task, max_tokens, max_rows)
@@ -246,13 +270,22 @@ class Prefetcher:
             self._queue.put(None)
 
     def __iter__(self):
-        while (batch := self._queue.get()) is not None:
+        while True:
+            self._waiting = True
+            batch = self._queue.get()
+            self._waiting = False
+            if batch is None:
+                break
             yield batch
         self.check()
 
     def ready(self) -> bool:
         """Whether the next batch is already waiting (the model will not wait for input)."""
         return not self._queue.empty()
+
+    def starved(self) -> bool:
+        """Whether the model is waiting for input (its shard has no rows ready)."""
+        return self._waiting and self._queue.empty()
 
     def check(self) -> None:
         if self._error is not None:

@@ -163,3 +163,31 @@ def test_a_rank_whose_input_is_behind_hands_its_rows_over_without_waiting_for_a_
     delivered = torch.load(out_path)
     assert delivered[True] == [0, 1, 2, 3]  # the second batch waits for a round's worth (2 batches)
     assert delivered[False] == [0, 1, 2, 3, 100, 101, 102, 103]
+
+
+def _uneven_rounds(rank: int, port: int, out_dir: str) -> None:
+    """Rank 0 hands over two groups, rank 1 one and then waits for input: rank 0's second group needs a
+    second round from rank 1, which only an idle round gives."""
+    from distinfer.worker.gather import Gatherer
+    from distinfer.worker.pipeline import Outbox
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    sender = CollectingSender() if rank == 0 else None
+    outbox = Outbox(Gatherer(WIDTH, torch.device("cpu")), sender, idle=lambda: True)
+    for b in range(2 if rank == 0 else 1):
+        batch = [Row(index=rank * 1000 + b * 100 + i, truncated=0) for i in range(4)]
+        outbox.add(torch.zeros(len(batch), WIDTH), batch, more_ready=False)
+        time.sleep(0.5)  # the first round is over before rank 0's second group comes
+    time.sleep(1.0)  # both ranks now wait for input; rank 1 has had no second batch
+    if rank == 0:
+        torch.save(sorted(index for index, _, _ in sender.rows), Path(out_dir) / "delivered.pt")
+    else:
+        time.sleep(1.0)  # finishing would end rank 1's rounds, which lets rank 0's through too
+    outbox.finish()
+    os._exit(0)
+
+
+def test_a_rank_waiting_for_input_takes_part_in_rounds_so_the_others_rows_get_through(tmp_path):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(_uneven_rounds, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert torch.load(tmp_path / "delivered.pt") == [0, 1, 2, 3, 100, 101, 102, 103, 1000, 1001, 1002, 1003]
