@@ -109,7 +109,8 @@ class Outbox:
             return
         group, self._group = self._group, []
         if self._thread is None:
-            self._round(group)
+            if group:
+                self._round(group)
             self._drain()
             return
         if group:
@@ -145,11 +146,8 @@ class Outbox:
                 batches, ended = self._collect()
                 if batches is None:
                     return  # abandoned
-                if batches:
+                if batches or not ended:  # no batches and not ended: a round with nothing, waiting for input
                     self._round(batches)
-                elif not ended:  # waiting for input
-                    started = time.monotonic()
-                    self._deliver(self._gatherer.round(torch.empty(0, self._gatherer.width), [], []), started)
                 if ended:
                     break
             self._drain()
@@ -186,9 +184,7 @@ class Outbox:
                     return _IDLE
 
     def _round(self, batches: list) -> None:
-        if not batches:
-            return
-        payload = torch.cat([p for p, _, _ in batches])
+        payload = torch.cat([p for p, _, _ in batches]) if batches else torch.empty(0, self._gatherer.width)
         indices = [i for _, batch_indices, _ in batches for i in batch_indices]
         truncated = [t for _, _, batch_truncated in batches for t in batch_truncated]
         started = time.monotonic()
@@ -228,7 +224,7 @@ class Prefetcher:
         self._metadata = metadata
         self._shard = shard or (a.rank, a.world_size)
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
-        self._waiting = False  # the consuming thread is blocked on the queue
+        self._consumer_blocked = False  # the model's thread waits on the queue
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
         self._args = (stub, a, task, max_tokens, max_rows)
@@ -271,9 +267,9 @@ class Prefetcher:
 
     def __iter__(self):
         while True:
-            self._waiting = True
+            self._consumer_blocked = True
             batch = self._queue.get()
-            self._waiting = False
+            self._consumer_blocked = False
             if batch is None:
                 break
             yield batch
@@ -285,7 +281,7 @@ class Prefetcher:
 
     def starved(self) -> bool:
         """Whether the model is waiting for input (its shard has no rows ready)."""
-        return self._waiting and self._queue.empty()
+        return self._consumer_blocked and self._queue.empty()
 
     def check(self) -> None:
         if self._error is not None:
