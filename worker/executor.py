@@ -175,8 +175,8 @@ class Executor:
             shard=(layout.dp_rank, layout.dp_size),
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
-        to_result = functools.partial(task.result, options=options)
-        sender = ResultSender(self.stub, a, to_result, self.metadata) if a.rank == 0 else None
+        to_results = functools.partial(task.results, options=options)
+        sender = ResultSender(self.stub, a, to_results, self.metadata) if a.rank == 0 else None
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl", idle=batches.starved)
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per

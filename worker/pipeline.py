@@ -11,7 +11,7 @@ import torch
 
 from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import token_budget_batches
-from distinfer.worker.gather import Gatherer
+from distinfer.worker.gather import Gathered, Gatherer
 from distinfer.worker.tasks import Task
 
 # Rows are tokenised and sorted by length a window at a time, windows in input order. Results stream to
@@ -292,8 +292,9 @@ class ResultSender:
     """Rank 0 turns gathered rows into Results and streams them to the coordinator in a thread, while the
     group runs the next batch (the other ranks never wait for rank 0's bookkeeping)."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment, to_result, metadata=()):
-        self._to_result = to_result
+    def __init__(self, stub, a: workers_pb2.Assignment, to_results, metadata=()):
+        """to_results(gathered): the Results of a gathered round."""
+        self._to_results = to_results
         self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._a = a
@@ -302,7 +303,7 @@ class ResultSender:
 
     def _messages(self):
         while (gathered := self._queue.get()) is not None:
-            results = [self._to_result(index, row, cut) for index, cut, row in gathered]
+            results = self._to_results(gathered)
             yield workers_pb2.ReportResultsRequest(job_id=self._a.job_id, attempt=self._a.attempt, results=results)
 
     def _run(self, stub) -> None:
@@ -311,7 +312,7 @@ class ResultSender:
         except BaseException as exc:  # noqa: BLE001 - raised again by close() in the main thread
             self._error = exc
 
-    def send(self, gathered: list[tuple[int, int, torch.Tensor]]) -> None:
+    def send(self, gathered: Gathered) -> None:
         if self._error is not None:
             raise RuntimeError(f"streaming results to the coordinator failed: {self._error}")
         if gathered:

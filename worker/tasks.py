@@ -2,7 +2,7 @@
 
 A task encodes its rows (token ids for model tasks), turns a batch into device tensors, and its forward
 pass returns one fixed-width float32 row per input row: that is what travels through the collective gather
-(tensors, never pickled objects). Rank 0 turns the gathered rows into Results.
+(tensors, never pickled objects). Rank 0 turns the gathered rows into Results, a gather round at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from transformers import (
 
 from distinfer.v1 import jobs_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad
+from distinfer.worker.gather import Gathered
 from distinfer.worker.models import BadModel, ModelNotAllowed, ModelPolicy, max_length_of
 from distinfer.worker.parallel import Layout, check_splittable, tensor_parallel_loading
 
@@ -49,7 +50,12 @@ class Task:
     def forward(self, inputs: dict[str, torch.Tensor], options: jobs_pb2.TaskOptions) -> torch.Tensor:
         raise NotImplementedError
 
-    def result(self, index: int, row: torch.Tensor, truncated: int, options: jobs_pb2.TaskOptions) -> jobs_pb2.Result:
+    def results(self, gathered: Gathered, options: jobs_pb2.TaskOptions) -> list[jobs_pb2.Result]:
+        # One tolist() for the whole round: Python floats, not a tensor per row.
+        rows = gathered.rows.tolist()
+        return [self.result(*row, options) for row in zip(gathered.indices, rows, gathered.truncated)]
+
+    def result(self, index: int, row: list[float], truncated: int, options: jobs_pb2.TaskOptions) -> jobs_pb2.Result:
         raise NotImplementedError
 
 
@@ -131,9 +137,7 @@ class EmbedTask(ModelTask):
         return pooled
 
     def result(self, index, row, truncated, options):
-        return jobs_pb2.Result(
-            index=index, truncated_tokens=truncated, embedding=jobs_pb2.Embedding(values=row.tolist())
-        )
+        return jobs_pb2.Result(index=index, truncated_tokens=truncated, embedding=jobs_pb2.Embedding(values=row))
 
 
 class ClassifyTask(ModelTask):
@@ -149,16 +153,20 @@ class ClassifyTask(ModelTask):
     def forward(self, inputs, options):
         return self.model(**inputs).logits.float()
 
-    def result(self, index, row, truncated, options):
-        probs = torch.softmax(row, dim=0)
-        best = int(torch.argmax(probs))
+    def results(self, gathered, options):
+        scores, best = torch.softmax(gathered.rows, dim=1).max(dim=1)
         labels = self.model.config.id2label or {}
-        classification = jobs_pb2.Classification(
-            label=str(labels.get(best, labels.get(str(best), f"LABEL_{best}"))), score=float(probs[best])
-        )
-        if options.return_logits:
-            classification.logits.extend(row.tolist())
-        return jobs_pb2.Result(index=index, truncated_tokens=truncated, classification=classification)
+        out = []
+        rows = gathered.rows.tolist()
+        for index, truncated, logits, label, score in zip(
+            gathered.indices, gathered.truncated, rows, best.tolist(), scores.tolist()
+        ):
+            name = str(labels.get(label, labels.get(str(label), f"LABEL_{label}")))
+            classification = jobs_pb2.Classification(label=name, score=score)
+            if options.return_logits:
+                classification.logits.extend(logits)
+            out.append(jobs_pb2.Result(index=index, truncated_tokens=truncated, classification=classification))
+        return out
 
 
 class EchoTask(Task):
@@ -294,7 +302,7 @@ class GenerateTask(ModelTask):
 
     def result(self, index, row, truncated, options):
         count = int(row[0])
-        ids = row[self.META : self.META + count].long().tolist()
+        ids = [int(token) for token in row[self.META : self.META + count]]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         finish = self.FINISH[int(row[2])]
         cuts = [text.find(stop) for stop in options.generate.stop if stop and stop in text]

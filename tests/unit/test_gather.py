@@ -76,14 +76,14 @@ def _worker(rank: int, port: int, out_dir: str, width: int, sizes: dict) -> None
         for indices, truncated, payload in batches_of(rank, width, sizes):
             got = gatherer.round(payload, indices, truncated)
             rounds += 1
-            received.extend(got)
+            received.extend(zip(got.indices, got.truncated, got.rows))
             if rank != 0:
-                assert got == []
+                assert len(got) == 0
         while (got := gatherer.round(None, [], [])) is not None:
             rounds += 1
-            received.extend(got)
+            received.extend(zip(got.indices, got.truncated, got.rows))
             if rank != 0:
-                assert got == []
+                assert len(got) == 0
         rounds += 1  # the final round that said every rank was done
         rows = [(index, cut, row.clone()) for index, cut, row in received]
         torch.save({"rounds": rounds, "rows": rows}, Path(out_dir) / f"rank{rank}.pt")
