@@ -26,14 +26,14 @@ CREATE TABLE IF NOT EXISTS inputs (
     text TEXT NOT NULL,
     meta TEXT NOT NULL,
     PRIMARY KEY (job_id, idx)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     attempt INTEGER NOT NULL,       -- the attempt that committed it: shards are cut over rows open at its start
     result BLOB NOT NULL,           -- a serialized Result, without meta_json (joined from inputs on read)
     PRIMARY KEY (job_id, idx)
-);
+) WITHOUT ROWID;
 """
 
 
@@ -99,6 +99,17 @@ class Store:
         with higher indices); it is moved along as rows are scanned.
         """
         cursor = cursor or ShardCursor()
+        if attempt == 1:
+            # No other attempt has committed a row, so every row is open and the k-th open row is row k: SQLite
+            # picks the rank's rows by index alone, without a look at results.
+            rows = self._db.execute(
+                "SELECT idx, text FROM inputs WHERE job_id = ? AND idx > ? AND idx % ? = ? ORDER BY idx",
+                (job_id, cursor.after, world_size, rank),
+            )
+            while chunk := rows.fetchmany(batch):
+                cursor.after = chunk[-1][0]
+                yield chunk
+            return
         rows = self._db.execute(
             """SELECT i.idx, i.text FROM inputs i LEFT JOIN results r ON r.job_id = i.job_id AND r.idx = i.idx
                WHERE i.job_id = ? AND i.idx > ? AND (r.idx IS NULL OR r.attempt = ?) ORDER BY i.idx""",
@@ -135,17 +146,20 @@ class Store:
         """The committed results from index `start` on, stopping at the first row not committed yet."""
         out = []
         expected = start
-        for idx, blob, meta in self._db.execute(
-            """SELECT r.idx, r.result, i.meta FROM results r JOIN inputs i ON i.job_id = r.job_id AND i.idx = r.idx
-               WHERE r.job_id = ? AND r.idx >= ? ORDER BY r.idx LIMIT ?""",
+        for idx, blob in self._db.execute(
+            "SELECT idx, result FROM results WHERE job_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
             (job_id, start, limit),
         ):
             if idx != expected:
                 break
-            result = jobs_pb2.Result.FromString(blob)
-            result.meta_json = meta
-            out.append(result)
+            out.append(jobs_pb2.Result.FromString(blob))
             expected += 1
+        if out:
+            for idx, meta in self._db.execute(
+                "SELECT idx, meta FROM inputs WHERE job_id = ? AND idx >= ? AND idx < ? AND meta != ''",
+                (job_id, start, expected),
+            ):
+                out[idx - start].meta_json = meta
         return out
 
     def _transaction(self):

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from distinfer.coordinator.store import Store
+from distinfer.coordinator.store import ShardCursor, Store
 from distinfer.v1 import jobs_pb2
 
 
@@ -171,6 +171,20 @@ def test_shard_of_a_later_attempt_is_cut_over_rows_still_open(store):
     assert shard_indices(store, "j", 3, 1, 2) == [5]
 
 
+@pytest.mark.parametrize("attempt", [1, 2])  # 1: every row is open, picked by index; 2: cut over open rows
+def test_a_shard_resumed_with_its_cursor_while_rows_upload_gets_each_row_once(store, attempt):
+    store.create_job(job("j"))
+    cursors = [ShardCursor() for _ in range(3)]
+    got: list[list[int]] = [[], [], []]
+    for first, count in ((0, 4), (4, 1), (5, 0), (5, 9)):
+        store.add_rows("j", first, rows(*(f"t{i}" for i in range(first, first + count))))
+        for rank in range(3):
+            for b in store.shard("j", attempt, rank, 3, batch=2, cursor=cursors[rank]):
+                got[rank].extend(idx for idx, _ in b)
+    assert got == [list(range(rank, 14, 3)) for rank in range(3)]
+    assert got == [shard_indices(store, "j", attempt, rank, 3) for rank in range(3)]
+
+
 def test_shard_of_a_finished_job_is_empty(store):
     add_job_with_rows(store, "j", 4)
     store.commit_results("j", 1, [result_blob(i) for i in range(4)])
@@ -278,6 +292,14 @@ def test_results_from_joins_meta_json_of_the_input_row(store):
     results = store.results_from("j", 0, 10)
     assert json.loads(results[0].meta_json) == {"id": "first"}
     assert results[1].meta_json == ""
+
+
+def test_results_from_puts_each_meta_json_on_its_own_row(store):
+    store.create_job(job("j"))
+    store.add_rows("j", 0, rows("a", "b") + rows("c", meta={"id": 2}) + rows("d") + rows("e", meta={"id": 4}))
+    store.commit_results("j", 1, [result_blob(i) for i in range(5)])
+    metas = [r.meta_json for r in store.results_from("j", 1, 3)]  # rows 1-3
+    assert [json.loads(m) if m else None for m in metas] == [None, {"id": 2}, None]
 
 
 def test_results_from_keeps_result_fields(store):
