@@ -293,7 +293,7 @@ class ResultSender:
     group runs the next batch (the other ranks never wait for rank 0's bookkeeping)."""
 
     def __init__(self, stub, a: workers_pb2.Assignment, to_results, metadata=()):
-        """to_results(gathered): the Results of a gathered round."""
+        """to_results(gathered, out): append a gathered round's Results to `out`."""
         self._to_results = to_results
         self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=64)
@@ -303,8 +303,9 @@ class ResultSender:
 
     def _messages(self):
         while (gathered := self._queue.get()) is not None:
-            results = self._to_results(gathered)
-            yield workers_pb2.ReportResultsRequest(job_id=self._a.job_id, attempt=self._a.attempt, results=results)
+            request = workers_pb2.ReportResultsRequest(job_id=self._a.job_id, attempt=self._a.attempt)
+            self._to_results(gathered, out=request.results)
+            yield request
 
     def _run(self, stub) -> None:
         try:

@@ -50,12 +50,17 @@ class Task:
     def forward(self, inputs: dict[str, torch.Tensor], options: jobs_pb2.TaskOptions) -> torch.Tensor:
         raise NotImplementedError
 
-    def results(self, gathered: Gathered, options: jobs_pb2.TaskOptions) -> list[jobs_pb2.Result]:
-        # One tolist() for the whole round: Python floats, not a tensor per row.
-        rows = gathered.rows.tolist()
-        return [self.result(*row, options) for row in zip(gathered.indices, rows, gathered.truncated)]
+    def results(self, gathered: Gathered, options: jobs_pb2.TaskOptions, out) -> None:
+        """Append a round's Results to `out` (a message's repeated Result field).
 
-    def result(self, index: int, row: list[float], truncated: int, options: jobs_pb2.TaskOptions) -> jobs_pb2.Result:
+        Built in place, from one tolist() of the round: a Result built apart and then appended, or a
+        tensor indexed per row, costs several times as much (2.3 and 5 us a row against 0.8 for echo).
+        """
+        for index, truncated, row in zip(gathered.indices, gathered.truncated, gathered.rows.tolist()):
+            self.fill(out.add(index=index, truncated_tokens=truncated), row, options)
+
+    def fill(self, result: jobs_pb2.Result, row: list[float], options: jobs_pb2.TaskOptions) -> None:
+        """Set a Result's task fields from its gathered row (index and truncation are already set)."""
         raise NotImplementedError
 
 
@@ -136,8 +141,8 @@ class EmbedTask(ModelTask):
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled
 
-    def result(self, index, row, truncated, options):
-        return jobs_pb2.Result(index=index, truncated_tokens=truncated, embedding=jobs_pb2.Embedding(values=row))
+    def fill(self, result, row, options):
+        result.embedding.values.extend(row)
 
 
 class ClassifyTask(ModelTask):
@@ -153,20 +158,19 @@ class ClassifyTask(ModelTask):
     def forward(self, inputs, options):
         return self.model(**inputs).logits.float()
 
-    def results(self, gathered, options):
+    def results(self, gathered, options, out):
+        # Softmax and argmax over the whole round; the rows then only carry the logits.
         scores, best = torch.softmax(gathered.rows, dim=1).max(dim=1)
         labels = self.model.config.id2label or {}
-        out = []
         rows = gathered.rows.tolist()
         for index, truncated, logits, label, score in zip(
             gathered.indices, gathered.truncated, rows, best.tolist(), scores.tolist()
         ):
-            name = str(labels.get(label, labels.get(str(label), f"LABEL_{label}")))
-            classification = jobs_pb2.Classification(label=name, score=score)
+            classification = out.add(index=index, truncated_tokens=truncated).classification
+            classification.label = str(labels.get(label, labels.get(str(label), f"LABEL_{label}")))
+            classification.score = score
             if options.return_logits:
                 classification.logits.extend(logits)
-            out.append(jobs_pb2.Result(index=index, truncated_tokens=truncated, classification=classification))
-        return out
 
 
 class EchoTask(Task):
@@ -187,8 +191,8 @@ class EchoTask(Task):
     def forward(self, inputs, options):
         return inputs["chars"]
 
-    def result(self, index, row, truncated, options):
-        return jobs_pb2.Result(index=index, echo=jobs_pb2.Echo(chars=int(row[0])))
+    def fill(self, result, row, options):
+        result.echo.chars = int(row[0])
 
 
 class SimulateTask(EchoTask):
@@ -300,7 +304,7 @@ class GenerateTask(ModelTask):
             out[i, self.META : self.META + count] = torch.tensor(tokens[:count], dtype=torch.float32)
         return out
 
-    def result(self, index, row, truncated, options):
+    def fill(self, result, row, options):
         count = int(row[0])
         ids = [int(token) for token in row[self.META : self.META + count]]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -308,10 +312,9 @@ class GenerateTask(ModelTask):
         cuts = [text.find(stop) for stop in options.generate.stop if stop and stop in text]
         if cuts:
             text, finish = text[: min(cuts)], "stop"
-        generation = jobs_pb2.Generation(
-            text=text, prompt_tokens=int(row[1]), generated_tokens=count, finish_reason=finish
+        result.generation.CopyFrom(
+            jobs_pb2.Generation(text=text, prompt_tokens=int(row[1]), generated_tokens=count, finish_reason=finish)
         )
-        return jobs_pb2.Result(index=index, truncated_tokens=truncated, generation=generation)
 
 
 TASKS: dict[str, type[Task]] = {
