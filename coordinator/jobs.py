@@ -122,16 +122,17 @@ class JobManager:
             async for batch in batches:
                 if job is not None and job.status.state in TERMINAL:
                     continue  # it failed or was cancelled while uploading: the rest of its rows are not needed
-                for offset, row in enumerate(batch.rows):
-                    if not row.HasField("text"):
-                        raise InvalidArgument(f"row {n + offset} has no text: every row needs a text field")
-                    self.limits.check_row(n + offset, row)
+                rows = list(batch.rows)
+                if not all(row.HasField("text") for row in rows):
+                    offset = next(i for i, row in enumerate(rows) if not row.HasField("text"))
+                    raise InvalidArgument(f"row {n + offset} has no text: every row needs a text field")
+                self.limits.check_rows(n, batch)
                 if n + len(batch.rows) > self.limits.max_rows_per_job:
                     raise ResourceExhausted(
                         f"the job has more than {self.limits.max_rows_per_job} rows, the most this coordinator "
                         "takes in one job (--max-rows-per-job): split the dataset"
                     )
-                n += await self.db(self.store.add_rows, status.job_id, n, list(batch.rows))
+                n += await self.db(self.store.add_rows, status.job_id, n, rows)
                 if n == 0:
                     continue  # an empty message: nothing to schedule yet
                 status.num_rows = n
@@ -189,10 +190,10 @@ class JobManager:
         next_index = start
         while True:
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
-            results = await self.db(self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE)
-            if results:
-                next_index += len(results)
-                yield S.ResultBatch(results=results)
+            batch = await self.db(self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE)
+            if batch.results:
+                next_index += len(batch.results)
+                yield batch
                 continue
             if next_index >= job.status.num_rows and job.status.state in TERMINAL:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
@@ -219,7 +220,8 @@ class JobManager:
             rows = self.store.shard(request.job_id, request.attempt, request.rank, request.world_size, cursor=cursor)
             sent = False
             while (batch := await self.db(next, rows, None)) is not None:
-                yield workers_pb2.ShardBatch(indices=[i for i, _ in batch], texts=[t for _, t in batch])
+                indices, texts = zip(*batch)
+                yield workers_pb2.ShardBatch(indices=indices, texts=texts)
                 sent = True
             if not uploading:
                 return

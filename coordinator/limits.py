@@ -21,6 +21,13 @@ class Limits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
 
+    def check_rows(self, first_index: int, batch: jobs_pb2.RowBatch) -> None:
+        """Every row of an upload message; a message no bigger than a row may be is checked in one go."""
+        if batch.ByteSize() <= self.max_row_bytes:
+            return
+        for offset, row in enumerate(batch.rows):
+            self.check_row(first_index + offset, row)
+
     def check_row(self, index: int, row: jobs_pb2.InputRow) -> None:
         chars = len(row.text) + len(row.meta_json)
         if chars * 4 <= self.max_row_bytes:  # UTF-8 takes at most 4 bytes a character: no need to encode

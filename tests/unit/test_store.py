@@ -236,7 +236,7 @@ def test_late_commit_of_another_attempt_keeps_the_first_result(store):
     add_job_with_rows(store, "j", 3)
     store.commit_results("j", 2, [result_blob(0, value=2.0)])
     assert store.commit_results("j", 1, [result_blob(0, value=1.0)]) == 0
-    (first,) = store.results_from("j", 0, 10)
+    (first,) = store.results_from("j", 0, 10).results
     assert list(first.embedding.values) == [2.0, 3.0]
 
 
@@ -256,7 +256,7 @@ def test_count_results_is_per_job(store):
 def test_results_from_returns_results_in_index_order(store):
     add_job_with_rows(store, "j", 4)
     store.commit_results("j", 1, [result_blob(i, float(i)) for i in (3, 1, 0, 2)])
-    results = store.results_from("j", 0, 10)
+    results = store.results_from("j", 0, 10).results
     assert [r.index for r in results] == [0, 1, 2, 3]
     assert [r.embedding.values[0] for r in results] == [0.0, 1.0, 2.0, 3.0]
 
@@ -264,32 +264,32 @@ def test_results_from_returns_results_in_index_order(store):
 def test_results_from_stops_at_the_first_gap(store):
     add_job_with_rows(store, "j", 6)
     store.commit_results("j", 1, [result_blob(i) for i in (0, 1, 2, 4, 5)])
-    assert [r.index for r in store.results_from("j", 0, 10)] == [0, 1, 2]
+    assert [r.index for r in store.results_from("j", 0, 10).results] == [0, 1, 2]
 
 
 def test_results_from_is_empty_when_start_row_is_not_committed(store):
     add_job_with_rows(store, "j", 6)
     store.commit_results("j", 1, [result_blob(i) for i in (0, 2, 3)])
-    assert store.results_from("j", 1, 10) == []
+    assert store.results_from("j", 1, 10).results == []
 
 
 def test_results_from_resumes_at_start_index(store):
     add_job_with_rows(store, "j", 6)
     store.commit_results("j", 1, [result_blob(i) for i in range(6)])
-    assert [r.index for r in store.results_from("j", 4, 10)] == [4, 5]
+    assert [r.index for r in store.results_from("j", 4, 10).results] == [4, 5]
 
 
 def test_results_from_respects_limit(store):
     add_job_with_rows(store, "j", 6)
     store.commit_results("j", 1, [result_blob(i) for i in range(6)])
-    assert [r.index for r in store.results_from("j", 1, 3)] == [1, 2, 3]
+    assert [r.index for r in store.results_from("j", 1, 3).results] == [1, 2, 3]
 
 
 def test_results_from_joins_meta_json_of_the_input_row(store):
     store.create_job(job("j"))
     store.add_rows("j", 0, rows("a", meta={"id": "first"}) + rows("b"))
     store.commit_results("j", 1, [result_blob(0), result_blob(1)])
-    results = store.results_from("j", 0, 10)
+    results = store.results_from("j", 0, 10).results
     assert json.loads(results[0].meta_json) == {"id": "first"}
     assert results[1].meta_json == ""
 
@@ -298,7 +298,7 @@ def test_results_from_puts_each_meta_json_on_its_own_row(store):
     store.create_job(job("j"))
     store.add_rows("j", 0, rows("a", "b") + rows("c", meta={"id": 2}) + rows("d") + rows("e", meta={"id": 4}))
     store.commit_results("j", 1, [result_blob(i) for i in range(5)])
-    metas = [r.meta_json for r in store.results_from("j", 1, 3)]  # rows 1-3
+    metas = [r.meta_json for r in store.results_from("j", 1, 3).results]  # rows 1-3
     assert [json.loads(m) if m else None for m in metas] == [None, {"id": 2}, None]
 
 
@@ -310,11 +310,19 @@ def test_results_from_keeps_result_fields(store):
         truncated_tokens=12,
     )
     store.commit_results("j", 1, [(0, r.SerializeToString())])
-    (loaded,) = store.results_from("j", 0, 1)
+    (loaded,) = store.results_from("j", 0, 1).results
     assert loaded.classification.label == "POSITIVE"
     assert loaded.classification.score == 0.75
     assert list(loaded.classification.logits) == [1.0, -1.0]
     assert loaded.truncated_tokens == 12
+
+
+@pytest.mark.parametrize("width", [0, 1, 40, 5000])  # results of 2 bytes to 20 KB: 1- to 3-byte length prefixes
+def test_results_from_returns_large_and_small_results_whole(store, width):
+    add_job_with_rows(store, "j", 3)
+    sent = [jobs_pb2.Result(index=i, embedding=jobs_pb2.Embedding(values=[i + 0.5] * width)) for i in range(3)]
+    store.commit_results("j", 1, [(r.index, r.SerializeToString()) for r in sent])
+    assert list(store.results_from("j", 0, 10).results) == sent
 
 
 # --- durability ---------------------------------------------------------------------------------------
@@ -335,7 +343,7 @@ def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
         assert [s.job_id for s in second.load_jobs()] == ["j-1", "j-2"]
         assert second.load_jobs()[0] == status
         assert second.count_results("j-1") == 2
-        results = second.results_from("j-1", 0, 10)
+        results = second.results_from("j-1", 0, 10).results
         assert [(r.index, r.embedding.values[0], json.loads(r.meta_json)) for r in results] == [
             (0, 5.0, {"k": 1}),
             (1, 6.0, {"k": 1}),
