@@ -41,7 +41,9 @@ log = structlog.get_logger(__name__)
 S = jobs_pb2
 TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
 UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
-RESULTS_PER_MESSAGE = 256
+# A result message holds up to 1,024 rows (each message costs the event loop a store call and a send),
+# or 1 MiB: a long generation's rows stay well inside gRPC's message limit.
+RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 1024, 1 << 20
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
 
@@ -190,7 +192,9 @@ class JobManager:
         next_index = start
         while True:
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
-            batch = await self.db(self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE)
+            batch = await self.db(
+                self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE
+            )
             if batch.results:
                 next_index += len(batch.results)
                 yield batch

@@ -153,16 +153,18 @@ class Store:
         (n,) = self._db.execute("SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,)).fetchone()
         return n
 
-    def results_from(self, job_id: str, start: int, limit: int) -> jobs_pb2.ResultBatch:
-        """The committed results from index `start` on, stopping at the first row not committed yet."""
-        blobs = []
+    def results_from(self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62) -> jobs_pb2.ResultBatch:
+        """The committed results from index `start` on, stopping at the first row not committed yet, after
+        `limit` rows, or once they hold `max_bytes` (at least one row)."""
+        blobs, size = [], 0
         for idx, blob in self._db.execute(
             "SELECT idx, result FROM results WHERE job_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
             (job_id, start, limit),
         ):
-            if idx != start + len(blobs):
+            if idx != start + len(blobs) or (blobs and size + len(blob) > max_bytes):
                 break
             blobs.append(blob)
+            size += len(blob)
         # On the wire a ResultBatch is its Results one after the other, each a length-prefixed field 1: the
         # stored bytes parse as one batch in one call (half the cost of parsing row by row).
         batch = jobs_pb2.ResultBatch.FromString(b"".join(_RESULTS_TAG + _varint(len(b)) + b for b in blobs))

@@ -285,6 +285,14 @@ def test_results_from_respects_limit(store):
     assert [r.index for r in store.results_from("j", 1, 3).results] == [1, 2, 3]
 
 
+def test_results_from_stops_once_the_rows_fill_max_bytes_but_returns_at_least_one(store):
+    add_job_with_rows(store, "j", 5)
+    store.commit_results("j", 1, [result_blob(i) for i in range(5)])
+    size = sum(len(result_blob(i)[1]) for i in range(3))
+    assert [r.index for r in store.results_from("j", 0, 10, max_bytes=size).results] == [0, 1, 2]
+    assert [r.index for r in store.results_from("j", 3, 10, max_bytes=1).results] == [3]
+
+
 def test_results_from_joins_meta_json_of_the_input_row(store):
     store.create_job(job("j"))
     store.add_rows("j", 0, rows("a", meta={"id": "first"}) + rows("b"))
