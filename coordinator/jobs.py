@@ -134,7 +134,7 @@ class JobManager:
                         f"the job has more than {self.limits.max_rows_per_job} rows, the most this coordinator "
                         "takes in one job (--max-rows-per-job): split the dataset"
                     )
-                n += await self.db(self.store.add_rows, status.job_id, n, rows)
+                n += await self.db(self.store.add_rows, status.job_id, n, batch)
                 if n == 0:
                     continue  # an empty message: nothing to schedule yet
                 status.num_rows = n

@@ -1,8 +1,9 @@
 """The coordinator's durable state: jobs, their input rows, committed results and attempts, in SQLite (WAL).
 
-Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory) and results are
-committed idempotently by row index, so a repeated or late result never duplicates a row. The store is
-synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
+Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory), each upload
+message as one chunk: a SQLite row for every input row was the biggest part of the coordinator's per-row
+cost. Results are committed idempotently by row index, so a repeated or late result never duplicates a row.
+The store is synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT UNIQUE NOT NULL,
     status BLOB NOT NULL            -- a serialized JobStatus, attempts included
 );
-CREATE TABLE IF NOT EXISTS inputs (
+CREATE TABLE IF NOT EXISTS input_chunks (
     job_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    meta TEXT NOT NULL,
-    PRIMARY KEY (job_id, idx)
+    first_idx INTEGER NOT NULL,     -- the chunk holds rows first_idx .. first_idx + count - 1
+    count INTEGER NOT NULL,
+    has_meta INTEGER NOT NULL,      -- whether a row of it has meta_json: only those chunks are read for it
+    rows BLOB NOT NULL,             -- a serialized RowBatch
+    PRIMARY KEY (job_id, first_idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     attempt INTEGER NOT NULL,       -- the attempt that committed it: shards are cut over rows open at its start
-    result BLOB NOT NULL,           -- a serialized Result, without meta_json (joined from inputs on read)
+    result BLOB NOT NULL,           -- a serialized Result, without meta_json (added from its input row on read)
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 """
@@ -62,6 +64,7 @@ class Store:
         # WAL + NORMAL: a commit survives a coordinator crash (SIGKILL); only a power loss can cost the last ones.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._chunk_rows_of_old_stores()
 
     def close(self) -> None:
         self._db.close()
@@ -76,7 +79,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         with self._transaction():
-            for table in ("jobs", "inputs", "results"):
+            for table in ("jobs", "input_chunks", "results"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
@@ -87,12 +90,21 @@ class Store:
 
     # --- rows -------------------------------------------------------------------------------------------
 
-    def add_rows(self, job_id: str, first_index: int, rows: Iterable[jobs_pb2.InputRow]) -> int:
+    def add_rows(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch) -> int:
         """Append rows with consecutive indices from first_index; returns how many were added."""
-        values = [(job_id, first_index + i, row.text, row.meta_json) for i, row in enumerate(rows)]
-        with self._transaction():
-            self._db.executemany("INSERT INTO inputs (job_id, idx, text, meta) VALUES (?, ?, ?, ?)", values)
-        return len(values)
+        count = len(rows.rows)
+        if count == 0:
+            return 0
+        last = self._db.execute(
+            "SELECT first_idx + count FROM input_chunks WHERE job_id = ? ORDER BY first_idx DESC LIMIT 1", (job_id,)
+        ).fetchone()
+        if last and first_index < last[0]:
+            raise ValueError(f"job {job_id} has rows up to {last[0] - 1}: rows from {first_index} would overlap")
+        self._db.execute(
+            "INSERT INTO input_chunks (job_id, first_idx, count, has_meta, rows) VALUES (?, ?, ?, ?, ?)",
+            (job_id, first_index, count, any(row.meta_json for row in rows.rows), rows.SerializeToString()),
+        )
+        return count
 
     def shard(
         self,
@@ -110,32 +122,49 @@ class Store:
         with higher indices); it is moved along as rows are scanned.
         """
         cursor = cursor or ShardCursor()
-        if attempt == 1:
-            # No other attempt has committed a row, so every row is open and the k-th open row is row k: SQLite
-            # picks the rank's rows by index alone, without a look at results.
-            rows = self._db.execute(
-                "SELECT idx, text FROM inputs WHERE job_id = ? AND idx > ? AND idx % ? = ? ORDER BY idx",
-                (job_id, cursor.after, world_size, rank),
-            )
-            while chunk := rows.fetchmany(batch):
-                cursor.after = chunk[-1][0]
-                yield chunk
-            return
-        rows = self._db.execute(
-            """SELECT i.idx, i.text FROM inputs i LEFT JOIN results r ON r.job_id = i.job_id AND r.idx = i.idx
-               WHERE i.job_id = ? AND i.idx > ? AND (r.idx IS NULL OR r.attempt = ?) ORDER BY i.idx""",
-            (job_id, cursor.after, attempt),
-        )
         out: list[tuple[int, str]] = []
-        for idx, text in rows:
-            if cursor.position % world_size == rank:
-                out.append((idx, text))
+        for first, rows in self._chunks(job_id, cursor.after + 1):
+            begin = max(first, cursor.after + 1)
+            end = first + len(rows)
+            if attempt == 1:
+                # No other attempt has committed a row, so every row is open and the k-th open row is row k.
+                picked = range(begin + (rank - begin) % world_size, end, world_size)
+            else:
+                closed = {
+                    idx
+                    for (idx,) in self._db.execute(
+                        "SELECT idx FROM results WHERE job_id = ? AND idx >= ? AND idx < ? AND attempt != ?",
+                        (job_id, begin, end, attempt),
+                    )
+                }
+                picked = []
+                for idx in range(begin, end):
+                    if idx not in closed:
+                        if cursor.position % world_size == rank:
+                            picked.append(idx)
+                        cursor.position += 1
+            cursor.after = end - 1
+            for idx in picked:
+                out.append((idx, rows[idx - first].text))
                 if len(out) >= batch:
                     yield out
                     out = []
-            cursor.after, cursor.position = idx, cursor.position + 1
         if out:
             yield out
+
+    def _chunks(self, job_id: str, start: int, end: int | None = None, with_meta: bool = False):
+        """(first index, rows) of the chunks holding rows from `start` (to `end`, excluded), in order."""
+        (first,) = self._db.execute(
+            "SELECT MAX(first_idx) FROM input_chunks WHERE job_id = ? AND first_idx <= ?", (job_id, start)
+        ).fetchone()
+        query = "SELECT first_idx, rows FROM input_chunks WHERE job_id = ? AND first_idx >= ?"
+        args: tuple = (job_id, first or 0)
+        if end is not None:
+            query, args = query + " AND first_idx < ?", (*args, end)
+        if with_meta:
+            query += " AND has_meta"
+        for first_idx, blob in self._db.execute(query + " ORDER BY first_idx", args):
+            yield first_idx, jobs_pb2.RowBatch.FromString(blob).rows
 
     # --- results ----------------------------------------------------------------------------------------
 
@@ -168,13 +197,23 @@ class Store:
         # On the wire a ResultBatch is its Results one after the other, each a length-prefixed field 1: the
         # stored bytes parse as one batch in one call (half the cost of parsing row by row).
         batch = jobs_pb2.ResultBatch.FromString(b"".join(_RESULTS_TAG + _varint(len(b)) + b for b in blobs))
-        if blobs:
-            for idx, meta in self._db.execute(
-                "SELECT idx, meta FROM inputs WHERE job_id = ? AND idx >= ? AND idx < ? AND meta != ''",
-                (job_id, start, start + len(blobs)),
-            ):
-                batch.results[idx - start].meta_json = meta
+        end = start + len(blobs)
+        for first, rows in self._chunks(job_id, start, end, with_meta=True) if blobs else ():
+            for idx in range(max(first, start), min(first + len(rows), end)):
+                batch.results[idx - start].meta_json = rows[idx - first].meta_json
         return batch
+
+    def _chunk_rows_of_old_stores(self) -> None:
+        """A store written before rows were kept in chunks has them a SQLite row each: move them over once."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inputs'").fetchone():
+            return
+        with self._transaction():
+            for (job_id,) in self._db.execute("SELECT DISTINCT job_id FROM inputs").fetchall():
+                rows = self._db.execute("SELECT idx, text, meta FROM inputs WHERE job_id = ? ORDER BY idx", (job_id,))
+                while chunk := rows.fetchmany(512):  # a job's rows were numbered 0, 1, 2... with no gaps
+                    batch = jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t, meta_json=m) for _, t, m in chunk])
+                    self.add_rows(job_id, chunk[0][0], batch)
+            self._db.execute("DROP TABLE inputs")
 
     def _transaction(self):
         return _Transaction(self._db)

@@ -19,11 +19,11 @@ def test_restart_keeps_accepted_jobs_and_drops_unfinished_uploads(tmp_path, coor
     # A job whose upload was cut off by a crash: rows stored, never accepted.
     store = Store(state / "distinfer.sqlite")
     store.create_job(jobs_pb2.JobStatus(job_id="j-halfway", state=jobs_pb2.JOB_STATE_UNSPECIFIED))
-    store.add_rows("j-halfway", 0, [jobs_pb2.InputRow(text="x")])
+    store.add_rows("j-halfway", 0, jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text="x")]))
     # Jobs still uploading at the crash: one running (never accepted), one that had already failed (kept).
     for job_id, job_state in (("j-running", jobs_pb2.RUNNING), ("j-failed", jobs_pb2.FAILED)):
         store.create_job(jobs_pb2.JobStatus(job_id=job_id, state=job_state, uploading=True, num_rows=1))
-        store.add_rows(job_id, 0, [jobs_pb2.InputRow(text="x")])
+        store.add_rows(job_id, 0, jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text="x")]))
     store.close()
 
     second = coordinator_class(state)

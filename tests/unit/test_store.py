@@ -27,6 +27,10 @@ def rows(*texts: str, meta: dict | None = None) -> list[jobs_pb2.InputRow]:
     return [jobs_pb2.InputRow(text=t, meta_json=meta_json) for t in texts]
 
 
+def batch(rows: list[jobs_pb2.InputRow]) -> jobs_pb2.RowBatch:
+    return jobs_pb2.RowBatch(rows=rows)
+
+
 def result_blob(index: int, value: float = 0.0) -> tuple[int, bytes]:
     r = jobs_pb2.Result(index=index, embedding=jobs_pb2.Embedding(values=[value, value + 1]))
     return index, r.SerializeToString()
@@ -34,7 +38,7 @@ def result_blob(index: int, value: float = 0.0) -> tuple[int, bytes]:
 
 def add_job_with_rows(store: Store, job_id: str, n: int) -> None:
     store.create_job(job(job_id, num_rows=n))
-    store.add_rows(job_id, 0, rows(*(f"t{i}" for i in range(n))))
+    store.add_rows(job_id, 0, batch(rows(*(f"t{i}" for i in range(n)))))
 
 
 def shard_indices(store: Store, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024):
@@ -90,21 +94,23 @@ def test_delete_job_removes_job_rows_and_results_only_of_that_job(store):
 
 def test_add_rows_returns_count_and_numbers_rows_from_first_index(store):
     store.create_job(job("j"))
-    assert store.add_rows("j", 0, rows("a", "b", "c")) == 3
-    assert store.add_rows("j", 3, rows("d", "e")) == 2
+    assert store.add_rows("j", 0, batch(rows("a", "b", "c"))) == 3
+    assert store.add_rows("j", 3, batch(rows("d", "e"))) == 2
     shard = [r for b in store.shard("j", 1, 0, 1) for r in b]
     assert shard == [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]
 
 
-def test_add_rows_accepts_a_generator(store):
+def test_an_empty_upload_message_adds_no_rows(store):
     store.create_job(job("j"))
-    assert store.add_rows("j", 0, (jobs_pb2.InputRow(text=str(i)) for i in range(4))) == 4
+    assert store.add_rows("j", 0, batch([])) == 0
+    assert store.add_rows("j", 0, batch(rows("a"))) == 1
+    assert shard_indices(store, "j", 1, 0, 1) == [0]
 
 
 def test_add_rows_with_an_overlapping_index_adds_nothing(store):
     add_job_with_rows(store, "j", 2)
-    with pytest.raises(sqlite3.IntegrityError):
-        store.add_rows("j", 1, rows("x", "y"))
+    with pytest.raises(ValueError, match="overlap"):
+        store.add_rows("j", 1, batch(rows("x", "y")))
     assert shard_indices(store, "j", 1, 0, 1) == [0, 1]  # the failed batch was rolled back whole
 
 
@@ -120,7 +126,7 @@ def test_shard_takes_every_world_size_th_open_row(store):
 
 def test_shard_carries_the_row_text(store):
     store.create_job(job("j"))
-    store.add_rows("j", 0, rows("zero", "one", "two"))
+    store.add_rows("j", 0, batch(rows("zero", "one", "two")))
     assert [r for b in store.shard("j", 1, 1, 2) for r in b] == [(1, "one")]
 
 
@@ -177,7 +183,7 @@ def test_a_shard_resumed_with_its_cursor_while_rows_upload_gets_each_row_once(st
     cursors = [ShardCursor() for _ in range(3)]
     got: list[list[int]] = [[], [], []]
     for first, count in ((0, 4), (4, 1), (5, 0), (5, 9)):
-        store.add_rows("j", first, rows(*(f"t{i}" for i in range(first, first + count))))
+        store.add_rows("j", first, batch(rows(*(f"t{i}" for i in range(first, first + count)))))
         for rank in range(3):
             for b in store.shard("j", attempt, rank, 3, batch=2, cursor=cursors[rank]):
                 got[rank].extend(idx for idx, _ in b)
@@ -295,7 +301,7 @@ def test_results_from_stops_once_the_rows_fill_max_bytes_but_returns_at_least_on
 
 def test_results_from_joins_meta_json_of_the_input_row(store):
     store.create_job(job("j"))
-    store.add_rows("j", 0, rows("a", meta={"id": "first"}) + rows("b"))
+    store.add_rows("j", 0, batch(rows("a", meta={"id": "first"}) + rows("b")))
     store.commit_results("j", 1, [result_blob(0), result_blob(1)])
     results = store.results_from("j", 0, 10).results
     assert json.loads(results[0].meta_json) == {"id": "first"}
@@ -304,10 +310,13 @@ def test_results_from_joins_meta_json_of_the_input_row(store):
 
 def test_results_from_puts_each_meta_json_on_its_own_row(store):
     store.create_job(job("j"))
-    store.add_rows("j", 0, rows("a", "b") + rows("c", meta={"id": 2}) + rows("d") + rows("e", meta={"id": 4}))
+    # three upload messages; rows 1-3 span the first two
+    store.add_rows("j", 0, batch(rows("a", "b") + rows("c", meta={"id": 2})))
+    store.add_rows("j", 3, batch(rows("d", meta={"id": 3})))
+    store.add_rows("j", 4, batch(rows("e", meta={"id": 4})))
     store.commit_results("j", 1, [result_blob(i) for i in range(5)])
-    metas = [r.meta_json for r in store.results_from("j", 1, 3).results]  # rows 1-3
-    assert [json.loads(m) if m else None for m in metas] == [None, {"id": 2}, None]
+    metas = [r.meta_json for r in store.results_from("j", 1, 3).results]
+    assert [json.loads(m) if m else None for m in metas] == [None, {"id": 2}, {"id": 3}]
 
 
 def test_results_from_keeps_result_fields(store):
@@ -342,7 +351,7 @@ def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
     status = job("j-1", state=jobs_pb2.RUNNING, num_rows=4)
     first.create_job(status)
     first.create_job(job("j-2"))
-    first.add_rows("j-1", 0, rows("a", "b", meta={"k": 1}) + rows("c", "d"))
+    first.add_rows("j-1", 0, batch(rows("a", "b", meta={"k": 1}) + rows("c", "d")))
     first.commit_results("j-1", 1, [result_blob(0, 5.0), result_blob(1, 6.0)])
     first.close()
 
@@ -361,6 +370,27 @@ def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
         assert second.commit_results("j-1", 2, [result_blob(1), result_blob(2)]) == 1
     finally:
         second.close()
+
+
+def test_a_store_with_a_sqlite_row_per_input_row_is_moved_to_chunks_on_opening(tmp_path):
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """CREATE TABLE inputs (job_id TEXT NOT NULL, idx INTEGER NOT NULL, text TEXT NOT NULL, meta TEXT NOT NULL,
+                                PRIMARY KEY (job_id, idx));"""
+    )
+    old.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", [("j", i, f"t{i}", "") for i in range(1000)])
+    old.execute("INSERT INTO inputs VALUES ('k', 0, 'only', '{\"id\": 7}')")
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        assert [r for b in store.shard("j", 1, 0, 1) for r in b] == [(i, f"t{i}") for i in range(1000)]
+        store.commit_results("k", 1, [result_blob(0)])
+        assert json.loads(store.results_from("k", 0, 1).results[0].meta_json) == {"id": 7}
+        assert store.add_rows("j", 1000, batch(rows("new"))) == 1
+    finally:
+        store.close()
 
 
 def test_reopening_keeps_creation_order_for_new_jobs(tmp_path):
