@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS results (
 ) WITHOUT ROWID;
 """
 
+# A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
+MAX_CHUNK_ROWS = 2048
 _RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
 
 
@@ -100,11 +102,22 @@ class Store:
         ).fetchone()
         if last and first_index < last[0]:
             raise ValueError(f"job {job_id} has rows up to {last[0] - 1}: rows from {first_index} would overlap")
+        step = MAX_CHUNK_ROWS
+        parts = (
+            [rows]
+            if count <= step
+            else [jobs_pb2.RowBatch(rows=rows.rows[i : i + step]) for i in range(0, count, step)]
+        )
+        with self._transaction():
+            for i, part in enumerate(parts):
+                self._insert_chunk(job_id, first_index + i * step, part)
+        return count
+
+    def _insert_chunk(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch) -> None:
         self._db.execute(
             "INSERT INTO input_chunks (job_id, first_idx, count, has_meta, rows) VALUES (?, ?, ?, ?, ?)",
-            (job_id, first_index, count, any(row.meta_json for row in rows.rows), rows.SerializeToString()),
+            (job_id, first_index, len(rows.rows), any(row.meta_json for row in rows.rows), rows.SerializeToString()),
         )
-        return count
 
     def shard(
         self,
@@ -212,7 +225,7 @@ class Store:
                 rows = self._db.execute("SELECT idx, text, meta FROM inputs WHERE job_id = ? ORDER BY idx", (job_id,))
                 while chunk := rows.fetchmany(512):  # a job's rows were numbered 0, 1, 2... with no gaps
                     batch = jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t, meta_json=m) for _, t, m in chunk])
-                    self.add_rows(job_id, chunk[0][0], batch)
+                    self._insert_chunk(job_id, chunk[0][0], batch)
             self._db.execute("DROP TABLE inputs")
 
     def _transaction(self):

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from distinfer.coordinator.store import ShardCursor, Store
+from distinfer.coordinator.store import MAX_CHUNK_ROWS, ShardCursor, Store
 from distinfer.v1 import jobs_pb2
 
 
@@ -105,6 +105,20 @@ def test_an_empty_upload_message_adds_no_rows(store):
     assert store.add_rows("j", 0, batch([])) == 0
     assert store.add_rows("j", 0, batch(rows("a"))) == 1
     assert shard_indices(store, "j", 1, 0, 1) == [0]
+
+
+def test_a_big_upload_message_is_kept_in_several_chunks_and_read_back_whole(store):
+    store.create_job(job("j"))
+    texts = [f"t{i}" for i in range(2 * MAX_CHUNK_ROWS + 5)]
+    store.add_rows("j", 0, batch(rows(*texts[:3])))
+    store.add_rows("j", 3, batch(rows(*texts[3:], meta={"k": 1})))
+    (chunks,) = store._db.execute("SELECT COUNT(*) FROM input_chunks").fetchone()
+    assert chunks == 1 + 3
+    assert [text for b in store.shard("j", 1, 0, 1) for _, text in b] == texts
+    store.commit_results("j", 1, [result_blob(i) for i in range(len(texts))])
+    got = store.results_from("j", MAX_CHUNK_ROWS - 2, 10).results
+    assert [r.index for r in got] == list(range(MAX_CHUNK_ROWS - 2, MAX_CHUNK_ROWS + 8))
+    assert all(json.loads(r.meta_json) == {"k": 1} for r in got)
 
 
 def test_add_rows_with_an_overlapping_index_adds_nothing(store):
