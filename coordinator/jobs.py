@@ -124,10 +124,9 @@ class JobManager:
             async for batch in batches:
                 if job is not None and job.status.state in TERMINAL:
                     continue  # it failed or was cancelled while uploading: the rest of its rows are not needed
-                rows = list(batch.rows)
-                if not all(row.HasField("text") for row in rows):
-                    offset = next(i for i, row in enumerate(rows) if not row.HasField("text"))
-                    raise InvalidArgument(f"row {n + offset} has no text: every row needs a text field")
+                missing = next((i for i, row in enumerate(batch.rows) if not row.HasField("text")), None)
+                if missing is not None:
+                    raise InvalidArgument(f"row {n + missing} has no text: every row needs a text field")
                 self.limits.check_rows(n, batch)
                 if n + len(batch.rows) > self.limits.max_rows_per_job:
                     raise ResourceExhausted(
