@@ -1,4 +1,5 @@
-"""The coordinator's SQLite store: jobs, rows, shard cuts, idempotent commits, and durability."""
+"""The coordinator's SQLite store: jobs, rows, shard cuts and idempotent commits (durability and shutdown:
+test_store_durability.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import sqlite3
 
 import pytest
+from store_rows import add_job_with_rows, batch, job, result_blob, rows, shard_indices
 
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, ShardCursor, Store
 from distinfer.v1 import jobs_pb2
@@ -16,33 +18,6 @@ def store(tmp_path):
     s = Store(tmp_path / "state.db")
     yield s
     s.close()
-
-
-def job(job_id: str, **fields) -> jobs_pb2.JobStatus:
-    return jobs_pb2.JobStatus(job_id=job_id, **fields)
-
-
-def rows(*texts: str, meta: dict | None = None) -> list[jobs_pb2.InputRow]:
-    meta_json = json.dumps(meta) if meta else ""
-    return [jobs_pb2.InputRow(text=t, meta_json=meta_json) for t in texts]
-
-
-def batch(rows: list[jobs_pb2.InputRow]) -> jobs_pb2.RowBatch:
-    return jobs_pb2.RowBatch(rows=rows)
-
-
-def result_blob(index: int, value: float = 0.0) -> tuple[int, bytes]:
-    r = jobs_pb2.Result(index=index, embedding=jobs_pb2.Embedding(values=[value, value + 1]))
-    return index, r.SerializeToString()
-
-
-def add_job_with_rows(store: Store, job_id: str, n: int) -> None:
-    store.create_job(job(job_id, num_rows=n))
-    store.add_rows(job_id, 0, batch(rows(*(f"t{i}" for i in range(n)))))
-
-
-def shard_indices(store: Store, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024):
-    return [idx for b in store.shard(job_id, attempt, rank, world_size, batch) for idx, _ in b]
 
 
 # --- jobs ---------------------------------------------------------------------------------------------
@@ -354,133 +329,3 @@ def test_results_from_returns_large_and_small_results_whole(store, width):
     sent = [jobs_pb2.Result(index=i, embedding=jobs_pb2.Embedding(values=[i + 0.5] * width)) for i in range(3)]
     store.commit_results("j", 1, [(r.index, r.SerializeToString()) for r in sent])
     assert list(store.results_from("j", 0, 10).results) == sent
-
-
-# --- durability ---------------------------------------------------------------------------------------
-
-
-def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
-    path = tmp_path / "state.db"
-    first = Store(path)
-    status = job("j-1", state=jobs_pb2.RUNNING, num_rows=4)
-    first.create_job(status)
-    first.create_job(job("j-2"))
-    first.add_rows("j-1", 0, batch(rows("a", "b", meta={"k": 1}) + rows("c", "d")))
-    first.commit_results("j-1", 1, [result_blob(0, 5.0), result_blob(1, 6.0)])
-    first.close()
-
-    second = Store(path)
-    try:
-        assert [s.job_id for s in second.load_jobs()] == ["j-1", "j-2"]
-        assert second.load_jobs()[0] == status
-        assert second.count_results("j-1") == 2
-        results = second.results_from("j-1", 0, 10).results
-        assert [(r.index, r.embedding.values[0], json.loads(r.meta_json)) for r in results] == [
-            (0, 5.0, {"k": 1}),
-            (1, 6.0, {"k": 1}),
-        ]
-        assert [r for b in second.shard("j-1", 2, 0, 1) for r in b] == [(2, "c"), (3, "d")]
-        # commits stay idempotent across the restart
-        assert second.commit_results("j-1", 2, [result_blob(1), result_blob(2)]) == 1
-    finally:
-        second.close()
-
-
-def test_a_store_with_a_sqlite_row_per_input_row_is_moved_to_chunks_on_opening(tmp_path):
-    path = tmp_path / "state.db"
-    old = sqlite3.connect(path)
-    old.executescript(
-        """CREATE TABLE inputs (job_id TEXT NOT NULL, idx INTEGER NOT NULL, text TEXT NOT NULL, meta TEXT NOT NULL,
-                                PRIMARY KEY (job_id, idx));"""
-    )
-    old.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", [("j", i, f"t{i}", "") for i in range(1000)])
-    old.execute("INSERT INTO inputs VALUES ('k', 0, 'only', '{\"id\": 7}')")
-    old.commit()
-    old.close()
-    store = Store(path)
-    try:
-        assert [r for b in store.shard("j", 1, 0, 1) for r in b] == [(i, f"t{i}") for i in range(1000)]
-        store.commit_results("k", 1, [result_blob(0)])
-        assert json.loads(store.results_from("k", 0, 1).results[0].meta_json) == {"id": 7}
-        assert store.add_rows("j", 1000, batch(rows("new"))) == 1
-    finally:
-        store.close()
-
-
-def test_reopening_keeps_creation_order_for_new_jobs(tmp_path):
-    path = tmp_path / "state.db"
-    first = Store(path)
-    first.create_job(job("j-old"))
-    first.close()
-    second = Store(path)
-    try:
-        second.create_job(job("j-new"))
-        assert [s.job_id for s in second.load_jobs()] == ["j-old", "j-new"]
-    finally:
-        second.close()
-
-
-def test_deleted_job_stays_deleted_after_reopening(tmp_path):
-    path = tmp_path / "state.db"
-    first = Store(path)
-    add_job_with_rows(first, "j", 2)
-    first.commit_results("j", 1, [result_blob(0)])
-    first.delete_job("j")
-    first.close()
-    second = Store(path)
-    try:
-        assert second.load_jobs() == []
-        assert second.count_results("j") == 0
-        assert list(second.shard("j", 1, 0, 1)) == []
-    finally:
-        second.close()
-
-
-def test_committed_results_are_visible_to_a_new_store_without_closing_the_old_one(tmp_path):
-    """A coordinator killed without closing its store: a fresh one on the same file sees every commit."""
-    path = tmp_path / "state.db"
-    crashed = Store(path)
-    add_job_with_rows(crashed, "j", 3)
-    crashed.commit_results("j", 1, [result_blob(0), result_blob(2)])
-    restarted = Store(path)
-    try:
-        assert [s.job_id for s in restarted.load_jobs()] == ["j"]
-        assert restarted.count_results("j") == 2
-        assert shard_indices(restarted, "j", 2, 0, 1) == [1]
-    finally:
-        restarted.close()
-        crashed.close()
-
-
-# --- shutdown -------------------------------------------------------------------------------------------
-
-
-def test_closing_the_job_manager_waits_for_the_store_call_in_flight(tmp_path):
-    """A handler cancelled at shutdown leaves its store call running; closing under it crashed the process."""
-    import asyncio
-    import threading
-    import time
-
-    from distinfer.coordinator.jobs import JobManager
-    from distinfer.coordinator.registry import Registry
-
-    store = Store(tmp_path / "state.db")
-    store.create_job(job("j1"))
-    started = threading.Event()
-
-    def slow_save(status):
-        started.set()
-        time.sleep(0.3)
-        store.save_job(status)
-
-    async def shut_down_during_a_save():
-        manager = JobManager(store, Registry())
-        in_flight = asyncio.ensure_future(manager.db(slow_save, job("j1", num_rows=7)))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait)
-        in_flight.cancel()  # as the server's shutdown cancels the handler awaiting it
-        await manager.close()
-
-    asyncio.run(shut_down_during_a_save())
-    assert Store(tmp_path / "state.db").load_jobs()[0].num_rows == 7  # the save ran to its end...
-    with pytest.raises(sqlite3.ProgrammingError):
-        store.load_jobs()  # ...and then the connection was closed
