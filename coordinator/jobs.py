@@ -1,8 +1,8 @@
 """The job state machine: QUEUED -> SCHEDULED(attempt n) -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
 
-`JobManager` owns every job's status, forms attempts from free slots, reacts to what the slots report, and
-commits results. It runs on the coordinator's event loop; the store is driven from one thread of its own,
-so SQLite never blocks heartbeats or streams.
+`JobManager` owns every job's status, forms attempts from free slots (its `Placing` half, placing.py), reacts
+to what the slots report, and commits results. It runs on the coordinator's event loop; the store is driven
+from one thread of its own, so SQLite never blocks heartbeats or streams.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from distinfer.common.errors import (
     status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
-from distinfer.coordinator.job import ActiveAttempt, Job
+from distinfer.coordinator.job import Job
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
+from distinfer.coordinator.placing import Placing
 from distinfer.coordinator.registry import Registry
-from distinfer.coordinator.scheduler import Placement, backend_for, pick_port, place
 from distinfer.coordinator.store import ShardCursor, Store
 from distinfer.v1 import jobs_pb2, workers_pb2
 
@@ -48,7 +48,7 @@ RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 1024, 1 << 20
 MESSAGE_LIMIT = 2000
 
 
-class JobManager:
+class JobManager(Placing):
     def __init__(
         self,
         store: Store,
@@ -298,106 +298,6 @@ class JobManager:
                 await self._end_attempt(job, f"worker {worker_id} lost: {reason}")
         self.registry.remove(worker_id)
         self.wake()
-
-    # --- scheduling -----------------------------------------------------------------------------------
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def run_scheduler(self, tick_s: float = 1.0) -> None:
-        """Place queued jobs whenever something changes (and every tick, for queue time-outs)."""
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), tick_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self._schedule_once()
-            except Exception:
-                log.exception("schedule_failed")
-
-    async def _schedule_once(self) -> None:
-        # Oldest first; a job that cannot start does not hold back a smaller one behind it.
-        for job in [j for j in self.jobs.values() if j.status.state == S.QUEUED]:
-            spec = job.status.spec
-            group = max(1, spec.tp_size)
-            min_slots = max(group, spec.min_workers)
-            placements = place(self.registry.free_slots(), min_slots, spec.max_workers, group)
-            if placements is None:
-                await self._still_waiting(job, min_slots)
-                continue
-            master = placements[0]
-            worker = self.registry.get(master.worker_id)
-            port = pick_port(worker.port_lo, worker.port_hi, worker.ports_in_use, after=worker.last_port)
-            if port is None:
-                await self._set_message(job, f"waiting for a free rendezvous port on {worker.advertise_host}")
-                continue
-            await self._start_attempt(job, placements, port)
-
-    async def _still_waiting(self, job: Job, min_slots: int) -> None:
-        free, total = len(self.registry.free_slots()), self.registry.total_slots()
-        message = f"waiting for {min_slots} free slots: {free} free of {total} registered"
-        timeout = job.status.spec.queue_timeout_s
-        if timeout and not job.status.attempts and time.time() - job.status.created_at > timeout:
-            await self._finish(
-                job, S.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
-            )
-        else:
-            await self._set_message(job, message)
-
-    async def _start_attempt(self, job: Job, placements: list[Placement], port: int) -> None:
-        number = len(job.status.attempts) + 1
-        self.metrics.attempts.labels("started").inc()
-        if number == 1:
-            self.metrics.queue_seconds.observe(time.time() - job.status.created_at)
-        master_worker = self.registry.get(placements[0].worker_id)
-        master_worker.ports_in_use.add(port)
-        master_worker.last_port = port
-        attempt = ActiveAttempt(number, placements, master_worker.worker_id, port)
-        backend = backend_for(placements)
-        record = job.status.attempts.add(
-            number=number,
-            world_size=len(placements),
-            master_addr=master_worker.advertise_host,
-            master_port=port,
-            backend=backend,
-            started_at=attempt.started_at,
-        )
-        for p in placements:
-            record.ranks.add(rank=p.rank, worker_id=p.worker_id, host=p.host, slot=p.slot, device=p.device)
-            self.registry.assign(p.worker_id, p.slot, job.job_id, number)
-        job.attempt = attempt
-        job.status.state = S.SCHEDULED
-        job.status.message = f"attempt {number}: forming a group of {len(placements)} ranks"
-        await self._save(job)
-        log.info(
-            "attempt_scheduled",
-            job_id=job.job_id,
-            attempt=number,
-            world_size=len(placements),
-            master=f"{master_worker.advertise_host}:{port}",
-            backend=backend,
-        )
-        for p in placements:
-            assignment = workers_pb2.Assignment(
-                job_id=job.job_id,
-                attempt=number,
-                spec=job.status.spec,
-                slot=p.slot,
-                rank=p.rank,
-                world_size=len(placements),
-                local_rank=p.local_rank,
-                local_world_size=p.local_world_size,
-                master_addr=master_worker.advertise_host,
-                master_port=port,
-                backend=backend,
-                rendezvous_timeout_s=self.rendezvous_timeout_s,
-                tp_size=max(1, job.status.spec.tp_size),
-            )
-            if not self.registry.send(p.worker_id, workers_pb2.CoordinatorMessage(assignment=assignment)):
-                await self._end_attempt(job, f"worker {p.worker_id} went away before its assignment")
-                return
 
     async def _end_attempt(self, job: Job, reason: str, requeue: bool = True) -> None:
         """Close the running attempt (if any): abort its ranks, free its slots and port, maybe queue again."""
