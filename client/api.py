@@ -121,6 +121,7 @@ class Client:
         tp_size: int = 0,
         queue_timeout_s: float = 0.0,
         max_attempts: int = 0,
+        stall_timeout_s: float = 0.0,
         wait_for_upload: bool = True,
     ) -> Job:
         """Upload the rows and queue the job. `workers=N` asks for exactly N ranks (the job waits for them);
@@ -148,6 +149,7 @@ class Client:
             max_workers=max_workers if max_workers is not None else workers,
             queue_timeout_s=queue_timeout_s,
             max_attempts=max_attempts,
+            stall_timeout_s=stall_timeout_s,
             options=options,
             tp_size=tp_size,
         )

@@ -57,6 +57,13 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="fail if the job waits longer than this for its workers (default: wait)",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=0.0,
+        help="retry an attempt that computes no batch for this long, taken for hung; longer than the slowest "
+        "batch (default: the coordinator's, 600 s)",
+    )
 
 
 def _coordinator_options(p: argparse.ArgumentParser) -> None:
@@ -145,6 +152,7 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         normalize=False if args.no_normalize else None,
         return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,
+        stall_timeout_s=args.stall_timeout,
         generate=_generate_options(args) if args.task == "generate" else None,
         tp_size=args.tp_size,
         # Results are written while the rest of the rows upload; a detached job's upload must end first.

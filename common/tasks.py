@@ -26,6 +26,10 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument(f"min_workers ({spec.min_workers}) is larger than max_workers ({spec.max_workers})")
     if not spec.queue_timeout_s >= 0:  # also refuses NaN
         raise InvalidArgument(f"queue_timeout_s must be 0 (wait forever) or positive, not {spec.queue_timeout_s}")
+    if not spec.stall_timeout_s >= 0:
+        raise InvalidArgument(
+            f"stall_timeout_s must be 0 (the coordinator's default) or positive, not {spec.stall_timeout_s}"
+        )
     if spec.options.max_length > MAX_LENGTH_LIMIT:
         raise InvalidArgument(f"max_length {spec.options.max_length} is beyond any model's limit")
     if spec.options.dtype not in DTYPES:

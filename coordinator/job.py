@@ -19,6 +19,14 @@ class ActiveAttempt:
     joined: set[int] = field(default_factory=set)
     finished: set[int] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
+    # The progress watchdog's clock (time.monotonic): when the attempt last moved on (group formed, a batch
+    # computed on a rank, a result committed, new rows for ranks that had none left).
+    progress_at: float = field(default_factory=time.monotonic)
+    # Batches each (worker id, slot) had computed at its last heartbeat.
+    batches_done: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def moved_on(self) -> None:
+        self.progress_at = time.monotonic()
 
 
 @dataclass

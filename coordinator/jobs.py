@@ -56,8 +56,10 @@ class JobManager(Placing):
         rendezvous_timeout_s: float = 120.0,
         limits: Limits | None = None,
         metrics: CoordinatorMetrics | None = None,
+        stall_timeout_s: float = 600.0,
     ):
         self.limits = limits or Limits()
+        self.stall_timeout_s = stall_timeout_s
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store
         self.registry = registry
@@ -133,10 +135,13 @@ class JobManager(Placing):
                         f"the job has more than {self.limits.max_rows_per_job} rows, the most this coordinator "
                         "takes in one job (--max-rows-per-job): split the dataset"
                     )
+                caught_up = status.rows_done >= status.num_rows
                 n += await self.db(self.store.add_rows, status.job_id, n, batch)
                 if n == 0:
                     continue  # an empty message: nothing to schedule yet
                 status.num_rows = n
+                if caught_up and job is not None and job.attempt is not None:
+                    job.attempt.moved_on()  # its ranks had no rows left: their time waiting was no stall
                 if job is None:  # schedulable from its first rows on: it runs while the rest arrives
                     status.state, status.uploading, status.message = S.QUEUED, True, "waiting for slots"
                     job = self.jobs[status.job_id] = Job(status)
@@ -240,6 +245,8 @@ class JobManager(Placing):
                 raise InvalidArgument(f"result index {result.index} is past the job's last row")
         blobs = [(r.index, r.SerializeToString()) for r in results]
         added = await self.db(self.store.commit_results, job_id, attempt, blobs)
+        if job.attempt is not None:
+            job.attempt.moved_on()
         if added and job.attempt is not None and not job.status.time_to_first_result_s:
             job.status.time_to_first_result_s = time.time() - job.attempt.started_at
         job.status.rows_done += added
@@ -261,6 +268,7 @@ class JobManager(Placing):
             attempt.joined.add(event.rank)
             record.ranks[event.rank].MergeFrom(event.info)
             if len(attempt.joined) == len(attempt.placements):
+                attempt.moved_on()
                 record.running_at = time.time()
                 job.status.state = S.RUNNING
                 job.status.message = f"running on {len(attempt.placements)} ranks"
@@ -298,6 +306,37 @@ class JobManager(Placing):
                 await self._end_attempt(job, f"worker {worker_id} lost: {reason}")
         self.registry.remove(worker_id)
         self.wake()
+
+    def note_progress(self, worker_id: str, progress) -> None:
+        """A heartbeat's batch counts, per slot: a rank that computed a batch moves its attempt on."""
+        for p in progress:
+            job = self.jobs.get(p.job_id)
+            attempt = job.attempt if job else None
+            if attempt is None or attempt.number != p.attempt:
+                continue
+            key = (worker_id, p.slot)
+            if p.batches_done > attempt.batches_done.get(key, 0):
+                attempt.batches_done[key] = p.batches_done
+                attempt.moved_on()
+
+    async def end_stalled_attempts(self) -> None:
+        """The progress watchdog: end (and so retry) a running attempt that has moved on for none of its
+        stall time-out while it had rows to compute or ranks to finish. A rank can hang where no error will
+        ever come (a frozen process whose daemon still heartbeats, a wait on a peer that never answers);
+        ending the attempt aborts its ranks, whose daemons replace the executors."""
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            attempt, status = job.attempt, job.status
+            if attempt is None or not status.attempts[-1].running_at:
+                continue  # forming its group: the ranks' rendezvous time-out covers that
+            limit = status.spec.stall_timeout_s or self.stall_timeout_s
+            waiting_for_rows = status.uploading and status.rows_done >= status.num_rows
+            if limit and not waiting_for_rows and now - attempt.progress_at > limit:
+                await self._end_attempt(
+                    job,
+                    f"no progress for {limit:g} s: no rank computed a batch and no result was committed (a rank "
+                    "seems hung; the job's stall_timeout_s or the coordinator's --stall-timeout sets how long)",
+                )
 
     async def _end_attempt(self, job: Job, reason: str, requeue: bool = True) -> None:
         """Close the running attempt (if any): abort its ranks, free its slots and port, maybe queue again."""

@@ -43,6 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=120.0,
         help="seconds the ranks of an attempt may take to form their group",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a running attempt may go without computing a batch or committing a result before it is "
+        "taken for hung and retried (default %(default)s; 0: never); longer than the slowest batch",
+    )
     p.add_argument("--max-rows-per-job", type=int, default=Limits.max_rows_per_job, help="rows one job may have")
     p.add_argument("--max-row-bytes", type=int, default=Limits.max_row_bytes, help="bytes of one row (text + fields)")
     p.add_argument("--max-queued-jobs", type=int, default=Limits.max_queued_jobs, help="jobs queued or running at once")
@@ -88,6 +95,7 @@ def main(argv=None) -> None:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
         rendezvous_timeout_s=args.rendezvous_timeout,
+        stall_timeout_s=args.stall_timeout,
         limits=Limits(args.max_rows_per_job, args.max_row_bytes, args.max_queued_jobs),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -35,6 +35,9 @@ class CoordinatorConfig:
     heartbeat_timeout_s: float = 3.0
     # How long ranks may take to form a group before the attempt fails.
     rendezvous_timeout_s: float = 120.0
+    # How long a running attempt may make no progress before it is taken for hung and retried (0: never);
+    # a job's own stall_timeout_s overrides it.
+    stall_timeout_s: float = 600.0
     limits: Limits = Limits()
     # TLS: the server's certificate and key; a client CA makes it mutual TLS (clients must present a cert).
     tls_cert: str = ""
@@ -101,7 +104,14 @@ class Coordinator:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         store = Store(self.config.state_dir / "distinfer.sqlite")
         metrics = CoordinatorMetrics()
-        self.manager = JobManager(store, Registry(), self.config.rendezvous_timeout_s, self.config.limits, metrics)
+        self.manager = JobManager(
+            store,
+            Registry(),
+            self.config.rendezvous_timeout_s,
+            self.config.limits,
+            metrics,
+            stall_timeout_s=self.config.stall_timeout_s,
+        )
         metrics.watch(self.manager)
         if self.config.metrics_listen:
             port = serve_metrics(metrics.registry, self.config.metrics_listen)
@@ -115,6 +125,7 @@ class Coordinator:
         self._tasks = [
             asyncio.create_task(self.manager.run_scheduler()),
             asyncio.create_task(self._watch_heartbeats()),
+            asyncio.create_task(self._watch_progress()),
         ]
         for service in ("", "distinfer.v1.Jobs", "distinfer.v1.Workers"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -126,6 +137,14 @@ class Coordinator:
             for worker in self.manager.registry.stale(self.config.heartbeat_timeout_s):
                 log.warning("worker_heartbeats_missed", worker_id=worker.worker_id)
                 worker.disconnect("missed heartbeats")
+
+    async def _watch_progress(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.manager.end_stalled_attempts()
+            except Exception:
+                log.exception("progress_check_failed")
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()

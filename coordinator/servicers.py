@@ -125,6 +125,7 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
         kind = message.WhichOneof("payload")
         if kind == "heartbeat":
             self.registry.heartbeat(worker, message.heartbeat)
+            self.manager.note_progress(worker.worker_id, message.heartbeat.progress)
             self.manager.wake()
         elif kind == "event":
             await self.manager.slot_event(worker.worker_id, message.event)

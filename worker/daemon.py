@@ -61,9 +61,28 @@ class ExecutorHandle:
     ready: bool = False
     # Assignments in the executor's inbox, in order; the first is the one it is running.
     pending: list[workers_pb2.Assignment] = field(default_factory=list)
+    # Batches computed in the running attempt (keyed, as the count restarts with each attempt).
+    batches_done: tuple[tuple[str, int], int] = (("", 0), 0)
 
     def running(self) -> workers_pb2.Assignment | None:
         return self.pending[0] if self.pending else None
+
+    def count_batches(self, batches: int) -> None:
+        running = self.running()
+        if running is not None:
+            self.batches_done = (_key(running), self._done_in(running) + batches)
+
+    def progress(self) -> workers_pb2.SlotProgress | None:
+        running = self.running()
+        if running is None:
+            return None
+        return workers_pb2.SlotProgress(
+            slot=self.slot, job_id=running.job_id, attempt=running.attempt, batches_done=self._done_in(running)
+        )
+
+    def _done_in(self, running: workers_pb2.Assignment) -> int:
+        key, done = self.batches_done
+        return done if key == _key(running) else 0
 
 
 def _key(a) -> tuple[str, int]:
@@ -142,6 +161,7 @@ class WorkerDaemon:
             self._send_heartbeat()
             return
         if kind == "batches":
+            handle.count_batches(len(blob))
             for seconds, rows in blob:
                 self.metrics.batch_seconds.observe(seconds)
                 self.metrics.rows.inc(rows)
@@ -209,9 +229,9 @@ class WorkerDaemon:
 
     def _send_heartbeat(self) -> None:
         healthy = [h.slot for h in self.executors if h.ready and h.process is not None and h.process.is_alive()]
-        self._send(
-            workers_pb2.WorkerMessage(worker_id=self.worker_id, heartbeat=workers_pb2.Heartbeat(healthy_slots=healthy))
-        )
+        progress = [p for p in (h.progress() for h in self.executors) if p is not None]
+        heartbeat = workers_pb2.Heartbeat(healthy_slots=healthy, progress=progress)
+        self._send(workers_pb2.WorkerMessage(worker_id=self.worker_id, heartbeat=heartbeat))
 
     async def _register(self, stub) -> float:
         request = workers_pb2.RegisterWorkerRequest(

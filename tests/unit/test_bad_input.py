@@ -82,6 +82,14 @@ def test_missing_model_and_contradictory_options_are_invalid_argument(coordinato
         coordinator.address,
         [jobs_pb2.SubmitJobRequest(spec=spec(min_workers=3, max_workers=2)), rows("a")],
     )
+    for bad in (-1.0, float("nan")):
+        expect_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stall_timeout_s must be 0 (the coordinator's default) or positive",
+            raw_submit,
+            coordinator.address,
+            [jobs_pb2.SubmitJobRequest(spec=spec(stall_timeout_s=bad)), rows("a")],
+        )
 
 
 def test_first_message_must_be_the_spec(coordinator):

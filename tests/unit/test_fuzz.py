@@ -352,6 +352,7 @@ def random_specs(draw) -> jobs_pb2.JobSpec:
         max_workers=draw(st.one_of(small, uint32s)),
         queue_timeout_s=draw(st.one_of(st.just(0.0), doubles)),
         max_attempts=draw(st.one_of(small, uint32s)),
+        stall_timeout_s=draw(st.one_of(st.just(0.0), doubles)),
     )
     if draw(st.booleans()):
         spec.options.CopyFrom(draw(random_task_options()))
@@ -376,6 +377,7 @@ def plausible_specs(draw) -> jobs_pb2.JobSpec:
         max_workers=max_workers,
         queue_timeout_s=draw(st.sampled_from([0.0, 0.5, 3600.0, 1e308, float("inf")])),
         max_attempts=draw(st.one_of(small, uint32s)),
+        stall_timeout_s=draw(st.sampled_from([0.0, 0.5, 600.0, 1e308, float("inf")])),
     )
     options = spec.options
     options.batch_size = draw(st.one_of(small, uint32s))

@@ -60,6 +60,7 @@ class JobSpec(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     TP_SIZE_FIELD_NUMBER: _builtins.int
+    STALL_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A local model directory (seen by the workers) or a model name in the workers' local Hugging Face cache."""
     task: _builtins.str
@@ -77,6 +78,11 @@ class JobSpec(_message.Message):
     """Tensor parallel: split the model across this many slots of one host (generate only). The job's ranks
     form data-parallel replicas of tp_size ranks each; workers counts ranks and must be a multiple of it.
     """
+    stall_timeout_s: _builtins.float
+    """Seconds a running attempt may go without progress (a batch computed on any of its ranks, or a result
+    committed) while it has rows to compute, before the coordinator takes it for hung, ends it and retries.
+    It must be longer than the job's slowest batch. 0 means the coordinator's default (--stall-timeout).
+    """
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
     def __init__(
@@ -90,10 +96,11 @@ class JobSpec(_message.Message):
         max_attempts: _builtins.int = ...,
         options: Global___TaskOptions | None = ...,
         tp_size: _builtins.int = ...,
+        stall_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "max_workers", b"max_workers", "min_workers", b"min_workers", "model", b"model", "options", b"options", "queue_timeout_s", b"queue_timeout_s", "task", b"task", "tp_size", b"tp_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "max_workers", b"max_workers", "min_workers", b"min_workers", "model", b"model", "options", b"options", "queue_timeout_s", b"queue_timeout_s", "stall_timeout_s", b"stall_timeout_s", "task", b"task", "tp_size", b"tp_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from distinfer.v1 import jobs_pb2 as distinfer_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64istinfer/v1/workers.proto\x12\x0c\x64istinfer.v1\x1a\x17\x64istinfer/v1/jobs.proto\"%\n\x04Slot\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"\x86\x01\n\x15RegisterWorkerRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x02 \x01(\t\x12!\n\x05slots\x18\x03 \x03(\x0b\x32\x12.distinfer.v1.Slot\x12\x0f\n\x07port_lo\x18\x04 \x01(\r\x12\x0f\n\x07port_hi\x18\x05 \x01(\r\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"\x9a\x02\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.distinfer.v1.JobSpec\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x12\n\nlocal_rank\x18\x07 \x01(\r\x12\x18\n\x10local_world_size\x18\x08 \x01(\r\x12\x13\n\x0bmaster_addr\x18\t \x01(\t\x12\x13\n\x0bmaster_port\x18\n \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x1c\n\x14rendezvous_timeout_s\x18\x0c \x01(\x01\x12\x0f\n\x07tp_size\x18\r \x01(\r\"?\n\x0c\x41\x62ortAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"|\n\x12\x43oordinatorMessage\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.distinfer.v1.AssignmentH\x00\x12+\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1a.distinfer.v1.AbortAttemptH\x00\x42\t\n\x07payload\"\"\n\tHeartbeat\x12\x15\n\rhealthy_slots\x18\x01 \x03(\r\"\x94\x02\n\tSlotEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04slot\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12*\n\x04kind\x18\x05 \x01(\x0e\x32\x1c.distinfer.v1.SlotEvent.Kind\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\tpermanent\x18\x07 \x01(\x08\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12$\n\x04info\x18\t \x01(\x0b\x32\x16.distinfer.v1.RankInfo\"B\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06JOINED\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\x85\x01\n\rWorkerMessage\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.distinfer.v1.HeartbeatH\x00\x12(\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x17.distinfer.v1.SlotEventH\x00\x42\t\n\x07payload\"V\n\x11\x46\x65tchShardRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\",\n\nShardBatch\x12\x0f\n\x07indices\x18\x01 \x03(\x04\x12\r\n\x05texts\x18\x02 \x03(\t\"^\n\x14ReportResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12%\n\x07results\x18\x03 \x03(\x0b\x32\x14.distinfer.v1.Result\"*\n\x15ReportResultsResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x04\x32\xdb\x02\n\x07Workers\x12[\n\x0eRegisterWorker\x12#.distinfer.v1.RegisterWorkerRequest\x1a$.distinfer.v1.RegisterWorkerResponse\x12L\n\x07\x43onnect\x12\x1b.distinfer.v1.WorkerMessage\x1a .distinfer.v1.CoordinatorMessage(\x01\x30\x01\x12I\n\nFetchShard\x12\x1f.distinfer.v1.FetchShardRequest\x1a\x18.distinfer.v1.ShardBatch0\x01\x12Z\n\rReportResults\x12\".distinfer.v1.ReportResultsRequest\x1a#.distinfer.v1.ReportResultsResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64istinfer/v1/workers.proto\x12\x0c\x64istinfer.v1\x1a\x17\x64istinfer/v1/jobs.proto\"%\n\x04Slot\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"\x86\x01\n\x15RegisterWorkerRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x02 \x01(\t\x12!\n\x05slots\x18\x03 \x03(\x0b\x32\x12.distinfer.v1.Slot\x12\x0f\n\x07port_lo\x18\x04 \x01(\r\x12\x0f\n\x07port_hi\x18\x05 \x01(\r\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"\x9a\x02\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.distinfer.v1.JobSpec\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x12\n\nlocal_rank\x18\x07 \x01(\r\x12\x18\n\x10local_world_size\x18\x08 \x01(\r\x12\x13\n\x0bmaster_addr\x18\t \x01(\t\x12\x13\n\x0bmaster_port\x18\n \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x1c\n\x14rendezvous_timeout_s\x18\x0c \x01(\x01\x12\x0f\n\x07tp_size\x18\r \x01(\r\"?\n\x0c\x41\x62ortAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"|\n\x12\x43oordinatorMessage\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.distinfer.v1.AssignmentH\x00\x12+\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1a.distinfer.v1.AbortAttemptH\x00\x42\t\n\x07payload\"P\n\tHeartbeat\x12\x15\n\rhealthy_slots\x18\x01 \x03(\r\x12,\n\x08progress\x18\x02 \x03(\x0b\x32\x1a.distinfer.v1.SlotProgress\"S\n\x0cSlotProgress\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61tches_done\x18\x04 \x01(\x04\"\x94\x02\n\tSlotEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04slot\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12*\n\x04kind\x18\x05 \x01(\x0e\x32\x1c.distinfer.v1.SlotEvent.Kind\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\tpermanent\x18\x07 \x01(\x08\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12$\n\x04info\x18\t \x01(\x0b\x32\x16.distinfer.v1.RankInfo\"B\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06JOINED\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\x85\x01\n\rWorkerMessage\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.distinfer.v1.HeartbeatH\x00\x12(\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x17.distinfer.v1.SlotEventH\x00\x42\t\n\x07payload\"V\n\x11\x46\x65tchShardRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\",\n\nShardBatch\x12\x0f\n\x07indices\x18\x01 \x03(\x04\x12\r\n\x05texts\x18\x02 \x03(\t\"^\n\x14ReportResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12%\n\x07results\x18\x03 \x03(\x0b\x32\x14.distinfer.v1.Result\"*\n\x15ReportResultsResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x04\x32\xdb\x02\n\x07Workers\x12[\n\x0eRegisterWorker\x12#.distinfer.v1.RegisterWorkerRequest\x1a$.distinfer.v1.RegisterWorkerResponse\x12L\n\x07\x43onnect\x12\x1b.distinfer.v1.WorkerMessage\x1a .distinfer.v1.CoordinatorMessage(\x01\x30\x01\x12I\n\nFetchShard\x12\x1f.distinfer.v1.FetchShardRequest\x1a\x18.distinfer.v1.ShardBatch0\x01\x12Z\n\rReportResults\x12\".distinfer.v1.ReportResultsRequest\x1a#.distinfer.v1.ReportResultsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,21 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COORDINATORMESSAGE']._serialized_start=670
   _globals['_COORDINATORMESSAGE']._serialized_end=794
   _globals['_HEARTBEAT']._serialized_start=796
-  _globals['_HEARTBEAT']._serialized_end=830
-  _globals['_SLOTEVENT']._serialized_start=833
-  _globals['_SLOTEVENT']._serialized_end=1109
-  _globals['_SLOTEVENT_KIND']._serialized_start=1043
-  _globals['_SLOTEVENT_KIND']._serialized_end=1109
-  _globals['_WORKERMESSAGE']._serialized_start=1112
-  _globals['_WORKERMESSAGE']._serialized_end=1245
-  _globals['_FETCHSHARDREQUEST']._serialized_start=1247
-  _globals['_FETCHSHARDREQUEST']._serialized_end=1333
-  _globals['_SHARDBATCH']._serialized_start=1335
-  _globals['_SHARDBATCH']._serialized_end=1379
-  _globals['_REPORTRESULTSREQUEST']._serialized_start=1381
-  _globals['_REPORTRESULTSREQUEST']._serialized_end=1475
-  _globals['_REPORTRESULTSRESPONSE']._serialized_start=1477
-  _globals['_REPORTRESULTSRESPONSE']._serialized_end=1519
-  _globals['_WORKERS']._serialized_start=1522
-  _globals['_WORKERS']._serialized_end=1869
+  _globals['_HEARTBEAT']._serialized_end=876
+  _globals['_SLOTPROGRESS']._serialized_start=878
+  _globals['_SLOTPROGRESS']._serialized_end=961
+  _globals['_SLOTEVENT']._serialized_start=964
+  _globals['_SLOTEVENT']._serialized_end=1240
+  _globals['_SLOTEVENT_KIND']._serialized_start=1174
+  _globals['_SLOTEVENT_KIND']._serialized_end=1240
+  _globals['_WORKERMESSAGE']._serialized_start=1243
+  _globals['_WORKERMESSAGE']._serialized_end=1376
+  _globals['_FETCHSHARDREQUEST']._serialized_start=1378
+  _globals['_FETCHSHARDREQUEST']._serialized_end=1464
+  _globals['_SHARDBATCH']._serialized_start=1466
+  _globals['_SHARDBATCH']._serialized_end=1510
+  _globals['_REPORTRESULTSREQUEST']._serialized_start=1512
+  _globals['_REPORTRESULTSREQUEST']._serialized_end=1606
+  _globals['_REPORTRESULTSRESPONSE']._serialized_start=1608
+  _globals['_REPORTRESULTSRESPONSE']._serialized_end=1650
+  _globals['_WORKERS']._serialized_start=1653
+  _globals['_WORKERS']._serialized_end=2000
 # @@protoc_insertion_point(module_scope)

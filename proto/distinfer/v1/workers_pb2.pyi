@@ -216,22 +216,57 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEALTHY_SLOTS_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def healthy_slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Slots whose executor is alive and able to take work."""
+
+    @_builtins.property
+    def progress(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotProgress]:
+        """Slots running an attempt, with how far each has got: the coordinator's sign that the rank is not hung."""
 
     def __init__(
         self,
         *,
         healthy_slots: _abc.Iterable[_builtins.int] | None = ...,
+        progress: _abc.Iterable[Global___SlotProgress] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy_slots", b"healthy_slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["healthy_slots", b"healthy_slots", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class SlotProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    BATCHES_DONE_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    batches_done: _builtins.int
+    """Batches the slot's executor has computed in this attempt (reported about once a second)."""
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        batches_done: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batches_done", b"batches_done", "job_id", b"job_id", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotProgress: _TypeAlias = SlotProgress  # noqa: Y015
 
 @_typing.final
 class SlotEvent(_message.Message):

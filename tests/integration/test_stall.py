@@ -1,0 +1,88 @@
+"""The progress watchdog: an attempt that stops moving on is taken for hung, ended and retried; slow batches
+and a slow upload are not taken for hung.
+
+A frozen executor (SIGSTOP: a process stuck in a driver call or a dead peer's collective) raises no error
+and its daemon still heartbeats, so without the watchdog its job would wait for ever.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from distinfer.v1 import jobs_pb2
+
+ROWS = 160
+
+
+def wait_for_rows(client, job_id: str, rows: int, timeout_s: float = 60.0) -> jobs_pb2.JobStatus:
+    deadline = time.monotonic() + timeout_s
+    while (status := client.job(job_id).status()).rows_done < rows:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
+def test_a_frozen_rank_is_taken_for_hung_and_the_job_retried(client):
+    job = client.submit(
+        [f"row {i}" for i in range(ROWS)],
+        model="",
+        task="simulate",
+        workers=1,
+        batch_size=4,
+        simulated_batch_ms=50,
+        stall_timeout_s=2,
+    )
+    pid = wait_for_rows(client, job.id, 1).attempts[-1].ranks[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        job.wait(poll_s=0.2, timeout_s=60)  # without the watchdog: for ever
+        results = list(job.results())
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # its daemon has killed it by now; if not, it must not stay frozen
+        except ProcessLookupError:
+            pass
+    assert [r["index"] for r in results] == list(range(ROWS))
+    status = job.status()
+    assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 2, status
+    first = status.attempts[0]
+    assert "no progress for 2 s" in first.end_reason, first.end_reason
+    assert 2 <= first.ended_at - first.running_at  # not before its time-out
+
+
+def test_batches_slower_than_a_round_of_commits_are_not_taken_for_hung(client):
+    """Commits come a round (up to 8 batches) at a time: 8 x 0.6 s is longer than the 4 s time-out, so only
+    the ranks' per-batch progress, in their daemons' heartbeats, keeps this attempt alive."""
+    job = client.submit(
+        [f"row {i}" for i in range(120)],
+        model="",
+        task="simulate",
+        workers=1,
+        batch_size=4,
+        simulated_batch_ms=600,
+        stall_timeout_s=4,
+    )
+    assert [r["index"] for r in job.results()] == list(range(120))
+    status = job.status()
+    assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason
+
+
+def test_ranks_waiting_for_a_slow_upload_are_not_taken_for_hung(client):
+    """The ranks have computed every row uploaded so far and wait, longer than the time-out, for more."""
+
+    def messages():
+        spec = jobs_pb2.JobSpec(task="echo", min_workers=1, max_workers=1, stall_timeout_s=1)
+        yield jobs_pb2.SubmitJobRequest(spec=spec)
+        for first in (0, 10):
+            yield jobs_pb2.SubmitJobRequest(
+                rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=f"row {i}") for i in range(first, first + 10)])
+            )
+            time.sleep(3)
+
+    response = client.stub.SubmitJob(messages(), metadata=client.metadata)
+    job = client.job(response.job_id)
+    assert [r["index"] for r in job.results()] == list(range(20))
+    status = job.status()
+    assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason
