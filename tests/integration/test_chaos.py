@@ -3,7 +3,8 @@ equal to a single-process reference.
 
 Kinds: (a) SIGKILL a worker daemon, (b) SIGKILL one executor, (c) SIGKILL the coordinator and restart it on
 the same state, (d) drop the client mid-stream and resume, (e) freeze a worker daemon (SIGSTOP: a host that
-drops off the network without closing its connections) until the coordinator has written it off.
+drops off the network without closing its connections) until the coordinator has written it off, (f) freeze
+one executor (a rank stuck where no error comes): the progress watchdog ends the attempt.
 CI runs one trial of each; set DISTINFER_CHAOS_TRIALS=N for a longer run, and DISTINFER_CHAOS_SEED to replay one.
 """
 
@@ -27,7 +28,15 @@ from distinfer.v1 import jobs_pb2
 TRIALS = int(os.environ.get("DISTINFER_CHAOS_TRIALS", "1"))
 SEED = int(os.environ.get("DISTINFER_CHAOS_SEED", str(int(time.time()))))
 ROWS = 400
-KINDS = ("kill_worker_daemon", "kill_executor", "kill_coordinator", "drop_client", "freeze_worker_daemon")
+KINDS = (
+    "kill_worker_daemon",
+    "kill_executor",
+    "kill_coordinator",
+    "drop_client",
+    "freeze_worker_daemon",
+    "freeze_executor",
+)
+STALL_TIMEOUT_S = 5  # the job's: its batches take well under a second
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample.jsonl"
 
 
@@ -86,7 +95,13 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
     restore(cluster)
     client = Client(cluster.address)
     job = client.submit(
-        chaos_rows, model="all-MiniLM-L6-v2", min_workers=1, max_workers=0, max_attempts=5, dtype="float32"
+        chaos_rows,
+        model="all-MiniLM-L6-v2",
+        min_workers=1,
+        max_workers=0,
+        max_attempts=5,
+        dtype="float32",
+        stall_timeout_s=STALL_TIMEOUT_S,
     )
 
     # The consumer reads results as they come, across whatever happens below (the client resumes by itself).
@@ -133,6 +148,9 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
                 time.sleep(0.1)
         finally:
             frozen.send_signal(signal.SIGCONT)
+    elif kind == "freeze_executor":
+        frozen_pid = rng.choice(client.job(job.id).status().attempts[-1].ranks).pid
+        os.kill(frozen_pid, signal.SIGSTOP)  # its daemon kills it once the watchdog has ended the attempt
     consumer.join(300)
     assert not consumer.is_alive() and not consumer_error, consumer_error
 
@@ -154,6 +172,9 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
     if kind == "freeze_worker_daemon":
         assert "missed heartbeats" in failed.end_reason
         # The unfrozen ranks may have committed every row while their daemon was stopped: then no retry is owed.
+    elif kind == "freeze_executor":
+        assert f"no progress for {STALL_TIMEOUT_S} s" in failed.end_reason
+        # The frozen rank may have sent its last rows before it stopped: then no retry is owed either.
     else:
         assert len(status.attempts) >= 2, "the failure should have cost an attempt"
     if len(status.attempts) >= 2:
