@@ -15,13 +15,13 @@ from collections.abc import Iterable, Iterator
 import grpc
 import structlog
 
+from distinfer.client.row_messages import RowMessages
 from distinfer.common.channels import ChannelSecurity, env_token, open_channel
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-ROWS_PER_MESSAGE = 512
 CALL_DEADLINE_S = 30.0
 # How long a result stream keeps trying to resume while the coordinator is unreachable.
 RESUME_TIMEOUT_S = 120.0
@@ -158,19 +158,13 @@ class Client:
 
         def messages():
             yield jobs_pb2.SubmitJobRequest(spec=spec)
-            batch = []
             try:
-                for number, row in enumerate(rows):
-                    batch.append(to_input_row(row, text_field, number))
-                    if len(batch) >= ROWS_PER_MESSAGE:
-                        yield jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=batch))
-                        batch = []
+                for batch in RowMessages(rows, lambda row, number: to_input_row(row, text_field, number)):
+                    yield jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=batch))
             except Exception as exc:
                 # gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's thread.
                 input_error.append(exc)
                 raise
-            if batch:
-                yield jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=batch))
 
         # No deadline: an upload takes as long as the dataset is big. A broken upload leaves no job behind.
         upload = Upload(self.stub.SubmitJob.future(messages(), metadata=self.metadata), input_error)

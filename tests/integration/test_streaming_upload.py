@@ -13,10 +13,10 @@ import time
 import grpc
 import pytest
 
-from distinfer.client.api import ROWS_PER_MESSAGE, Client
+from distinfer.client.api import Client
 from distinfer.v1 import jobs_pb2
 
-FIRST_ROWS = 1100  # two whole 512-row upload messages are at the coordinator while the client holds back
+FIRST_ROWS = 1100  # two whole 512-row upload messages, and the rest sent once the source stalls
 MORE_ROWS = 900
 
 
@@ -73,16 +73,16 @@ def test_an_upload_that_fails_after_the_job_started_leaves_nothing(client, clust
 
 
 def test_results_stream_while_the_rows_are_still_uploading(client):
-    """wait_for_upload=False: every row the coordinator has comes back while the caller still holds the
-    rest back (ranks compute what they hold rather than wait for a full window or round)."""
-    uploaded = 2 * ROWS_PER_MESSAGE  # what the client has sent of FIRST_ROWS: whole messages only
-    all_uploaded_rows_back = threading.Event()
+    """wait_for_upload=False: every row the caller has given comes back while it still holds the rest back:
+    the client sends the rows it has once its source stalls, not only whole messages, and ranks compute
+    what they hold rather than wait for a full window or round."""
+    all_given_rows_back = threading.Event()
     held_back_until_then = []
 
     def rows():
         for i in range(FIRST_ROWS):
             yield f"row {i}"
-        held_back_until_then.append(all_uploaded_rows_back.wait(timeout=30))
+        held_back_until_then.append(all_given_rows_back.wait(timeout=30))
         for i in range(FIRST_ROWS, FIRST_ROWS + MORE_ROWS):
             yield f"row {i}"
 
@@ -91,8 +91,8 @@ def test_results_stream_while_the_rows_are_still_uploading(client):
     results = []
     for row in job.results():
         results.append(row)
-        if len(results) == uploaded:
-            all_uploaded_rows_back.set()
+        if len(results) == FIRST_ROWS:
+            all_given_rows_back.set()
     assert held_back_until_then == [True]
     assert [r["index"] for r in results] == list(range(FIRST_ROWS + MORE_ROWS))
     assert job.num_rows == FIRST_ROWS + MORE_ROWS
