@@ -129,7 +129,8 @@ class Client:
 
         The job runs from its first rows on. wait_for_upload=False returns it then, while the rest uploads in
         the background, so its results can be read at once; an upload that fails later (a bad row, too many
-        rows) is raised by job.results() or job.wait_for_upload(), and leaves no job behind."""
+        rows) is raised by job.results() or job.wait_for_upload(), and leaves no job behind. A job that fails or
+        is cancelled while its rows upload ends the upload: JobFailed, and the rest of the rows are not read."""
         options = jobs_pb2.TaskOptions(
             return_logits=return_logits,
             batch_size=batch_size,
@@ -207,12 +208,16 @@ class Upload:
             raise
 
     def response(self) -> jobs_pb2.SubmitJobResponse:
-        """Waits for the whole upload; raises what broke it: the caller's rows, or the coordinator's status."""
+        """Waits for the whole upload; raises what broke it: the caller's rows, the job's end (JobFailed: it
+        failed or was cancelled while its rows were uploading, and the coordinator stopped taking them), or
+        the coordinator's status."""
         try:
             return self._call.result()
-        except (grpc.RpcError, grpc.FutureCancelledError):
+        except (grpc.RpcError, grpc.FutureCancelledError) as exc:
             if self._input_error:
                 raise self._input_error[0] from None
+            if isinstance(exc, grpc.Call) and dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY):
+                raise JobFailed(exc.details()) from None
             raise
         except KeyboardInterrupt:
             self._call.cancel()

@@ -48,6 +48,18 @@ RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 1024, 1 << 20
 MESSAGE_LIMIT = 2000
 
 
+def job_ended(job: Job) -> DistinferError:
+    """What a call about a failed or cancelled job ends with: the reason, its code, and a trailer that says
+    the job (not the call) ended."""
+    state = job.status.state
+    if state == S.CANCELLED:
+        message, code = f"job {job.job_id} was cancelled", grpc.StatusCode.CANCELLED
+    else:
+        message = f"job {job.job_id} failed: {job.status.message}"
+        code = status_code_by_name(job.status.error_code, grpc.StatusCode.ABORTED)
+    return DistinferError(message, code, trailers=((JOB_ENDED_KEY, S.JobState.Name(state)),))
+
+
 class JobManager(Placing):
     def __init__(
         self,
@@ -125,7 +137,7 @@ class JobManager(Placing):
             n = 0
             async for batch in batches:
                 if job is not None and job.status.state in TERMINAL:
-                    continue  # it failed or was cancelled while uploading: the rest of its rows are not needed
+                    raise job_ended(job)  # while uploading: the rest of its rows are not needed, so stop them
                 missing = next((i for i, row in enumerate(batch.rows) if not row.HasField("text")), None)
                 if missing is not None:
                     raise InvalidArgument(f"row {n + missing} has no text: every row needs a text field")
@@ -205,16 +217,8 @@ class JobManager(Placing):
                 continue
             if next_index >= job.status.num_rows and job.status.state in TERMINAL:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
-            if job.status.state == S.FAILED:
-                raise DistinferError(
-                    f"job {job_id} failed: {job.status.message}",
-                    status_code_by_name(job.status.error_code, grpc.StatusCode.ABORTED),
-                    trailers=((JOB_ENDED_KEY, "FAILED"),),
-                )
-            if job.status.state == S.CANCELLED:
-                raise DistinferError(
-                    f"job {job_id} was cancelled", grpc.StatusCode.CANCELLED, trailers=((JOB_ENDED_KEY, "CANCELLED"),)
-                )
+            if job.status.state in (S.FAILED, S.CANCELLED):
+                raise job_ended(job)
             await changed.wait()
 
     # --- worker side ----------------------------------------------------------------------------------

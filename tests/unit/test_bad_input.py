@@ -132,6 +132,24 @@ def test_job_wanting_more_workers_than_exist_waits_queued(client):
     expect_status(grpc.StatusCode.FAILED_PRECONDITION, "already ended", job.cancel)
 
 
+def test_a_job_cancelled_while_its_rows_upload_stops_the_upload(client):
+    """The coordinator refuses the rest of an ended job's rows, so the client stops reading its source."""
+    total, read = 2_000_000, [0]
+
+    def rows():
+        for i in range(total):
+            read[0] += 1
+            yield f"row {i}"
+
+    job = client.submit(rows(), model="all-MiniLM-L6-v2", workers=4, wait_for_upload=False)
+    job.cancel()
+    with pytest.raises(JobFailed, match=f"job {job.id} was cancelled"):
+        job.wait_for_upload()
+    assert read[0] < total
+    status = job.status()
+    assert status.state == jobs_pb2.CANCELLED and not status.uploading
+
+
 def test_job_with_a_queue_timeout_fails_with_the_reason(client):
     job = client.submit(["one"], model="all-MiniLM-L6-v2", workers=2, queue_timeout_s=0.5)
     with pytest.raises(JobFailed, match="gave up after 0.5 s in the queue"):
