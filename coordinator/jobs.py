@@ -298,7 +298,11 @@ class JobManager(Placing):
                     await self._end_attempt(job, f"every rank finished but {missing} rows were not committed")
         elif event.kind == workers_pb2.SlotEvent.FAILED:
             reason = f"rank {event.rank} on {worker_id} failed: {event.error[:MESSAGE_LIMIT]}"
-            if event.permanent:
+            if event.port_taken:  # not the job's fault, nor the workers': try another port, at no cost
+                self.registry.get(worker_id).port_taken(event.port_taken)
+                record.port_taken = True
+                await self._end_attempt(job, reason)
+            elif event.permanent:
                 await self._end_attempt(job, reason, requeue=False)
                 await self._finish(job, S.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION")
             else:
@@ -371,10 +375,9 @@ class JobManager(Placing):
             )
         elif requeue:
             max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
-            if attempt.number >= max_attempts:
-                await self._finish(
-                    job, S.FAILED, f"gave up after {attempt.number} attempts; the last: {reason}", "ABORTED"
-                )
+            counted = sum(not a.port_taken for a in job.status.attempts)
+            if counted >= max_attempts:
+                await self._finish(job, S.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED")
             else:
                 job.status.state = S.QUEUED
                 job.status.message = f"attempt {attempt.number} failed ({reason}); waiting to retry"

@@ -51,7 +51,7 @@ class Placing:
                 continue
             master = placements[0]
             worker = self.registry.get(master.worker_id)
-            port = pick_port(worker.port_lo, worker.port_hi, worker.ports_in_use, after=worker.last_port)
+            port = pick_port(worker.port_lo, worker.port_hi, worker.unavailable_ports(), after=worker.last_port)
             if port is None:
                 await self._set_message(job, f"waiting for a free rendezvous port on {worker.advertise_host}")
                 continue

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from distinfer.coordinator.scheduler import FreeSlot
 from distinfer.v1 import jobs_pb2, workers_pb2
 
+PORT_TAKEN_S = 300.0  # how long a port another program held is left alone
+
 
 @dataclass
 class SlotState:
@@ -36,7 +38,18 @@ class WorkerEntry:
     outbox: asyncio.Queue | None = None
     ports_in_use: set[int] = field(default_factory=set)
     last_port: int = 0
+    # Rendezvous ports another program held when an attempt tried them (time.monotonic() until which they
+    # are not tried again).
+    ports_taken_until: dict[int, float] = field(default_factory=dict)
     lost_reason: str = ""
+
+    def port_taken(self, port: int) -> None:
+        self.ports_taken_until[port] = time.monotonic() + PORT_TAKEN_S
+
+    def unavailable_ports(self) -> set[int]:
+        """Ports held by this coordinator's live groups, or lately found taken by another program."""
+        now = time.monotonic()
+        return self.ports_in_use | {port for port, until in self.ports_taken_until.items() if until > now}
 
     def disconnect(self, reason: str) -> None:
         """End the worker's control stream; the stream's end marks the worker lost."""

@@ -174,7 +174,7 @@ class WorkerDaemon:
         if event.kind in (workers_pb2.SlotEvent.FINISHED, workers_pb2.SlotEvent.FAILED):
             handle.pending.pop(0)
             self.metrics.attempts.labels("finished" if event.kind == workers_pb2.SlotEvent.FINISHED else "failed").inc()
-        if event.kind == workers_pb2.SlotEvent.FAILED and not event.permanent:
+        if event.kind == workers_pb2.SlotEvent.FAILED and not event.permanent and not event.port_taken:
             # It failed inside a group and is exiting: replace it now, before it is handed more work.
             self._restart_executor(handle, "failed inside a process group")
 

@@ -8,6 +8,7 @@ keeps its model loaded. Started with `spawn`: gRPC threads and CUDA contexts do 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import multiprocessing
 import os
@@ -118,6 +119,10 @@ class Executor:
             log.warning("job_error", error=str(exc))
             self.emit(a, workers_pb2.SlotEvent.FAILED, error=str(exc), permanent=True, error_code=exc.code)
             return not dist.is_initialized()
+        except PortTaken as exc:
+            log.warning("rendezvous_port_taken", port=exc.port)
+            self.emit(a, workers_pb2.SlotEvent.FAILED, error=str(exc), port_taken=exc.port)
+            return True  # before any group: this process is as clean as it was
         except Exception as exc:
             log.exception("attempt_failed")
             self.emit(a, workers_pb2.SlotEvent.FAILED, error=f"{type(exc).__name__}: {exc}")
@@ -242,7 +247,12 @@ def join_group(a: workers_pb2.Assignment) -> None:
     """
     timeout = timedelta(seconds=a.rendezvous_timeout_s)
     if a.rank == 0:
-        listener = socket.create_server((a.master_addr, a.master_port), backlog=max(128, 2 * a.world_size))
+        try:
+            listener = socket.create_server((a.master_addr, a.master_port), backlog=max(128, 2 * a.world_size))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortTaken(a.master_addr, a.master_port) from exc
+            raise
         store = dist.TCPStore(
             a.master_addr,
             a.master_port,
@@ -256,6 +266,14 @@ def join_group(a: workers_pb2.Assignment) -> None:
         wait_for_listener(a.master_addr, a.master_port, a.rendezvous_timeout_s)
         store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
     dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=timeout)
+
+
+class PortTaken(Exception):
+    """Another program listens on the attempt's rendezvous port."""
+
+    def __init__(self, host: str, port: int):
+        super().__init__(f"the rendezvous port {host}:{port} is taken by another program")
+        self.port = port
 
 
 def wait_for_listener(host: str, port: int, timeout_s: float) -> None:

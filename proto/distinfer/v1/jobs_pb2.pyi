@@ -601,6 +601,7 @@ class Attempt(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
     RUNNING_AT_FIELD_NUMBER: _builtins.int
+    PORT_TAKEN_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     world_size: _builtins.int
     master_addr: _builtins.str
@@ -612,6 +613,10 @@ class Attempt(_message.Message):
     ended_at: _builtins.float
     running_at: _builtins.float
     """When every rank had joined the group (0 if the group never formed)."""
+    port_taken: _builtins.bool
+    """It ended before its group formed because another program held its rendezvous port: it does not count
+    against max_attempts.
+    """
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankInfo]: ...
     def __init__(
@@ -627,10 +632,11 @@ class Attempt(_message.Message):
         started_at: _builtins.float = ...,
         ended_at: _builtins.float = ...,
         running_at: _builtins.float = ...,
+        port_taken: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "end_reason", b"end_reason", "ended_at", b"ended_at", "master_addr", b"master_addr", "master_port", b"master_port", "number", b"number", "ranks", b"ranks", "running_at", b"running_at", "started_at", b"started_at", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "end_reason", b"end_reason", "ended_at", b"ended_at", "master_addr", b"master_addr", "master_port", b"master_port", "number", b"number", "port_taken", b"port_taken", "ranks", b"ranks", "running_at", b"running_at", "started_at", b"started_at", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -306,6 +306,7 @@ class SlotEvent(_message.Message):
     PERMANENT_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     INFO_FIELD_NUMBER: _builtins.int
+    PORT_TAKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     slot: _builtins.int
@@ -316,6 +317,11 @@ class SlotEvent(_message.Message):
     """The error is about the job itself (model not found, bad option): another attempt would fail the same way."""
     error_code: _builtins.str
     """gRPC status code name that best describes a permanent error (e.g. NOT_FOUND)."""
+    port_taken: _builtins.int
+    """FAILED only: rank 0 could not open this rendezvous port, which another program holds (a torchrun job
+    on the default 29500, another cluster's workers). The attempt is re-formed on another port, and does
+    not count against the job's max_attempts.
+    """
     @_builtins.property
     def info(self) -> _jobs_pb2.RankInfo: ...
     def __init__(
@@ -330,10 +336,11 @@ class SlotEvent(_message.Message):
         permanent: _builtins.bool = ...,
         error_code: _builtins.str = ...,
         info: _jobs_pb2.RankInfo | None = ...,
+        port_taken: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "error_code", b"error_code", "info", b"info", "job_id", b"job_id", "kind", b"kind", "permanent", b"permanent", "rank", b"rank", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "error_code", b"error_code", "info", b"info", "job_id", b"job_id", "kind", b"kind", "permanent", b"permanent", "port_taken", b"port_taken", "rank", b"rank", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
