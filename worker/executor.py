@@ -111,9 +111,12 @@ class Executor:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, attempt=a.attempt, rank=a.rank)
         try:
             info = self._run(a)
-            self.emit(a, workers_pb2.SlotEvent.FINISHED, info=info)
+            # The group, and with it rank 0's rendezvous store on the attempt's port, goes first: once every
+            # rank has finished, the coordinator may give the port to the next attempt, whose ranks must
+            # not find this store still open there.
             if dist.is_initialized():
                 dist.destroy_process_group()
+            self.emit(a, workers_pb2.SlotEvent.FINISHED, info=info)
             return True
         except JobError as exc:
             log.warning("job_error", error=str(exc))
@@ -262,10 +265,34 @@ def join_group(a: workers_pb2.Assignment) -> None:
             wait_for_workers=False,
             master_listen_fd=listener.detach(),  # the store owns (and closes) the socket from here on
         )
+        store.set(attempt_key(a), b"")
     else:
-        wait_for_listener(a.master_addr, a.master_port, a.rendezvous_timeout_s)
-        store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
+        store = connect_to_store(a, timeout)
     dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=timeout)
+
+
+def attempt_key(a: workers_pb2.Assignment) -> str:
+    return f"distinfer/{a.job_id}/{a.attempt}"
+
+
+def connect_to_store(a: workers_pb2.Assignment, timeout: timedelta) -> dist.TCPStore:
+    """The client of rank 0's rendezvous store, once it holds the attempt's key.
+
+    What answers on the port may be something else: another program (a torchrun job's store), which rank 0,
+    failing to bind, reports as the attempt's cause; or, for a moment, the store of a group that just ended
+    on the port. A broken exchange with it is retried, and a store without the key is never used: waiting
+    for the key, this rank neither joins another group's store nor fails before rank 0 has said why."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        wait_for_listener(a.master_addr, a.master_port, deadline - time.monotonic())
+        try:
+            store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
+            store.wait([attempt_key(a)])
+            return store
+        except dist.DistNetworkError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class PortTaken(Exception):
