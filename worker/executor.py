@@ -7,6 +7,7 @@ keeps its model loaded. Started with `spawn`: gRPC threads and CUDA contexts do 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -15,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -173,6 +175,9 @@ class Executor:
 
         defaults = CUDA_DEFAULTS if on_cuda else CPU_DEFAULTS
         options = a.spec.options
+        # Held while a batch computes, and by the tokeniser (see Prefetcher). Not on CUDA: the CPU is free
+        # while the device computes, and tokenising there overlaps the model's work.
+        computing = contextlib.nullcontext() if on_cuda else threading.Lock()
         batches = Prefetcher(
             self.stub,
             a,
@@ -181,6 +186,7 @@ class Executor:
             max_rows=options.batch_size or task.default_max_rows or defaults.max_rows,
             metadata=self.metadata,
             shard=(layout.dp_rank, layout.dp_size),
+            computing=computing,
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
         to_results = functools.partial(task.results, options=options)
@@ -193,9 +199,10 @@ class Executor:
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    started = time.monotonic()
-                    payload = task.forward(task.inputs(batch), options)
-                    computed = time.monotonic()
+                    with computing:
+                        started = time.monotonic()
+                        payload = task.forward(task.inputs(batch), options)
+                        computed = time.monotonic()
                     timings.compute_s += computed - started
                     outbox.add(payload, batch, more_ready=batches.ready())
                     batch_metrics.append((computed - started, len(batch)))

@@ -3,6 +3,7 @@ rows waiting for a gather round (Outbox), and rank 0's results streamed to the c
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -215,12 +216,27 @@ _IDLE = object()  # nothing handed over while the rank waits for input
 
 
 class Prefetcher:
-    """Fetch the shard and tokenise it in a thread ahead of the model; iterate to get padded-ready batches."""
+    """Fetch the shard and tokenise it in a thread ahead of the model (on a CPU, between its batches); iterate
+    to get padded-ready batches."""
 
     def __init__(
-        self, stub, a: workers_pb2.Assignment, task: Task, max_tokens: int, max_rows: int, metadata=(), shard=None
+        self,
+        stub,
+        a: workers_pb2.Assignment,
+        task: Task,
+        max_tokens: int,
+        max_rows: int,
+        metadata=(),
+        shard=None,
+        computing=None,
     ):
-        """shard: (index, count) of the shard to fetch; by default this rank's of the job's world."""
+        """shard: (index, count) of the shard to fetch; by default this rank's of the job's world.
+        computing: a lock the model's thread holds while it computes a batch, and the tokeniser while it
+        tokenises. On a CPU the model's threads keep every core busy, so tokenising beside them gains
+        nothing: it preempts one of them, and the rest of their OpenMP team waits for it at each op's end.
+        Measured on 2 cores, 1 rank, bfloat16, 15 interleaved passes twice: 5% more rows/s with the lock
+        (median 0.945 of the plain loop's, against 0.894 without)."""
+        self._computing = computing or contextlib.nullcontext()
         self._metadata = metadata
         self._shard = shard or (a.rank, a.world_size)
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
@@ -241,9 +257,10 @@ class Prefetcher:
             window = FIRST_WINDOW_ROWS
 
             def flush(rows: int):
-                started = time.monotonic()
-                encoded = task.encode(indices[:rows], texts[:rows])
-                self.encode_s += time.monotonic() - started
+                with self._computing:
+                    started = time.monotonic()
+                    encoded = task.encode(indices[:rows], texts[:rows])
+                    self.encode_s += time.monotonic() - started
                 for batch in token_budget_batches(encoded, max_tokens, max_rows):
                     self._queue.put(batch)
                 del indices[:rows], texts[:rows]
