@@ -62,7 +62,7 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="retry an attempt that computes no batch for this long, taken for hung; longer than the slowest "
-        "batch (default: the coordinator's, 600 s)",
+        "batch and model load (default: the coordinator's, 600 s)",
     )
 
 

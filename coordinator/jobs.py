@@ -328,18 +328,28 @@ class JobManager(Placing):
                 attempt.moved_on()
 
     async def end_stalled_attempts(self) -> None:
-        """The progress watchdog: end (and so retry) a running attempt that has moved on for none of its
-        stall time-out while it had rows to compute or ranks to finish. A rank can hang where no error will
-        ever come (a frozen process whose daemon still heartbeats, a wait on a peer that never answers);
-        ending the attempt aborts its ranks, whose daemons replace the executors."""
+        """The progress watchdog: end (and so retry) an attempt that has moved on for none of its stall
+        time-out while it had rows to compute or ranks to finish, or whose group has not formed within the
+        stall time-out (for loading the model) plus the rendezvous time-out. A rank can hang where no error
+        will ever come (a frozen process whose daemon still heartbeats, a model load stuck on a dead network
+        mount, a wait on a peer that never answers); ending the attempt aborts its ranks, whose daemons
+        replace the executors."""
         now = time.monotonic()
         for job in list(self.jobs.values()):
             attempt, status = job.attempt, job.status
-            if attempt is None or not status.attempts[-1].running_at:
-                continue  # forming its group: the ranks' rendezvous time-out covers that
             limit = status.spec.stall_timeout_s or self.stall_timeout_s
-            waiting_for_rows = status.uploading and status.rows_done >= status.num_rows
-            if limit and not waiting_for_rows and now - attempt.progress_at > limit:
+            if attempt is None or not limit:
+                continue
+            stalled = now - attempt.progress_at
+            if not status.attempts[-1].running_at:
+                if stalled > limit + self.rendezvous_timeout_s:
+                    await self._end_attempt(
+                        job,
+                        f"its group did not form within {limit + self.rendezvous_timeout_s:g} s (a rank seems hung "
+                        "loading the model or joining; the stall time-out, for the load, sets how long)",
+                    )
+            elif stalled > limit and not (status.uploading and status.rows_done >= status.num_rows):
+                # (ranks that have computed every row uploaded so far are waiting for the client, not hung)
                 await self._end_attempt(
                     job,
                     f"no progress for {limit:g} s: no rank computed a batch and no result was committed (a rank "

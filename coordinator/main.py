@@ -47,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stall-timeout",
         type=float,
         default=600.0,
-        help="seconds a running attempt may go without computing a batch or committing a result before it is "
-        "taken for hung and retried (default %(default)s; 0: never); longer than the slowest batch",
+        help="seconds a running attempt may go without computing a batch or committing a result (or, plus the "
+        "rendezvous time-out, take to form its group) before it is taken for hung and retried (default "
+        "%(default)s; 0: never); longer than the slowest batch and model load",
     )
     p.add_argument("--max-rows-per-job", type=int, default=Limits.max_rows_per_job, help="rows one job may have")
     p.add_argument("--max-row-bytes", type=int, default=Limits.max_row_bytes, help="bytes of one row (text + fields)")

@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+from distinfer.client.api import Client
+from distinfer.client.local import LocalCluster
 from distinfer.v1 import jobs_pb2
 
 ROWS = 160
@@ -50,6 +52,31 @@ def test_a_frozen_rank_is_taken_for_hung_and_the_job_retried(client):
     first = status.attempts[0]
     assert "no progress for 2 s" in first.end_reason, first.end_reason
     assert 2 <= first.ended_at - first.running_at  # not before its time-out
+
+
+def test_a_rank_frozen_before_its_group_forms_is_taken_for_hung(tmp_path):
+    """Frozen before it joins (a model load stuck on a dead network mount): no rank reports an error, so the
+    attempt ends once it has not formed within the stall time-out plus the rendezvous time-out."""
+    with (
+        LocalCluster(slots=1, state_dir=tmp_path, extra_coordinator_args=("--rendezvous-timeout", "2")) as cluster,
+        Client(cluster.address) as client,
+    ):
+        warm_up = client.submit(["the executor's pid"], model="", task="echo", workers=1)
+        list(warm_up.results())
+        pid = warm_up.status().attempts[-1].ranks[0].pid
+        os.kill(pid, signal.SIGSTOP)  # idle, with its slot free: the next job is assigned to it
+        try:
+            job = client.submit(["a", "b"], model="", task="echo", workers=1, stall_timeout_s=1)
+            job.wait(poll_s=0.2, timeout_s=60)  # without the watchdog: for ever
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert [r["index"] for r in job.results()] == [0, 1]
+        status = job.status()
+        assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 2, status
+        assert "its group did not form within 3 s" in status.attempts[0].end_reason, status.attempts[0].end_reason
 
 
 def test_batches_slower_than_a_round_of_commits_are_not_taken_for_hung(client):

@@ -80,8 +80,10 @@ class JobSpec(_message.Message):
     """
     stall_timeout_s: _builtins.float
     """Seconds a running attempt may go without progress (a batch computed on any of its ranks, or a result
-    committed) while it has rows to compute, before the coordinator takes it for hung, ends it and retries.
-    It must be longer than the job's slowest batch. 0 means the coordinator's default (--stall-timeout).
+    committed) while it has rows to compute, before the coordinator takes it for hung, ends it and retries;
+    an attempt whose group has not formed within it (for the model's load) plus the rendezvous time-out is
+    ended too. It must be longer than the job's slowest batch and its model's load. 0 means the
+    coordinator's default (--stall-timeout).
     """
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
