@@ -7,6 +7,7 @@ and its daemon still heartbeats, so without the watchdog its job would wait for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -16,6 +17,17 @@ from distinfer.client.local import LocalCluster
 from distinfer.v1 import jobs_pb2
 
 ROWS = 160
+
+
+@contextlib.contextmanager
+def frozen(pid: int):
+    """SIGSTOP the process; at the end SIGCONT it, unless its daemon has killed it by then, as it should."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def wait_for_rows(client, job_id: str, rows: int, timeout_s: float = 60.0) -> jobs_pb2.JobStatus:
@@ -37,15 +49,9 @@ def test_a_frozen_rank_is_taken_for_hung_and_the_job_retried(client):
         stall_timeout_s=2,
     )
     pid = wait_for_rows(client, job.id, 1).attempts[-1].ranks[0].pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(pid):
         job.wait(poll_s=0.2, timeout_s=60)  # without the watchdog: for ever
         results = list(job.results())
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)  # its daemon has killed it by now; if not, it must not stay frozen
-        except ProcessLookupError:
-            pass
     assert [r["index"] for r in results] == list(range(ROWS))
     status = job.status()
     assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 2, status
@@ -58,25 +64,21 @@ def test_a_rank_frozen_before_its_group_forms_is_taken_for_hung(tmp_path):
     """Frozen before it joins (a model load stuck on a dead network mount): no rank reports an error, so the
     attempt ends once it has not formed within the stall time-out plus the rendezvous time-out."""
     with (
-        LocalCluster(slots=1, state_dir=tmp_path, extra_coordinator_args=("--rendezvous-timeout", "2")) as cluster,
+        LocalCluster(slots=1, state_dir=tmp_path, extra_coordinator_args=("--rendezvous-timeout", "5")) as cluster,
         Client(cluster.address) as client,
     ):
         warm_up = client.submit(["the executor's pid"], model="", task="echo", workers=1)
         list(warm_up.results())
         pid = warm_up.status().attempts[-1].ranks[0].pid
-        os.kill(pid, signal.SIGSTOP)  # idle, with its slot free: the next job is assigned to it
-        try:
-            job = client.submit(["a", "b"], model="", task="echo", workers=1, stall_timeout_s=1)
+        with frozen(pid):  # idle, with its slot free: the next job is assigned to it
+            # More attempts than the default: the retry may reach the slot before its replaced executor is up,
+            # and on a busy machine that start can take longer than this test's short time-outs.
+            job = client.submit(["a", "b"], model="", task="echo", workers=1, stall_timeout_s=1, max_attempts=5)
             job.wait(poll_s=0.2, timeout_s=60)  # without the watchdog: for ever
-        finally:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         assert [r["index"] for r in job.results()] == [0, 1]
         status = job.status()
-        assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 2, status
-        assert "its group did not form within 3 s" in status.attempts[0].end_reason, status.attempts[0].end_reason
+        assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) >= 2, status
+        assert "its group did not form within 6 s" in status.attempts[0].end_reason, status.attempts[0].end_reason
 
 
 def test_batches_slower_than_a_round_of_commits_are_not_taken_for_hung(client):
