@@ -30,6 +30,12 @@ def frozen(pid: int):
             os.kill(pid, signal.SIGCONT)
 
 
+def counted(status: jobs_pb2.JobStatus) -> list[jobs_pb2.Attempt]:
+    """The attempts that count: not those that met a rendezvous port held by another program (here, the
+    test cluster of another test, on the same default port range)."""
+    return [a for a in status.attempts if not a.port_taken]
+
+
 def wait_for_rows(client, job_id: str, rows: int, timeout_s: float = 60.0) -> jobs_pb2.JobStatus:
     deadline = time.monotonic() + timeout_s
     while (status := client.job(job_id).status()).rows_done < rows:
@@ -54,8 +60,8 @@ def test_a_frozen_rank_is_taken_for_hung_and_the_job_retried(client):
         results = list(job.results())
     assert [r["index"] for r in results] == list(range(ROWS))
     status = job.status()
-    assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 2, status
-    first = status.attempts[0]
+    assert status.state == jobs_pb2.SUCCEEDED and len(counted(status)) == 2, status
+    first = counted(status)[0]
     assert "no progress for 2 s" in first.end_reason, first.end_reason
     assert 2 <= first.ended_at - first.running_at  # not before its time-out
 
@@ -95,7 +101,7 @@ def test_batches_slower_than_a_round_of_commits_are_not_taken_for_hung(client):
     )
     assert [r["index"] for r in job.results()] == list(range(120))
     status = job.status()
-    assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason
+    assert status.state == jobs_pb2.SUCCEEDED and len(counted(status)) == 1, status.attempts[0].end_reason
 
 
 def test_ranks_waiting_for_a_slow_upload_are_not_taken_for_hung(client):
@@ -114,4 +120,4 @@ def test_ranks_waiting_for_a_slow_upload_are_not_taken_for_hung(client):
     job = client.job(response.job_id)
     assert [r["index"] for r in job.results()] == list(range(20))
     status = job.status()
-    assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason
+    assert status.state == jobs_pb2.SUCCEEDED and len(counted(status)) == 1, status.attempts[0].end_reason
