@@ -234,6 +234,13 @@ class LiveAttempt:
                 self.number, self.world_size, self.ranks = a.attempt, a.world_size, set()
             self.ranks.add(a.rank)
 
+    @classmethod
+    def formed(cls, stream: ControlStream, job_id: str) -> LiveAttempt:
+        """The job's attempt, once the worker on `stream` holds every rank of it."""
+        live = cls(stream, job_id)
+        live.wait_formed()
+        return live
+
     def wait_formed(self, within_s: float = TIMEOUT_S) -> None:
         deadline = time.monotonic() + within_s
         while not self.number or len(self.ranks) < self.world_size:
@@ -243,6 +250,13 @@ class LiveAttempt:
                 self._take(self.stream.down.get(timeout=remaining))
             except queue.Empty:
                 pass
+
+
+def connect_worker(stubs: Stubs, slots: int = 1) -> tuple[str, ControlStream]:
+    """A registered worker with its control stream open and every slot healthy."""
+    worker_id = stubs.register(slots)
+    heartbeat = workers_pb2.Heartbeat(healthy_slots=range(slots))
+    return worker_id, ControlStream(stubs, workers_pb2.WorkerMessage(worker_id=worker_id, heartbeat=heartbeat))
 
 
 def queued_and_cancelled_jobs(stubs: Stubs) -> tuple[list[str], list[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fuzz_harness import NEVER, PATHS, TIMEOUT_S, C, ControlStream, LiveAttempt, Stubs, outcome
+from fuzz_harness import NEVER, PATHS, TIMEOUT_S, C, LiveAttempt, Stubs, connect_worker, outcome
 
 from distinfer.common.channels import open_channel
 from distinfer.v1 import jobs_pb2, workers_pb2
@@ -21,13 +21,10 @@ def test_connect_with_an_undecodable_first_message_is_not_unknown(fuzzed):
 
 
 def test_joined_event_for_a_rank_outside_the_group_is_not_unknown(fuzzed, stubs):
-    worker_id = stubs.register()
-    heartbeat = workers_pb2.Heartbeat(healthy_slots=[0])
-    stream = ControlStream(stubs, workers_pb2.WorkerMessage(worker_id=worker_id, heartbeat=heartbeat))
+    worker_id, stream = connect_worker(stubs)
     try:
         job_id = stubs.submit(jobs_pb2.JobSpec(task="echo"), ["a"]).job_id
-        live = LiveAttempt(stream, job_id)
-        live.wait_formed()
+        live = LiveAttempt.formed(stream, job_id)
         event = workers_pb2.SlotEvent(job_id=job_id, attempt=live.number, rank=5, kind=workers_pb2.SlotEvent.JOINED)
         first = workers_pb2.WorkerMessage(worker_id=worker_id, event=event)
         code, details, _ = outcome(lambda: list(stubs.workers.Connect(iter([first]), timeout=TIMEOUT_S)))
@@ -39,13 +36,10 @@ def test_joined_event_for_a_rank_outside_the_group_is_not_unknown(fuzzed, stubs)
 
 def fail_job_with_error_code(stubs: Stubs, error_code: str) -> str:
     """An echo job whose only rank reports a permanent failure with this error_code."""
-    worker_id = stubs.register()
-    heartbeat = workers_pb2.Heartbeat(healthy_slots=[0])
-    stream = ControlStream(stubs, workers_pb2.WorkerMessage(worker_id=worker_id, heartbeat=heartbeat))
+    worker_id, stream = connect_worker(stubs)
     try:
         job_id = stubs.submit(jobs_pb2.JobSpec(task="echo"), ["a"]).job_id
-        live = LiveAttempt(stream, job_id)
-        live.wait_formed()
+        live = LiveAttempt.formed(stream, job_id)
         event = workers_pb2.SlotEvent(
             job_id=job_id, attempt=live.number, kind=workers_pb2.SlotEvent.FAILED, permanent=True, error="boom"
         )

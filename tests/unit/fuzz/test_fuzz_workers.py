@@ -18,6 +18,7 @@ from fuzz_harness import (
     LiveAttempt,
     Stubs,
     check,
+    connect_worker,
     outcome,
     queued_and_cancelled_jobs,
 )
@@ -146,15 +147,12 @@ def test_fuzz_worker_protocol_around_a_live_attempt(fuzzed, stubs):
     @FUZZ_LIVE
     @given(data=st.data(), slot_count=st.integers(1, 2), rows=st.integers(1, 6), max_workers=st.integers(0, 2))
     def run(data, slot_count, rows, max_workers):
-        worker_id = stubs.register(slot_count)
-        heartbeat = workers_pb2.Heartbeat(healthy_slots=range(slot_count))
-        stream = ControlStream(stubs, workers_pb2.WorkerMessage(worker_id=worker_id, heartbeat=heartbeat))
+        worker_id, stream = connect_worker(stubs, slot_count)
         job_id = ""
         try:
             spec = jobs_pb2.JobSpec(task="echo", max_workers=max_workers)
             job_id = stubs.submit(spec, [f"row {i}" for i in range(rows)]).job_id
-            live = LiveAttempt(stream, job_id)
-            live.wait_formed()
+            live = LiveAttempt.formed(stream, job_id)
             for _ in range(data.draw(st.integers(0, 8), label="moves")):
                 live.drain()
                 act(data, stubs, stream, live, worker_id, rows)
