@@ -1,7 +1,8 @@
 """The job state machine: QUEUED -> SCHEDULED(attempt n) -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
 
 `JobManager` owns every job's status, forms attempts from free slots (its `Placing` half, placing.py), reacts
-to what the slots report, and commits results. It runs on the coordinator's event loop; the store is driven
+to what the slots report, ends attempts that stop moving on (its `ProgressWatchdog` half, watchdog.py), and
+commits results. It runs on the coordinator's event loop; the store is driven
 from one thread of its own, so SQLite never blocks heartbeats or streams.
 """
 
@@ -34,6 +35,7 @@ from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.coordinator.placing import Placing
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.store import ShardCursor, Store
+from distinfer.coordinator.watchdog import ProgressWatchdog
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
@@ -60,7 +62,7 @@ def job_ended(job: Job) -> DistinferError:
     return DistinferError(message, code, trailers=((JOB_ENDED_KEY, S.JobState.Name(state)),))
 
 
-class JobManager(Placing):
+class JobManager(Placing, ProgressWatchdog):
     def __init__(
         self,
         store: Store,
@@ -314,47 +316,6 @@ class JobManager(Placing):
                 await self._end_attempt(job, f"worker {worker_id} lost: {reason}")
         self.registry.remove(worker_id)
         self.wake()
-
-    def note_progress(self, worker_id: str, progress) -> None:
-        """A heartbeat's batch counts, per slot: a rank that computed a batch moves its attempt on."""
-        for p in progress:
-            job = self.jobs.get(p.job_id)
-            attempt = job.attempt if job else None
-            if attempt is None or attempt.number != p.attempt:
-                continue
-            key = (worker_id, p.slot)
-            if p.batches_done > attempt.batches_done.get(key, 0):
-                attempt.batches_done[key] = p.batches_done
-                attempt.moved_on()
-
-    async def end_stalled_attempts(self) -> None:
-        """The progress watchdog: end (and so retry) an attempt that has moved on for none of its stall
-        time-out while it had rows to compute or ranks to finish, or whose group has not formed within the
-        stall time-out (for loading the model) plus the rendezvous time-out. A rank can hang where no error
-        will ever come (a frozen process whose daemon still heartbeats, a model load stuck on a dead network
-        mount, a wait on a peer that never answers); ending the attempt aborts its ranks, whose daemons
-        replace the executors."""
-        now = time.monotonic()
-        for job in list(self.jobs.values()):
-            attempt, status = job.attempt, job.status
-            limit = status.spec.stall_timeout_s or self.stall_timeout_s
-            if attempt is None or not limit:
-                continue
-            stalled = now - attempt.progress_at
-            if not status.attempts[-1].running_at:
-                if stalled > limit + self.rendezvous_timeout_s:
-                    await self._end_attempt(
-                        job,
-                        f"its group did not form within {limit + self.rendezvous_timeout_s:g} s (a rank seems hung "
-                        "loading the model or joining; the stall time-out, for the load, sets how long)",
-                    )
-            elif stalled > limit and not (status.uploading and status.rows_done >= status.num_rows):
-                # (ranks that have computed every row uploaded so far are waiting for the client, not hung)
-                await self._end_attempt(
-                    job,
-                    f"no progress for {limit:g} s: no rank computed a batch and no result was committed (a rank "
-                    "seems hung; the job's stall_timeout_s or the coordinator's --stall-timeout sets how long)",
-                )
 
     async def _end_attempt(self, job: Job, reason: str, requeue: bool = True) -> None:
         """Close the running attempt (if any): abort its ranks, free its slots and port, maybe queue again."""
