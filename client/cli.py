@@ -318,7 +318,8 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
         lines.append(f"attempt {a.number}: {a.world_size} ranks, {a.backend} at {a.master_addr}:{a.master_port}{ended}")
         for r in a.ranks:
             dtype = f", {r.dtype}" if r.dtype else ""
-            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}) on {r.host}")
+            lanes = f", {r.compute_lanes} lanes" if r.compute_lanes > 1 else ""
+            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}{lanes}) on {r.host}")
     return "\n".join(lines)
 
 

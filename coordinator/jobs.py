@@ -284,10 +284,11 @@ class JobManager(Placing, ProgressWatchdog):
             attempt.finished.add(event.rank)
             finished = record.ranks[event.rank]
             finished.timings.CopyFrom(event.info.timings)
-            finished.parameters_local, finished.parameters_total, finished.dtype = (
+            finished.parameters_local, finished.parameters_total, finished.dtype, finished.compute_lanes = (
                 event.info.parameters_local,
                 event.info.parameters_total,
                 event.info.dtype,
+                event.info.compute_lanes,
             )
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.status.num_rows - job.status.rows_done

@@ -30,6 +30,7 @@ from distinfer.common.channels import ChannelSecurity, open_channel
 from distinfer.common.log import configure_logging
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.gather import Gatherer
+from distinfer.worker.lanes import computed, lanes_for
 from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, ModelPolicy
 from distinfer.worker.parallel import Layout, parameter_counts
 from distinfer.worker.pipeline import Outbox, Prefetcher, ResultSender
@@ -175,9 +176,11 @@ class Executor:
 
         defaults = CUDA_DEFAULTS if on_cuda else CPU_DEFAULTS
         options = a.spec.options
-        # Held while a batch computes, and by the tokeniser (see Prefetcher). Not on CUDA: the CPU is free
-        # while the device computes, and tokenising there overlaps the model's work.
-        computing = contextlib.nullcontext() if on_cuda else threading.Lock()
+        lanes = lanes_for(device, torch.get_num_threads(), task, layout)
+        # Held while a batch computes, and by the tokeniser (see Prefetcher), where one batch takes every core.
+        # Not on CUDA, where the CPU is free while the device computes, nor in lanes of one core each, which a
+        # tokeniser beside them slows one at a time (worker/lanes.py).
+        computing = threading.Lock() if not on_cuda and lanes == 1 else contextlib.nullcontext()
         batches = Prefetcher(
             self.stub,
             a,
@@ -196,19 +199,20 @@ class Executor:
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
         # batch woke the queue's feeder thread every batch, which took the GIL from this thread.
         batch_metrics, metrics_sent = [], time.monotonic()
+
+        def forward(batch) -> torch.Tensor:
+            with computing:
+                return task.forward(task.inputs(batch), options)
+
         try:
-            with torch.inference_mode():
-                for batch in batches:
-                    with computing:
-                        started = time.monotonic()
-                        payload = task.forward(task.inputs(batch), options)
-                        computed = time.monotonic()
-                    timings.compute_s += computed - started
+            with torch.inference_mode(), contextlib.closing(computed(batches, forward, lanes)) as results:
+                for batch, payload, seconds in results:
+                    timings.compute_s += seconds / lanes  # lanes compute side by side: about the wall time
                     outbox.add(payload, batch, more_ready=batches.ready())
-                    batch_metrics.append((computed - started, len(batch)))
-                    if computed - metrics_sent >= METRICS_EVERY_S:
+                    batch_metrics.append((seconds, len(batch)))
+                    if time.monotonic() - metrics_sent >= METRICS_EVERY_S:
                         self.events.put(("batches", self.slot, batch_metrics))
-                        batch_metrics, metrics_sent = [], computed
+                        batch_metrics, metrics_sent = [], time.monotonic()
                 outbox.finish()
             if batch_metrics:
                 self.events.put(("batches", self.slot, batch_metrics))
@@ -222,7 +226,7 @@ class Executor:
             started = time.monotonic()
             sender.close()  # the tail: results still on their way to the coordinator
             timings.stream_s += time.monotonic() - started
-        info = jobs_pb2.RankInfo(rank=a.rank, timings=timings)
+        info = jobs_pb2.RankInfo(rank=a.rank, timings=timings, compute_lanes=lanes)
         model = getattr(task, "model", None)
         if model is not None:
             info.parameters_local, info.parameters_total = parameter_counts(model)

@@ -33,6 +33,9 @@ class Task:
     needs_model = True
     # Most rows in a batch when the job does not say; None: the device's default.
     default_max_rows: int | None = None
+    # A batch is one forward pass of large ops (not many small steps, nor a sleep): on a CPU it may be
+    # computed beside another, each on a core of its own (worker/lanes.py).
+    batch_is_one_pass = False
 
     @property
     def width(self) -> int:
@@ -66,6 +69,7 @@ class Task:
 
 class ModelTask(Task):
     model_class = AutoModel
+    batch_is_one_pass = True
 
     def __init__(
         self,
@@ -227,6 +231,7 @@ class GenerateTask(ModelTask):
 
     name = "generate"
     model_class = AutoModelForCausalLM
+    batch_is_one_pass = False  # a batch is a decoding step per token, each a few small ops
     META = 3
     FINISH = ("length", "stop")
 

@@ -545,6 +545,7 @@ class RankInfo(_message.Message):
     PARAMETERS_LOCAL_FIELD_NUMBER: _builtins.int
     PARAMETERS_TOTAL_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    COMPUTE_LANES_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -561,6 +562,8 @@ class RankInfo(_message.Message):
     parameters_total: _builtins.int
     dtype: _builtins.str
     """The dtype of the model's weights on this rank (empty for tasks without a model)."""
+    compute_lanes: _builtins.int
+    """Batches this rank computed at once: on a CPU, one per thread for tasks whose batch is one forward pass."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Filled in when the rank finishes."""
@@ -580,10 +583,11 @@ class RankInfo(_message.Message):
         parameters_local: _builtins.int = ...,
         parameters_total: _builtins.int = ...,
         dtype: _builtins.str = ...,
+        compute_lanes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
