@@ -164,6 +164,7 @@ def distinfer_runs(
             status = job.status()
             memory = proc_status_mb(cluster.coordinator.pid)
             ran_with = status.attempts[-1].ranks[0].dtype
+            lanes = status.attempts[-1].ranks[0].compute_lanes
             if [r["index"] for r in results] != list(range(len(texts))):
                 raise RuntimeError(f"distinfer ({ranks} ranks) returned rows out of order or missing")
             embeddings = torch.tensor([r["embedding"] for r in results])
@@ -171,6 +172,7 @@ def distinfer_runs(
                 {
                     "ranks": ranks,
                     "dtype": ran_with,
+                    "compute_lanes": lanes,
                     "seconds": elapsed,
                     "paired_plain_seconds": paired_plain_s,
                     "pair_ratios": pair_ratios,
@@ -348,9 +350,10 @@ def model_benchmark(args: argparse.Namespace) -> dict:
     # On CUDA a rank is a GPU: 2 ranks only where there are 2.
     rank_counts = (1, 2) if device.type == "cpu" or torch.cuda.device_count() > 1 else (1,)
     for ranks in rank_counts:
-        per_rank = "1 GPU, nccl" if device.type == "cuda" else f"{max(1, (os.cpu_count() or 1) // ranks)} threads, gloo"
         runs = distinfer_runs(texts, ranks, dtypes if ranks == 1 else [auto], reference, plain_pass, args.device)
         for result in runs:
+            # On a CPU a rank computes a batch per thread it has, each in one OpenMP thread (worker/lanes.py).
+            per_rank = "1 GPU, nccl" if device.type == "cuda" else f"{result['compute_lanes']} lane(s) x 1 thread, gloo"
             entries.append(
                 {
                     "name": f"distinfer, {ranks} rank{'s' * (ranks > 1)}, {result['dtype']}",
