@@ -246,10 +246,9 @@ class JobManager(Placing, ProgressWatchdog):
 
     async def commit(self, job_id: str, attempt: int, results: list[jobs_pb2.Result]) -> int:
         job = self._current_attempt(job_id, attempt)
-        for result in results:
-            if result.index >= job.status.num_rows:
-                raise InvalidArgument(f"result index {result.index} is past the job's last row")
         blobs = [(r.index, r.SerializeToString()) for r in results]
+        if blobs and (last := max(index for index, _ in blobs)) >= job.status.num_rows:
+            raise InvalidArgument(f"result index {last} is past the job's last row")
         added = await self.db(self.store.commit_results, job_id, attempt, blobs)
         if job.attempt is not None:
             job.attempt.moved_on()

@@ -2,15 +2,21 @@
 
 Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory), each upload
 message as one chunk: a SQLite row for every input row was the biggest part of the coordinator's per-row
-cost. Results are committed idempotently by row index, so a repeated or late result never duplicates a row.
+cost. Results are kept the same way, a chunk per commit and block of RESULT_BLOCK_ROWS row indices (a SQLite
+row per result cost 5 us a row to insert); the block bounds what a read in index order looks at, however
+scattered a commit's indices are. Commits are idempotent by row index, so a repeated or late result never
+duplicates a row.
 The store is synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import sys
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from distinfer.v1 import jobs_pb2
@@ -29,18 +35,38 @@ CREATE TABLE IF NOT EXISTS input_chunks (
     rows BLOB NOT NULL,             -- a serialized RowBatch
     PRIMARY KEY (job_id, first_idx)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS results (
+CREATE TABLE IF NOT EXISTS result_chunks (
     job_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,       -- the attempt that committed it: shards are cut over rows open at its start
-    result BLOB NOT NULL,           -- a serialized Result, without meta_json (added from its input row on read)
-    PRIMARY KEY (job_id, idx)
+    block INTEGER NOT NULL,         -- the chunk holds rows of block * RESULT_BLOCK_ROWS + offset
+    seq INTEGER NOT NULL,           -- the block's chunks in commit order: 0, 1, 2...
+    attempt INTEGER NOT NULL,       -- the attempt that committed them: shards are cut over rows open at its start
+    count INTEGER NOT NULL,
+    offsets BLOB NOT NULL,          -- the rows' offsets in the block, uint16 little-endian, in commit order
+    sizes BLOB NOT NULL,            -- the lengths of their serialized Results, uint32 little-endian
+    results BLOB NOT NULL,          -- the serialized Results, without meta_json (added from the input row on read)
+    PRIMARY KEY (job_id, block, seq)
 ) WITHOUT ROWID;
 """
 
 # A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
 MAX_CHUNK_ROWS = 2048
+RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16
 _RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
+
+
+def _packed(typecode: str, values) -> bytes:
+    """Little-endian, so a store file reads the same on any machine."""
+    packed = array(typecode, values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpacked(typecode: str, blob: bytes) -> array:
+    values = array(typecode, blob)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values
 
 
 def _varint(n: int) -> bytes:
@@ -67,6 +93,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._chunk_rows_of_old_stores()
+        self._chunk_results_of_old_stores()
 
     def close(self) -> None:
         self._db.close()
@@ -81,7 +108,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         with self._transaction():
-            for table in ("jobs", "input_chunks", "results"):
+            for table in ("jobs", "input_chunks", "result_chunks"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
@@ -143,13 +170,7 @@ class Store:
                 # No other attempt has committed a row, so every row is open and the k-th open row is row k.
                 picked = range(begin + (rank - begin) % world_size, end, world_size)
             else:
-                closed = {
-                    idx
-                    for (idx,) in self._db.execute(
-                        "SELECT idx FROM results WHERE job_id = ? AND idx >= ? AND idx < ? AND attempt != ?",
-                        (job_id, begin, end, attempt),
-                    )
-                }
+                closed = self._committed(job_id, begin, end, other_than_attempt=attempt)
                 picked = []
                 for idx in range(begin, end):
                     if idx not in closed:
@@ -184,26 +205,61 @@ class Store:
     def commit_results(self, job_id: str, attempt: int, results: Iterable[tuple[int, bytes]]) -> int:
         """Store results not stored yet (idempotent by index); returns how many were new."""
         with self._transaction():
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO results (job_id, idx, attempt, result) VALUES (?, ?, ?, ?)",
-                ((job_id, idx, attempt, blob) for idx, blob in results),
-            )
-            return self._db.total_changes - before
+            return self._add_results(job_id, attempt, results)
+
+    def _add_results(self, job_id: str, attempt: int, results: Iterable[tuple[int, bytes]]) -> int:
+        blocks: dict[int, dict[int, bytes]] = {}  # block -> {offset: result}, the first of a repeated index
+        for idx, blob in results:
+            blocks.setdefault(idx // RESULT_BLOCK_ROWS, {}).setdefault(idx % RESULT_BLOCK_ROWS, blob)
+        added = 0
+        for block, rows in blocks.items():
+            seq = 0
+            for last_seq, offsets in self._db.execute(
+                "SELECT seq, offsets FROM result_chunks WHERE job_id = ? AND block = ?", (job_id, block)
+            ):
+                for offset in _unpacked("H", offsets):
+                    rows.pop(offset, None)
+                seq = last_seq + 1
+            if rows:
+                self._db.execute(
+                    "INSERT INTO result_chunks (job_id, block, seq, attempt, count, offsets, sizes, results) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        block,
+                        seq,
+                        attempt,
+                        len(rows),
+                        _packed("H", rows.keys()),
+                        _packed("I", map(len, rows.values())),
+                        b"".join(rows.values()),
+                    ),
+                )
+                added += len(rows)
+        return added
+
+    def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> set[int]:
+        """Indices committed by attempts other than the one given, among those from begin to end (excluded);
+        the set may hold some others of the same blocks."""
+        committed = set()
+        for block, offsets in self._db.execute(
+            "SELECT block, offsets FROM result_chunks WHERE job_id = ? AND block BETWEEN ? AND ? AND attempt != ?",
+            (job_id, begin // RESULT_BLOCK_ROWS, (end - 1) // RESULT_BLOCK_ROWS, other_than_attempt),
+        ):
+            base = block * RESULT_BLOCK_ROWS
+            committed.update(base + offset for offset in _unpacked("H", offsets))
+        return committed
 
     def count_results(self, job_id: str) -> int:
-        (n,) = self._db.execute("SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,)).fetchone()
-        return n
+        (n,) = self._db.execute("SELECT TOTAL(count) FROM result_chunks WHERE job_id = ?", (job_id,)).fetchone()
+        return int(n)
 
     def results_from(self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62) -> jobs_pb2.ResultBatch:
         """The committed results from index `start` on, stopping at the first row not committed yet, after
         `limit` rows, or once they hold `max_bytes` (at least one row)."""
         blobs, size = [], 0
-        for idx, blob in self._db.execute(
-            "SELECT idx, result FROM results WHERE job_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
-            (job_id, start, limit),
-        ):
-            if idx != start + len(blobs) or (blobs and size + len(blob) > max_bytes):
+        for blob in islice(self._results_in_order(job_id, start), limit):
+            if blobs and size + len(blob) > max_bytes:
                 break
             blobs.append(blob)
             size += len(blob)
@@ -216,6 +272,26 @@ class Store:
                 batch.results[idx - start].meta_json = rows[idx - first].meta_json
         return batch
 
+    def _results_in_order(self, job_id: str, start: int) -> Iterator[bytes]:
+        """The serialized results from index `start` on, in order, up to the first index not committed: read a
+        block at a time."""
+        block, first_offset = divmod(start, RESULT_BLOCK_ROWS)
+        while True:
+            found: dict[int, bytes] = {}
+            for offsets, sizes, data in self._db.execute(
+                "SELECT offsets, sizes, results FROM result_chunks WHERE job_id = ? AND block = ?", (job_id, block)
+            ):
+                position = 0
+                for offset, size in zip(_unpacked("H", offsets), _unpacked("I", sizes)):
+                    if offset >= first_offset:
+                        found[offset] = data[position : position + size]
+                    position += size
+            for offset in range(first_offset, RESULT_BLOCK_ROWS):
+                if offset not in found:
+                    return
+                yield found[offset]
+            block, first_offset = block + 1, 0
+
     def _chunk_rows_of_old_stores(self) -> None:
         """A store written before rows were kept in chunks has them a SQLite row each: move them over once."""
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inputs'").fetchone():
@@ -227,6 +303,19 @@ class Store:
                     batch = jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t, meta_json=m) for _, t, m in chunk])
                     self._insert_chunk(job_id, chunk[0][0], batch)
             self._db.execute("DROP TABLE inputs")
+
+    def _chunk_results_of_old_stores(self) -> None:
+        """A store written before results were kept in chunks has them a SQLite row each: move them over once."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'results'").fetchone():
+            return
+        with self._transaction():
+            for job_id, attempt in self._db.execute("SELECT DISTINCT job_id, attempt FROM results").fetchall():
+                rows = self._db.execute(
+                    "SELECT idx, result FROM results WHERE job_id = ? AND attempt = ? ORDER BY idx", (job_id, attempt)
+                )
+                while chunk := rows.fetchmany(RESULT_BLOCK_ROWS):
+                    self._add_results(job_id, attempt, chunk)
+            self._db.execute("DROP TABLE results")
 
     def _transaction(self):
         return _Transaction(self._db)

@@ -4,12 +4,13 @@ test_store_durability.py)."""
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 
 import pytest
 from store_rows import add_job_with_rows, batch, job, result_blob, rows, shard_indices
 
-from distinfer.coordinator.store import MAX_CHUNK_ROWS, ShardCursor, Store
+from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, ShardCursor, Store
 from distinfer.v1 import jobs_pb2
 
 
@@ -225,6 +226,26 @@ def test_duplicate_index_within_one_commit_counts_once(store):
     add_job_with_rows(store, "j", 5)
     assert store.commit_results("j", 1, [result_blob(2), result_blob(2)]) == 1
     assert store.count_results("j") == 1
+
+
+def test_commits_scattered_over_result_blocks_are_read_back_in_order_and_only_once(store):
+    n = 3 * RESULT_BLOCK_ROWS + 7
+    add_job_with_rows(store, "j", n)
+    order = random.Random(4).sample(range(n), n)  # every commit touches every block
+    commits = [order[i : i + 500] for i in range(0, n, 500)]
+    assert sum(store.commit_results("j", 1, [result_blob(i, float(i)) for i in c]) for c in commits) == n
+    assert sum(store.commit_results("j", 1, [result_blob(i) for i in c]) for c in commits) == 0
+    assert store.count_results("j") == n
+    start = RESULT_BLOCK_ROWS - 3  # a read across the end of a block goes on in the next one
+    got = store.results_from("j", start, RESULT_BLOCK_ROWS + 10).results
+    assert [(r.index, r.embedding.values[0]) for r in got] == [(i, float(i)) for i in range(start, start + 1034)]
+
+
+def test_results_from_stops_at_a_gap_in_a_later_result_block(store):
+    add_job_with_rows(store, "j", 2 * RESULT_BLOCK_ROWS)
+    missing = RESULT_BLOCK_ROWS + 5
+    store.commit_results("j", 1, [result_blob(i) for i in range(2 * RESULT_BLOCK_ROWS) if i != missing])
+    assert len(store.results_from("j", 10, 4 * RESULT_BLOCK_ROWS).results) == missing - 10
 
 
 def test_late_commit_of_another_attempt_keeps_the_first_result(store):

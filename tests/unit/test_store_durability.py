@@ -62,6 +62,35 @@ def test_a_store_with_a_sqlite_row_per_input_row_is_moved_to_chunks_on_opening(t
         store.close()
 
 
+def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_opening(tmp_path):
+    path = tmp_path / "state.db"
+    new = Store(path)
+    add_job_with_rows(new, "j", 2000)
+    new.close()
+    old = sqlite3.connect(path)
+    old.executescript(
+        """CREATE TABLE results (job_id TEXT NOT NULL, idx INTEGER NOT NULL, attempt INTEGER NOT NULL,
+                                 result BLOB NOT NULL, PRIMARY KEY (job_id, idx)) WITHOUT ROWID;"""
+    )
+    committed = [(i, 1 if i < 1500 else 2) for i in range(0, 1800, 2)]  # two attempts; every other row
+    old.executemany(
+        "INSERT INTO results VALUES ('j', ?, ?, ?)", [(i, a, result_blob(i, float(a))[1]) for i, a in committed]
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        assert store.count_results("j") == len(committed)
+        assert [(r.index, r.embedding.values[0]) for r in store.results_from("j", 1498, 10).results] == [(1498, 1.0)]
+        assert [(r.index, r.embedding.values[0]) for r in store.results_from("j", 1500, 10).results] == [(1500, 2.0)]
+        assert shard_indices(store, "j", 3, 0, 1) == [i for i in range(2000) if i % 2 or i >= 1800]
+        assert store.commit_results("j", 3, [result_blob(i) for i in range(4)]) == 2
+    finally:
+        store.close()
+    tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+    assert "results" not in tables
+
+
 def test_reopening_keeps_creation_order_for_new_jobs(tmp_path):
     path = tmp_path / "state.db"
     first = Store(path)
