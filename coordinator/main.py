@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from distinfer.common.config import apply_config
+from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
@@ -105,6 +106,7 @@ def main(argv=None) -> None:
         join_token=args.join_token,
         metrics_listen=args.metrics_listen,
     )
+    freeze_startup_objects()
     asyncio.run(serve(config, args.port_file))
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import transformers
 
 from distinfer.common.channels import ChannelSecurity, open_channel
+from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.gather import Gatherer
@@ -66,6 +67,7 @@ def executor_main(
     configure_logging(log_level)
     structlog.contextvars.bind_contextvars(slot=slot)
     transformers.utils.logging.disable_progress_bar()  # a progress bar per load clutters the worker's log
+    freeze_startup_objects()
     executor = Executor(slot, device, coordinator, events, policy, security)
     events.put(("ready", slot, b""))
     while (blob := inbox.get()) is not None:

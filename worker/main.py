@@ -10,6 +10,7 @@ import structlog
 
 from distinfer.common.channels import add_security_flags, security_from_args
 from distinfer.common.config import apply_config
+from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.worker.daemon import WorkerConfig, WorkerDaemon
 from distinfer.worker.models import ModelPolicy
@@ -130,6 +131,7 @@ def main(argv=None) -> None:
         daemon = WorkerDaemon(config)
     except ValueError as exc:
         raise SystemExit(f"distinfer-worker: {exc}") from None
+    freeze_startup_objects()
     asyncio.run(_run(daemon))
 
 
