@@ -55,6 +55,24 @@ def to_input_row(row, text_field: str = "text", number: int = 0) -> jobs_pb2.Inp
     raise ValueError(f"row {number} is a {type(row).__name__}: give a str or a dict with a {text_field!r} field")
 
 
+def to_upload_row(row, text_field: str, number: int) -> str | jobs_pb2.InputRow:
+    """A row as upload_message takes it: a plain text stays a str."""
+    return row if type(row) is str else to_input_row(row, text_field, number)
+
+
+def upload_message(rows: list[str | jobs_pb2.InputRow]) -> jobs_pb2.SubmitJobRequest:
+    """A message of rows; a text is added in place, as building an InputRow apart and copying it in cost three
+    times as much (2.1 us a row against 0.7)."""
+    request = jobs_pb2.SubmitJobRequest()
+    add, append = request.rows.rows.add, request.rows.rows.append
+    for row in rows:
+        if type(row) is str:
+            add(text=row)
+        else:
+            append(row)
+    return request
+
+
 def result_to_dict(result: jobs_pb2.Result) -> dict:
     out: dict = {"index": result.index}
     if result.meta_json:
@@ -160,8 +178,8 @@ class Client:
         def messages():
             yield jobs_pb2.SubmitJobRequest(spec=spec)
             try:
-                for batch in RowMessages(rows, lambda row, number: to_input_row(row, text_field, number)):
-                    yield jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=batch))
+                for batch in RowMessages(rows, lambda row, number: to_upload_row(row, text_field, number)):
+                    yield upload_message(batch)
             except Exception as exc:
                 # gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's thread.
                 input_error.append(exc)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distinfer.client.api import result_to_dict, to_input_row
+from distinfer.client.api import result_to_dict, to_input_row, to_upload_row, upload_message
 from distinfer.client.rows import InputError, detect_format, read_rows
 from distinfer.v1 import jobs_pb2
 
@@ -277,6 +277,13 @@ def test_dict_row_with_non_string_text_names_its_type():
 def test_row_of_another_type_is_refused(value):
     with pytest.raises(ValueError, match=r"give a str or a dict"):
         to_input_row(value, number=1)
+
+
+def test_an_upload_message_holds_each_kind_of_row_as_its_input_row():
+    given = ["plain", "", {"text": "with meta", "id": 2}, jobs_pb2.InputRow(text="ready", meta_json='{"a": 1}')]
+    message = upload_message([to_upload_row(row, "text", n) for n, row in enumerate(given)])
+    assert list(message.rows.rows) == [to_input_row(row) for row in given]
+    assert message.rows.rows[1].HasField("text")  # an empty text is a text
 
 
 def test_embedding_result_to_dict():
