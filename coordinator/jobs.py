@@ -43,9 +43,9 @@ log = structlog.get_logger(__name__)
 S = jobs_pb2
 TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
 UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
-# A result message holds up to 1,024 rows (each message costs the event loop a store call and a send),
-# or 1 MiB: a long generation's rows stay well inside gRPC's message limit.
-RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 1024, 1 << 20
+# A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
+# or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit.
+RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, 4 << 20
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
 

@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS result_chunks (
 
 # A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
 MAX_CHUNK_ROWS = 2048
+# A shard streams in messages of many rows (gRPC's cost is per message), but of at most a few MiB of text:
+# long documents must stay far below the 64 MiB a message may hold.
+SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, 1 << 20
 RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16
 _RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
 
@@ -152,10 +155,12 @@ class Store:
         attempt: int,
         rank: int,
         world_size: int,
-        batch: int = 1024,
+        batch: int = SHARD_BATCH_ROWS,
         cursor: ShardCursor | None = None,
+        batch_chars: int = SHARD_BATCH_CHARS,
     ) -> Iterator[list[tuple[int, str]]]:
-        """The rows of one rank, in batches: every world_size-th row among those open when the attempt began.
+        """The rows of one rank, in batches of `batch` rows or `batch_chars` characters (the last row may pass
+        them): every world_size-th row among those open when the attempt began.
 
         Rows committed by this same attempt still count as open, so the cut stays the same however late a
         rank asks for its shard. cursor: where an earlier call stopped (rows still uploading arrive later,
@@ -163,6 +168,7 @@ class Store:
         """
         cursor = cursor or ShardCursor()
         out: list[tuple[int, str]] = []
+        chars = 0
         for first, rows in self._chunks(job_id, cursor.after + 1):
             begin = max(first, cursor.after + 1)
             end = first + len(rows)
@@ -179,10 +185,12 @@ class Store:
                         cursor.position += 1
             cursor.after = end - 1
             for idx in picked:
-                out.append((idx, rows[idx - first].text))
-                if len(out) >= batch:
+                text = rows[idx - first].text
+                out.append((idx, text))
+                chars += len(text)
+                if len(out) >= batch or chars >= batch_chars:
                     yield out
-                    out = []
+                    out, chars = [], 0
         if out:
             yield out
 

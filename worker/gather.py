@@ -30,6 +30,17 @@ class Gathered:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def parts(self, max_bytes: int) -> list[Gathered]:
+        """The round cut into parts of about max_bytes of rows at most (at least a row each): a GPU round of
+        wide rows (16 KiB a row for a 4,096-wide embedding) can hold far more than one gRPC message takes."""
+        per_part = max(1, max_bytes // (4 * self.rows.shape[1] + 16))  # float32 values, index and truncation
+        if len(self) <= per_part:
+            return [self]
+        return [
+            Gathered(self.indices[i : i + per_part], self.truncated[i : i + per_part], self.rows[i : i + per_part])
+            for i in range(0, len(self), per_part)
+        ]
+
 
 class Gatherer:
     def __init__(self, width: int, comm_device: torch.device, group=None):

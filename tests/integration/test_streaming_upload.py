@@ -14,9 +14,10 @@ import grpc
 import pytest
 
 from distinfer.client.api import Client
+from distinfer.client.row_messages import ROWS_PER_MESSAGE
 from distinfer.v1 import jobs_pb2
 
-FIRST_ROWS = 1100  # two whole 512-row upload messages, and the rest sent once the source stalls
+FIRST_ROWS = 2 * ROWS_PER_MESSAGE + 76  # two whole upload messages, and the rest sent once the source stalls
 MORE_ROWS = 900
 
 
@@ -52,6 +53,14 @@ def test_a_job_runs_while_its_rows_are_still_uploading(client, cluster):
     assert during.job_id == job.id and during.state == jobs_pb2.RUNNING and during.num_rows < job.num_rows
     status = job.status()
     assert status.state == jobs_pb2.SUCCEEDED and not status.uploading and len(status.attempts) == 1
+
+
+def test_rows_of_a_mebibyte_each_go_through_in_messages_that_grpc_takes(client):
+    # 70 rows of 1,000,000 characters: 70 MB, more than one gRPC message may hold (64 MiB) on every stream.
+    rows, chars = 70, 1_000_000
+    job = client.submit((chr(ord("a") + i % 26) * chars for i in range(rows)), model="", task="echo", workers=2)
+    results = list(job.results())
+    assert [(r["index"], r["chars"]) for r in results] == [(i, chars) for i in range(rows)]
 
 
 def test_an_upload_that_fails_after_the_job_started_leaves_nothing(client, cluster):

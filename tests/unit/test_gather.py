@@ -1,4 +1,5 @@
-"""Gatherer across three real gloo processes with uneven batch counts (one rank has none)."""
+"""Gatherer across three real gloo processes with uneven batch counts (one rank has none); a round cut into
+messages."""
 
 from __future__ import annotations
 
@@ -185,3 +186,17 @@ def test_odd_width_with_one_row_contributions(tmp_path, width):
     for index, cut, row in received:
         assert cut == sent[index][0]
         assert bits(row) == bits(sent[index][1])
+
+
+@pytest.mark.parametrize("rows, width", [(1000, 4096), (5, 4096), (3, 1_100_000), (70_000, 1)])
+def test_a_round_is_cut_into_parts_that_each_fit_a_message_and_keep_every_row_in_order(rows, width):
+    from distinfer.worker.gather import Gathered
+
+    values = torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, width)
+    round_ = Gathered(list(range(rows)), [i % 3 for i in range(rows)], values)
+    limit = 4 << 20
+    parts = round_.parts(limit)
+    assert all(len(p) == 1 or 4 * width * len(p) <= limit for p in parts)  # a row wider than the limit goes alone
+    assert [i for p in parts for i in p.indices] == list(range(rows))
+    assert [t for p in parts for t in p.truncated] == [i % 3 for i in range(rows)]
+    assert torch.equal(torch.cat([p.rows for p in parts]), values)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distinfer.client.api import to_input_row
-from distinfer.client.row_messages import READ_AHEAD_MESSAGES, ROWS_PER_MESSAGE, RowMessages
+from distinfer.client.row_messages import MESSAGE_CHARS, READ_AHEAD_MESSAGES, ROWS_PER_MESSAGE, RowMessages
 
 
 def convert(row, number):
@@ -60,6 +60,28 @@ def test_the_source_is_read_only_a_few_messages_ahead_of_the_upload():
     stopped_at = len(read)
     time.sleep(0.3)
     assert len(read) == stopped_at < 100 * ROWS_PER_MESSAGE
+
+
+def test_long_rows_are_cut_into_messages_by_characters_and_a_longer_row_goes_alone():
+    rows = ["x" * 300_000] * 10 + ["y" * (MESSAGE_CHARS + 5), "z"]
+    sent = texts(RowMessages(rows, convert))
+    assert [len(m) for m in sent] == [3, 3, 3, 1, 1, 1]
+    assert [t for m in sent for t in m] == rows
+
+
+def test_long_rows_are_read_ahead_a_few_messages_of_characters_not_of_rows():
+    read = []
+
+    def rows():
+        for i in range(100):
+            read.append(i)
+            yield "x" * 500_000
+
+    messages = iter(RowMessages(rows(), convert))
+    next(messages)
+    time.sleep(0.5)
+    assert len(read) <= (READ_AHEAD_MESSAGES + 1) * MESSAGE_CHARS // 500_000 + 2
+    messages.close()
 
 
 def test_a_bad_row_and_a_failing_source_raise_in_the_upload():

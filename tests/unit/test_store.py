@@ -127,6 +127,12 @@ def test_shard_batches_hold_at_most_batch_rows(store):
     assert [idx for b in batches for idx, _ in b] == list(range(11))
 
 
+def test_shard_batches_of_long_rows_are_cut_by_characters(store):
+    store.create_job(job("j"))
+    store.add_rows("j", 0, batch(rows(*["x" * 400_000] * 5)))
+    assert [len(b) for b in store.shard("j", 1, 0, 1, batch_chars=1_000_000)] == [3, 2]
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
 def test_shards_of_all_ranks_are_disjoint_and_cover_every_open_row(store, world_size):
     add_job_with_rows(store, "j", 23)
