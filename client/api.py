@@ -181,9 +181,11 @@ class Client:
                 for batch in RowMessages(rows, lambda row, number: to_upload_row(row, text_field, number)):
                     yield upload_message(batch)
             except Exception as exc:
-                # gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's thread.
+                # Raised here, gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's
+                # thread, and tell the coordinator, which drops the job (a cancelled call's end can reach it
+                # looking like the end of a whole upload, and the rows so far would run as the job).
                 input_error.append(exc)
-                raise
+                yield jobs_pb2.SubmitJobRequest(abandon=f"{type(exc).__name__}: {exc}")
 
         # No deadline: an upload takes as long as the dataset is big. A broken upload leaves no job behind.
         upload = Upload(self.stub.SubmitJob.future(messages(), metadata=self.metadata), input_error)

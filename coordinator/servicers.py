@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import structlog
 
-from distinfer.common.errors import JOB_ID_KEY, InvalidArgument, grpc_errors
-from distinfer.coordinator.jobs import JobManager
+from distinfer.common.errors import JOB_ID_KEY, DistinferError, InvalidArgument, grpc_errors
+from distinfer.coordinator.jobs import MESSAGE_LIMIT, JobManager
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -26,6 +26,10 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
         async def row_batches():
             async for message in request_iterator:
+                if message.HasField("abandon"):
+                    raise DistinferError(
+                        f"the client abandoned the upload: {message.abandon[:MESSAGE_LIMIT]}", grpc.StatusCode.CANCELLED
+                    )
                 if not message.HasField("rows"):
                     raise InvalidArgument("only the first SubmitJob message may carry a spec; the rest carry rows")
                 yield message.rows

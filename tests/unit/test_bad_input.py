@@ -45,6 +45,19 @@ def test_row_without_text_is_invalid_argument_naming_the_row(coordinator, client
     assert client.jobs() == []  # the half-uploaded job is gone, not queued
 
 
+def test_an_upload_the_client_abandons_is_cancelled_and_leaves_no_job(coordinator, client):
+    messages = [
+        jobs_pb2.SubmitJobRequest(spec=spec()),
+        rows("a", "b"),
+        jobs_pb2.SubmitJobRequest(abandon="ValueError: row 2 has no 'text' field"),
+    ]
+    # Ends like a whole upload (the stream is closed, not cancelled): only the abandon message drops the job.
+    expect_status(
+        grpc.StatusCode.CANCELLED, "abandoned the upload: ValueError", raw_submit, coordinator.address, messages
+    )
+    assert client.jobs() == []
+
+
 def test_empty_dataset_is_invalid_argument(coordinator, client):
     expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
