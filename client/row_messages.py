@@ -16,10 +16,11 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
+from distinfer.common.channels import STREAM_MESSAGE_CHARS
 from distinfer.v1 import jobs_pb2
 
 ROWS_PER_MESSAGE = 2048
-MESSAGE_CHARS = 1 << 20  # text and meta of a message: at most 4 MiB of UTF-8, plus its last row
+MESSAGE_CHARS = STREAM_MESSAGE_CHARS  # text and meta of a message, plus its last row
 FLUSH_AFTER_S = 0.2
 READ_AHEAD_MESSAGES = 4  # rows read ahead of the upload, at most: a dataset is never held whole
 

@@ -10,6 +10,10 @@ import grpc
 
 # Results of big models are large (a 4,096-wide embedding is 16 KiB a row); batches stay well below this.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What a stream puts in one message at most (a single bigger row goes alone), far below MAX_MESSAGE_BYTES
+# however long the rows. Text is counted in characters: a quarter as many, UTF-8 taking at most 4 bytes each.
+STREAM_MESSAGE_BYTES = 4 << 20
+STREAM_MESSAGE_CHARS = STREAM_MESSAGE_BYTES // 4
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

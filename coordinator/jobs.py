@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import (
     JOB_ENDED_KEY,
     DistinferError,
@@ -45,7 +46,7 @@ TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
 UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
 # A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
 # or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit.
-RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, 4 << 20
+RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from distinfer.common.channels import STREAM_MESSAGE_CHARS
 from distinfer.v1 import jobs_pb2
 
 SCHEMA = """
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS result_chunks (
 MAX_CHUNK_ROWS = 2048
 # A shard streams in messages of many rows (gRPC's cost is per message), but of at most a few MiB of text:
 # long documents must stay far below the 64 MiB a message may hold.
-SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, 1 << 20
+SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, STREAM_MESSAGE_CHARS
 RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16
 _RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
 

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import token_budget_batches
 from distinfer.worker.gather import Gathered, Gatherer
@@ -23,8 +24,6 @@ FIRST_WINDOW_ROWS = 64
 WINDOW_GROWTH = 4
 MAX_WINDOW_ROWS = 8192
 PREFETCH_BATCHES = 8
-# Rank 0 sends a gathered round in messages of about this many bytes at most, far below gRPC's 64 MiB.
-RESULT_MESSAGE_BYTES = 4 << 20
 
 
 def start_helper_thread(target, name: str) -> threading.Thread:
@@ -322,7 +321,7 @@ class ResultSender:
 
     def _messages(self):
         while (gathered := self._queue.get()) is not None:
-            for part in gathered.parts(RESULT_MESSAGE_BYTES):
+            for part in gathered.parts(STREAM_MESSAGE_BYTES):
                 request = workers_pb2.ReportResultsRequest(job_id=self._a.job_id, attempt=self._a.attempt)
                 self._to_results(part, out=request.results)
                 yield request
