@@ -212,9 +212,9 @@ class Executor:
                     timings.compute_s += seconds / lanes  # lanes compute side by side: about the wall time
                     outbox.add(payload, batch, more_ready=batches.ready())
                     batch_metrics.append((seconds, len(batch)))
-                    if time.monotonic() - metrics_sent >= METRICS_EVERY_S:
+                    if (now := time.monotonic()) - metrics_sent >= METRICS_EVERY_S:
                         self.events.put(("batches", self.slot, batch_metrics))
-                        batch_metrics, metrics_sent = [], time.monotonic()
+                        batch_metrics, metrics_sent = [], now
                 outbox.finish()
             if batch_metrics:
                 self.events.put(("batches", self.slot, batch_metrics))
