@@ -177,15 +177,20 @@ class Client:
 
         def messages():
             yield jobs_pb2.SubmitJobRequest(spec=spec)
+            sent = 0
             try:
                 for batch in RowMessages(rows, lambda row, number: to_upload_row(row, text_field, number)):
+                    sent += len(batch)
                     yield upload_message(batch)
             except Exception as exc:
                 # Raised here, gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's
-                # thread, and tell the coordinator, which drops the job (a cancelled call's end can reach it
-                # looking like the end of a whole upload, and the rows so far would run as the job).
+                # thread, and tell the coordinator why it drops the job.
                 input_error.append(exc)
                 yield jobs_pb2.SubmitJobRequest(abandon=f"{type(exc).__name__}: {exc}")
+                return
+            # Only this makes the upload whole: a call cut short any other way (Ctrl-C, a killed process, a
+            # lost connection) leaves no job behind.
+            yield jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd(num_rows=sent))
 
         # No deadline: an upload takes as long as the dataset is big. A broken upload leaves no job behind.
         upload = Upload(self.stub.SubmitJob.future(messages(), metadata=self.metadata), input_error)
@@ -246,6 +251,10 @@ class Upload:
     def done(self) -> bool:
         return self._call.done()
 
+    def cancel(self) -> bool:
+        """Cut the upload short; False if it had already ended."""
+        return self._call.cancel()
+
     def raise_if_failed(self, wait_s: float) -> None:
         """Raise what broke the upload if it ends within wait_s (a failed upload also fails its job's result
         stream, and the two statuses may arrive in either order)."""
@@ -280,6 +289,11 @@ class Job:
             self._num_rows = self._upload.response().num_rows
             self._upload = None
         return self._num_rows if self._num_rows is not None else self.status().num_rows
+
+    def stop_upload(self) -> bool:
+        """Stop sending the job's rows, if they still are: the coordinator then drops the job (an upload is
+        whole only once its last message says so). Whether the upload was still going."""
+        return self._upload is not None and self._upload.cancel()
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"

@@ -163,7 +163,18 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
     print(job.id, flush=True)  # stdout carries only the job id, for scripts
     if detach:
         return 0
-    written = _write_results(job, args.output, 0, job.num_rows)
+    try:
+        written = _write_results(job, args.output, 0, job.num_rows)
+    except KeyboardInterrupt:
+        if job.stop_upload():
+            print(f"distinfer: interrupted while its rows uploaded: job {job.id} is dropped", file=sys.stderr)
+        elif getattr(args, "coordinator", None):  # a remote job outlives this command; a local cluster does not
+            print(
+                f"distinfer: interrupted: job {job.id} keeps running; `distinfer results {job.id} --coordinator "
+                f"{args.coordinator} --output FILE` writes its results, `distinfer cancel {job.id}` stops it",
+                file=sys.stderr,
+            )
+        raise
     elapsed = time.monotonic() - started
     status = job.status()
     print(

@@ -119,12 +119,11 @@ class JobManager(Placing, ProgressWatchdog):
         self,
         spec: jobs_pb2.JobSpec,
         batches: AsyncIterator[jobs_pb2.RowBatch],
-        cancelled=lambda: False,
         accepted=None,
     ) -> jobs_pb2.JobStatus:
-        """Store the rows as they arrive; the job is scheduled from its first rows on. cancelled(): whether the
-        client gave up on the call (in grpc.aio its row stream then just ends, as if the upload were whole).
-        accepted(job_id): awaited once the job exists, from when its results can be streamed."""
+        """Store the rows as they arrive; the job is scheduled from its first rows on. `batches` ends only when
+        the upload is whole, and raises when it is not. accepted(job_id): awaited once the job exists, from when
+        its results can be streamed."""
         validate_spec(spec)
         check_tensor_parallel(spec)
         waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values())
@@ -164,8 +163,6 @@ class JobManager(Placing, ProgressWatchdog):
                     if accepted is not None:
                         await accepted(status.job_id)
                 job.notify()  # ranks at the end of their shard take the new rows
-            if cancelled():
-                raise asyncio.CancelledError("the client cancelled the upload")
             if n == 0:
                 raise InvalidArgument("the dataset is empty: send at least one row after the spec")
             status.uploading = False

@@ -25,19 +25,38 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             raise InvalidArgument("the first SubmitJob message must carry the job's spec")
 
         async def row_batches():
+            """The rows up to `end`. Anything else ends the upload with an error, and nothing of it is kept."""
+            received = 0
             async for message in request_iterator:
-                if message.HasField("abandon"):
+                kind = message.WhichOneof("payload")
+                if kind == "rows":
+                    received += len(message.rows.rows)
+                    yield message.rows
+                elif kind == "end":
+                    if message.end.HasField("num_rows") and message.end.num_rows != received:
+                        raise InvalidArgument(
+                            f"the end message counts {message.end.num_rows} rows but {received} arrived: the upload "
+                            "was dropped, send it again"
+                        )
+                    return  # whole: a cancel that comes after this does not undo it
+                elif kind == "abandon":
                     raise DistinferError(
                         f"the client abandoned the upload: {message.abandon[:MESSAGE_LIMIT]}", grpc.StatusCode.CANCELLED
                     )
-                if not message.HasField("rows"):
+                elif kind == "spec":
                     raise InvalidArgument("only the first SubmitJob message may carry a spec; the rest carry rows")
-                yield message.rows
+                else:
+                    raise InvalidArgument("a SubmitJob message carries nothing: after the spec come rows, then end")
+            # A closed stream and a cancelled call can look the same here, so only `end` makes an upload whole.
+            raise InvalidArgument(
+                f"the upload stopped after {received} rows without its end message, so it may have been cut off: "
+                'it was dropped; finish the stream with {"end": {}}'
+            )
 
         async def accepted(job_id: str) -> None:
             await context.send_initial_metadata(((JOB_ID_KEY, job_id),))
 
-        status = await self.manager.submit(first.spec, row_batches(), context.cancelled, accepted)
+        status = await self.manager.submit(first.spec, row_batches(), accepted)
         return jobs_pb2.SubmitJobResponse(job_id=status.job_id, num_rows=status.num_rows)
 
     @grpc_errors

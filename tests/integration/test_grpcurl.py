@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
@@ -44,6 +45,7 @@ def test_grpcurl_lists_checks_health_submits_and_streams(cluster):
             json.dumps({"spec": {"model": "all-MiniLM-L6-v2", "task": "embed", "max_workers": 2}}),
             json.dumps({"rows": {"rows": [{"text": "first row"}, {"text": "second row", "meta_json": '{"id": 7}'}]}}),
             json.dumps({"rows": {"rows": [{"text": "third row"}]}}),
+            json.dumps({"end": {"num_rows": 3}}),
         ]
     )
     submitted = json.loads(grpcurl(cluster.address, "distinfer.v1.Jobs/SubmitJob", data=upload))
@@ -66,10 +68,57 @@ def test_grpcurl_lists_checks_health_submits_and_streams(cluster):
 def test_grpcurl_sees_the_job_id_in_the_response_headers(cluster):
     """The id comes in SubmitJob's initial metadata too: what lets a client stream results during a long upload."""
     upload = "\n".join(
-        [json.dumps({"spec": {"task": "echo", "max_workers": 1}}), json.dumps({"rows": {"rows": [{"text": "a row"}]}})]
+        [
+            json.dumps({"spec": {"task": "echo", "max_workers": 1}}),
+            json.dumps({"rows": {"rows": [{"text": "a row"}]}}),
+            json.dumps({"end": {}}),
+        ]
     )
     verbose = grpcurl(cluster.address, "distinfer.v1.Jobs/SubmitJob", data=upload, flags=("-v",))
     in_headers = re.search(r"distinfer-job-id: (j-[0-9a-f]+)", verbose)
     in_response = re.search(r'"job_id": "(j-[0-9a-f]+)"', verbose)
     assert in_headers and in_response, verbose
     assert in_headers.group(1) == in_response.group(1)
+
+
+def listed_jobs(address: str) -> list[dict]:
+    return json.loads(grpcurl(address, "distinfer.v1.Jobs/ListJobs")).get("jobs", [])
+
+
+def test_grpcurl_upload_without_its_end_message_is_refused_and_leaves_no_job(cluster):
+    before = listed_jobs(cluster.address)
+    upload = "\n".join(
+        [json.dumps({"spec": {"task": "echo", "max_workers": 1}}), json.dumps({"rows": {"rows": [{"text": "a row"}]}})]
+    )
+    command = [GRPCURL, "-plaintext", "-d", "@", cluster.address, "distinfer.v1.Jobs/SubmitJob"]
+    done = subprocess.run(command, input=upload, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "InvalidArgument" in done.stderr and "without its end message" in done.stderr, done.stderr
+    assert listed_jobs(cluster.address) == before
+
+
+def test_a_client_killed_mid_upload_leaves_no_job(cluster):
+    """The rows so far reach the coordinator, and the job starts on them; then the client dies. Its call ends
+    like a closed stream or a cancelled one, depending on timing; either way the job is dropped, not run on
+    the rows it got."""
+    before = {job["job_id"] for job in listed_jobs(cluster.address)}
+    command = [GRPCURL, "-plaintext", "-d", "@", cluster.address, "distinfer.v1.Jobs/SubmitJob"]
+    client = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client.stdin.write(json.dumps({"spec": {"task": "echo", "max_workers": 1}}) + "\n")
+        client.stdin.write(json.dumps({"rows": {"rows": [{"text": f"row {i}"} for i in range(50)]}}) + "\n")
+        client.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not (started := [j for j in listed_jobs(cluster.address) if j["job_id"] not in before]):
+            assert time.monotonic() < deadline, "the job never appeared while its rows uploaded"
+            time.sleep(0.1)
+        assert started[0].get("uploading")
+    finally:
+        client.kill()
+        client.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while {job["job_id"] for job in listed_jobs(cluster.address)} != before:
+        assert time.monotonic() < deadline, "the killed client's job is still there"
+        time.sleep(0.1)
+    time.sleep(1)  # and it does not come back as a whole upload
+    assert {job["job_id"] for job in listed_jobs(cluster.address)} == before

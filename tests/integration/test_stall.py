@@ -115,6 +115,7 @@ def test_ranks_waiting_for_a_slow_upload_are_not_taken_for_hung(client):
                 rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=f"row {i}") for i in range(first, first + 10)])
             )
             time.sleep(3)
+        yield jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd())
 
     response = client.stub.SubmitJob(messages(), metadata=client.metadata)
     job = client.job(response.job_id)

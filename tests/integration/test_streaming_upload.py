@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -190,3 +191,67 @@ def test_a_job_that_fails_while_uploading_stays_on_record_when_the_client_goes(c
     status = client.job(stdout.split()[0]).status()
     assert status.state == jobs_pb2.FAILED and "no-such-model" in status.message, status
     assert not status.uploading
+
+
+def test_ctrl_c_while_the_rows_upload_drops_the_job(cluster, client, tmp_path):
+    """The job already runs on the rows so far; Ctrl-C cuts the upload short, and the coordinator drops the
+    job rather than take those rows for the whole dataset."""
+    pipe, output = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    os.mkfifo(pipe)
+    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
+    submit = subprocess.Popen(
+        [*command, "--task", "echo", "--workers", "2", "--input", str(pipe), "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with contextlib.suppress(BrokenPipeError), pipe.open("w") as writer:
+            writer.writelines(json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS))
+            writer.flush()
+            deadline = time.monotonic() + 60
+            while not (output.exists() and output.stat().st_size > 0):
+                assert submit.poll() is None, submit.stderr.read()
+                assert time.monotonic() < deadline, "no result was written while the input was still open"
+                time.sleep(0.05)
+            submit.send_signal(signal.SIGINT)
+            stdout, stderr = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    assert submit.returncode == 130, stderr
+    job_id = stdout.split()[0]
+    assert f"job {job_id} is dropped" in stderr, stderr
+    deadline = time.monotonic() + 30
+    while job_id in {status.job_id for status in client.jobs()}:
+        assert time.monotonic() < deadline, "the interrupted upload's job is still there"
+        time.sleep(0.1)
+
+
+def test_ctrl_c_once_the_rows_are_in_leaves_the_job_running_and_says_how_to_follow_it(cluster, client, tmp_path):
+    data, output = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
+    busy = sum(len(w.slots) for w in client.workers()) + 1  # more ranks than there are slots: it waits in the queue
+    submit = subprocess.Popen(
+        [*command, "--task", "echo", "--workers", str(busy), "--input", str(data), "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job_id = submit.stdout.readline().strip()
+        deadline = time.monotonic() + 30
+        while client.job(job_id).status().uploading:
+            assert time.monotonic() < deadline, "the ten rows never finished uploading"
+            time.sleep(0.05)
+        submit.send_signal(signal.SIGINT)
+        _, stderr = submit.communicate(timeout=60)
+    finally:
+        submit.kill()
+    try:
+        assert submit.returncode == 130, stderr
+        assert f"job {job_id} keeps running" in stderr and f"distinfer cancel {job_id}" in stderr, stderr
+        status = client.job(job_id).status()
+        assert status.state == jobs_pb2.QUEUED and status.num_rows == 10
+    finally:
+        client.job(job_id).cancel()

@@ -27,6 +27,9 @@ def rows(*texts) -> jobs_pb2.SubmitJobRequest:
     return jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t) for t in texts]))
 
 
+END = jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd())
+
+
 def expect_status(code: grpc.StatusCode, fragment: str, call, *args):
     with pytest.raises(grpc.RpcError) as info:
         call(*args)
@@ -64,8 +67,60 @@ def test_empty_dataset_is_invalid_argument(coordinator, client):
         "dataset is empty",
         raw_submit,
         coordinator.address,
-        [jobs_pb2.SubmitJobRequest(spec=spec())],
+        [jobs_pb2.SubmitJobRequest(spec=spec()), END],
     )
+    assert client.jobs() == []
+
+
+def test_an_upload_closed_without_its_end_message_is_refused_and_leaves_no_job(coordinator, client):
+    """A closed stream may be a cancelled call cut short (the two can look the same to the server): only the
+    end message makes an upload whole."""
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "stopped after 3 rows without its end message",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec()), rows("a", "b"), rows("c")],
+    )
+    assert client.jobs() == []
+
+
+def test_an_end_message_counting_other_rows_than_arrived_is_refused(coordinator, client):
+    messages = [jobs_pb2.SubmitJobRequest(spec=spec()), rows("a", "b"), jobs_pb2.SubmitJobRequest(end={"num_rows": 3})]
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT, "counts 3 rows but 2 arrived", raw_submit, coordinator.address, messages
+    )
+    assert client.jobs() == []
+
+
+def test_the_end_message_makes_the_upload_whole_and_nothing_after_it_is_read(coordinator, client):
+    messages = [
+        jobs_pb2.SubmitJobRequest(spec=spec()),
+        rows("a", "b"),
+        jobs_pb2.SubmitJobRequest(end={"num_rows": 2}),
+        rows("never read"),
+    ]
+    response = raw_submit(coordinator.address, messages)
+    assert response.num_rows == 2 and [job.job_id for job in client.jobs()] == [response.job_id]
+
+
+def test_cancelled_uploads_leave_no_job(coordinator, client):
+    """A client that fails mid-upload without saying so (gRPC cancels its call): however the cancel and the
+    stream's end reach the coordinator, no job is left. Before the end message, about one such upload in a
+    hundred here ran the rows so far as a whole job."""
+
+    def cut_short(trial: int):
+        yield jobs_pb2.SubmitJobRequest(spec=spec())
+        yield rows(*["row"] * (2048 if trial % 2 else 3))
+        time.sleep(0.002 * (trial % 5))
+        raise RuntimeError("the source broke")  # gRPC cancels the call, without closing its stream
+
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = jobs_pb2_grpc.JobsStub(channel)
+        for trial in range(40):
+            with pytest.raises(grpc.RpcError):
+                stub.SubmitJob(cut_short(trial), timeout=10)
+    time.sleep(0.5)  # an upload the coordinator is still storing
     assert client.jobs() == []
 
 

@@ -242,30 +242,58 @@ class SubmitJobRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
     ABANDON_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     abandon: _builtins.str
-    """The client gives up on the upload (its source failed), saying why: the job and its rows are dropped.
-    A cancelled call does the same, but its end can reach the coordinator looking like a whole upload.
+    """The client gives up on the upload (its source failed), saying why: the job and its rows are dropped
+    (CANCELLED).
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
     def rows(self) -> Global___RowBatch: ...
+    @_builtins.property
+    def end(self) -> Global___UploadEnd:
+        """The upload is whole. Nothing after it is read."""
+
     def __init__(
         self,
         *,
         spec: Global___JobSpec | None = ...,
         rows: Global___RowBatch | None = ...,
         abandon: _builtins.str = ...,
+        end: Global___UploadEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abandon", b"abandon", "payload", b"payload", "rows", b"rows", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abandon", b"abandon", "end", b"end", "payload", b"payload", "rows", b"rows", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandon", b"abandon", "payload", b"payload", "rows", b"rows", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandon", b"abandon", "end", b"end", "payload", b"payload", "rows", b"rows", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["spec", "rows", "abandon"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["spec", "rows", "abandon", "end"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___SubmitJobRequest: _TypeAlias = SubmitJobRequest  # noqa: Y015
+
+@_typing.final
+class UploadEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_ROWS_FIELD_NUMBER: _builtins.int
+    num_rows: _builtins.int
+    """The rows the client sent, if it counted them: a different count at the coordinator fails the upload."""
+    def __init__(
+        self,
+        *,
+        num_rows: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_num_rows", b"_num_rows", "num_rows", b"num_rows"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_rows", b"_num_rows", "num_rows", b"num_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__num_rows: _TypeAlias = _typing.Literal["num_rows"]  # noqa: Y015
+    _WhichOneofArgType__num_rows: _TypeAlias = _typing.Literal["_num_rows", b"_num_rows"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_rows) -> _WhichOneofReturnType__num_rows | None: ...
+
+Global___UploadEnd: _TypeAlias = UploadEnd  # noqa: Y015
 
 @_typing.final
 class RowBatch(_message.Message):

@@ -121,7 +121,7 @@ class Stubs:
         self.metadata = metadata
 
     def submit(self, spec: jobs_pb2.JobSpec, texts: list[str]) -> jobs_pb2.SubmitJobResponse:
-        messages = [jobs_pb2.SubmitJobRequest(spec=spec), rows_message(texts)]
+        messages = [jobs_pb2.SubmitJobRequest(spec=spec), rows_message(texts), END]
         return self.jobs.SubmitJob(iter(messages), timeout=TIMEOUT_S, metadata=self.metadata)
 
     def status(self, job_id: str) -> jobs_pb2.JobStatus:
@@ -155,6 +155,9 @@ class Stubs:
 
 def rows_message(texts: list[str]) -> jobs_pb2.SubmitJobRequest:
     return jobs_pb2.SubmitJobRequest(rows=jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t) for t in texts]))
+
+
+END = jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd())  # an upload is whole only with it
 
 
 GOOD_SPEC = jobs_pb2.JobSpec(model="all-MiniLM-L6-v2", task="embed")

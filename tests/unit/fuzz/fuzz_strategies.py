@@ -191,19 +191,35 @@ def input_rows(draw) -> jobs_pb2.InputRow:
 
 
 row_batches = st.lists(input_rows(), max_size=8).map(lambda rows: jobs_pb2.RowBatch(rows=rows))
+# An end that counts no rows, some count (rarely the right one), or none at all.
+upload_ends = st.one_of(
+    st.just(jobs_pb2.UploadEnd()), st.one_of(small, uint64s).map(lambda n: jobs_pb2.UploadEnd(num_rows=n))
+)
 submit_messages = choice(
     (2, job_specs.map(lambda spec: jobs_pb2.SubmitJobRequest(spec=spec))),
     (3, row_batches.map(lambda batch: jobs_pb2.SubmitJobRequest(rows=batch))),
-    (1, st.just(jobs_pb2.SubmitJobRequest())),  # neither spec nor rows
+    (1, upload_ends.map(lambda end: jobs_pb2.SubmitJobRequest(end=end))),
+    (1, st.just(jobs_pb2.SubmitJobRequest())),  # no payload
 )
+
+
+@st.composite
+def whole_uploads(draw) -> list[jobs_pb2.SubmitJobRequest]:
+    """A spec and rows, then mostly an end counting the rows sent, sometimes one without a count, another
+    count, or none."""
+    batches = draw(st.lists(row_batches, max_size=6))
+    sent = sum(len(batch.rows) for batch in batches)
+    end = draw(choice((4, st.just(jobs_pb2.UploadEnd(num_rows=sent))), (2, upload_ends), (1, st.none())))
+    return (
+        [jobs_pb2.SubmitJobRequest(spec=draw(job_specs))]
+        + [jobs_pb2.SubmitJobRequest(rows=batch) for batch in batches]
+        + ([jobs_pb2.SubmitJobRequest(end=end)] if end is not None else [])
+    )
+
+
 submit_sequences = choice(
     (1, st.lists(submit_messages, max_size=6)),  # any order: rows before the spec, two specs, nothing at all...
-    (
-        3,
-        st.tuples(job_specs, st.lists(row_batches, max_size=6)).map(
-            lambda t: [jobs_pb2.SubmitJobRequest(spec=t[0])] + [jobs_pb2.SubmitJobRequest(rows=b) for b in t[1]]
-        ),
-    ),
+    (3, whole_uploads()),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fuzz_harness import (
     ALLOWED,
     AUTH_CODES,
+    END,
     FUZZ,
     GOOD_SPEC,
     PATHS,
@@ -32,7 +33,7 @@ def minimal_call(stubs: Stubs, rpc: str, metadata):
     jobs, workers = stubs.jobs, stubs.workers
     return {
         "SubmitJob": lambda: jobs.SubmitJob(
-            iter([jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["a"])]), **kw
+            iter([jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["a"]), END]), **kw
         ),
         "StreamResults": lambda: list(jobs.StreamResults(jobs_pb2.StreamResultsRequest(job_id="j-none"), **kw)),
         "GetJob": lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id="j-none"), **kw),

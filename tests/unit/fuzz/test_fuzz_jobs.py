@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fuzz_harness import (
+    END,
     FUZZ,
     GOOD_SPEC,
     LIMITS,
@@ -33,6 +34,11 @@ def test_fuzz_submit_job(fuzzed, stubs):
     """Random sequences of SubmitJob messages: a job is accepted exactly when the sequence is a valid upload,
     with every row counted; otherwise nothing is left behind. ListJobs still lists whatever was accepted."""
 
+    def read(messages) -> list:
+        """What the coordinator reads of an upload: up to its first end."""
+        ends = [i for i, m in enumerate(messages) if m.HasField("end")]
+        return messages[: ends[0] + 1] if ends else messages
+
     def well_formed(messages) -> bool:
         if not messages or not messages[0].HasField("spec"):
             return False
@@ -40,31 +46,40 @@ def test_fuzz_submit_job(fuzzed, stubs):
             validate_spec(messages[0].spec)
         except InvalidArgument:
             return False
-        rows = [row for m in messages[1:] if m.HasField("rows") for row in m.rows.rows]
+        *body, last = messages
+        if not last.HasField("end"):
+            return False
+        rows = [row for m in body[1:] for row in m.rows.rows]
         return (
-            all(m.HasField("rows") for m in messages[1:])
+            all(m.HasField("rows") for m in body[1:])
             and all(row.HasField("text") for row in rows)
             and all(len(row.text.encode()) + len(row.meta_json.encode()) <= LIMITS.max_row_bytes for row in rows)
             and 0 < len(rows) <= LIMITS.max_rows_per_job
+            and (not last.end.HasField("num_rows") or last.end.num_rows == len(rows))
         )
 
     @FUZZ
     @given(messages=submit_sequences)
     @example(messages=[])
-    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC)])  # a spec and no rows
+    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["a"])])  # no end
+    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), END])  # a spec and no rows
     @example(messages=[rows_message(["a"]), jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC)])  # rows first
     @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC)])
-    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message([]), rows_message(["a"])])
-    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["x" * (LIMITS.max_row_bytes + 1)])])
-    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["r"] * (LIMITS.max_rows_per_job + 1))])
+    @example(messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message([]), rows_message(["a"]), END])
+    @example(
+        messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["x" * (LIMITS.max_row_bytes + 1)]), END]
+    )
+    @example(
+        messages=[jobs_pb2.SubmitJobRequest(spec=GOOD_SPEC), rows_message(["r"] * (LIMITS.max_rows_per_job + 1)), END]
+    )
     def run(messages):
         before = stubs.job_ids()
         code, details, response = outcome(lambda: stubs.jobs.SubmitJob(iter(messages), timeout=TIMEOUT_S))
         check("SubmitJob", code, details, messages)
         after = stubs.job_ids()  # also: ListJobs serializes whatever odd spec was stored
         SEEN["ListJobs"]["OK"] += 1
-        expected_rows = sum(len(m.rows.rows) for m in messages[1:])
-        assert (code == C.OK) == well_formed(messages), f"SubmitJob answered {code.name}: {details!r}"
+        expected_rows = sum(len(m.rows.rows) for m in read(messages)[1:])
+        assert (code == C.OK) == well_formed(read(messages)), f"SubmitJob answered {code.name}: {details!r}"
         if code != C.OK:
             assert after == before, "a refused upload left a job behind"
             return
