@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import struct
 
 import pytest
 from store_rows import add_job_with_rows, batch, job, result_blob, rows, shard_indices
@@ -89,6 +90,59 @@ def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_openi
         store.close()
     tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
     assert "results" not in tables
+
+
+def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
+    """Chunks in WITHOUT ROWID tables, result chunks written before `last_offset` existed."""
+    path = tmp_path / "state.db"
+    new = Store(path)
+    add_job_with_rows(new, "j", 2000)
+    new.close()
+    old = sqlite3.connect(path)
+    old.executescript(
+        """CREATE TABLE old_inputs (job_id TEXT NOT NULL, first_idx INTEGER NOT NULL, count INTEGER NOT NULL,
+                                    has_meta INTEGER NOT NULL, rows BLOB NOT NULL,
+                                    PRIMARY KEY (job_id, first_idx)) WITHOUT ROWID;
+           INSERT INTO old_inputs SELECT * FROM input_chunks;
+           DROP TABLE input_chunks;
+           ALTER TABLE old_inputs RENAME TO input_chunks;
+           DROP TABLE result_chunks;
+           CREATE TABLE result_chunks (job_id TEXT NOT NULL, block INTEGER NOT NULL, seq INTEGER NOT NULL,
+                                       attempt INTEGER NOT NULL, count INTEGER NOT NULL, offsets BLOB NOT NULL,
+                                       sizes BLOB NOT NULL, results BLOB NOT NULL,
+                                       PRIMARY KEY (job_id, block, seq)) WITHOUT ROWID;"""
+    )
+
+    def chunk(block: int, seq: int, attempt: int, indices: list[int]):
+        blobs = [result_blob(i, float(attempt))[1] for i in indices]
+        offsets = struct.pack(f"<{len(indices)}H", *(i % 1024 for i in indices))
+        sizes = struct.pack(f"<{len(indices)}I", *map(len, blobs))
+        return ("j", block, seq, attempt, len(indices), offsets, sizes, b"".join(blobs))
+
+    old.executemany(
+        "INSERT INTO result_chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [chunk(0, 0, 1, [0, 4, 2]), chunk(0, 1, 2, [3, 1]), chunk(1, 0, 2, [1024])],
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        assert store.count_results("j") == 6
+        in_order = [(r.index, r.embedding.values[0]) for r in store.results_from("j", 0, 10).results]
+        assert in_order == [(0, 1.0), (1, 2.0), (2, 1.0), (3, 2.0), (4, 1.0)]
+        assert [r.index for r in store.results_from("j", 3, 10).results] == [3, 4]
+        assert [r.index for r in store.results_from("j", 1024, 10).results] == [1024]
+        assert store.commit_results("j", 3, [result_blob(i) for i in range(7)]) == 2
+        assert [r.index for r in store.results_from("j", 3, 10).results] == [3, 4, 5, 6]
+        assert shard_indices(store, "j", 4, 0, 1) == list(range(7, 1024)) + list(range(1025, 2000))
+        assert store.add_rows("j", 2000, batch(rows("new"))) == 1
+    finally:
+        store.close()
+    db = sqlite3.connect(path)
+    tables = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert {"input_chunks", "result_chunks"} <= set(tables) and not any(name.endswith("_old") for name in tables)
+    assert not any("WITHOUT ROWID" in tables[name] for name in ("input_chunks", "result_chunks"))
+    assert [last for (last,) in db.execute("SELECT last_offset FROM result_chunks ORDER BY block, seq")] == [4, 3, 6, 0]
 
 
 def test_reopening_keeps_creation_order_for_new_jobs(tmp_path):
