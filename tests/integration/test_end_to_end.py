@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distinfer.client.api import JobFailed
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.v1 import jobs_pb2
 
 
@@ -102,6 +103,45 @@ def test_classify_equals_a_single_process_loop(client, sample_rows, tiny_classif
         assert result["label"] == model.config.id2label[int(probs.argmax())]
         assert result["score"] == pytest.approx(float(probs.max()), abs=1e-5)
         np.testing.assert_allclose(result["logits"], expected.numpy(), atol=1e-4)
+
+
+def test_rounds_bigger_than_a_message_reach_the_client_whole_and_in_order(
+    client, sample_rows, tmp_path_factory, bundled_model_path
+):
+    """100,000 logits a row (400 KB): a rank's batch of 20 rows alone is almost twice what rank 0 sends to the
+    coordinator in one message (STREAM_MESSAGE_BYTES), so every gathered round goes in several parts, and the
+    client reads the results ten rows a message."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    labels = 100_000
+    assert 20 * 4 * labels > STREAM_MESSAGE_BYTES
+    path = tmp_path_factory.mktemp("wide-classifier")
+    bundled = AutoTokenizer.from_pretrained(bundled_model_path)
+    config = BertConfig(
+        vocab_size=bundled.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=labels,
+    )
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).eval().save_pretrained(path)
+    bundled.save_pretrained(path)
+
+    texts = [r["text"][:200] for r in sample_rows[:60]]
+    job = client.submit(
+        texts, model=str(path), task="classify", workers=3, return_logits=True, batch_size=20, dtype="float32"
+    )
+    results = list(job.results())
+    assert_every_row_once_in_order(results, len(texts))
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.inference_mode():
+        for i in (0, 19, 20, 41, 59):  # rows of every rank, first and last of batches
+            expected = model(**bundled(texts[i], truncation=True, return_tensors="pt")).logits[0]
+            np.testing.assert_allclose(results[i]["logits"], expected.numpy(), atol=1e-4)
+            assert results[i]["label"] == model.config.id2label[int(expected.argmax())]
 
 
 def test_unknown_model_fails_the_job_with_not_found_and_the_cluster_goes_on(client, sample_rows, tmp_path_factory):
