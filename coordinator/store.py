@@ -20,6 +20,7 @@ from itertools import islice
 from pathlib import Path
 
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
+from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.v1 import jobs_pb2
 
 # Chunks are far bigger than a page, so their tables are not WITHOUT ROWID: in such a table SQLite loads a
@@ -111,12 +112,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a commit survives a coordinator crash (SIGKILL); only a power loss can cost the last ones.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES_KEPT}")
         self._db.executescript(SCHEMA)
         self._rebuild_chunk_tables_of_old_stores()
         self._chunk_rows_of_old_stores()
         self._chunk_results_of_old_stores()
+        self._checkpointer = WalCheckpointer(self.path)
 
     def close(self) -> None:
+        self._checkpointer.close()
         self._db.close()
 
     # --- jobs -------------------------------------------------------------------------------------------

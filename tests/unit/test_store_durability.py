@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
+import time
 
 import pytest
 from store_rows import add_job_with_rows, batch, job, result_blob, rows, shard_indices
@@ -222,3 +223,29 @@ def test_closing_the_job_manager_waits_for_the_store_call_in_flight(tmp_path):
     assert Store(tmp_path / "state.db").load_jobs()[0].num_rows == 7  # the save ran to its end...
     with pytest.raises(sqlite3.ProgrammingError):
         store.load_jobs()  # ...and then the connection was closed
+
+
+def test_commits_reach_the_database_file_without_waiting_for_the_store_to_close(tmp_path):
+    """The log is copied into the database file beside the commits, not inside them (coordinator/checkpointer.py):
+    a few rows are far below the size at which a commit would copy it itself."""
+    path = tmp_path / "state.db"
+    store = Store(path)
+    try:
+        add_job_with_rows(store, "j", 10)
+        store.commit_results("j", 1, [result_blob(i) for i in range(10)])
+
+        def in_the_database_file() -> float:
+            main_file_only = sqlite3.connect(f"file:{path}?immutable=1", uri=True)  # the log is not read
+            try:
+                return main_file_only.execute("SELECT TOTAL(count) FROM result_chunks").fetchone()[0]
+            except sqlite3.OperationalError:  # not even the table yet
+                return 0
+            finally:
+                main_file_only.close()
+
+        deadline = time.monotonic() + 10
+        while in_the_database_file() < 10:
+            assert time.monotonic() < deadline, "the commits are still only in the write-ahead log"
+            time.sleep(0.05)
+    finally:
+        store.close()
