@@ -9,6 +9,7 @@ for row in job.results():
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -173,7 +174,7 @@ class Client:
             tp_size=tp_size,
         )
 
-        input_error: list[Exception] = []
+        upload = Upload()
 
         def messages():
             yield jobs_pb2.SubmitJobRequest(spec=spec)
@@ -185,15 +186,16 @@ class Client:
             except Exception as exc:
                 # Raised here, gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's
                 # thread, and tell the coordinator why it drops the job.
-                input_error.append(exc)
+                upload.source_failed(exc)
                 yield jobs_pb2.SubmitJobRequest(abandon=f"{type(exc).__name__}: {exc}")
                 return
             # Only this makes the upload whole: a call cut short any other way (Ctrl-C, a killed process, a
             # lost connection) leaves no job behind.
-            yield jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd(num_rows=sent))
+            if upload.may_end():
+                yield jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd(num_rows=sent))
 
         # No deadline: an upload takes as long as the dataset is big. A broken upload leaves no job behind.
-        upload = Upload(self.stub.SubmitJob.future(messages(), metadata=self.metadata), input_error)
+        upload.start(self.stub.SubmitJob.future(messages(), metadata=self.metadata))
         job_id = upload.job_id() if not wait_for_upload else None
         if job_id is None:
             response = upload.response()
@@ -219,9 +221,33 @@ class Client:
 class Upload:
     """A SubmitJob call whose rows are still being sent (by gRPC's own thread)."""
 
-    def __init__(self, call, input_error: list[Exception]):
+    def __init__(self):
+        self._call = None
+        self._input_error: list[Exception] = []  # what the caller's rows raised, if they did
+        # Whether the end message went (the upload is whole) or stop() came first (it never will): decided once.
+        self._lock = threading.Lock()
+        self._ending = self._stopped = False
+
+    def start(self, call) -> None:
         self._call = call
-        self._input_error = input_error  # what the caller's rows raised, if they did
+
+    def source_failed(self, exc: Exception) -> None:
+        self._input_error.append(exc)
+
+    def may_end(self) -> bool:
+        """Asked by the row stream before it sends the end message: False once stop() has come first."""
+        with self._lock:
+            self._ending = not self._stopped
+            return self._ending
+
+    def stop(self) -> bool:
+        """Cut the upload short, unless its end message has gone: whether it was cut (then the coordinator
+        drops the job, whatever the timing, as it never gets the end)."""
+        with self._lock:
+            self._stopped = not self._ending
+        if self._stopped:
+            self._call.cancel()
+        return self._stopped
 
     def job_id(self) -> str | None:
         """Waits until the coordinator has accepted the first rows: the job's id, or None if the call ended
@@ -229,7 +255,7 @@ class Upload:
         try:
             return dict(self._call.initial_metadata() or ()).get(JOB_ID_KEY)
         except KeyboardInterrupt:
-            self._call.cancel()  # an interrupted upload leaves no job behind
+            self.stop()  # an interrupted upload leaves no job behind
             raise
 
     def response(self) -> jobs_pb2.SubmitJobResponse:
@@ -245,15 +271,11 @@ class Upload:
                 raise JobFailed(exc.details()) from None
             raise
         except KeyboardInterrupt:
-            self._call.cancel()
+            self.stop()
             raise
 
     def done(self) -> bool:
         return self._call.done()
-
-    def cancel(self) -> bool:
-        """Cut the upload short; False if it had already ended."""
-        return self._call.cancel()
 
     def raise_if_failed(self, wait_s: float) -> None:
         """Raise what broke the upload if it ends within wait_s (a failed upload also fails its job's result
@@ -291,9 +313,15 @@ class Job:
         return self._num_rows if self._num_rows is not None else self.status().num_rows
 
     def stop_upload(self) -> bool:
-        """Stop sending the job's rows, if they still are: the coordinator then drops the job (an upload is
-        whole only once its last message says so). Whether the upload was still going."""
-        return self._upload is not None and self._upload.cancel()
+        """Stop sending the job's rows, if they still are: True if the upload was cut short, and the
+        coordinator drops the job. False if it was whole (its end message had gone): then this waits until
+        the coordinator has it, and the job stands."""
+        if self._upload is None:
+            return False
+        if self._upload.stop():
+            return True
+        self.wait_for_upload()
+        return False
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"

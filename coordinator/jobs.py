@@ -165,8 +165,7 @@ class JobManager(Placing, ProgressWatchdog):
                 job.notify()  # ranks at the end of their shard take the new rows
             if n == 0:
                 raise InvalidArgument("the dataset is empty: send at least one row after the spec")
-            status.uploading = False
-            await self._save(job)  # a cancel that lands here still undoes the job, below
+            status.uploading = False  # whole: from here on, a cancelled call leaves the job standing
         except BaseException:
             if job is not None and job.status.state in TERMINAL:
                 # It ended while uploading (failed, cancelled), so the client may well stop sending: the job
@@ -182,6 +181,7 @@ class JobManager(Placing, ProgressWatchdog):
             await self.db(self.store.delete_job, status.job_id)
             raise
         log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
+        await asyncio.shield(self._save(job))  # saved even if the client goes now, having sent its end
         return status
 
     def job(self, job_id: str) -> Job:

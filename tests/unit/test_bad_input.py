@@ -323,3 +323,23 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(coordinator):
         coordinator.address,
         [jobs_pb2.SubmitJobRequest(spec=spec()), huge],
     )
+
+
+def test_a_stopped_upload_either_drops_its_job_or_was_whole_and_keeps_it(client):
+    """Job.stop_upload() says which, whatever the timing: before the end message goes the job is dropped;
+    after, the coordinator takes the whole upload even though the client is about to go."""
+    seen = set()
+    for rows in (1, 100, 3000, 20000) * 3:
+        job = client.submit([f"row {i}" for i in range(rows)], model="m", workers=4, wait_for_upload=False)
+        if job.stop_upload():
+            seen.add("cut")
+            deadline = time.monotonic() + 10
+            while job.id in {status.job_id for status in client.jobs()}:
+                assert time.monotonic() < deadline, "a cut upload's job is still there"
+                time.sleep(0.02)
+        else:
+            seen.add("whole")
+            status = job.status()
+            assert status.num_rows == rows and not status.uploading and status.state == jobs_pb2.QUEUED
+            job.cancel()
+    assert seen, "no upload was stopped"
