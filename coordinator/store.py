@@ -61,10 +61,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     + INPUT_CHUNKS
     + RESULT_CHUNKS
 )
-_INSERT_RESULT_CHUNK = (
-    "INSERT INTO result_chunks (job_id, block, seq, attempt, count, last_offset, offsets, sizes, results) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 
 # A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
 MAX_CHUNK_ROWS = 2048
@@ -253,7 +249,8 @@ class Store:
                 seq = last_seq + 1
             if rows:
                 self._db.execute(
-                    _INSERT_RESULT_CHUNK,
+                    "INSERT INTO result_chunks (job_id, block, seq, attempt, count, last_offset, offsets, sizes, "
+                    "results) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         block,
@@ -339,24 +336,22 @@ class Store:
     def _rebuild_chunk_tables_of_old_stores(self) -> None:
         """A store whose chunk tables are WITHOUT ROWID, its result chunks without `last_offset`: copy them over
         once."""
-        for table, schema in (("input_chunks", INPUT_CHUNKS), ("result_chunks", RESULT_CHUNKS)):
+        self._db.create_function("last_offset", 1, lambda offsets: max(_unpacked("H", offsets)), deterministic=True)
+        copies = {
+            "input_chunks": (INPUT_CHUNKS, "*"),
+            "result_chunks": (
+                RESULT_CHUNKS,
+                "job_id, block, seq, attempt, count, last_offset(offsets), offsets, sizes, results",
+            ),
+        }
+        for table, (schema, columns) in copies.items():
             (sql,) = self._db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
             if "WITHOUT ROWID" not in sql:
                 continue
             with self._transaction():
                 self._db.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
                 self._db.execute(schema)
-                if table == "input_chunks":
-                    self._db.execute("INSERT INTO input_chunks SELECT * FROM input_chunks_old")
-                else:
-                    old = self._db.execute(
-                        "SELECT job_id, block, seq, attempt, count, offsets, sizes, results FROM result_chunks_old"
-                    )
-                    while chunks := old.fetchmany(64):
-                        for job_id, block, seq, attempt, count, offsets, sizes, results in chunks:
-                            last_offset = max(_unpacked("H", offsets))
-                            row = (job_id, block, seq, attempt, count, last_offset, offsets, sizes, results)
-                            self._db.execute(_INSERT_RESULT_CHUNK, row)
+                self._db.execute(f"INSERT INTO {table} SELECT {columns} FROM {table}_old")
                 self._db.execute(f"DROP TABLE {table}_old")
 
     def _chunk_results_of_old_stores(self) -> None:
