@@ -62,28 +62,32 @@ def test_embed_equals_sentence_transformers(client, cluster, sample_rows, refere
     assert [r.compute_lanes for r in status.attempts[-1].ranks] == [lanes] * workers
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory, bundled_model_path):
-    """A small random BERT classifier with its own labels, saved like any local model."""
+def save_random_classifier(path: Path, tokenizer_path: str, **config) -> str:
+    """A small random BERT classifier (seeded) with the bundled model's tokenizer, saved like any local model."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    path = tmp_path_factory.mktemp("classifier")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, num_attention_heads=2, **config))
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, bundled_model_path):
+    """With its own labels."""
+    return save_random_classifier(
+        tmp_path_factory.mktemp("classifier"),
+        bundled_model_path,
         hidden_size=32,
         num_hidden_layers=2,
-        num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=512,
         num_labels=3,
         id2label={0: "negative", 1: "neutral", 2: "positive"},
         label2id={"negative": 0, "neutral": 1, "positive": 2},
     )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_classify_equals_a_single_process_loop(client, sample_rows, tiny_classifier):
@@ -111,27 +115,23 @@ def test_rounds_bigger_than_a_message_reach_the_client_whole_and_in_order(
     """100,000 logits a row (400 KB): a rank's batch of 20 rows alone is almost twice what rank 0 sends to the
     coordinator in one message (STREAM_MESSAGE_BYTES), so every gathered round goes in several parts, and the
     client reads the results ten rows a message."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = 100_000
     assert 20 * 4 * labels > STREAM_MESSAGE_BYTES
-    path = tmp_path_factory.mktemp("wide-classifier")
-    bundled = AutoTokenizer.from_pretrained(bundled_model_path)
-    config = BertConfig(
-        vocab_size=bundled.vocab_size,
+    path = save_random_classifier(
+        tmp_path_factory.mktemp("wide-classifier"),
+        bundled_model_path,
         hidden_size=16,
         num_hidden_layers=1,
-        num_attention_heads=2,
         intermediate_size=32,
         num_labels=labels,
     )
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).eval().save_pretrained(path)
-    bundled.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
 
     texts = [r["text"][:200] for r in sample_rows[:60]]
     job = client.submit(
-        texts, model=str(path), task="classify", workers=3, return_logits=True, batch_size=20, dtype="float32"
+        texts, model=path, task="classify", workers=3, return_logits=True, batch_size=20, dtype="float32"
     )
     results = list(job.results())
     assert_every_row_once_in_order(results, len(texts))
@@ -139,7 +139,7 @@ def test_rounds_bigger_than_a_message_reach_the_client_whole_and_in_order(
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     with torch.inference_mode():
         for i in (0, 19, 20, 41, 59):  # rows of every rank, first and last of batches
-            expected = model(**bundled(texts[i], truncation=True, return_tensors="pt")).logits[0]
+            expected = model(**tokenizer(texts[i], truncation=True, return_tensors="pt")).logits[0]
             np.testing.assert_allclose(results[i]["logits"], expected.numpy(), atol=1e-4)
             assert results[i]["label"] == model.config.id2label[int(expected.argmax())]
 

@@ -34,6 +34,24 @@ def wait_for_a_running_upload(address: str) -> jobs_pb2.JobStatus:
     pytest.fail("no job committed results while its upload was still open")
 
 
+def start_submit(address: str, *args: str) -> subprocess.Popen:
+    """`distinfer submit` against the cluster, its output and errors kept for the test."""
+    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", address, *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def jsonl_lines(indices: range) -> list[str]:
+    return [json.dumps({"text": f"row {i}"}) + "\n" for i in indices]
+
+
+def wait_for_first_results(output, submit: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not (output.exists() and output.stat().st_size > 0):
+        assert submit.poll() is None, submit.stderr.read()
+        assert time.monotonic() < deadline, "no result was written while the input was still open"
+        time.sleep(0.05)
+
+
 def test_a_job_runs_while_its_rows_are_still_uploading(client, cluster):
     seen: list[jobs_pb2.JobStatus] = []
 
@@ -141,24 +159,15 @@ def test_cli_writes_results_while_its_input_is_still_being_written(cluster, tmp_
     """`distinfer submit` reading a pipe: results land in the output before the input has ended."""
     pipe, output = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
     os.mkfifo(pipe)
-    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
-    submit = subprocess.Popen(
-        [*command, "--task", "echo", "--workers", "2", "--input", str(pipe), "--output", str(output)],
-        stderr=subprocess.PIPE,
-        text=True,
+    submit = start_submit(
+        cluster.address, "--task", "echo", "--workers", "2", "--input", str(pipe), "--output", str(output)
     )
     try:
         with pipe.open("w") as writer:
-            writer.writelines(json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS))
+            writer.writelines(jsonl_lines(range(FIRST_ROWS)))
             writer.flush()
-            deadline = time.monotonic() + 60
-            while not (output.exists() and output.stat().st_size > 0):
-                assert submit.poll() is None, submit.stderr.read()
-                assert time.monotonic() < deadline, "no result was written while the input was still open"
-                time.sleep(0.05)
-            writer.writelines(
-                json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS, FIRST_ROWS + MORE_ROWS)
-            )
+            wait_for_first_results(output, submit)
+            writer.writelines(jsonl_lines(range(FIRST_ROWS, FIRST_ROWS + MORE_ROWS)))
         _, stderr = submit.communicate(timeout=120)
     finally:
         submit.kill()
@@ -173,16 +182,12 @@ def test_a_job_that_fails_while_uploading_stays_on_record_when_the_client_goes(c
     undone like a broken upload, and `distinfer status` can still say why it failed."""
     pipe = tmp_path / "rows.jsonl"
     os.mkfifo(pipe)
-    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
-    submit = subprocess.Popen(
-        [*command, "--model", "no-such-model", "--input", str(pipe), "--output", str(tmp_path / "out.jsonl")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    submit = start_submit(
+        cluster.address, "--model", "no-such-model", "--input", str(pipe), "--output", str(tmp_path / "out.jsonl")
     )
     try:
         with contextlib.suppress(BrokenPipeError), pipe.open("w") as writer:
-            writer.writelines(json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS))
+            writer.writelines(jsonl_lines(range(FIRST_ROWS)))
             writer.flush()
             stdout, stderr = submit.communicate(timeout=120)  # it exits with the input still open
     finally:
@@ -198,22 +203,14 @@ def test_ctrl_c_while_the_rows_upload_drops_the_job(cluster, client, tmp_path):
     job rather than take those rows for the whole dataset."""
     pipe, output = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
     os.mkfifo(pipe)
-    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
-    submit = subprocess.Popen(
-        [*command, "--task", "echo", "--workers", "2", "--input", str(pipe), "--output", str(output)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    submit = start_submit(
+        cluster.address, "--task", "echo", "--workers", "2", "--input", str(pipe), "--output", str(output)
     )
     try:
         with contextlib.suppress(BrokenPipeError), pipe.open("w") as writer:
-            writer.writelines(json.dumps({"text": f"row {i}"}) + "\n" for i in range(FIRST_ROWS))
+            writer.writelines(jsonl_lines(range(FIRST_ROWS)))
             writer.flush()
-            deadline = time.monotonic() + 60
-            while not (output.exists() and output.stat().st_size > 0):
-                assert submit.poll() is None, submit.stderr.read()
-                assert time.monotonic() < deadline, "no result was written while the input was still open"
-                time.sleep(0.05)
+            wait_for_first_results(output, submit)
             submit.send_signal(signal.SIGINT)
             stdout, stderr = submit.communicate(timeout=60)
     finally:
@@ -229,14 +226,10 @@ def test_ctrl_c_while_the_rows_upload_drops_the_job(cluster, client, tmp_path):
 
 def test_ctrl_c_once_the_rows_are_in_leaves_the_job_running_and_says_how_to_follow_it(cluster, client, tmp_path):
     data, output = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
-    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
-    command = [sys.executable, "-m", "distinfer.client.cli", "submit", "--coordinator", cluster.address]
+    data.write_text("".join(jsonl_lines(range(10))))
     busy = sum(len(w.slots) for w in client.workers()) + 1  # more ranks than there are slots: it waits in the queue
-    submit = subprocess.Popen(
-        [*command, "--task", "echo", "--workers", str(busy), "--input", str(data), "--output", str(output)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    submit = start_submit(
+        cluster.address, "--task", "echo", "--workers", str(busy), "--input", str(data), "--output", str(output)
     )
     try:
         job_id = submit.stdout.readline().strip()

@@ -64,12 +64,17 @@ def test_a_store_with_a_sqlite_row_per_input_row_is_moved_to_chunks_on_opening(t
         store.close()
 
 
+def store_to_rewrite(path, rows: int) -> sqlite3.Connection:
+    """A store of today's layout holding job 'j' with `rows` rows, opened bare to be rewritten in an older one."""
+    new = Store(path)
+    add_job_with_rows(new, "j", rows)
+    new.close()
+    return sqlite3.connect(path)
+
+
 def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_opening(tmp_path):
     path = tmp_path / "state.db"
-    new = Store(path)
-    add_job_with_rows(new, "j", 2000)
-    new.close()
-    old = sqlite3.connect(path)
+    old = store_to_rewrite(path, rows=2000)
     old.executescript(
         """CREATE TABLE results (job_id TEXT NOT NULL, idx INTEGER NOT NULL, attempt INTEGER NOT NULL,
                                  result BLOB NOT NULL, PRIMARY KEY (job_id, idx)) WITHOUT ROWID;"""
@@ -96,10 +101,7 @@ def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_openi
 def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
     """Chunks in WITHOUT ROWID tables, result chunks written before `last_offset` existed."""
     path = tmp_path / "state.db"
-    new = Store(path)
-    add_job_with_rows(new, "j", 2000)
-    new.close()
-    old = sqlite3.connect(path)
+    old = store_to_rewrite(path, rows=2000)
     old.executescript(
         """CREATE TABLE old_inputs (job_id TEXT NOT NULL, first_idx INTEGER NOT NULL, count INTEGER NOT NULL,
                                     has_meta INTEGER NOT NULL, rows BLOB NOT NULL,
