@@ -13,8 +13,12 @@ from pathlib import Path
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
+def grpcurl_command(address: str, *args: str, reads_stdin: bool = False, flags: tuple[str, ...] = ()) -> list[str]:
+    return [GRPCURL, "-plaintext", *flags, *(["-d", "@"] if reads_stdin else []), address, *args]
+
+
 def grpcurl(address: str, *args: str, data: str | None = None, flags: tuple[str, ...] = ()) -> str:
-    command = [GRPCURL, "-plaintext", *flags, *(["-d", "@"] if data is not None else []), address, *args]
+    command = grpcurl_command(address, *args, reads_stdin=data is not None, flags=flags)
     done = subprocess.run(command, input=data, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -90,7 +94,7 @@ def test_grpcurl_upload_without_its_end_message_is_refused_and_leaves_no_job(clu
     upload = "\n".join(
         [json.dumps({"spec": {"task": "echo", "max_workers": 1}}), json.dumps({"rows": {"rows": [{"text": "a row"}]}})]
     )
-    command = [GRPCURL, "-plaintext", "-d", "@", cluster.address, "distinfer.v1.Jobs/SubmitJob"]
+    command = grpcurl_command(cluster.address, "distinfer.v1.Jobs/SubmitJob", reads_stdin=True)
     done = subprocess.run(command, input=upload, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "InvalidArgument" in done.stderr and "without its end message" in done.stderr, done.stderr
@@ -102,7 +106,7 @@ def test_a_client_killed_mid_upload_leaves_no_job(cluster):
     like a closed stream or a cancelled one, depending on timing; either way the job is dropped, not run on
     the rows it got."""
     before = {job["job_id"] for job in listed_jobs(cluster.address)}
-    command = [GRPCURL, "-plaintext", "-d", "@", cluster.address, "distinfer.v1.Jobs/SubmitJob"]
+    command = grpcurl_command(cluster.address, "distinfer.v1.Jobs/SubmitJob", reads_stdin=True)
     client = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client.stdin.write(json.dumps({"spec": {"task": "echo", "max_workers": 1}}) + "\n")

@@ -54,7 +54,8 @@ def test_an_upload_the_client_abandons_is_cancelled_and_leaves_no_job(coordinato
         rows("a", "b"),
         jobs_pb2.SubmitJobRequest(abandon="ValueError: row 2 has no 'text' field"),
     ]
-    # Ends like a whole upload (the stream is closed, not cancelled): only the abandon message drops the job.
+    # CANCELLED with the client's reason: what the abandon message says, where a stream closed without an end
+    # message would be INVALID_ARGUMENT.
     expect_status(
         grpc.StatusCode.CANCELLED, "abandoned the upload: ValueError", raw_submit, coordinator.address, messages
     )
