@@ -67,6 +67,7 @@ MAX_CHUNK_ROWS = 2048
 # A shard streams in messages of many rows (gRPC's cost is per message), but of at most a few MiB of text:
 # long documents must stay far below the 64 MiB a message may hold.
 SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, STREAM_MESSAGE_CHARS
+CHUNKS_PER_READ = 4  # input chunks read at once (each up to MAX_CHUNK_ROWS rows)
 RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16
 _RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
 
@@ -214,18 +215,28 @@ class Store:
             yield out
 
     def _chunks(self, job_id: str, start: int, end: int | None = None, with_meta: bool = False):
-        """(first index, rows) of the chunks holding rows from `start` (to `end`, excluded), in order."""
+        """(first index, rows) of the chunks holding rows from `start` (to `end`, excluded), in order.
+
+        Read a page of chunks at a time, each page whole: a shard's reader is a generator kept open while its
+        rows cross to a worker, and a statement left open across that would pin the WAL (no checkpoint can
+        pass an open read, so every commit of every job would stay in the WAL until the shard ended)."""
         (first,) = self._db.execute(
             "SELECT MAX(first_idx) FROM input_chunks WHERE job_id = ? AND first_idx <= ?", (job_id, start)
         ).fetchone()
         query = "SELECT first_idx, rows FROM input_chunks WHERE job_id = ? AND first_idx >= ?"
-        args: tuple = (job_id, first or 0)
         if end is not None:
-            query, args = query + " AND first_idx < ?", (*args, end)
+            query += f" AND first_idx < {int(end)}"
         if with_meta:
             query += " AND has_meta"
-        for first_idx, blob in self._db.execute(query + " ORDER BY first_idx", args):
-            yield first_idx, jobs_pb2.RowBatch.FromString(blob).rows
+        query += f" ORDER BY first_idx LIMIT {CHUNKS_PER_READ}"
+        after = first or 0
+        while True:
+            page = self._db.execute(query, (job_id, after)).fetchall()
+            for first_idx, blob in page:
+                yield first_idx, jobs_pb2.RowBatch.FromString(blob).rows
+            if len(page) < CHUNKS_PER_READ:
+                return
+            after = page[-1][0] + 1
 
     # --- results ----------------------------------------------------------------------------------------
 

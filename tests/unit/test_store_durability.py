@@ -227,6 +227,24 @@ def test_closing_the_job_manager_waits_for_the_store_call_in_flight(tmp_path):
         store.load_jobs()  # ...and then the connection was closed
 
 
+def committed_in_the_database_file(path) -> float:
+    """Results committed as the database file alone has them (the write-ahead log is not read)."""
+    main_file_only = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return main_file_only.execute("SELECT TOTAL(count) FROM result_chunks").fetchone()[0]
+    except sqlite3.OperationalError:  # not even the table yet
+        return 0
+    finally:
+        main_file_only.close()
+
+
+def wait_for_the_database_file(path, results: int) -> None:
+    deadline = time.monotonic() + 10
+    while committed_in_the_database_file(path) < results:
+        assert time.monotonic() < deadline, "the commits are still only in the write-ahead log"
+        time.sleep(0.05)
+
+
 def test_commits_reach_the_database_file_without_waiting_for_the_store_to_close(tmp_path):
     """The log is copied into the database file beside the commits, not inside them (coordinator/checkpointer.py):
     a few rows are far below the size at which a commit would copy it itself."""
@@ -235,19 +253,22 @@ def test_commits_reach_the_database_file_without_waiting_for_the_store_to_close(
     try:
         add_job_with_rows(store, "j", 10)
         store.commit_results("j", 1, [result_blob(i) for i in range(10)])
+        wait_for_the_database_file(path, 10)
+    finally:
+        store.close()
 
-        def in_the_database_file() -> float:
-            main_file_only = sqlite3.connect(f"file:{path}?immutable=1", uri=True)  # the log is not read
-            try:
-                return main_file_only.execute("SELECT TOTAL(count) FROM result_chunks").fetchone()[0]
-            except sqlite3.OperationalError:  # not even the table yet
-                return 0
-            finally:
-                main_file_only.close()
 
-        deadline = time.monotonic() + 10
-        while in_the_database_file() < 10:
-            assert time.monotonic() < deadline, "the commits are still only in the write-ahead log"
-            time.sleep(0.05)
+def test_commits_reach_the_database_file_while_a_shard_is_read_part_way(tmp_path):
+    """A FetchShard stream holds its shard's reader open for as long as its worker takes the rows: a statement
+    left open in it would stop every checkpoint, and the log would grow with every job's commits."""
+    path = tmp_path / "state.db"
+    store = Store(path)
+    try:
+        add_job_with_rows(store, "j", 40_000)
+        shard = store.shard("j", 1, 0, 1, batch=100)
+        next(shard)  # a worker part-way through its shard
+        store.commit_results("j", 1, [result_blob(i) for i in range(100)])
+        wait_for_the_database_file(path, 100)
+        assert len(next(shard)) == 100  # and the shard reads on
     finally:
         store.close()
