@@ -261,7 +261,7 @@ def join_group(a: workers_pb2.Assignment) -> None:
     Rank 0 opens the rendezvous store on the advertised address only, not on every interface: torch's TCPStore
     is unauthenticated, so it must not be reachable from networks other than the cluster's private one.
     """
-    timeout = timedelta(seconds=a.rendezvous_timeout_s)
+    timeout = timedelta(seconds=a.rendezvous_timeout_s)  # the store's: how long the group may take to form
     if a.rank == 0:
         try:
             listener = socket.create_server((a.master_addr, a.master_port), backlog=max(128, 2 * a.world_size))
@@ -281,7 +281,20 @@ def join_group(a: workers_pb2.Assignment) -> None:
         store.set(attempt_key(a), b"")
     else:
         store = connect_to_store(a, timeout)
-    dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=timeout)
+    dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=collective_timeout(a))
+
+
+# gloo and NCCL time out every collective after the group's time-out. A rank that is done, or ahead, waits in a
+# round's collective while a slower one computes its next batches (a slow model, a slow core, a long
+# generation): that wait is no fault. The coordinator's stall watchdog ends a group that really hangs, so the
+# group's own time-out only needs to outlast it.
+MIN_COLLECTIVE_TIMEOUT_S = 30 * 60.0
+
+
+def collective_timeout(a: workers_pb2.Assignment) -> timedelta:
+    """The process group's time-out for each collective: longer than the stall time-out the coordinator's
+    watchdog enforces (the job's own, or at least half an hour where the job leaves it to the coordinator)."""
+    return timedelta(seconds=max(a.spec.stall_timeout_s, MIN_COLLECTIVE_TIMEOUT_S) + a.rendezvous_timeout_s)
 
 
 def attempt_key(a: workers_pb2.Assignment) -> str:

@@ -9,6 +9,7 @@ from ports import free_port
 
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
+from distinfer.v1 import jobs_pb2
 
 
 def test_worker_waits_for_a_late_coordinator_then_serves_jobs_with_a_warm_model(tmp_path):
@@ -42,3 +43,20 @@ def test_worker_waits_for_a_late_coordinator_then_serves_jobs_with_a_warm_model(
         raise
     finally:
         cluster.stop()
+
+
+def test_a_rank_waiting_in_a_collective_longer_than_the_rendezvous_timeout_is_no_failure(tmp_path):
+    """The rendezvous time-out bounds how long a group takes to form, not each collective: with 3 rows over 2
+    ranks, 1 row a batch, the rank with 1 row waits in a round's collective for the other's second batch, which
+    takes longer than the rendezvous time-out. Before the fix gloo timed that wait out and the attempt failed."""
+    with (
+        LocalCluster(slots=2, state_dir=tmp_path, extra_coordinator_args=("--rendezvous-timeout", "2")) as cluster,
+        Client(cluster.address) as client,
+    ):
+        job = client.submit(
+            ["a", "b", "c"], model="", task="simulate", workers=2, batch_size=1, simulated_batch_ms=3500
+        )
+        job.wait(poll_s=0.2, timeout_s=120)
+        assert sorted(r["index"] for r in job.results()) == [0, 1, 2]
+        status = job.status()
+        assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason
