@@ -47,6 +47,9 @@ UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dro
 # A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
 # or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit.
 RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
+# How an attempt that a coordinator's stop or crash cut short is ended when the coordinator starts again. Such
+# an attempt is not counted against the job's max_attempts: it was not the job's fault, nor the workers'.
+COORDINATOR_RESTARTED = "coordinator restarted"
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
 
@@ -82,6 +85,8 @@ class JobManager(Placing, ProgressWatchdog):
         self.jobs: dict[str, Job] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._wake = asyncio.Event()
+        # Set when the coordinator stops: the workers' streams then close, which is no sign that they died.
+        self.stopping = False
 
     async def db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -105,7 +110,7 @@ class JobManager(Placing, ProgressWatchdog):
             status.rows_done = await self.db(self.store.count_results, status.job_id)
             if status.state not in TERMINAL and status.state != S.QUEUED:
                 if status.attempts and not status.attempts[-1].ended_at:
-                    status.attempts[-1].end_reason = "coordinator restarted"
+                    status.attempts[-1].end_reason = COORDINATOR_RESTARTED
                     status.attempts[-1].ended_at = time.time()
                 status.state = S.QUEUED
                 status.message = "coordinator restarted: waiting for workers"
@@ -259,8 +264,9 @@ class JobManager(Placing, ProgressWatchdog):
 
     async def slot_event(self, worker_id: str, event: workers_pb2.SlotEvent) -> None:
         job = self.jobs.get(event.job_id)
-        if job is None or job.attempt is None or job.attempt.number != event.attempt:
-            return  # about an attempt that has already ended
+        if self.stopping or job is None or job.attempt is None or job.attempt.number != event.attempt:
+            return  # about an attempt that has already ended, or that a restart will end (a rank's failure as the
+            # coordinator stops is most likely the stop itself)
         attempt = job.attempt
         placement = attempt.placements[event.rank] if event.rank < len(attempt.placements) else None
         if placement is None or placement.worker_id != worker_id:
@@ -309,6 +315,8 @@ class JobManager(Placing, ProgressWatchdog):
                 await self._end_attempt(job, reason)
 
     async def worker_lost(self, worker_id: str, reason: str) -> None:
+        if self.stopping:
+            return  # its attempts stay as they are on record, and are ended uncounted when the coordinator restarts
         for job in list(self.jobs.values()):
             if job.attempt and any(p.worker_id == worker_id for p in job.attempt.placements):
                 await self._end_attempt(job, f"worker {worker_id} lost: {reason}")
@@ -344,7 +352,7 @@ class JobManager(Placing, ProgressWatchdog):
             )
         elif requeue:
             max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
-            counted = sum(not a.port_taken for a in job.status.attempts)
+            counted = sum(not a.port_taken and a.end_reason != COORDINATOR_RESTARTED for a in job.status.attempts)
             if counted >= max_attempts:
                 await self._finish(job, S.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED")
             else:

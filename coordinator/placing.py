@@ -42,6 +42,8 @@ class Placing:
     async def _schedule_once(self) -> None:
         # Oldest first; a job that cannot start does not hold back a smaller one behind it.
         for job in [j for j in self.jobs.values() if j.status.state == S.QUEUED]:
+            if self.jobs.get(job.job_id) is not job or job.status.state != S.QUEUED:
+                continue  # cancelled, failed or dropped while an earlier job of this pass waited on the store
             spec = job.status.spec
             group = max(1, spec.tp_size)
             min_slots = max(group, spec.min_workers)
@@ -93,6 +95,8 @@ class Placing:
         job.status.state = S.SCHEDULED
         job.status.message = f"attempt {number}: forming a group of {len(placements)} ranks"
         await self._save(job)
+        if job.attempt is not attempt:
+            return  # ended while it was saved (cancelled, a worker lost, the upload failed): tell no one to start
         log.info(
             "attempt_scheduled",
             job_id=job.job_id,

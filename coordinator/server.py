@@ -147,6 +147,8 @@ class Coordinator:
                 log.exception("progress_check_failed")
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self.manager:
+            self.manager.stopping = True
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
