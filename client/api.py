@@ -8,6 +8,9 @@ for row in job.results():
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 import threading
 import time
@@ -17,6 +20,7 @@ import grpc
 import structlog
 
 from distinfer.client.row_messages import RowMessages
+from distinfer.client.rows import InputError
 from distinfer.common.channels import ChannelSecurity, env_token, open_channel
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
@@ -39,6 +43,32 @@ class JobFailed(Exception):
         self.status = status
 
 
+def _meta_default(value):
+    """JSON for the pass-through values json cannot write (as Parquet columns give them): dates and times as
+    ISO 8601 text, decimals as their exact text, bytes as base64."""
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"a {type(value).__name__} cannot be written as JSON")
+
+
+def _meta_json(meta: dict, number: int) -> str:
+    try:
+        return json.dumps(meta, ensure_ascii=False, default=_meta_default)
+    except (TypeError, ValueError) as exc:
+        for key, value in meta.items():  # name the field that cannot be passed through
+            try:
+                json.dumps(value, default=_meta_default)
+            except (TypeError, ValueError) as field_exc:
+                raise InputError(f"row {number}: field {key!r} cannot be passed through: {field_exc}") from None
+        raise InputError(f"row {number}: its fields cannot be passed through: {exc}") from None
+
+
 def to_input_row(row, text_field: str = "text", number: int = 0) -> jobs_pb2.InputRow:
     """A str is the text; a dict gives its text field, and its other fields ride along to the result."""
     if isinstance(row, str):
@@ -50,7 +80,7 @@ def to_input_row(row, text_field: str = "text", number: int = 0) -> jobs_pb2.Inp
         if not isinstance(text, str):
             raise ValueError(f"row {number}: field {text_field!r} must be a string, not {type(text).__name__}")
         meta = {k: v for k, v in row.items() if k != text_field}
-        return jobs_pb2.InputRow(text=text, meta_json=json.dumps(meta, ensure_ascii=False) if meta else "")
+        return jobs_pb2.InputRow(text=text, meta_json=_meta_json(meta, number) if meta else "")
     if isinstance(row, jobs_pb2.InputRow):
         return row
     raise ValueError(f"row {number} is a {type(row).__name__}: give a str or a dict with a {text_field!r} field")
@@ -75,9 +105,8 @@ def upload_message(rows: list[str | jobs_pb2.InputRow]) -> jobs_pb2.SubmitJobReq
 
 
 def result_to_dict(result: jobs_pb2.Result) -> dict:
-    out: dict = {"index": result.index}
-    if result.meta_json:
-        out.update(json.loads(result.meta_json))
+    """The row's own "index" is reserved: an input field of that name is overwritten by it."""
+    out: dict = json.loads(result.meta_json) if result.meta_json else {}
     kind = result.WhichOneof("output")
     if kind == "embedding":
         out["embedding"] = list(result.embedding.values)
@@ -98,7 +127,8 @@ def result_to_dict(result: jobs_pb2.Result) -> dict:
             out["logits"] = list(result.classification.logits)
     if result.truncated_tokens:
         out["truncated_tokens"] = result.truncated_tokens
-    return out
+    out.pop("index", None)
+    return {"index": result.index, **out}
 
 
 class Client:
@@ -173,6 +203,12 @@ class Client:
             options=options,
             tp_size=tp_size,
         )
+        if isinstance(rows, (str, bytes, bytearray, dict)):
+            # Iterating one would send a row per character (or per key): surely not what was meant.
+            raise TypeError(
+                f"rows is a {type(rows).__name__}: pass an iterable of rows, e.g. a list of str, or of dicts with "
+                f"a {text_field!r} field ([text] for a single text)"
+            )
 
         upload = Upload()
 
@@ -308,7 +344,12 @@ class Job:
     def wait_for_upload(self) -> int:
         """Wait until all the job's rows are at the coordinator; their count. Raises what broke the upload."""
         if self._upload is not None:
-            self._num_rows = self._upload.response().num_rows
+            try:
+                self._num_rows = self._upload.response().num_rows
+            except JobFailed as exc:
+                if exc.status is None:
+                    exc.status = self._status_or_none()
+                raise
             self._upload = None
         return self._num_rows if self._num_rows is not None else self.status().num_rows
 
@@ -330,6 +371,13 @@ class Job:
         return self.client.stub.GetJob(
             jobs_pb2.GetJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
         )
+
+    def _status_or_none(self) -> jobs_pb2.JobStatus | None:
+        """The job's status for a JobFailed, if the coordinator still answers."""
+        try:
+            return self.status()
+        except grpc.RpcError:
+            return None
 
     def cancel(self) -> jobs_pb2.JobStatus:
         return self.client.stub.CancelJob(
@@ -368,7 +416,7 @@ class Job:
                     # A broken upload fails (and removes) its job: its own error says more.
                     self._upload.raise_if_failed(wait_s=UPLOAD_ERROR_WAIT_S)
                 if ended:
-                    raise JobFailed(exc.details()) from None
+                    raise JobFailed(exc.details(), self._status_or_none()) from None
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 failing_since = failing_since or time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,9 @@ class InputError(ValueError):
 
 
 FORMATS = ("jsonl", "csv", "parquet")
+
+# A CSV field may be as long as a row's text can be: csv's default limit (128 KiB) would refuse long documents.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def detect_format(path: Path) -> str:
@@ -45,8 +49,14 @@ def read_rows(path: Path, text_field: str = "text", fmt: str | None = None) -> I
 
 
 def _jsonl(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    # Read as bytes and decode line by line, so that bytes that are not UTF-8 are reported on their own line.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                # utf-8-sig on the first line: a byte-order mark (as some editors write) is not part of the row.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -59,9 +69,20 @@ def _jsonl(path: Path):
 
 
 def _csv(path: Path):
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise InputError(f"{path}:{reader.line_num + 1}: not valid CSV ({exc})") from None
+            except UnicodeDecodeError as exc:
+                # Decoded in blocks: the bad bytes are at or after this line.
+                raise InputError(
+                    f"{path}:{reader.line_num + 1}: not UTF-8 at or after this line ({exc.reason})"
+                ) from None
             if None in row:  # more values than the header has columns
                 raise InputError(f"{path}:{reader.line_num}: {len(row[None])} more values than the header's columns")
             yield f"{path}:{reader.line_num}", row

@@ -344,3 +344,29 @@ def test_a_stopped_upload_either_drops_its_job_or_was_whole_and_keeps_it(client)
             assert status.num_rows == rows and not status.uploading and status.state == jobs_pb2.QUEUED
             job.cancel()
     assert seen, "no upload was stopped"
+
+
+@pytest.mark.parametrize("rows", ["hello world", b"hello", {"text": "hello"}])
+def test_submit_refuses_a_single_text_or_dict_as_its_rows(client, rows):
+    with pytest.raises(TypeError, match="pass an iterable of rows"):
+        client.submit(rows, model="all-MiniLM-L6-v2")
+    assert client.jobs() == []
+
+
+def test_job_failed_carries_the_jobs_status(client):
+    job = client.submit(["one"], model="all-MiniLM-L6-v2", workers=2, queue_timeout_s=0.5)
+    with pytest.raises(JobFailed) as failed:
+        list(job.results())
+    assert failed.value.status is not None and failed.value.status.state == jobs_pb2.FAILED
+
+
+def test_job_failed_from_an_upload_carries_the_jobs_status(client):
+    def rows():
+        for i in range(2_000_000):
+            yield f"row {i}"
+
+    job = client.submit(rows(), model="all-MiniLM-L6-v2", workers=4, wait_for_upload=False)
+    job.cancel()
+    with pytest.raises(JobFailed) as failed:
+        job.wait_for_upload()
+    assert failed.value.status is not None and failed.value.status.state == jobs_pb2.CANCELLED

@@ -326,3 +326,84 @@ def test_meta_survives_the_round_trip_from_input_row_to_result_dict():
 
 def test_result_without_output_has_only_index():
     assert result_to_dict(jobs_pb2.Result(index=5)) == {"index": 5}
+
+
+# --- awkward inputs ------------------------------------------------------------------------------------
+
+
+def test_parquet_dates_decimals_and_bytes_pass_through_as_text(tmp_path):
+    import base64
+    import datetime
+    import decimal
+
+    path = write_parquet(
+        tmp_path / "in.parquet",
+        {
+            "text": ["a"],
+            "when": [datetime.datetime(2024, 5, 6, 7, 8, 9)],
+            "day": [datetime.date(2024, 5, 6)],
+            "price": pa.array([decimal.Decimal("12.50")], pa.decimal128(5, 2)),
+            "blob": [b"\x00\xffhi"],
+        },
+    )
+    row = next(read_rows(path))
+    meta = json.loads(to_input_row(row).meta_json)
+    assert meta == {
+        "when": "2024-05-06T07:08:09",
+        "day": "2024-05-06",
+        "price": "12.50",
+        "blob": base64.b64encode(b"\x00\xffhi").decode(),
+    }
+
+
+def test_a_field_that_cannot_be_passed_through_is_an_input_error_naming_it():
+    with pytest.raises(InputError, match="row 4: field 'odd' cannot be passed through"):
+        to_input_row({"text": "a", "fine": 1, "odd": object()}, number=4)
+
+
+def test_a_csv_field_over_128_kib_is_read_whole(tmp_path):
+    long = "x" * (300 * 1024)
+    path = write(tmp_path / "in.csv", f'text,id\n"{long}",1\nshort,2\n')
+    assert [len(r["text"]) for r in read_rows(path)] == [len(long), 5]
+
+
+def test_malformed_csv_is_an_input_error_with_path_and_line(tmp_path):
+    import csv
+
+    path = write(tmp_path / "in.csv", "text,id\nfine,1\n" + "y" * 20 + ",2\n")
+    old = csv.field_size_limit(10)  # any csv.Error will do: this one is easy to provoke
+    try:
+        with pytest.raises(InputError, match=rf"{path}:3: not valid CSV"):
+            list(read_rows(path))
+    finally:
+        csv.field_size_limit(old)
+
+
+def test_an_input_field_named_index_does_not_replace_the_row_index():
+    result = jobs_pb2.Result(index=7, meta_json=json.dumps({"index": 99, "id": "d"}))
+    result.embedding.values.extend([1.0])
+    out = result_to_dict(result)
+    assert out == {"index": 7, "id": "d", "embedding": [1.0]}
+    assert next(iter(out)) == "index"
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.csv"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_field(tmp_path, name):
+    path = tmp_path / name
+    text = '{"text": "a"}\n' if name.endswith("jsonl") else "text\na\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert list(read_rows(path)) == [{"text": "a"}]
+
+
+def test_jsonl_bytes_that_are_not_utf8_are_an_input_error_with_path_and_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=rf"{path}:2: not UTF-8"):
+        list(read_rows(path))
+
+
+def test_csv_bytes_that_are_not_utf8_are_an_input_error_naming_the_file(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"text\ncaf\xe9\n")
+    with pytest.raises(InputError, match=rf"{path}:\d+: not UTF-8"):
+        list(read_rows(path))
