@@ -87,6 +87,8 @@ class JobManager(Placing, ProgressWatchdog):
         self._wake = asyncio.Event()
         # Set when the coordinator stops: the workers' streams then close, which is no sign that they died.
         self.stopping = False
+        # Uploads whose job has no rows yet, so is not in `jobs`: they count against --max-queued-jobs too.
+        self._uploads_without_rows = 0
 
     async def db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -131,16 +133,17 @@ class JobManager(Placing, ProgressWatchdog):
         its results can be streamed."""
         validate_spec(spec)
         check_tensor_parallel(spec)
-        waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values())
+        waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values()) + self._uploads_without_rows
         if waiting >= self.limits.max_queued_jobs:
             raise ResourceExhausted(
-                f"{waiting} jobs are queued or running, the most this coordinator takes (--max-queued-jobs): "
-                "submit again when some have finished"
+                f"{waiting} jobs are uploading, queued or running, the most this coordinator takes "
+                "(--max-queued-jobs): submit again when some have finished"
             )
         status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time())
-        await self.db(self.store.create_job, status)
+        self._uploads_without_rows += 1  # counted from here, before any await lets another submit check the limit
         job = None
         try:
+            await self.db(self.store.create_job, status)
             n = 0
             async for batch in batches:
                 if job is not None and job.status.state in TERMINAL:
@@ -164,6 +167,7 @@ class JobManager(Placing, ProgressWatchdog):
                 if job is None:  # schedulable from its first rows on: it runs while the rest arrives
                     status.state, status.uploading, status.message = S.QUEUED, True, "waiting for slots"
                     job = self.jobs[status.job_id] = Job(status)
+                    self._uploads_without_rows -= 1
                     self.wake()
                     if accepted is not None:
                         await accepted(status.job_id)
@@ -172,6 +176,8 @@ class JobManager(Placing, ProgressWatchdog):
                 raise InvalidArgument("the dataset is empty: send at least one row after the spec")
             status.uploading = False  # whole: from here on, a cancelled call leaves the job standing
         except BaseException:
+            if job is None:
+                self._uploads_without_rows -= 1
             if job is not None and job.status.state in TERMINAL:
                 # It ended while uploading (failed, cancelled), so the client may well stop sending: the job
                 # stays on record as it ended.

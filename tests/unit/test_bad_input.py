@@ -311,7 +311,7 @@ def test_limits_are_resource_exhausted_naming_the_limit(small_limits):
         with pytest.raises(grpc.RpcError) as info:
             client.submit(["three"], model="m")
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "2 jobs are queued or running" in info.value.details()
+        assert "2 jobs are uploading, queued or running" in info.value.details()
         assert len(client.jobs()) == 2  # nothing refused was kept
 
 

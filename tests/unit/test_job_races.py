@@ -118,3 +118,26 @@ def test_workers_lost_as_the_coordinator_stops_fail_no_attempt(tmp_path):
 
     job_id = asyncio.run(stop_while_running())
     asyncio.run(restart(job_id))
+
+
+def test_uploads_that_start_together_count_against_the_queue_limit(tmp_path):
+    """The limit was checked against jobs with rows only, so uploads that opened together all passed it."""
+    from distinfer.common.errors import ResourceExhausted
+    from distinfer.coordinator.limits import Limits
+
+    async def scenario():
+        jobs = JobManager(Store(tmp_path / "state.db"), Registry(), limits=Limits(max_queued_jobs=2))
+
+        async def slow_rows():
+            await asyncio.sleep(0.05)  # every upload is open before any row arrives
+            yield S.RowBatch(rows=[S.InputRow(text="t")])
+
+        outcomes = await asyncio.gather(
+            *(jobs.submit(S.JobSpec(task="echo"), slow_rows()) for _ in range(5)), return_exceptions=True
+        )
+        assert sum(isinstance(o, S.JobStatus) for o in outcomes) == 2
+        assert sum(isinstance(o, ResourceExhausted) for o in outcomes) == 3
+        assert len(jobs.jobs) == 2 and len(await jobs.db(jobs.store.load_jobs)) == 2
+        await jobs.close()
+
+    asyncio.run(scenario())
