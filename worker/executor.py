@@ -192,6 +192,7 @@ class Executor:
             metadata=self.metadata,
             shard=(layout.dp_rank, layout.dp_size),
             computing=computing,
+            lockstep=layout.tp_size > 1,  # a replica's ranks fetch the same shard and run each batch together
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
         to_results = functools.partial(task.results, options=options)

@@ -230,8 +230,13 @@ class Prefetcher:
         metadata=(),
         shard=None,
         computing=None,
+        lockstep: bool = False,
     ):
         """shard: (index, count) of the shard to fetch; by default this rank's of the job's world.
+        lockstep: cut batches from the rows alone, never from when they arrive, for ranks that fetch the same
+        shard and must run the same batches together (the ranks of a tensor-parallel replica). Each rank's
+        stream gets its "caught up" markers at its own moments; flushing on them, ranks cut different batches,
+        and the replica's forward pass mismatches or hangs. So these ranks wait for full windows or the end.
         computing: a lock the model's thread holds while it computes a batch, and the tokeniser while it
         tokenises. On a CPU the model's threads keep every core busy, so tokenising beside them gains
         nothing: it preempts one of them, and the rest of their OpenMP team waits for it at each op's end.
@@ -240,6 +245,7 @@ class Prefetcher:
         self._computing = computing or contextlib.nullcontext()
         self._metadata = metadata
         self._shard = shard or (a.rank, a.world_size)
+        self._lockstep = lockstep
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
         self._consumer_blocked = False  # the model's thread waits on the queue
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
@@ -268,7 +274,7 @@ class Prefetcher:
 
             for shard_batch in stub.FetchShard(request, metadata=self._metadata):
                 if not shard_batch.indices:  # every row uploaded so far is here: the next may be long in coming
-                    if indices:
+                    if indices and not self._lockstep:
                         flush(len(indices))
                     continue
                 indices.extend(shard_batch.indices)

@@ -12,7 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad, token_budget_batches
+from distinfer.worker.pipeline import Prefetcher
+from distinfer.worker.tasks import EchoTask
 
 SHORT = "The quick brown fox jumps over the lazy dog."
 LONG = " ".join(f"word{i} tokenisation example" for i in range(200))
@@ -272,3 +275,37 @@ def test_padded_real_batch_matches_the_tokenizers_own_padding(tokenizer):
     expected = tokenizer(texts, truncation=True, max_length=48, padding=True, return_tensors="pt")
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(inputs[key], expected[key]), key
+
+
+# --- Prefetcher: batch cuts -----------------------------------------------------------------------------
+
+
+class _ShardStream:
+    """A stand-in for the coordinator's FetchShard: the shard's rows in messages of 10, with an empty "caught
+    up" marker after the messages numbered in `markers` (where the upload had not yet sent more)."""
+
+    def __init__(self, rows: int, markers: set[int]):
+        self.rows, self.markers = rows, markers
+
+    def FetchShard(self, request, metadata=()):
+        for number, start in enumerate(range(0, self.rows, 10)):
+            indices = list(range(start, min(start + 10, self.rows)))
+            yield workers_pb2.ShardBatch(indices=indices, texts=["x" * (1 + i % 37) for i in indices])
+            if number in self.markers:
+                yield workers_pb2.ShardBatch()
+
+
+def batch_cuts(markers: set[int], lockstep: bool) -> list[list[int]]:
+    assignment = workers_pb2.Assignment(job_id="j", attempt=1, rank=0, world_size=1)
+    batches = Prefetcher(_ShardStream(200, markers), assignment, EchoTask(), 10_000, 16, lockstep=lockstep)
+    return [[row.index for row in batch] for batch in batches]
+
+
+def test_ranks_in_lockstep_cut_the_same_batches_wherever_their_caught_up_markers_fall():
+    """The ranks of a tensor-parallel replica each fetch the same shard; the coordinator's "caught up" markers
+    reach them at different points. They must still cut the same batches, or their forward passes mismatch."""
+    cuts = [batch_cuts(markers, lockstep=True) for markers in (set(), {0}, {2, 3}, {1, 7, 12}, set(range(20)))]
+    assert all(cut == cuts[0] for cut in cuts), cuts
+    assert sorted(i for batch in cuts[0] for i in batch) == list(range(200))
+    # Each rank alone (lockstep off) flushes at its markers: the cuts differ, which is what lockstep prevents.
+    assert batch_cuts({0}, lockstep=False) != batch_cuts({2, 3}, lockstep=False)
