@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 import structlog
@@ -14,6 +15,7 @@ from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
+from distinfer.coordinator.state_lock import StateDirInUse
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +109,10 @@ def main(argv=None) -> None:
         metrics_listen=args.metrics_listen,
     )
     freeze_startup_objects()
-    asyncio.run(serve(config, args.port_file))
+    try:
+        asyncio.run(serve(config, args.port_file))
+    except StateDirInUse as exc:
+        sys.exit(f"distinfer-coordinator: {exc}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
+from distinfer.coordinator.state_lock import lock_state_dir
 from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -76,6 +77,7 @@ class Coordinator:
             raise OSError(f"cannot listen on {config.listen}: the address is taken or not local")
         self.manager: JobManager | None = None
         self._tasks: list[asyncio.Task] = []
+        self._state_lock = None
 
     def _bind(self, config: CoordinatorConfig) -> int:
         if not config.tls_cert:
@@ -102,6 +104,7 @@ class Coordinator:
         )
         # Open the store before serving: health says SERVING only once the state is there.
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_lock = lock_state_dir(self.config.state_dir)
         store = Store(self.config.state_dir / "distinfer.sqlite")
         metrics = CoordinatorMetrics()
         self.manager = JobManager(
@@ -155,4 +158,6 @@ class Coordinator:
         await self.server.stop(grace_s)
         if self.manager:
             await self.manager.close()
+        if self._state_lock:
+            self._state_lock.close()
         log.info("coordinator_stopped")

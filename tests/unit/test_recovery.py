@@ -42,3 +42,28 @@ def test_restart_keeps_accepted_jobs_and_drops_unfinished_uploads(tmp_path, coor
     reopened = Store(state / "distinfer.sqlite")
     assert [s.job_id for s in reopened.load_jobs()] == [job.id, "j-failed"]
     assert list(reopened.shard("j-halfway", 1, 0, 1)) == []  # its rows are gone too
+
+
+def test_a_second_coordinator_on_the_same_state_folder_refuses_to_start(tmp_path, coordinator_class):
+    """It would recover the first one's jobs, run them again on other workers and overwrite their records."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    first = coordinator_class(state)
+    first.start()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "distinfer.coordinator.main", "--listen", "127.0.0.1:0", "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert "another coordinator (pid " in second.stderr and "its own --state-dir" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.stop()
+    restarted = coordinator_class(state)  # the folder is free again once the first one has stopped
+    restarted.start()
+    restarted.stop()
