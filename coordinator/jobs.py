@@ -212,12 +212,26 @@ class JobManager(Placing, ProgressWatchdog):
         await self._finish(job, S.CANCELLED, "cancelled by the user")
         return job.status
 
+    async def delete(self, job_id: str) -> None:
+        job = self.job(job_id)
+        if job.status.state not in TERMINAL:
+            raise FailedPrecondition(
+                f"job {job_id} is {S.JobState.Name(job.status.state)}: cancel it first (`distinfer cancel`), "
+                "then delete it"
+            )
+        del self.jobs[job_id]
+        job.notify()  # its open result streams end
+        await self.db(self.store.delete_job, job_id)
+        log.info("job_deleted", job_id=job_id)
+
     async def stream_results(self, job_id: str, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
         job = self.job(job_id)
         if start > job.status.num_rows:
             raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
         next_index = start
         while True:
+            if self.jobs.get(job_id) is not job:
+                raise NotFound(f"job {job_id} was deleted while its results were read")
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             batch = await self.db(
                 self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE

@@ -77,6 +77,11 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return await self.manager.cancel(request.job_id)
 
     @grpc_errors
+    async def DeleteJob(self, request, context):
+        await self.manager.delete(request.job_id)
+        return jobs_pb2.DeleteJobResponse()
+
+    @grpc_errors
     async def ListWorkers(self, request, context):
         return jobs_pb2.ListWorkersResponse(workers=self.manager.registry.to_pb())
 

@@ -59,6 +59,11 @@ class JobsStub:
                 request_serializer=distinfer_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=distinfer_dot_v1_dot_jobs__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/distinfer.v1.Jobs/DeleteJob',
+                request_serializer=distinfer_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=distinfer_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/distinfer.v1.Jobs/ListWorkers',
                 request_serializer=distinfer_dot_v1_dot_jobs__pb2.ListWorkersRequest.SerializeToString,
@@ -103,6 +108,14 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Forget an ended job: its record, rows and results leave the coordinator (their space in its state file is
+        reused by later jobs). FAILED_PRECONDITION while the job is queued or running: cancel it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -136,6 +149,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=distinfer_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
                     response_serializer=distinfer_dot_v1_dot_jobs__pb2.JobStatus.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=distinfer_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=distinfer_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -278,6 +296,33 @@ class Jobs:
             '/distinfer.v1.Jobs/CancelJob',
             distinfer_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             distinfer_dot_v1_dot_jobs__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distinfer.v1.Jobs/DeleteJob',
+            distinfer_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            distinfer_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class JobsStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.JobStatus]
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
+    """Forget an ended job: its record, rows and results leave the coordinator (their space in its state file is
+    reused by later jobs). FAILED_PRECONDITION while the job is queued or running: cancel it first.
+    """
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListWorkersRequest, _jobs_pb2.ListWorkersResponse]
 
 @_typing.type_check_only
@@ -58,6 +62,10 @@ class JobsAsyncStub(JobsStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.JobStatus]  # type: ignore[assignment]
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Forget an ended job: its record, rows and results leave the coordinator (their space in its state file is
+    reused by later jobs). FAILED_PRECONDITION while the job is queued or running: cancel it first.
+    """
     ListWorkers: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListWorkersRequest, _jobs_pb2.ListWorkersResponse]  # type: ignore[assignment]
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
@@ -100,6 +108,16 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.JobStatus, _abc.Awaitable[_jobs_pb2.JobStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _jobs_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
+        """Forget an ended job: its record, rows and results leave the coordinator (their space in its state file is
+        reused by later jobs). FAILED_PRECONDITION while the job is queued or running: cancel it first.
+        """
 
     @_abc_1.abstractmethod
     def ListWorkers(

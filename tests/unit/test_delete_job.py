@@ -1,0 +1,41 @@
+"""DeleteJob: an ended job's record, rows and results leave the coordinator; a live one is refused."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from distinfer.client.api import Client
+from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+def delete(address: str, job_id: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        jobs_pb2_grpc.JobsStub(channel).DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=30)
+
+
+def test_a_queued_job_is_refused_and_an_ended_one_is_forgotten_with_its_rows(coordinator):
+    store = coordinator.coordinator.manager.store
+    with Client(coordinator.address) as client:
+        job = client.submit([{"text": f"row {i}"} for i in range(3000)], model="m", workers=1)  # no worker: queued
+        with pytest.raises(grpc.RpcError) as refused:
+            delete(coordinator.address, job.id)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cancel it first" in refused.value.details()
+        kept = client.submit([{"text": "kept"}], model="m", workers=1)
+
+        job.cancel()
+        delete(coordinator.address, job.id)
+        assert [j.job_id for j in client.jobs()] == [kept.id]
+        with pytest.raises(grpc.RpcError) as gone:
+            job.status()
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [s.job_id for s in store.load_jobs()] == [kept.id]
+        assert list(store.shard(job.id, 1, 0, 1)) == []  # its rows are gone from the state file
+        assert [t for batch in store.shard(kept.id, 1, 0, 1) for _, t in batch] == ["kept"]
+
+
+def test_deleting_an_unknown_job_is_not_found(coordinator):
+    with pytest.raises(grpc.RpcError) as missing:
+        delete(coordinator.address, "j-missing")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
