@@ -233,16 +233,20 @@ class JobManager(Placing, ProgressWatchdog):
             if self.jobs.get(job_id) is not job:
                 raise NotFound(f"job {job_id} was deleted while its results were read")
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
+            # An ended job's missing rows will never come: its stream passes over them to every row committed.
+            ended = job.status.state in (S.FAILED, S.CANCELLED)
             batch = await self.db(
-                self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE
+                self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
             )
             if batch.results:
-                next_index += len(batch.results)
+                next_index = batch.results[-1].index + 1
                 yield batch
                 continue
             if next_index >= job.status.num_rows and job.status.state in TERMINAL:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
             if job.status.state in (S.FAILED, S.CANCELLED):
+                if not ended:
+                    continue  # it ended since the read: read again, through the gaps
                 raise job_ended(job)
             await changed.wait()
 

@@ -293,28 +293,43 @@ class Store:
         (n,) = self._db.execute("SELECT TOTAL(count) FROM result_chunks WHERE job_id = ?", (job_id,)).fetchone()
         return int(n)
 
-    def results_from(self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62) -> jobs_pb2.ResultBatch:
+    def results_from(
+        self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
+    ) -> jobs_pb2.ResultBatch:
         """The committed results from index `start` on, stopping at the first row not committed yet, after
-        `limit` rows, or once they hold `max_bytes` (at least one row)."""
-        blobs, size = [], 0
-        for blob in islice(self._results_in_order(job_id, start), limit):
+        `limit` rows, or once they hold `max_bytes` (at least one row). through_gaps: pass over the rows not
+        committed (for a job that has ended: those will never come), so the results may skip indices."""
+        indices, blobs, size = [], [], 0
+        for idx, blob in islice(self._results_in_order(job_id, start, through_gaps), limit):
             if blobs and size + len(blob) > max_bytes:
                 break
+            indices.append(idx)
             blobs.append(blob)
             size += len(blob)
         # On the wire a ResultBatch is its Results one after the other, each a length-prefixed field 1: the
         # stored bytes parse as one batch in one call (half the cost of parsing row by row).
         batch = jobs_pb2.ResultBatch.FromString(b"".join(_RESULTS_TAG + _varint(len(b)) + b for b in blobs))
-        end = start + len(blobs)
-        for first, rows in self._chunks(job_id, start, end, with_meta=True) if blobs else ():
-            for idx in range(max(first, start), min(first + len(rows), end)):
-                batch.results[idx - start].meta_json = rows[idx - first].meta_json
+        if not blobs:
+            return batch
+        first, end = indices[0], indices[-1] + 1
+        position = {idx: i for i, idx in enumerate(indices)}.get if end - first != len(indices) else None
+        for chunk_first, rows in self._chunks(job_id, first, end, with_meta=True):
+            for idx in range(max(chunk_first, first), min(chunk_first + len(rows), end)):
+                i = idx - first if position is None else position(idx)
+                if i is not None:
+                    batch.results[i].meta_json = rows[idx - chunk_first].meta_json
         return batch
 
-    def _results_in_order(self, job_id: str, start: int) -> Iterator[bytes]:
-        """The serialized results from index `start` on, in order, up to the first index not committed: read a
-        block at a time."""
+    def _results_in_order(self, job_id: str, start: int, through_gaps: bool) -> Iterator[tuple[int, bytes]]:
+        """(index, serialized result) from index `start` on, in order, up to the first index not committed (or
+        through every gap to the last committed one): read a block at a time."""
         block, first_offset = divmod(start, RESULT_BLOCK_ROWS)
+        if through_gaps:
+            (last_block,) = self._db.execute(
+                "SELECT MAX(block) FROM result_chunks WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if last_block is None:
+                return
         while True:
             found: dict[int, bytes] = {}
             for offsets, sizes, data in self._db.execute(
@@ -326,10 +341,14 @@ class Store:
                     if offset >= first_offset:
                         found[offset] = data[position : position + size]
                     position += size
+            base = block * RESULT_BLOCK_ROWS
             for offset in range(first_offset, RESULT_BLOCK_ROWS):
-                if offset not in found:
+                if offset in found:
+                    yield base + offset, found[offset]
+                elif not through_gaps:
                     return
-                yield found[offset]
+            if through_gaps and block >= last_block:
+                return
             block, first_offset = block + 1, 0
 
     def _chunk_rows_of_old_stores(self) -> None:

@@ -356,3 +356,19 @@ def test_results_from_returns_large_and_small_results_whole(store, width):
     sent = [jobs_pb2.Result(index=i, embedding=jobs_pb2.Embedding(values=[i + 0.5] * width)) for i in range(3)]
     store.commit_results("j", 1, [(r.index, r.SerializeToString()) for r in sent])
     assert list(store.results_from("j", 0, 10).results) == sent
+
+
+def test_results_of_an_ended_job_are_read_through_the_gaps_with_their_meta(store):
+    """A failed or cancelled job's rows that were never committed will never come: its stream passes over them."""
+    store.create_job(job("j", num_rows=3000))
+    store.add_rows("j", 0, batch(rows(*(f"t{i}" for i in range(3000)))))
+    store.add_rows("j", 3000, batch(rows("with meta", meta={"k": 7})))
+    committed = [0, 1, 3, 5, RESULT_BLOCK_ROWS + 2, 3000]  # block 2 holds nothing
+    store.commit_results("j", 1, [result_blob(i, float(i)) for i in committed])
+
+    assert [r.index for r in store.results_from("j", 0, 100).results] == [0, 1]  # a running job stops at a gap
+    through = store.results_from("j", 0, 100, through_gaps=True).results
+    assert [(r.index, r.embedding.values[0]) for r in through] == [(i, float(i)) for i in committed]
+    assert [json.loads(r.meta_json) if r.meta_json else None for r in through][-1] == {"k": 7}
+    assert [r.index for r in store.results_from("j", 4, 2, through_gaps=True).results] == [5, RESULT_BLOCK_ROWS + 2]
+    assert store.results_from("j", 3001, 100, through_gaps=True).results == []

@@ -1,11 +1,12 @@
-"""DeleteJob: an ended job's record, rows and results leave the coordinator; a live one is refused."""
+"""What an ended job still offers: every result it committed, gaps and all; and DeleteJob, which makes its
+record, rows and results leave the coordinator (a live job is refused)."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from distinfer.client.api import Client
+from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 
@@ -39,3 +40,17 @@ def test_deleting_an_unknown_job_is_not_found(coordinator):
     with pytest.raises(grpc.RpcError) as missing:
         delete(coordinator.address, "j-missing")
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_cancelled_job_streams_every_committed_result_past_the_rows_never_computed(coordinator):
+    with Client(coordinator.address) as client:
+        job = client.submit([{"text": f"row {i}", "n": i} for i in range(10)], model="m", workers=1)
+        # As a 2-rank attempt leaves it when one rank dies: the other rank's rows committed, every other row.
+        blobs = [(i, jobs_pb2.Result(index=i, echo=jobs_pb2.Echo(chars=i)).SerializeToString()) for i in (0, 2, 4)]
+        coordinator.coordinator.manager.store.commit_results(job.id, 1, blobs)
+        job.cancel()
+        got = []
+        with pytest.raises(JobFailed):
+            for row in job.results():
+                got.append((row["index"], row["n"]))
+        assert got == [(0, 0), (2, 2), (4, 4)]
