@@ -117,7 +117,11 @@ class JobManager(Placing, ProgressWatchdog):
                 status.state = S.QUEUED
                 status.message = "coordinator restarted: waiting for workers"
                 await self.db(self.store.save_job, status)
-            self.jobs[status.job_id] = Job(status)
+            job = self.jobs[status.job_id] = Job(status)
+            if status.state == S.QUEUED and status.rows_done == status.num_rows:
+                # Every row was committed before the stop (its ranks' last reports were lost with it): nothing
+                # is left to compute, so no attempt, nor a model load, for it.
+                await self._finish(job, S.SUCCEEDED, f"{status.num_rows} rows done (before the coordinator restarted)")
         log.info("jobs_recovered", jobs=len(self.jobs))
 
     # --- client side ----------------------------------------------------------------------------------

@@ -141,3 +141,28 @@ def test_uploads_that_start_together_count_against_the_queue_limit(tmp_path):
         await jobs.close()
 
     asyncio.run(scenario())
+
+
+def test_a_job_whose_rows_were_all_committed_before_a_restart_ends_at_the_restart(tmp_path):
+    """Its ranks' FINISHED reports were lost with the stop: no attempt (nor a model load) is needed for it."""
+
+    async def commit_all_then_stop() -> str:
+        jobs = manager(tmp_path)
+        add_worker(jobs)
+        job_id = await submit(jobs, rows=3)
+        await jobs._schedule_once()
+        results = [S.Result(index=i, echo=S.Echo(chars=2)) for i in range(3)]
+        await jobs.commit(job_id, 1, results)
+        jobs.stopping = True
+        await jobs.close()
+        return job_id
+
+    async def restart(job_id: str) -> None:
+        jobs = manager(tmp_path)
+        await jobs.recover()
+        status = jobs.jobs[job_id].status
+        assert status.state == S.SUCCEEDED and status.rows_done == 3
+        assert (await jobs.db(jobs.store.load_jobs))[0].state == S.SUCCEEDED
+        await jobs.close()
+
+    asyncio.run(restart(asyncio.run(commit_all_then_stop())))
