@@ -339,13 +339,26 @@ class ResultSender:
             self._error = exc
 
     def send(self, gathered: Gathered) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"streaming results to the coordinator failed: {self._error}")
-        if gathered:
-            self._queue.put(gathered)
+        self._check()
+        # Never a plain blocking put: once the stream has failed nobody drains the queue, and a full queue
+        # would hold rank 0 until the coordinator's stall time-out instead of failing the attempt at once.
+        while gathered:
+            try:
+                self._queue.put(gathered, timeout=0.1)
+                return
+            except queue.Full:
+                self._check()
 
     def close(self) -> None:
-        self._queue.put(None)
+        while self._thread.is_alive():  # a thread that has ended (the stream failed) takes no end marker
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                pass
         self._thread.join()
+        self._check()
+
+    def _check(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"streaming results to the coordinator failed: {self._error}")

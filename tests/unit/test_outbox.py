@@ -191,3 +191,38 @@ def test_a_rank_waiting_for_input_takes_part_in_rounds_so_the_others_rows_get_th
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(_uneven_rounds, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     assert torch.load(tmp_path / "delivered.pt") == [0, 1, 2, 3, 100, 101, 102, 103, 1000, 1001, 1002, 1003]
+
+
+class _FailingResultsStub:
+    """ReportResults that fails after a moment, reading none of the results: by then the queue is full."""
+
+    def ReportResults(self, requests, metadata=()):
+        time.sleep(0.5)
+        raise ConnectionError("the coordinator went away")
+
+
+@pytest.mark.parametrize("then_close", [False, True])
+def test_result_sender_fails_instead_of_blocking_when_its_stream_failed_with_a_full_queue(then_close):
+    import threading
+
+    from distinfer.v1 import workers_pb2
+    from distinfer.worker.gather import Gathered
+    from distinfer.worker.pipeline import ResultSender
+
+    sender = ResultSender(_FailingResultsStub(), workers_pb2.Assignment(job_id="j", attempt=1), lambda g, out: None)
+    raised: list[BaseException] = []
+
+    def rank_zero():
+        try:
+            # Closing: exactly as many rounds as the queue holds, then the end marker finds it full.
+            for i in range(sender._queue.maxsize if then_close else 1000):
+                sender.send(Gathered([i], [0], torch.zeros(1, WIDTH)))
+            sender.close()
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=rank_zero, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "rank 0 blocked on the full queue of a failed results stream"
+    assert raised and "the coordinator went away" in str(raised[0]), raised
