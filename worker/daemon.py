@@ -58,6 +58,9 @@ class ExecutorHandle:
     device: str
     process: multiprocessing.Process | None = None
     inbox: object = None
+    # Its own event queue: an executor killed while it writes to a queue leaves the queue's lock held, and on a
+    # queue shared by all executors no other executor's events (ready, joined, finished) would pass again.
+    events: object = None
     ready: bool = False
     # Assignments in the executor's inbox, in order; the first is the one it is running.
     pending: list[workers_pb2.Assignment] = field(default_factory=list)
@@ -100,7 +103,6 @@ class WorkerDaemon:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.ctx = multiprocessing.get_context("spawn")
-        self.events = self.ctx.Queue()
         self.executors = [ExecutorHandle(slot=i, device=d) for i, d in enumerate(config.devices)]
         self.advertise_host = config.advertise_host or default_advertise_host(config.coordinator)
         self.worker_id = ""
@@ -108,11 +110,13 @@ class WorkerDaemon:
         self.metrics = WorkerMetrics()
         self.metrics.watch(self)
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- executors ------------------------------------------------------------------------------------
 
     def _start_executor(self, handle: ExecutorHandle) -> None:
         handle.inbox = self.ctx.Queue()
+        events = handle.events = self.ctx.Queue()
         handle.ready = False
         for assignment in handle.pending:  # what the replaced executor had not started yet
             handle.inbox.put(assignment.SerializeToString())
@@ -123,7 +127,7 @@ class WorkerDaemon:
                 handle.device,
                 self.config.coordinator,
                 handle.inbox,
-                self.events,
+                events,
                 self.config.log_level,
                 self.config.models,
                 self.config.security,
@@ -132,27 +136,31 @@ class WorkerDaemon:
             daemon=True,
         )
         handle.process.start()
+        threading.Thread(
+            target=self._pump_executor_events, args=(handle, events), name=f"executor-events-{handle.slot}", daemon=True
+        ).start()
         log.info("executor_started", slot=handle.slot, device=handle.device, pid=handle.process.pid)
 
     def _restart_executor(self, handle: ExecutorHandle, why: str, drop: set[tuple[str, int]] = frozenset()) -> None:
         """Replace the executor; its pending assignments but those in `drop` go to the new one."""
         handle.pending = [a for a in handle.pending if _key(a) not in drop]
         if handle.process is not None and handle.process.is_alive():
+            # Not waited for here: this runs on the event loop, and a process stuck in a driver call can outlast
+            # SIGKILL for seconds, past the heartbeat time-out. multiprocessing reaps it once it has gone.
             handle.process.kill()
-            handle.process.join(5)
         log.warning("executor_restarting", slot=handle.slot, reason=why)
         self.metrics.executor_restarts.inc()
         self._start_executor(handle)
         self._send_heartbeat()
 
-    def _pump_executor_events(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Thread: move executor events from the multiprocessing queue onto the event loop."""
-        while not self._stopping:
+    def _pump_executor_events(self, handle: ExecutorHandle, events) -> None:
+        """Thread: move one executor's events onto the event loop, until that executor is replaced."""
+        while not self._stopping and handle.events is events:
             try:
-                item = self.events.get(timeout=0.5)
+                item = events.get(timeout=0.5)
             except Exception:  # noqa: BLE001 - queue.Empty, or the queue closing at shutdown
                 continue
-            loop.call_soon_threadsafe(self._on_executor_event, *item)
+            self._loop.call_soon_threadsafe(self._on_executor_event, *item)
 
     def _on_executor_event(self, kind: str, slot: int, blob: bytes) -> None:
         handle = self.executors[slot]
@@ -185,6 +193,12 @@ class WorkerDaemon:
             for handle in self.executors:
                 if handle.process is not None and not handle.process.is_alive():
                     code = handle.process.exitcode
+                    if code == 0:
+                        # It left by itself once it had reported its attempt's failure (its process group could
+                        # not be reused, see executor_main): what it holds now it never started, and may have
+                        # been handed in the meantime, so a new executor takes it over; no attempt fails.
+                        self._restart_executor(handle, "left after a failed attempt")
+                        continue
                     running = handle.running()
                     if running is not None:
                         event = workers_pb2.SlotEvent(
@@ -289,13 +303,12 @@ class WorkerDaemon:
             outbound.put_nowait(None)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         if self.config.metrics_listen:
             port = serve_metrics(self.metrics.registry, self.config.metrics_listen)
             log.info("metrics_serving", port=port)
         for handle in self.executors:
             self._start_executor(handle)
-        threading.Thread(target=self._pump_executor_events, args=(loop,), name="executor-events", daemon=True).start()
         watcher = asyncio.create_task(self._watch_executors())
         try:
             async with open_aio_channel(self.config.coordinator, self.config.security) as channel:
