@@ -123,7 +123,7 @@ class Registry:
     def to_pb(self) -> list[jobs_pb2.WorkerStatus]:
         now = time.monotonic()
         out = []
-        for w in self.workers.values():
+        for w in list(self.workers.values()):  # copied: the metrics thread calls this too
             slots = [
                 jobs_pb2.SlotStatus(
                     index=s.index,
