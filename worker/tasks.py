@@ -70,6 +70,9 @@ class Task:
 class ModelTask(Task):
     model_class = AutoModel
     batch_is_one_pass = True
+    # Whether the job fails when the checkpoint lacks weights of model_class: a task head is all its output;
+    # the embed task's mean pooling uses no head (a missing pooler does no harm).
+    needs_every_weight = True
 
     def __init__(
         self,
@@ -98,9 +101,21 @@ class ModelTask(Task):
                 model_dir, local_files_only=True, trust_remote_code=policy.trust_remote_code
             )
             with loading:
-                self.model = self.model_class.from_pretrained(model_dir, dtype=dtype, **load)
+                self.model, loading_info = self.model_class.from_pretrained(
+                    model_dir, dtype=dtype, output_loading_info=True, **load
+                )
         except (OSError, ValueError, KeyError) as exc:
             raise BadModel(f"cannot load {model_dir!r} for the {self.name} task: {exc}") from None
+        # transformers fills weights missing from the checkpoint (a classifier head on a bare encoder) with
+        # random values, and the job would succeed with garbage. Tied weights (an LM head that is the input
+        # embedding) are not reported missing.
+        missing = sorted(loading_info.get("missing_keys") or ())
+        if missing and self.needs_every_weight:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise BadModel(
+                f"model {model_dir!r} has no trained weights for the {self.name} task: its checkpoint lacks "
+                f"{shown}, which would be random; use a model trained for {self.name}"
+            )
         if not split:  # a split model's shards are placed on the mesh's devices as they load
             self.model.to(device)
         self.model.eval()
@@ -131,6 +146,7 @@ class EmbedTask(ModelTask):
     """Mean pooling over the real tokens, L2-normalised unless the job says otherwise (sentence-transformers)."""
 
     name = "embed"
+    needs_every_weight = False
 
     @property
     def width(self) -> int:

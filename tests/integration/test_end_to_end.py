@@ -294,3 +294,14 @@ def test_pickled_weights_are_refused_unless_the_operator_allows_them(client, tin
     with pytest.raises(JobFailed, match="has no safetensors weights"):
         list(job.results())
     assert job.status().error_code == "PERMISSION_DENIED"
+
+
+def test_classify_on_a_model_without_a_classifier_head_fails_at_once_naming_the_missing_weights(client):
+    """The bundled model is a bare encoder: loaded for classify, transformers would give it a random head and
+    the job would "succeed" with garbage labels. It fails at once instead, with no retries."""
+    job = client.submit(["a row", "another"], model="all-MiniLM-L6-v2", task="classify", workers=2)
+    with pytest.raises(JobFailed, match=r"no trained weights for the classify task.*classifier\.weight"):
+        list(job.results())
+    status = job.status()
+    assert status.state == jobs_pb2.FAILED and status.error_code == "INVALID_ARGUMENT", status
+    assert len(status.attempts) == 1  # a permanent error is not retried
