@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import grpc
 from tqdm import tqdm
 
 from distinfer.client.api import Client, Job, JobFailed, result_to_dict
+from distinfer.client.local import ClusterError
 from distinfer.client.rows import FORMATS, InputError, read_rows, write_jsonl
 from distinfer.common.channels import add_security_flags, security_from_args
 from distinfer.common.config import apply_config
@@ -19,6 +22,18 @@ from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
 from distinfer.v1 import jobs_pb2
 
 DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be done (exit status 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, taken the way Ctrl-C is, so that what the command started is stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
@@ -122,22 +137,58 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0
+    except UsageError as exc:
+        print(f"distinfer: {exc}", file=sys.stderr)
+        return 2
     except (InputError, ValueError) as exc:
         print(f"distinfer: bad input: {exc}", file=sys.stderr)
         return 2
+    except ClusterError as exc:
+        print(f"distinfer: the local cluster did not start: {exc.reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"distinfer: {exc}", file=sys.stderr)
+        return 1
     except JobFailed as exc:
         print(f"distinfer: job failed: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
         print(f"distinfer: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
-def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
+def _check_output(args) -> None:
+    """Refuse an --output that would clobber the --input (truncated while it is still being read)."""
+    output, source = args.output, args.input
+    if output.exists() and source.exists() and os.path.samefile(output, source):
+        raise UsageError(f"--output {output} is the --input file: writing it would destroy the rows being read")
+
+
+def _open_output(output: Path):
+    """The output file, opened before any job is submitted so that a bad path fails first; not yet
+    truncated (that happens when the first results come)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return output.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+
+
+def _submit_and_collect(client: Client, args, model: str, workers: int, local: bool = False) -> int:
+    _check_output(args)
     rows = read_rows(args.input, args.text_field, args.format)
     detach = getattr(args, "detach", False)
+    out = None if detach else _open_output(args.output)
+    try:
+        return _submit_and_write(client, args, model, workers, local, rows, out)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def _submit_and_write(client: Client, args, model: str, workers: int, local: bool, rows, out) -> int:
     started = time.monotonic()
     job = client.submit(
         rows,
@@ -156,24 +207,35 @@ def _submit_and_collect(client: Client, args, model: str, workers: int) -> int:
         generate=_generate_options(args) if args.task == "generate" else None,
         tp_size=args.tp_size,
         # Results are written while the rest of the rows upload; a detached job's upload must end first.
-        wait_for_upload=detach,
+        wait_for_upload=out is None,
     )
     rows_note = f"{job.num_rows} rows" if job.num_rows is not None else "running while its rows upload"
     print(f"distinfer: job {job.id} accepted: {rows_note}", file=sys.stderr)
     print(job.id, flush=True)  # stdout carries only the job id, for scripts
-    if detach:
+    if out is None:  # detached
         return 0
+    progress = [0]
     try:
-        written = _write_results(job, args.output, 0, job.num_rows)
+        written = _write_results(job, args.output, 0, job.num_rows, out=out, progress=progress)
     except KeyboardInterrupt:
         if job.stop_upload():
             print(f"distinfer: interrupted while its rows uploaded: job {job.id} is dropped", file=sys.stderr)
-        elif getattr(args, "coordinator", None):  # a remote job outlives this command; a local cluster does not
+        elif local:
+            # Its cluster stops with this command: cancel the job, or a later run with the same --state-dir
+            # would finish it before its own.
+            try:
+                job.cancel()
+                print(f"distinfer: interrupted: job {job.id} cancelled", file=sys.stderr)
+            except grpc.RpcError:
+                pass
+        else:  # a remote job outlives this command
             print(
                 f"distinfer: interrupted: job {job.id} keeps running; `distinfer results {job.id} --coordinator "
-                f"{args.coordinator} --output FILE` writes its results, `distinfer cancel {job.id}` stops it",
+                f"{args.coordinator} --output FILE` writes its results, `distinfer cancel {job.id} --coordinator "
+                f"{args.coordinator}` stops it",
                 file=sys.stderr,
             )
+        print(f"distinfer: interrupted: {args.output} holds the first {progress[0]} rows only", file=sys.stderr)
         raise
     elapsed = time.monotonic() - started
     status = job.status()
@@ -197,11 +259,18 @@ def _generate_options(args) -> dict:
     }
 
 
-def _write_results(job: Job, output: Path, start: int, total: int | None) -> int:
-    output.parent.mkdir(parents=True, exist_ok=True)
+def _write_results(
+    job: Job, output: Path, start: int, total: int | None, out=None, progress: list[int] | None = None
+) -> int:
+    """Write the job's results from `start` into `out` (opened in append mode; emptied first when start is 0),
+    or into `output`; `progress[0]` counts the rows written so far."""
+    f = out if out is not None else _open_output(output)
+    if start == 0:
+        f.truncate(0)
+    progress = progress if progress is not None else [0]
     written = 0
     with (
-        output.open("w" if start == 0 else "a", encoding="utf-8") as f,
+        f,
         tqdm(
             total=total,
             initial=start,
@@ -217,6 +286,7 @@ def _write_results(job: Job, output: Path, start: int, total: int | None) -> int
                 write_jsonl(f, result_to_dict(result))
             f.flush()  # what has come back is in the file, for whoever follows it
             written += len(batch)
+            progress[0] = written
             if bar.total is None and job.num_rows is not None:  # the upload has ended: the total is known
                 bar.total = job.num_rows
             bar.update(len(batch))
@@ -233,13 +303,29 @@ def cmd_run(args) -> int:
     )
     # The model the user names on this machine is one the local workers may load.
     roots = (str(Path(args.model).resolve()),) if Path(args.model).is_dir() else ()
+    _check_output(args)  # before the cluster starts, which takes a while
+    _open_output(args.output).close()
+    _interrupt_on_termination()
     with LocalCluster(slots=args.workers, state_dir=args.state_dir, device=args.device, model_roots=roots) as cluster:
         with Client(cluster.address) as client:
             try:
-                return _submit_and_collect(client, args, args.model, args.workers)
+                return _submit_and_collect(client, args, args.model, args.workers, local=True)
             except (JobFailed, grpc.RpcError):
                 print(cluster.logs(15), file=sys.stderr)
                 raise
+
+
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP stop `distinfer run` as Ctrl-C does: the local cluster's processes, in sessions of
+    their own, would outlive it otherwise. A second signal is ignored while the cluster stops."""
+
+    def handler(signum, frame):
+        for other in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
 
 
 def cmd_submit(args) -> int:
@@ -268,7 +354,7 @@ def cmd_results(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         job = client.job(args.job_id)
         total = job.status().num_rows
-        written = _write_results(job, args.output, args.start, total)
+        written = _write_results(job, args.output, args.start, total, out=_open_output(args.output))
     print(f"distinfer: {written} rows -> {args.output}", file=sys.stderr)
     return 0
 
@@ -349,11 +435,13 @@ STATE_STYLES = {
 
 def _print_table(header: tuple, rows: list[tuple]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(*header, box=None, header_style="bold", pad_edge=False)
     for row in rows:
-        table.add_row(*(f"[{STATE_STYLES[c]}]{c}[/]" if c in STATE_STYLES else str(c) for c in row))
+        # Cells are text, never markup: a message or a model path may hold "[...]".
+        table.add_row(*(f"[{STATE_STYLES[c]}]{c}[/]" if c in STATE_STYLES else escape(str(c)) for c in row))
     # Wide when piped, so scripts and greps see whole rows; colours only on a terminal.
     Console(width=None if sys.stdout.isatty() else 250).print(table)
 

@@ -21,7 +21,11 @@ from distinfer.common.channels import ChannelSecurity
 
 
 class ClusterError(RuntimeError):
-    pass
+    """str() holds the logs; `reason` is one line: what failed and, where a process said why, its last words."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message.splitlines()[0]
 
 
 class LocalCluster:
@@ -88,7 +92,10 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while not port_file.exists() or not port_file.read_text():
             if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                raise ClusterError(f"the coordinator did not start\n{self.logs()}")
+                raise ClusterError(
+                    f"the coordinator did not start\n{self.logs()}",
+                    self._reason("the coordinator did not start", self._logs[-1:]),
+                )
             time.sleep(0.05)
         self.address = f"127.0.0.1:{port_file.read_text()}"
         return self.address
@@ -127,8 +134,25 @@ class LocalCluster:
                     return
                 dead = [w for w in self.workers if w.poll() is not None]
                 if dead or time.monotonic() > deadline:
-                    raise ClusterError(f"only {ready} of {count} slots came up\n{self.logs()}")
+                    dead_logs = [self.state_dir / f"worker-{i}.log" for i, w in enumerate(self.workers) if w in dead]
+                    raise ClusterError(
+                        f"only {ready} of {count} slots came up\n{self.logs()}",
+                        self._reason(f"only {ready} of {count} slots came up", dead_logs),
+                    )
                 time.sleep(0.1)
+
+    @staticmethod
+    def _reason(summary: str, logs: list[Path]) -> str:
+        """The summary, and the last line of the first of these logs that has one (a dead process's why)."""
+        for path in logs:
+            lines = (
+                [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+                if path.exists()
+                else []
+            )
+            if lines:
+                return f"{summary}: {path.stem}: {lines[-1].strip()}"
+        return summary
 
     def start(self) -> LocalCluster:
         self.start_coordinator()

@@ -243,7 +243,8 @@ def test_ctrl_c_once_the_rows_are_in_leaves_the_job_running_and_says_how_to_foll
         submit.kill()
     try:
         assert submit.returncode == 130, stderr
-        assert f"job {job_id} keeps running" in stderr and f"distinfer cancel {job_id}" in stderr, stderr
+        assert f"job {job_id} keeps running" in stderr, stderr
+        assert f"distinfer cancel {job_id} --coordinator {cluster.address}`" in stderr, stderr
         status = client.job(job_id).status()
         assert status.state == jobs_pb2.QUEUED and status.num_rows == 10
     finally:

@@ -1,0 +1,97 @@
+"""The CLI refuses what it cannot do with one line and an exit status, before any job is submitted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distinfer.v1 import jobs_pb2
+
+
+def run_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def submit(address: str, data, output, *extra) -> subprocess.CompletedProcess:
+    return run_cli(
+        "submit", "--coordinator", address, "--model", "m", "--input", str(data), "--output", str(output), *extra
+    )
+
+
+def rows_file(tmp_path, count: int = 3):
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(count)))
+    return data
+
+
+@pytest.mark.parametrize("command", ["submit", "run"])
+def test_output_the_same_file_as_input_is_refused_and_the_input_kept(coordinator, client, tmp_path, command):
+    data = rows_file(tmp_path)
+    before = data.read_text()
+    link = tmp_path / "same.jsonl"
+    os.link(data, link)  # another name for the same file
+    if command == "submit":
+        result = submit(coordinator.address, data, link)
+    else:
+        result = run_cli("run", "--input", str(data), "--output", str(link), "--task", "echo")
+    assert result.returncode == 2, result.stderr
+    assert "is the --input file" in result.stderr and "Traceback" not in result.stderr
+    assert data.read_text() == before
+    assert client.jobs() == []
+
+
+@pytest.mark.parametrize("kind", ["directory", "unwritable"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_job_is_submitted(coordinator, client, tmp_path, kind):
+    data = rows_file(tmp_path)
+    if kind == "directory":
+        output = tmp_path / "a-dir"
+        output.mkdir()
+    else:
+        output = tmp_path / "missing-parent-is-a-file" / "out.jsonl"
+        output.parent.write_text("a file, not a folder")
+    result = submit(coordinator.address, data, output)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write --output {output}" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert client.jobs() == []
+
+
+def test_jobs_table_shows_brackets_in_models_and_messages_as_text(coordinator, client):
+    job = client.submit(["one"], model="/tmp/[/tmp]/[bold]m", workers=2, queue_timeout_s=0.2)
+    job.wait(poll_s=0.1, timeout_s=30)
+    result = run_cli("jobs", "--coordinator", coordinator.address)
+    assert result.returncode == 0, result.stderr
+    assert "/tmp/[/tmp]/[bold]m" in result.stdout
+    assert job.status().state == jobs_pb2.FAILED
+
+
+def test_run_without_the_device_it_asks_for_says_why_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device")
+    data = rows_file(tmp_path)
+    result = run_cli(
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--device",
+        "cuda",
+        "--workers",
+        "1",
+        "--task",
+        "echo",
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "did not start" in last and "no CUDA device" in last, result.stderr
