@@ -146,7 +146,7 @@ class Executor:
             torch.cuda.set_device(device)
         else:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.local_world_size)))
+            torch.set_num_threads(max(1, usable_cpus() // max(1, a.local_world_size)))
             # torch takes a thread's OpenMP count from the last set_num_threads on first use: use it here,
             # before the helper threads (pipeline.start_helper_thread) set theirs to 1.
             torch.get_num_threads()
@@ -354,8 +354,17 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested and requested != "auto":
         return getattr(torch, requested)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bfloat16 (pre-Ampere) counts as supported by default, and is slow: ask for the real thing.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_has_amx() else torch.float32
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a Slurm or Kubernetes cpuset), not the
+    host's count, which would oversubscribe the cores it has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def cpu_has_amx() -> bool:

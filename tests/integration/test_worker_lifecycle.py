@@ -3,8 +3,10 @@ their model loaded between jobs."""
 
 from __future__ import annotations
 
+import os
 import time
 
+import pytest
 from ports import free_port
 
 from distinfer.client.api import Client
@@ -60,3 +62,22 @@ def test_a_rank_waiting_in_a_collective_longer_than_the_rendezvous_timeout_is_no
         assert sorted(r["index"] for r in job.results()) == [0, 1, 2]
         status = job.status()
         assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores and affinity"
+)
+def test_a_cpu_executor_uses_the_cores_of_its_affinity_mask_not_the_hosts(tmp_path):
+    """Under taskset (or a Slurm or Kubernetes cpuset) the worker may run on fewer cores than the host has:
+    its executors take their threads and lanes from the mask, or they oversubscribe the cores they have."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # the cluster's processes inherit this process's mask
+    try:
+        with LocalCluster(slots=1, state_dir=tmp_path) as cluster, Client(cluster.address) as client:
+            job = client.submit(["a row", "another row"], model="all-MiniLM-L6-v2", task="embed", workers=1)
+            assert len(list(job.results())) == 2
+            status = job.status()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert status.state == jobs_pb2.SUCCEEDED, status
+    assert [r.compute_lanes for r in status.attempts[-1].ranks] == [1]  # one core: one lane, not one per CPU
