@@ -75,3 +75,54 @@ def test_a_terminated_run_stops_its_cluster_and_says_what_the_output_holds(tmp_p
         run.kill()
         for pid in alive(children):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_an_interrupted_run_cancels_its_job_so_the_next_run_does_not_finish_it(tmp_path):
+    from distinfer.client.api import Client
+    from distinfer.client.local import LocalCluster
+    from distinfer.v1 import jobs_pb2
+
+    total = 3000
+    data, out, state = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "state"
+    data.write_text("".join(json.dumps({"text": f"row number {i}"}) + "\n" for i in range(total)))
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distinfer.client.cli",
+            "run",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--workers",
+            "1",
+            "--batch-size",
+            "1",
+            "--state-dir",
+            str(state),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_text().count("\n") >= 1):  # the upload is whole, the job runs
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        stderr = run.communicate(timeout=60)[1]
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    assert "cancelled" in stderr and "holds the first" in stderr, stderr
+    written = out.read_text().count("\n")
+    assert f"{out} holds the first {written} rows only" in stderr and written < total
+    # The job is on record as cancelled: a coordinator on the same state has nothing left to run.
+    cluster = LocalCluster(state_dir=tmp_path / "state")
+    try:
+        cluster.start_coordinator()
+        with Client(cluster.address) as client:
+            assert [jobs_pb2.JobState.Name(j.state) for j in client.jobs()] == ["CANCELLED"]
+    finally:
+        cluster.stop()
