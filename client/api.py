@@ -234,7 +234,13 @@ class Client:
         upload.start(self.stub.SubmitJob.future(messages(), metadata=self.metadata))
         job_id = upload.job_id() if not wait_for_upload else None
         if job_id is None:
-            response = upload.response()
+            try:
+                response = upload.response()
+            except JobFailed as exc:  # the job ended while its rows uploaded: attach its status
+                ended_id = upload.accepted_job_id()
+                if exc.status is None and ended_id:
+                    exc.status = Job(self, ended_id)._status_or_none()
+                raise
             return Job(self, response.job_id, response.num_rows)
         return Job(self, job_id, upload=upload)
 
@@ -293,6 +299,13 @@ class Upload:
         except KeyboardInterrupt:
             self.stop()  # an interrupted upload leaves no job behind
             raise
+
+    def accepted_job_id(self) -> str | None:
+        """The job's id if the coordinator accepted it, once the call has ended (no waiting)."""
+        try:
+            return dict(self._call.initial_metadata() or ()).get(JOB_ID_KEY) if self._call.done() else None
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            return None
 
     def response(self) -> jobs_pb2.SubmitJobResponse:
         """Waits for the whole upload; raises what broke it: the caller's rows, the job's end (JobFailed: it

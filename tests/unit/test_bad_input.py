@@ -370,3 +370,24 @@ def test_job_failed_from_an_upload_carries_the_jobs_status(client):
     with pytest.raises(JobFailed) as failed:
         job.wait_for_upload()
     assert failed.value.status is not None and failed.value.status.state == jobs_pb2.CANCELLED
+
+
+def test_job_failed_from_a_whole_upload_submit_carries_the_jobs_status(client):
+    """submit() that waits for the upload raises JobFailed when the job is cancelled meanwhile: with its status."""
+    import threading
+
+    def cancel_first_job():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            jobs = client.jobs()
+            if jobs:
+                client.job(jobs[0].job_id).cancel()
+                return
+            time.sleep(0.02)
+
+    canceller = threading.Thread(target=cancel_first_job)
+    canceller.start()
+    with pytest.raises(JobFailed) as failed:
+        client.submit((f"row {i}" for i in range(5_000_000)), model="all-MiniLM-L6-v2", workers=4)
+    canceller.join()
+    assert failed.value.status is not None and failed.value.status.state == jobs_pb2.CANCELLED
