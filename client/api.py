@@ -397,6 +397,13 @@ class Job:
             jobs_pb2.CancelJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
         )
 
+    def delete(self) -> None:
+        """Make an ended job's record, rows and results leave the coordinator (FAILED_PRECONDITION while it is
+        queued or running: cancel it first)."""
+        self.client.stub.DeleteJob(
+            jobs_pb2.DeleteJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
+        )
+
     def wait(self, poll_s: float = 0.5, timeout_s: float | None = None) -> jobs_pb2.JobStatus:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while (status := self.status()).state not in TERMINAL_STATES:

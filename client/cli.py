@@ -119,6 +119,10 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         _coordinator_options(cmd)
         cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
+    delete = sub.add_parser("delete", help="forget an ended job: its record, rows and results")
+    delete.add_argument("job_id")
+    _coordinator_options(delete)
+
     results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
     results.add_argument("job_id")
     _coordinator_options(results)
@@ -350,6 +354,13 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_delete(args) -> int:
+    with Client(args.coordinator, security_from_args(args)) as client:
+        client.job(args.job_id).delete()
+    print(f"distinfer: job {args.job_id} deleted", file=sys.stderr)
+    return 0
+
+
 def cmd_results(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         job = client.job(args.job_id)
@@ -457,6 +468,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
     "cancel": cmd_cancel,
+    "delete": cmd_delete,
     "results": cmd_results,
     "jobs": cmd_jobs,
     "workers": cmd_workers,

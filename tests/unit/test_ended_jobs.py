@@ -3,16 +3,25 @@ record, rows and results leave the coordinator (a live job is refused)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import grpc
 import pytest
 
 from distinfer.client.api import Client, JobFailed
-from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
+from distinfer.v1 import jobs_pb2
 
 
 def delete(address: str, job_id: str) -> None:
-    with grpc.insecure_channel(address) as channel:
-        jobs_pb2_grpc.JobsStub(channel).DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=30)
+    with Client(address) as client:
+        client.job(job_id).delete()
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_queued_job_is_refused_and_an_ended_one_is_forgotten_with_its_rows(coordinator):
@@ -54,3 +63,16 @@ def test_a_cancelled_job_streams_every_committed_result_past_the_rows_never_comp
             for row in job.results():
                 got.append((row["index"], row["n"]))
         assert got == [(0, 0), (2, 2), (4, 4)]
+
+
+def test_distinfer_delete_refuses_a_live_job_and_deletes_an_ended_one(coordinator):
+    with Client(coordinator.address) as client:
+        job = client.submit([{"text": "row"}], model="m", workers=1)
+        refused = run_cli("delete", job.id, "--coordinator", coordinator.address)
+        assert refused.returncode != 0 and "cancel it first" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        job.cancel()
+        deleted = run_cli("delete", job.id, "--coordinator", coordinator.address)
+        assert deleted.returncode == 0, deleted.stderr
+        assert f"job {job.id} deleted" in deleted.stderr
+        assert client.jobs() == []
