@@ -20,6 +20,9 @@ def wait_until(predicate, timeout_s: float = 120.0, what: str = "condition"):
 
 def test_jobs_share_the_cluster_on_disjoint_slots_and_cancel_frees_them(client, sample_rows):
     texts = [r["text"] for r in sample_rows] * 6  # long enough to watch them run side by side
+    # An earlier test may have left an executor restarting (an aborted attempt): once it is back, both jobs
+    # start at once. Otherwise the 1-rank job could wait out the whole 2-rank one on a busy machine.
+    wait_until(lambda: sum(s.state == "idle" for w in client.workers() for s in w.slots) == 3, what="3 idle slots")
     first = client.submit(texts, model="all-MiniLM-L6-v2", workers=2)
     second = client.submit(texts, model="all-MiniLM-L6-v2", workers=1)
 
