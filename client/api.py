@@ -106,7 +106,11 @@ def upload_message(rows: list[str | jobs_pb2.InputRow]) -> jobs_pb2.SubmitJobReq
 
 def result_to_dict(result: jobs_pb2.Result) -> dict:
     """The row's own "index" is reserved: an input field of that name is overwritten by it."""
-    out: dict = json.loads(result.meta_json) if result.meta_json else {}
+    out: dict = {"index": result.index}
+    if result.meta_json:
+        meta = json.loads(result.meta_json)
+        meta.pop("index", None)
+        out.update(meta)
     kind = result.WhichOneof("output")
     if kind == "embedding":
         out["embedding"] = list(result.embedding.values)
@@ -127,8 +131,7 @@ def result_to_dict(result: jobs_pb2.Result) -> dict:
             out["logits"] = list(result.classification.logits)
     if result.truncated_tokens:
         out["truncated_tokens"] = result.truncated_tokens
-    out.pop("index", None)
-    return {"index": result.index, **out}
+    return out
 
 
 class Client:

@@ -220,7 +220,7 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
         return 0
     progress = [0]
     try:
-        written = _write_results(job, args.output, 0, job.num_rows, out=out, progress=progress)
+        written = _write_results(job, out, 0, job.num_rows, progress=progress)
     except KeyboardInterrupt:
         if job.stop_upload():
             print(f"distinfer: interrupted while its rows uploaded: job {job.id} is dropped", file=sys.stderr)
@@ -263,12 +263,9 @@ def _generate_options(args) -> dict:
     }
 
 
-def _write_results(
-    job: Job, output: Path, start: int, total: int | None, out=None, progress: list[int] | None = None
-) -> int:
-    """Write the job's results from `start` into `out` (opened in append mode; emptied first when start is 0),
-    or into `output`; `progress[0]` counts the rows written so far."""
-    f = out if out is not None else _open_output(output)
+def _write_results(job: Job, f, start: int, total: int | None, progress: list[int] | None = None) -> int:
+    """Write the job's results from `start` into `f` (from _open_output: emptied first when start is 0);
+    `progress[0]` counts the rows written so far."""
     if start == 0:
         f.truncate(0)
     progress = progress if progress is not None else [0]
@@ -365,7 +362,7 @@ def cmd_results(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         job = client.job(args.job_id)
         total = job.status().num_rows
-        written = _write_results(job, args.output, args.start, total, out=_open_output(args.output))
+        written = _write_results(job, _open_output(args.output), args.start, total)
     print(f"distinfer: {written} rows -> {args.output}", file=sys.stderr)
     return 0
 
