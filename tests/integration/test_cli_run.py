@@ -24,32 +24,20 @@ def alive(pids: set[int]) -> set[int]:
     return left
 
 
+def start_run(data, out, state, *options: str) -> subprocess.Popen:
+    """`distinfer run` on one worker, its stderr captured."""
+    command = [sys.executable, "-m", "distinfer.client.cli", "run", "--input", str(data), "--output", str(out)]
+    command += ["--workers", "1", "--state-dir", str(state), *options]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_terminated_run_stops_its_cluster_and_says_what_the_output_holds(tmp_path, signum):
     # A pipe as the input: the job runs on the rows written so far, and the command is still busy.
     data = tmp_path / "in.jsonl"
     os.mkfifo(data)
     out, state = tmp_path / "out.jsonl", tmp_path / "state"
-    run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distinfer.client.cli",
-            "run",
-            "--input",
-            str(data),
-            "--output",
-            str(out),
-            "--task",
-            "echo",
-            "--workers",
-            "1",
-            "--state-dir",
-            str(state),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start_run(data, out, state, "--task", "echo")
     children: set[int] = set()
     try:
         with open(data, "w") as feed:  # blocks until the command opens the pipe: after its cluster is up
@@ -85,26 +73,7 @@ def test_an_interrupted_run_cancels_its_job_so_the_next_run_does_not_finish_it(t
     total = 3000
     data, out, state = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "state"
     data.write_text("".join(json.dumps({"text": f"row number {i}"}) + "\n" for i in range(total)))
-    run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distinfer.client.cli",
-            "run",
-            "--input",
-            str(data),
-            "--output",
-            str(out),
-            "--workers",
-            "1",
-            "--batch-size",
-            "1",
-            "--state-dir",
-            str(state),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start_run(data, out, state, "--batch-size", "1")
     try:
         deadline = time.monotonic() + 120
         while not (out.exists() and out.read_text().count("\n") >= 1):  # the upload is whole, the job runs
