@@ -44,7 +44,10 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
     p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
     p.add_argument(
-        "--max-batch-tokens", type=int, default=0, help="most padded tokens per forward pass (default: per device)"
+        "--max-batch-tokens",
+        type=int,
+        default=0,
+        help="most padded tokens per batch; for generate, prompt + new tokens (default: per device)",
     )
     p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
     p.add_argument(

@@ -61,15 +61,18 @@ def _find(haystack: list[int], needle: list[int]) -> int:
     raise ValueError("the tokenizer's special tokens could not be told apart from the text")
 
 
-def token_budget_batches(rows: list[EncodedRow], max_tokens: int, max_rows: int) -> list[list[EncodedRow]]:
+def token_budget_batches(
+    rows: list[EncodedRow], max_tokens: int, max_rows: int, grows_by: int = 0
+) -> list[list[EncodedRow]]:
     """Longest rows first (a batch too big for the device fails at once, not at the end); a batch grows
-    while rows x longest row stays within max_tokens and rows stay within max_rows. A row longer than the
-    budget gets a batch of its own."""
+    while rows x (longest row + grows_by) stays within max_tokens and rows stay within max_rows. A row longer
+    than the budget gets a batch of its own. grows_by: positions each row gains while its batch runs (the
+    tokens generated), which hold memory as the prompt's do."""
     ordered = sorted(rows, key=lambda r: len(r.ids), reverse=True)
     batches: list[list[EncodedRow]] = []
     current: list[EncodedRow] = []
     for row in ordered:
-        longest = len(current[0].ids) if current else len(row.ids)
+        longest = (len(current[0].ids) if current else len(row.ids)) + grows_by
         if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_rows):
             batches.append(current)
             current = []

@@ -44,11 +44,17 @@ log = structlog.get_logger(__name__)
 class DeviceDefaults:
     max_batch_tokens: int
     max_rows: int
+    # Generation's budget counts every position a row holds at its end (prompt and new tokens, its KV cache):
+    # its batches are bound by memory, not by the compute of one pass.
+    max_generate_positions: int
+
+    def batch_tokens(self, task) -> int:
+        return self.max_generate_positions if task.positions_added else self.max_batch_tokens
 
 
 # Measured on a 2-core CPU: a 1,024-token budget beat 4,096-8,192 by 20-35%; GPUs want far larger batches.
-CPU_DEFAULTS = DeviceDefaults(max_batch_tokens=1024, max_rows=128)
-CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024)
+CPU_DEFAULTS = DeviceDefaults(max_batch_tokens=1024, max_rows=128, max_generate_positions=16384)
+CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024, max_generate_positions=65536)
 METRICS_EVERY_S = 1.0
 
 
@@ -187,7 +193,7 @@ class Executor:
             self.stub,
             a,
             task,
-            max_tokens=options.max_batch_tokens or defaults.max_batch_tokens,
+            max_tokens=options.max_batch_tokens or defaults.batch_tokens(task),
             max_rows=options.batch_size or task.default_max_rows or defaults.max_rows,
             metadata=self.metadata,
             shard=(layout.dp_rank, layout.dp_size),

@@ -268,7 +268,7 @@ class Prefetcher:
                     started = time.monotonic()
                     encoded = task.encode(indices[:rows], texts[:rows])
                     self.encode_s += time.monotonic() - started
-                for batch in token_budget_batches(encoded, max_tokens, max_rows):
+                for batch in token_budget_batches(encoded, max_tokens, max_rows, task.positions_added):
                     self._queue.put(batch)
                 del indices[:rows], texts[:rows]
 

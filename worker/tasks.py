@@ -36,6 +36,8 @@ class Task:
     # A batch is one forward pass of large ops (not many small steps, nor a sleep): on a CPU it may be
     # computed beside another, each on a core of its own (worker/lanes.py).
     batch_is_one_pass = False
+    # Positions a row gains while its batch runs (generated tokens): they count toward the batch's budget.
+    positions_added = 0
 
     @property
     def width(self) -> int:
@@ -269,6 +271,10 @@ class GenerateTask(ModelTask):
     def width(self) -> int:
         return self.max_new + self.META
 
+    @property
+    def positions_added(self) -> int:
+        return self.max_new
+
     def encode(self, indices, texts):
         if self.chat:
             texts = [
@@ -312,6 +318,7 @@ class GenerateTask(ModelTask):
 
     def _pack(self, new: torch.Tensor, prompt_tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
         out = torch.zeros((new.shape[0], self.width), dtype=torch.float32)
+        pad = self.tokenizer.pad_token_id
         for i, tokens in enumerate(new.tolist()):
             count = lengths[i] if lengths is not None else len(tokens)
             finish = 0
@@ -319,6 +326,11 @@ class GenerateTask(ModelTask):
                 if token in self.eos_ids:
                     count, finish = position, 1  # the end-of-sequence token is not part of the text
                     break
+            else:
+                # A row that met a stop string before the rest of its batch ended is padded to their length:
+                # those pads are not tokens it generated.
+                while count and tokens[count - 1] == pad:
+                    count -= 1
             if count < self.max_new:
                 finish = 1  # stopped early: end of sequence or a stop string
             out[i, 0], out[i, 1], out[i, 2] = count, float(prompt_tokens[i]), finish

@@ -110,3 +110,24 @@ def test_stop_strings_cut_the_text(client, tiny_lm):
     )[0]
     assert stop not in stopped["text"] and first[0]["text"].startswith(stopped["text"])
     assert stopped["finish_reason"] == "stop"
+
+
+def test_a_row_stopped_before_its_batch_ends_counts_only_its_own_tokens(client, tiny_lm):
+    """Both prompts share one batch; the first meets its stop string early while the second goes on to the
+    end: the first counts the tokens it generated (the stop's own included), not its batch's length."""
+    options = {"max_new_tokens": 12}
+    prompts = [PROMPTS[1], PROMPTS[2]]
+    first, second = client.submit(prompts, model=tiny_lm, task="generate", workers=1, generate=options).results()
+    words = first["text"].split()  # the tiny tokenizer has a token per word
+    # The first word (after the first) that neither the text before it nor the other row contains.
+    cut = next(
+        p for p in range(1, len(words)) if words[p] not in " ".join(words[:p]) and words[p] not in second["text"]
+    )
+    assert second["generated_tokens"] == 12 and cut < 11, (first, second)
+    stopped, other = client.submit(
+        prompts, model=tiny_lm, task="generate", workers=1, generate={**options, "stop": [words[cut]]}
+    ).results()
+    text_before_stop = first["text"][: first["text"].find(words[cut])]
+    assert stopped["text"] == text_before_stop and stopped["finish_reason"] == "stop", (first, stopped)
+    assert stopped["generated_tokens"] == cut + 1
+    assert other == second

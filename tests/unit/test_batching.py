@@ -215,6 +215,12 @@ def test_batch_budget_counts_the_longest_row_of_the_batch():
     assert [[len(r.ids) for r in b] for b in batches] == [[10, 6], [6]]
 
 
+def test_budget_counts_the_positions_each_row_gains_while_it_runs():
+    # Generation: 4-token prompts that each gain 12 new tokens hold 16 positions apiece at their end.
+    batches = token_budget_batches(rows_of_lengths(*[4] * 10), max_tokens=48, max_rows=100, grows_by=12)
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+
+
 def test_max_rows_cuts_batches_within_the_budget():
     batches = token_budget_batches(rows_of_lengths(*[2] * 7), max_tokens=1000, max_rows=3)
     assert [len(b) for b in batches] == [3, 3, 1]

@@ -127,7 +127,9 @@ class TaskOptions(_message.Message):
     batch_size: _builtins.int
     """Most rows in one forward pass; 0 means the device default."""
     max_batch_tokens: _builtins.int
-    """Most padded tokens (rows x longest row) in one forward pass; 0 means the device default."""
+    """Most padded tokens (rows x longest row) in one batch; generate counts each row's prompt plus its
+    max_new_tokens (its KV cache at the end). 0 means the device default.
+    """
     max_length: _builtins.int
     """Tokens kept per row; 0 means the model's own limit."""
     dtype: _builtins.str
