@@ -32,6 +32,7 @@ CALL_DEADLINE_S = 30.0
 RESUME_TIMEOUT_S = 120.0
 # How long a failed job's result stream waits for its still-open upload to say why it broke.
 UPLOAD_ERROR_WAIT_S = 5.0
+LIST_PAGE_SIZE = 1000  # the coordinator's largest ListJobs page
 TERMINAL_STATES = (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
 
 
@@ -250,10 +251,18 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
-    def jobs(self) -> list[jobs_pb2.JobStatus]:
-        return list(
-            self.stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=CALL_DEADLINE_S, metadata=self.metadata).jobs
-        )
+    def jobs(self, states: Iterable[str | int] = (), limit: int = 0) -> list[jobs_pb2.JobStatus]:
+        """The coordinator's jobs, newest first: those in the given states (names such as "RUNNING", or
+        JobState values; none: all), at most limit of them (0: all)."""
+        request = jobs_pb2.ListJobsRequest(states=[_job_state(s) for s in states])
+        found: list[jobs_pb2.JobStatus] = []
+        while True:
+            request.page_size = min(limit - len(found), LIST_PAGE_SIZE) if limit else LIST_PAGE_SIZE
+            page = self.stub.ListJobs(request, timeout=CALL_DEADLINE_S, metadata=self.metadata)
+            found.extend(page.jobs)
+            request.page_token = page.next_page_token
+            if not page.next_page_token or (limit and len(found) >= limit):
+                return found
 
     def workers(self) -> list[jobs_pb2.WorkerStatus]:
         return list(
@@ -261,6 +270,15 @@ class Client:
                 jobs_pb2.ListWorkersRequest(), timeout=CALL_DEADLINE_S, metadata=self.metadata
             ).workers
         )
+
+
+def _job_state(state: str | int) -> int:
+    if isinstance(state, int):
+        return state
+    try:
+        return jobs_pb2.JobState.Value(state.upper())
+    except ValueError:
+        raise ValueError(f"no job state {state!r}: states are {', '.join(jobs_pb2.JobState.keys()[1:])}") from None
 
 
 class Upload:

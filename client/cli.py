@@ -132,10 +132,20 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     results.add_argument("--output", type=Path, required=True)
     results.add_argument("--start", type=int, default=0, help="first row index to fetch")
 
-    for name, text in (("jobs", "list the jobs"), ("workers", "list the workers and their slots")):
+    for name, text in (("jobs", "list the jobs, newest first"), ("workers", "list the workers and their slots")):
         cmd = sub.add_parser(name, help=text)
         _coordinator_options(cmd)
         cmd.add_argument("--json", action="store_true")
+    jobs = sub.choices["jobs"]
+    jobs.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=str.upper,
+        choices=jobs_pb2.JobState.keys()[1:],
+        help="only jobs in this state (repeat it for several)",
+    )
+    jobs.add_argument("--limit", type=int, default=50, help="most jobs listed (default %(default)s; 0: all)")
     apply_config(list(sub.choices.values()), argv, "client")
     return p
 
@@ -371,16 +381,24 @@ def cmd_results(args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: give a number of jobs, or 0 for all")
     with Client(args.coordinator, security_from_args(args)) as client:
-        jobs = client.jobs()
+        # One more than asked for says whether there are more.
+        jobs = client.jobs(args.state, limit=args.limit + 1 if args.limit else 0)
+    more = bool(args.limit) and len(jobs) > args.limit
+    jobs = jobs[: args.limit or None]
     if args.json:
         print(json.dumps([json.loads(_to_json(j)) for j in jobs], indent=2))
-        return 0
-    rows = [
-        (j.job_id, jobs_pb2.JobState.Name(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model, j.message)
-        for j in jobs
-    ]
-    _print_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows)
+    else:
+        state = jobs_pb2.JobState.Name
+        rows = [
+            (j.job_id, state(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model, j.message)
+            for j in jobs
+        ]
+        _print_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows)
+    if more:
+        print(f"distinfer: the newest {args.limit} jobs only; --limit 0 lists all", file=sys.stderr)
     return 0
 
 

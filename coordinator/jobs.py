@@ -208,6 +208,10 @@ class JobManager(Placing, ProgressWatchdog):
     def list_jobs(self) -> list[jobs_pb2.JobStatus]:
         return [job.status for job in self.jobs.values()]
 
+    def ended_before(self, when: float) -> list[str]:
+        """The jobs that ended before `when` (a time.time())."""
+        return [i for i, job in self.jobs.items() if job.status.state in TERMINAL and job.status.finished_at < when]
+
     async def cancel(self, job_id: str) -> jobs_pb2.JobStatus:
         job = self.job(job_id)
         if job.status.state in TERMINAL:

@@ -70,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="",
         help="bearer token workers must send to join (none: no check; prefer the variable)",
     )
+    p.add_argument(
+        "--keep-ended-jobs",
+        type=float,
+        default=0.0,
+        help="seconds an ended job stays on record, with its rows and results, before it is deleted "
+        "(default: until `distinfer delete`)",
+    )
     p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
@@ -93,7 +100,19 @@ async def serve(config: CoordinatorConfig, port_file: Path | None = None) -> Non
 def main(argv=None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    config = CoordinatorConfig(
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        sys.exit(f"distinfer-coordinator: {exc}")
+    freeze_startup_objects()
+    try:
+        asyncio.run(serve(config, args.port_file))
+    except StateDirInUse as exc:
+        sys.exit(f"distinfer-coordinator: {exc}")
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
         listen=args.listen,
         state_dir=args.state_dir,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -107,12 +126,8 @@ def main(argv=None) -> None:
         client_token=args.client_token,
         join_token=args.join_token,
         metrics_listen=args.metrics_listen,
+        keep_ended_jobs_s=args.keep_ended_jobs,
     )
-    freeze_startup_objects()
-    try:
-        asyncio.run(serve(config, args.port_file))
-    except StateDirInUse as exc:
-        sys.exit(f"distinfer-coordinator: {exc}")
 
 
 if __name__ == "__main__":

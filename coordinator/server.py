@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +50,30 @@ class CoordinatorConfig:
     join_token: str = ""
     # host:port to serve Prometheus metrics on; empty: no metrics endpoint.
     metrics_listen: str = ""
+    # Seconds an ended job (its rows and results) stays on record before it is deleted; 0: until deleted.
+    keep_ended_jobs_s: float = 0.0
 
     def __post_init__(self):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both the server certificate and its key (--tls-cert and --tls-key)")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("mutual TLS (--tls-client-ca) needs the server's own certificate and key too")
+        for flag, seconds in (
+            ("--heartbeat-interval", self.heartbeat_interval_s),
+            ("--rendezvous-timeout", self.rendezvous_timeout_s),
+        ):
+            if seconds <= 0:
+                raise ValueError(f"{flag} {seconds:g}: give a number of seconds above 0")
+        if self.stall_timeout_s < 0:
+            raise ValueError(
+                f"--stall-timeout {self.stall_timeout_s:g}: give seconds, or 0 to never end a stalled attempt"
+            )
+        if self.keep_ended_jobs_s < 0:
+            raise ValueError(f"--keep-ended-jobs {self.keep_ended_jobs_s:g}: give seconds, or 0 to keep ended jobs")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError(
-                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be longer than the heartbeat "
-                f"interval ({self.heartbeat_interval_s}), or every worker would be declared dead"
+                f"--heartbeat-timeout ({self.heartbeat_timeout_s:g} s) must be longer than --heartbeat-interval "
+                f"({self.heartbeat_interval_s:g} s), or every worker would be declared dead"
             )
 
 
@@ -130,6 +145,8 @@ class Coordinator:
             asyncio.create_task(self._watch_heartbeats()),
             asyncio.create_task(self._watch_progress()),
         ]
+        if self.config.keep_ended_jobs_s:
+            self._tasks.append(asyncio.create_task(self._delete_old_jobs(self.config.keep_ended_jobs_s)))
         for service in ("", "distinfer.v1.Jobs", "distinfer.v1.Workers"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("coordinator_started", port=self.port, state_dir=str(self.config.state_dir))
@@ -148,6 +165,17 @@ class Coordinator:
                 await self.manager.end_stalled_attempts()
             except Exception:
                 log.exception("progress_check_failed")
+
+    async def _delete_old_jobs(self, keep_s: float) -> None:
+        while True:
+            try:
+                for job_id in self.manager.ended_before(time.time() - keep_s):
+                    await self.manager.delete(job_id)
+                    log.info("ended_job_expired", job_id=job_id, kept_s=keep_s)
+            except Exception:
+                log.exception("job_expiry_failed")
+            # Checked often enough that no job outlives its time by much more than a tenth of it.
+            await asyncio.sleep(min(60.0, keep_s / 10))
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if self.manager:

@@ -9,6 +9,7 @@ import structlog
 
 from distinfer.common.errors import JOB_ID_KEY, DistinferError, InvalidArgument, grpc_errors
 from distinfer.coordinator.jobs import MESSAGE_LIMIT, JobManager
+from distinfer.coordinator.listing import list_page
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -70,7 +71,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @grpc_errors
     async def ListJobs(self, request, context):
-        return jobs_pb2.ListJobsResponse(jobs=self.manager.list_jobs())
+        return list_page(self.manager.list_jobs(), request)
 
     @grpc_errors
     async def CancelJob(self, request, context):

@@ -48,7 +48,7 @@ ALLOWED = {
     "StreamResults": {C.OK, C.NOT_FOUND, C.INVALID_ARGUMENT, C.CANCELLED, C.DEADLINE_EXCEEDED, C.ABORTED}
     | {getattr(C, name) for name in WORKER_ERROR_CODES},
     "GetJob": {C.OK, C.NOT_FOUND},
-    "ListJobs": {C.OK},
+    "ListJobs": {C.OK, C.INVALID_ARGUMENT},  # a page token or state it never gave
     "CancelJob": {C.OK, C.NOT_FOUND, C.FAILED_PRECONDITION},
     "ListWorkers": {C.OK},
     "RegisterWorker": {C.OK, C.INVALID_ARGUMENT},
@@ -128,8 +128,14 @@ class Stubs:
         return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=TIMEOUT_S, metadata=self.metadata)
 
     def job_ids(self) -> set[str]:
-        listed = self.jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=TIMEOUT_S, metadata=self.metadata)
-        return {job.job_id for job in listed.jobs}
+        ids, token = set(), ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(page_size=1000, page_token=token)
+            listed = self.jobs.ListJobs(request, timeout=TIMEOUT_S, metadata=self.metadata)
+            ids |= {job.job_id for job in listed.jobs}
+            token = listed.next_page_token
+            if not token:
+                return ids
 
     def worker_ids(self) -> set[str]:
         listed = self.jobs.ListWorkers(jobs_pb2.ListWorkersRequest(), timeout=TIMEOUT_S, metadata=self.metadata)

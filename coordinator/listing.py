@@ -1,0 +1,53 @@
+"""ListJobs pages: newest job first, cut at a token that names the last job shown.
+
+The token holds that job's (created_at, job_id), not an offset, so jobs submitted or deleted between two
+pages neither repeat nor skip one: the next page starts after that place in the order, wherever it now is.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+
+from distinfer.common.errors import InvalidArgument
+from distinfer.v1 import jobs_pb2
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _key(status: jobs_pb2.JobStatus) -> tuple[float, str]:
+    return status.created_at, status.job_id
+
+
+def _token(status: jobs_pb2.JobStatus) -> str:
+    return base64.urlsafe_b64encode(json.dumps(_key(status)).encode()).decode()
+
+
+def _after(token: str) -> tuple[float, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(created_at), str(job_id)
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            "page_token is not one this coordinator gave: pass a response's next_page_token as it came, or "
+            "none for the first page"
+        ) from None
+
+
+def list_page(statuses: Iterable[jobs_pb2.JobStatus], request: jobs_pb2.ListJobsRequest) -> jobs_pb2.ListJobsResponse:
+    size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    states = set(request.states)
+    unknown = states - set(jobs_pb2.JobState.values()) | (states & {jobs_pb2.JOB_STATE_UNSPECIFIED})
+    if unknown:
+        known = ", ".join(jobs_pb2.JobState.keys()[1:])
+        raise InvalidArgument(f"no job state {sorted(unknown)[0]}: states are {known}")
+    chosen = [s for s in statuses if not states or s.state in states]
+    if request.page_token:
+        after = _after(request.page_token)
+        chosen = [s for s in chosen if _key(s) < after]
+    chosen.sort(key=_key, reverse=True)
+    page = chosen[:size]
+    more = len(chosen) > size
+    return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=_token(page[-1]) if more else "")

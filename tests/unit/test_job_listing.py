@@ -1,0 +1,148 @@
+"""ListJobs: newest first, a page at a time, filtered by state; `distinfer jobs`; and --keep-ended-jobs, which
+deletes ended jobs once they are old enough and never touches a live one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from distinfer.client.api import Client
+from distinfer.common.errors import InvalidArgument
+from distinfer.coordinator.listing import MAX_PAGE_SIZE, list_page
+from distinfer.v1 import jobs_pb2
+
+S = jobs_pb2
+
+
+def statuses(n: int, state=S.QUEUED) -> list[jobs_pb2.JobStatus]:
+    return [S.JobStatus(job_id=f"j-{i:03}", created_at=1000.0 + i, state=state) for i in range(n)]
+
+
+def every_page(jobs, page_size: int, states=(), between=None) -> list[list[str]]:
+    pages, token = [], ""
+    while True:
+        page = list_page(jobs, S.ListJobsRequest(page_size=page_size, page_token=token, states=states))
+        pages.append([j.job_id for j in page.jobs])
+        token = page.next_page_token
+        if not token:
+            return pages
+        if between:
+            between(jobs)
+
+
+def test_pages_list_every_job_once_newest_first():
+    jobs = statuses(7)
+    assert every_page(jobs, 3) == [["j-006", "j-005", "j-004"], ["j-003", "j-002", "j-001"], ["j-000"]]
+    assert every_page(jobs, 7) == [["j-006", "j-005", "j-004", "j-003", "j-002", "j-001", "j-000"]]
+
+
+def test_jobs_submitted_or_deleted_between_pages_neither_repeat_nor_skip_one():
+    jobs = statuses(6)
+
+    def churn(jobs):
+        jobs.append(S.JobStatus(job_id=f"j-new{len(jobs)}", created_at=2000.0 + len(jobs)))  # newer than every page
+        jobs.remove(min(jobs, key=lambda j: j.created_at))  # the oldest, not yet listed, goes
+
+    pages = every_page(jobs, 2, between=churn)
+    listed = [job_id for page in pages for job_id in page]
+    assert listed == ["j-005", "j-004", "j-003", "j-002"]  # j-000 and j-001 were deleted before their page
+
+
+def test_jobs_created_at_the_same_instant_are_ordered_by_id_and_paged_whole():
+    jobs = [S.JobStatus(job_id=f"j-{c}", created_at=5.0) for c in "dbeac"]
+    assert every_page(jobs, 2) == [["j-e", "j-d"], ["j-c", "j-b"], ["j-a"]]
+
+
+def test_states_filter_the_jobs():
+    jobs = statuses(4) + [S.JobStatus(job_id="j-done", created_at=1.0, state=S.SUCCEEDED)]
+    assert every_page(jobs, 10, states=[S.SUCCEEDED]) == [["j-done"]]
+    assert every_page(jobs, 10, states=[S.SUCCEEDED, S.QUEUED])[0][-1] == "j-done"
+    assert every_page(jobs, 10, states=[S.FAILED]) == [[]]
+
+
+def test_a_page_holds_at_most_the_largest_page_size():
+    page = list_page(statuses(MAX_PAGE_SIZE + 5), S.ListJobsRequest(page_size=1_000_000))
+    assert len(page.jobs) == MAX_PAGE_SIZE and page.next_page_token
+
+
+@pytest.mark.parametrize("token", ["not base64 !", "bm9uc2Vuc2U=", "WzEsIDIsIDNd", "eyJhIjogMX0="])
+def test_a_page_token_it_never_gave_is_a_clear_invalid_argument(token):
+    with pytest.raises(InvalidArgument, match="pass a response's next_page_token as it came"):
+        list_page(statuses(3), S.ListJobsRequest(page_token=token))
+
+
+@pytest.mark.parametrize("state", [0, 99])
+def test_an_unknown_state_is_a_clear_invalid_argument(state):
+    with pytest.raises(InvalidArgument, match="states are QUEUED, SCHEDULED, RUNNING"):
+        list_page(statuses(3), S.ListJobsRequest(states=[state]))
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_client_and_the_cli_list_the_newest_jobs_by_state(coordinator, client):
+    # No worker: the jobs wait in the queue until cancelled.
+    jobs = [client.submit([{"text": f"job {i}"}], model="m", workers=1) for i in range(5)]
+    for job in jobs[:2]:
+        job.cancel()
+    newest_first = [job.id for job in reversed(jobs)]
+    assert [j.job_id for j in client.jobs()] == newest_first
+    assert [j.job_id for j in client.jobs(limit=2)] == newest_first[:2]
+    assert [j.job_id for j in client.jobs(states=["cancelled"])] == newest_first[3:]
+    with pytest.raises(ValueError, match="no job state 'DONE'"):
+        client.jobs(states=["DONE"])
+    with pytest.raises(grpc.RpcError) as bad_token:
+        client.stub.ListJobs(S.ListJobsRequest(page_token="x"))
+    assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    listed = run_cli("jobs", "--coordinator", coordinator.address, "--limit", "2")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == newest_first[:2]
+    assert "the newest 2 jobs only; --limit 0 lists all" in listed.stderr
+    cancelled = run_cli("jobs", "--coordinator", coordinator.address, "--state", "cancelled", "--limit", "0")
+    assert [line.split()[0] for line in cancelled.stdout.splitlines()[1:]] == newest_first[3:]
+    assert cancelled.stderr == ""
+    wrong = run_cli("jobs", "--coordinator", coordinator.address, "--state", "done")
+    assert wrong.returncode == 2 and "invalid choice: 'DONE'" in wrong.stderr
+
+
+def test_ended_jobs_are_deleted_once_kept_long_enough_and_live_ones_never(coordinator_class, tmp_path):
+    server = coordinator_class(tmp_path / "state", keep_ended_jobs_s=1.0)
+    address = server.start()
+    try:
+        with Client(address) as client:
+            ended = client.submit([{"text": f"row {i}"} for i in range(100)], model="m", workers=1)
+            finished_at = ended.cancel().finished_at
+            queued = client.submit([{"text": "waits"}], model="m", workers=1)
+            deadline = time.monotonic() + 20
+            while ended.id in {j.job_id for j in client.jobs()}:
+                assert time.monotonic() < deadline, "the ended job was kept past its time"
+                time.sleep(0.1)
+            assert time.time() - finished_at >= 1.0, "the ended job was deleted before its time"
+            store = server.coordinator.manager.store
+            assert list(store.shard(ended.id, 1, 0, 1)) == []  # its rows left the state file too
+            time.sleep(1.5)  # a live job is never too old
+            assert [j.job_id for j in client.jobs()] == [queued.id]
+    finally:
+        server.stop()
+
+
+def test_a_bad_coordinator_setting_is_one_clear_line_not_a_traceback(tmp_path):
+    for flag, value, said in (
+        ("--keep-ended-jobs", "-1", "--keep-ended-jobs -1: give seconds, or 0 to keep ended jobs"),
+        ("--heartbeat-interval", "0", "--heartbeat-interval 0: give a number of seconds above 0"),
+    ):
+        started = subprocess.run(
+            [sys.executable, "-m", "distinfer.coordinator.main", flag, value, "--state-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 1 and started.stderr.strip() == f"distinfer-coordinator: {said}", started.stderr
