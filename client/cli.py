@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -13,15 +12,14 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from distinfer.client.api import Client, Job, JobFailed, result_to_dict
+from distinfer.client.api import Client, Job, JobFailed
+from distinfer.client.arguments import build_parser
+from distinfer.client.conversions import result_to_dict
+from distinfer.client.display import format_status, print_table, to_json
 from distinfer.client.local import ClusterError
-from distinfer.client.rows import FORMATS, InputError, read_rows, write_jsonl
-from distinfer.common.channels import add_security_flags, security_from_args
-from distinfer.common.config import apply_config
-from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
+from distinfer.client.rows import InputError, read_rows, write_jsonl
+from distinfer.common.channels import security_from_args
 from distinfer.v1 import jobs_pb2
-
-DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
 
 
 class UsageError(Exception):
@@ -34,120 +32,6 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def _job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", type=Path, required=True, help="dataset: .jsonl, .csv or .parquet")
-    p.add_argument("--output", type=Path, required=True, help="JSONL, one line per input row, in input order")
-    p.add_argument("--task", choices=TASKS, default="embed")
-    p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
-    p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
-    p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
-    p.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=0,
-        help="most padded tokens per batch; for generate, prompt + new tokens (default: per device)",
-    )
-    p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="weights' dtype: auto is bfloat16 (or float16) on CUDA, bfloat16 on CPUs with AMX, else float32",
-    )
-    p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
-    p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
-    gen = p.add_argument_group("generate")
-    gen.add_argument("--max-new-tokens", type=int, default=0, help="tokens to add at most (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
-    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (default: all)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed; row i uses seed + i, however it is sharded")
-    gen.add_argument("--stop", action="append", default=[], help="stop a row at this text (repeatable)")
-    gen.add_argument(
-        "--tp-size", type=int, default=0, help="split the model over this many GPUs of one host (tensor parallel)"
-    )
-    gen.add_argument("--chat-template", action="store_true", help="wrap each row in the model's chat template")
-    p.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=0.0,
-        help="fail if the job waits longer than this for its workers (default: wait)",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=0.0,
-        help="retry an attempt that computes no batch for this long, taken for hung; longer than the slowest "
-        "batch and model load (default: the coordinator's, 600 s)",
-    )
-
-
-def _coordinator_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
-    add_security_flags(p, "--token")
-
-
-def build_parser(argv=None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distinfer", description="Run Hugging Face models over a dataset on many workers.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="start a coordinator and workers on this machine, run one job, stop them")
-    _job_options(run)
-    run.add_argument(
-        "--model", default=DEFAULT_MODEL, help="model directory or cached name (default: the bundled all-MiniLM-L6-v2)"
-    )
-    run.add_argument("--workers", type=int, default=2, help="ranks to run on this machine (default 2)")
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    run.add_argument("--state-dir", type=Path, help="keep the coordinator's state and the logs here")
-
-    submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
-    _coordinator_options(submit)
-    submit.add_argument(
-        "--model", default="", help="model directory (as the workers see it) or cached name; none for echo"
-    )
-    submit.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="ranks to use: the job waits until this many are free (default: every free slot)",
-    )
-    submit.add_argument("--detach", action="store_true", help="print the job id and return without waiting")
-    _job_options(submit)
-
-    for name, text in (("status", "show a job's state, progress and attempts"), ("cancel", "cancel a job")):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("job_id")
-        _coordinator_options(cmd)
-        cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
-
-    delete = sub.add_parser("delete", help="forget an ended job: its record, rows and results")
-    delete.add_argument("job_id")
-    _coordinator_options(delete)
-
-    results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
-    results.add_argument("job_id")
-    _coordinator_options(results)
-    results.add_argument("--output", type=Path, required=True)
-    results.add_argument("--start", type=int, default=0, help="first row index to fetch")
-
-    for name, text in (("jobs", "list the jobs, newest first"), ("workers", "list the workers and their slots")):
-        cmd = sub.add_parser(name, help=text)
-        _coordinator_options(cmd)
-        cmd.add_argument("--json", action="store_true")
-    jobs = sub.choices["jobs"]
-    jobs.add_argument(
-        "--state",
-        action="append",
-        default=[],
-        type=str.upper,
-        choices=jobs_pb2.JobState.keys()[1:],
-        help="only jobs in this state (repeat it for several)",
-    )
-    jobs.add_argument("--limit", type=int, default=50, help="most jobs listed (default %(default)s; 0: all)")
-    apply_config(list(sub.choices.values()), argv, "client")
-    return p
 
 
 def main(argv=None) -> int:
@@ -351,7 +235,7 @@ def cmd_status(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         status = client.job(args.job_id).status()
     if args.json:
-        print(_to_json(status))
+        print(to_json(status))
         return 0
     print(format_status(status))
     return 0
@@ -389,14 +273,14 @@ def cmd_jobs(args) -> int:
     more = bool(args.limit) and len(jobs) > args.limit
     jobs = jobs[: args.limit or None]
     if args.json:
-        print(json.dumps([json.loads(_to_json(j)) for j in jobs], indent=2))
+        print(json.dumps([json.loads(to_json(j)) for j in jobs], indent=2))
     else:
         state = jobs_pb2.JobState.Name
         rows = [
             (j.job_id, state(j.state), f"{j.rows_done}/{j.num_rows}", j.spec.task, j.spec.model, j.message)
             for j in jobs
         ]
-        _print_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows)
+        print_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows)
     if more:
         print(f"distinfer: the newest {args.limit} jobs only; --limit 0 lists all", file=sys.stderr)
     return 0
@@ -406,79 +290,15 @@ def cmd_workers(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         workers = client.workers()
     if args.json:
-        print(json.dumps([json.loads(_to_json(w)) for w in workers], indent=2))
+        print(json.dumps([json.loads(to_json(w)) for w in workers], indent=2))
         return 0
     rows = [
         (w.worker_id, w.advertise_host, s.index, s.device, s.state, s.job_id or "-", f"{w.last_heartbeat_s_ago:.1f}s")
         for w in workers
         for s in w.slots
     ]
-    _print_table(("WORKER", "HOST", "SLOT", "DEVICE", "STATE", "JOB", "HEARTBEAT"), rows)
+    print_table(("WORKER", "HOST", "SLOT", "DEVICE", "STATE", "JOB", "HEARTBEAT"), rows)
     return 0
-
-
-def format_status(s: jobs_pb2.JobStatus) -> str:
-    lines = [
-        f"job       {s.job_id}",
-        f"state     {jobs_pb2.JobState.Name(s.state)}",
-        f"task      {s.spec.task} with {s.spec.model}",
-        f"rows      {s.rows_done}/{s.num_rows}" + (" (still uploading)" if s.uploading else ""),
-        f"message   {s.message}",
-    ]
-    if s.HasField("timings"):
-        t = s.timings
-        parts = [
-            ("queued", t.queued_s),
-            ("rendezvous", t.rendezvous_s),
-            ("model load", t.model_load_s),
-            ("tokenise", t.tokenize_s),
-            ("compute", t.compute_s),
-            ("gather", t.gather_s),
-            ("stream", t.stream_s),
-        ]
-        lines.append("time      " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in parts))
-    if s.time_to_first_result_s:
-        lines.append(f"first row {s.time_to_first_result_s:.2f} s after the attempt started")
-    for a in s.attempts:
-        ended = f", ended: {a.end_reason}" if a.end_reason else ""
-        lines.append(f"attempt {a.number}: {a.world_size} ranks, {a.backend} at {a.master_addr}:{a.master_port}{ended}")
-        for r in a.ranks:
-            dtype = f", {r.dtype}" if r.dtype else ""
-            lanes = f", {r.compute_lanes} lanes" if r.compute_lanes > 1 else ""
-            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}{lanes}) on {r.host}")
-    return "\n".join(lines)
-
-
-STATE_STYLES = {
-    "idle": "green",
-    "busy": "cyan",
-    "unhealthy": "red",
-    "SUCCEEDED": "green",
-    "RUNNING": "cyan",
-    "FAILED": "red",
-    "CANCELLED": "yellow",
-    "QUEUED": "yellow",
-    "SCHEDULED": "cyan",
-}
-
-
-def _print_table(header: tuple, rows: list[tuple]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(*header, box=None, header_style="bold", pad_edge=False)
-    for row in rows:
-        # Cells are text, never markup: a message or a model path may hold "[...]".
-        table.add_row(*(f"[{STATE_STYLES[c]}]{c}[/]" if c in STATE_STYLES else escape(str(c)) for c in row))
-    # Wide when piped, so scripts and greps see whole rows; colours only on a terminal.
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
-
-
-def _to_json(message) -> str:
-    from google.protobuf.json_format import MessageToJson
-
-    return MessageToJson(message)
 
 
 COMMANDS = {

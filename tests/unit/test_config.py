@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from distinfer.client.cli import build_parser
+from distinfer.client.arguments import build_parser
 from distinfer.coordinator.main import parse_args as coordinator_args
 from distinfer.worker.main import parse_args as worker_args
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from distinfer.client.api import to_input_row
+from distinfer.client.conversions import to_input_row
 from distinfer.client.row_messages import MESSAGE_CHARS, READ_AHEAD_MESSAGES, ROWS_PER_MESSAGE, RowMessages
 
 

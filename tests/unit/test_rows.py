@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distinfer.client.api import result_to_dict, to_input_row, to_upload_row, upload_message
+from distinfer.client.conversions import result_to_dict, to_input_row, to_upload_row, upload_message
 from distinfer.client.rows import InputError, detect_format, read_rows
 from distinfer.v1 import jobs_pb2
 

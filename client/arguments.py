@@ -1,0 +1,128 @@
+"""The `distinfer` command line: its subcommands and their flags (each also settable from a config file)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distinfer.client.rows import FORMATS
+from distinfer.common.channels import add_security_flags
+from distinfer.common.config import apply_config
+from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
+from distinfer.v1 import jobs_pb2
+
+DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", type=Path, required=True, help="dataset: .jsonl, .csv or .parquet")
+    p.add_argument("--output", type=Path, required=True, help="JSONL, one line per input row, in input order")
+    p.add_argument("--task", choices=TASKS, default="embed")
+    p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
+    p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
+    p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=0,
+        help="most padded tokens per batch; for generate, prompt + new tokens (default: per device)",
+    )
+    p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights' dtype: auto is bfloat16 (or float16) on CUDA, bfloat16 on CPUs with AMX, else float32",
+    )
+    p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
+    p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
+    gen = p.add_argument_group("generate")
+    gen.add_argument("--max-new-tokens", type=int, default=0, help="tokens to add at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (default: all)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; row i uses seed + i, however it is sharded")
+    gen.add_argument("--stop", action="append", default=[], help="stop a row at this text (repeatable)")
+    gen.add_argument(
+        "--tp-size", type=int, default=0, help="split the model over this many GPUs of one host (tensor parallel)"
+    )
+    gen.add_argument("--chat-template", action="store_true", help="wrap each row in the model's chat template")
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=0.0,
+        help="fail if the job waits longer than this for its workers (default: wait)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=0.0,
+        help="retry an attempt that computes no batch for this long, taken for hung; longer than the slowest "
+        "batch and model load (default: the coordinator's, 600 s)",
+    )
+
+
+def _coordinator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+    add_security_flags(p, "--token")
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distinfer", description="Run Hugging Face models over a dataset on many workers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start a coordinator and workers on this machine, run one job, stop them")
+    _job_options(run)
+    run.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model directory or cached name (default: the bundled all-MiniLM-L6-v2)"
+    )
+    run.add_argument("--workers", type=int, default=2, help="ranks to run on this machine (default 2)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--state-dir", type=Path, help="keep the coordinator's state and the logs here")
+
+    submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
+    _coordinator_options(submit)
+    submit.add_argument(
+        "--model", default="", help="model directory (as the workers see it) or cached name; none for echo"
+    )
+    submit.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="ranks to use: the job waits until this many are free (default: every free slot)",
+    )
+    submit.add_argument("--detach", action="store_true", help="print the job id and return without waiting")
+    _job_options(submit)
+
+    for name, text in (("status", "show a job's state, progress and attempts"), ("cancel", "cancel a job")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job_id")
+        _coordinator_options(cmd)
+        cmd.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+    delete = sub.add_parser("delete", help="forget an ended job: its record, rows and results")
+    delete.add_argument("job_id")
+    _coordinator_options(delete)
+
+    results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
+    results.add_argument("job_id")
+    _coordinator_options(results)
+    results.add_argument("--output", type=Path, required=True)
+    results.add_argument("--start", type=int, default=0, help="first row index to fetch")
+
+    for name, text in (("jobs", "list the jobs, newest first"), ("workers", "list the workers and their slots")):
+        cmd = sub.add_parser(name, help=text)
+        _coordinator_options(cmd)
+        cmd.add_argument("--json", action="store_true")
+    jobs = sub.choices["jobs"]
+    jobs.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=str.upper,
+        choices=jobs_pb2.JobState.keys()[1:],
+        help="only jobs in this state (repeat it for several)",
+    )
+    jobs.add_argument("--limit", type=int, default=50, help="most jobs listed (default %(default)s; 0: all)")
+    apply_config(list(sub.choices.values()), argv, "client")
+    return p
