@@ -71,6 +71,9 @@ def _set_default(parser, action: argparse.Action, value, source: str) -> None:
     elif isinstance(action, argparse._AppendAction):
         value = value.split(os.pathsep) if isinstance(value, str) else list(value)
         value = [action.type(v) if action.type else v for v in value if v]
+        if action.choices is not None and (wrong := [v for v in value if v not in action.choices]):
+            parser.error(f"{source}: {wrong[0]!r} is not one of {', '.join(map(str, action.choices))}")
+        action.__class__ = _AppendOverDefault
     elif isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)
@@ -80,6 +83,16 @@ def _set_default(parser, action: argparse.Action, value, source: str) -> None:
         parser.error(f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     action.default = value
     action.required = False  # given by the environment or the file
+
+
+class _AppendOverDefault(argparse._AppendAction):
+    """A repeatable flag whose default came from the environment or the file: given on the command line, its
+    values replace that default (flags win) instead of adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _read_toml(path: Path, section: str) -> dict:

@@ -38,6 +38,25 @@ def test_worker_booleans_lists_and_required_options_from_the_environment(monkeyp
     assert args.token == "join-secret"
 
 
+def test_a_repeatable_flag_replaces_its_values_from_the_environment_or_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTINFER_STATE", "running")
+    monkeypatch.setenv("DISTINFER_COORDINATOR", "head:50051")
+    parse = build_parser(["jobs"]).parse_args
+    assert parse(["jobs"]).state == ["RUNNING"]
+    assert parse(["jobs", "--state", "failed", "--state", "queued"]).state == ["FAILED", "QUEUED"]
+    config = tmp_path / "c.toml"
+    config.write_text('[worker]\nmodel-root = ["/models"]\n')
+    args = worker_args(["--config", str(config), "--coordinator", "h:1", "--model-root", "/mine"])
+    assert args.model_root == ["/mine"]
+
+
+def test_a_repeatable_flags_values_from_the_environment_are_checked(monkeypatch, capsys):
+    monkeypatch.setenv("DISTINFER_STATE", "running" + os.pathsep + "done")
+    with pytest.raises(SystemExit):
+        build_parser(["jobs"])
+    assert "DISTINFER_STATE: 'DONE' is not one of QUEUED" in capsys.readouterr().err
+
+
 def test_client_commands_read_the_client_table(tmp_path, monkeypatch):
     config = tmp_path / "c.toml"
     config.write_text('[client]\ncoordinator = "head:50051"\ntoken = "from-file"\n')
