@@ -156,9 +156,13 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
-    def jobs(self, states: Iterable[str | int] = (), limit: int = 0) -> list[jobs_pb2.JobStatus]:
+    def jobs(self, states: str | int | Iterable[str | int] = (), limit: int = 0) -> list[jobs_pb2.JobStatus]:
         """The coordinator's jobs, newest first: those in the given states (names such as "RUNNING", or
         JobState values; none: all), at most limit of them (0: all)."""
+        if limit < 0:
+            raise ValueError(f"limit {limit}: give a number of jobs, or 0 for all")
+        if isinstance(states, (str, int)):  # one state
+            states = [states]
         request = jobs_pb2.ListJobsRequest(states=[_job_state(s) for s in states])
         found: list[jobs_pb2.JobStatus] = []
         while True:

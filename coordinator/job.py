@@ -35,6 +35,8 @@ class Job:
     attempt: ActiveAttempt | None = None
     # Replaced (and the old one set) on every change, so streams wake without polling.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Result streams open on it: an ended job is not deleted for its age while one is read.
+    readers: int = 0
 
     def notify(self) -> None:
         old, self.changed = self.changed, asyncio.Event()

@@ -209,8 +209,12 @@ class JobManager(Placing, ProgressWatchdog):
         return [job.status for job in self.jobs.values()]
 
     def ended_before(self, when: float) -> list[str]:
-        """The jobs that ended before `when` (a time.time())."""
-        return [i for i, job in self.jobs.items() if job.status.state in TERMINAL and job.status.finished_at < when]
+        """The jobs that ended before `when` (a time.time()) and whose results no one is reading."""
+        return [
+            job_id
+            for job_id, job in self.jobs.items()
+            if job.status.state in TERMINAL and job.status.finished_at < when and not job.readers
+        ]
 
     async def cancel(self, job_id: str) -> jobs_pb2.JobStatus:
         job = self.job(job_id)
@@ -236,7 +240,15 @@ class JobManager(Placing, ProgressWatchdog):
         job = self.job(job_id)
         if start > job.status.num_rows:
             raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
-        next_index = start
+        job.readers += 1
+        try:
+            async for batch in self._results_of(job, start):
+                yield batch
+        finally:
+            job.readers -= 1
+
+    async def _results_of(self, job: Job, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
+        job_id, next_index = job.job_id, start
         while True:
             if self.jobs.get(job_id) is not job:
                 raise NotFound(f"job {job_id} was deleted while its results were read")

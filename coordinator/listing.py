@@ -10,11 +10,15 @@ import base64
 import json
 from collections.abc import Iterable
 
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import InvalidArgument
 from distinfer.v1 import jobs_pb2
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# A job of many ranks and attempts has a status of tens of KB: a page also ends at this size, far below what
+# gRPC takes in one message.
+MAX_PAGE_BYTES = STREAM_MESSAGE_BYTES
 
 
 def _key(status: jobs_pb2.JobStatus) -> tuple[float, str]:
@@ -39,8 +43,7 @@ def _after(token: str) -> tuple[float, str]:
 def list_page(statuses: Iterable[jobs_pb2.JobStatus], request: jobs_pb2.ListJobsRequest) -> jobs_pb2.ListJobsResponse:
     size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     states = set(request.states)
-    unknown = states - set(jobs_pb2.JobState.values()) | (states & {jobs_pb2.JOB_STATE_UNSPECIFIED})
-    if unknown:
+    if unknown := states - (set(jobs_pb2.JobState.values()) - {jobs_pb2.JOB_STATE_UNSPECIFIED}):
         known = ", ".join(jobs_pb2.JobState.keys()[1:])
         raise InvalidArgument(f"no job state {sorted(unknown)[0]}: states are {known}")
     chosen = [s for s in statuses if not states or s.state in states]
@@ -48,6 +51,11 @@ def list_page(statuses: Iterable[jobs_pb2.JobStatus], request: jobs_pb2.ListJobs
         after = _after(request.page_token)
         chosen = [s for s in chosen if _key(s) < after]
     chosen.sort(key=_key, reverse=True)
-    page = chosen[:size]
-    more = len(chosen) > size
+    page, page_bytes = [], 0
+    for status in chosen[:size]:
+        page_bytes += status.ByteSize()
+        if page and page_bytes > MAX_PAGE_BYTES:
+            break
+        page.append(status)
+    more = len(page) < len(chosen)
     return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=_token(page[-1]) if more else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import SERVER_OPTIONS
-from distinfer.common.errors import UnparsableRequests
+from distinfer.common.errors import NotFound, UnparsableRequests
 from distinfer.common.metrics import serve_metrics
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.limits import Limits
@@ -58,18 +59,16 @@ class CoordinatorConfig:
             raise ValueError("TLS needs both the server certificate and its key (--tls-cert and --tls-key)")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("mutual TLS (--tls-client-ca) needs the server's own certificate and key too")
-        for flag, seconds in (
-            ("--heartbeat-interval", self.heartbeat_interval_s),
-            ("--rendezvous-timeout", self.rendezvous_timeout_s),
+        for flag, seconds, zero_means in (
+            ("--heartbeat-interval", self.heartbeat_interval_s, ""),
+            ("--heartbeat-timeout", self.heartbeat_timeout_s, ""),
+            ("--rendezvous-timeout", self.rendezvous_timeout_s, ""),
+            ("--stall-timeout", self.stall_timeout_s, "never end a stalled attempt"),
+            ("--keep-ended-jobs", self.keep_ended_jobs_s, "keep ended jobs until deleted"),
         ):
-            if seconds <= 0:
-                raise ValueError(f"{flag} {seconds:g}: give a number of seconds above 0")
-        if self.stall_timeout_s < 0:
-            raise ValueError(
-                f"--stall-timeout {self.stall_timeout_s:g}: give seconds, or 0 to never end a stalled attempt"
-            )
-        if self.keep_ended_jobs_s < 0:
-            raise ValueError(f"--keep-ended-jobs {self.keep_ended_jobs_s:g}: give seconds, or 0 to keep ended jobs")
+            if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_means):
+                zero = f", or 0 to {zero_means}" if zero_means else ""
+                raise ValueError(f"{flag} {seconds:g}: give a number of seconds above 0{zero}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"--heartbeat-timeout ({self.heartbeat_timeout_s:g} s) must be longer than --heartbeat-interval "
@@ -146,7 +145,7 @@ class Coordinator:
             asyncio.create_task(self._watch_progress()),
         ]
         if self.config.keep_ended_jobs_s:
-            self._tasks.append(asyncio.create_task(self._delete_old_jobs(self.config.keep_ended_jobs_s)))
+            self._tasks.append(asyncio.create_task(self._delete_old_jobs()))
         for service in ("", "distinfer.v1.Jobs", "distinfer.v1.Workers"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("coordinator_started", port=self.port, state_dir=str(self.config.state_dir))
@@ -166,16 +165,21 @@ class Coordinator:
             except Exception:
                 log.exception("progress_check_failed")
 
-    async def _delete_old_jobs(self, keep_s: float) -> None:
+    async def _delete_old_jobs(self) -> None:
+        keep_s = self.config.keep_ended_jobs_s
         while True:
-            try:
-                for job_id in self.manager.ended_before(time.time() - keep_s):
+            for job_id in self.manager.ended_before(time.time() - keep_s):
+                try:
                     await self.manager.delete(job_id)
-                    log.info("ended_job_expired", job_id=job_id, kept_s=keep_s)
-            except Exception:
-                log.exception("job_expiry_failed")
-            # Checked often enough that no job outlives its time by much more than a tenth of it.
-            await asyncio.sleep(min(60.0, keep_s / 10))
+                except NotFound:
+                    continue  # its user deleted it meanwhile
+                except Exception:
+                    log.exception("job_expiry_failed", job_id=job_id)
+                    continue
+                log.info("ended_job_expired", job_id=job_id, kept_s=keep_s)
+            # Often enough that no job outlives its time by much more than a tenth of it; a scan of every job
+            # at most once a second.
+            await asyncio.sleep(min(60.0, max(1.0, keep_s / 10)))
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if self.manager:

@@ -3,16 +3,23 @@ deletes ended jobs once they are old enough and never touches a live one."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+import types
 
 import grpc
 import pytest
 
 from distinfer.client.api import Client
 from distinfer.common.errors import InvalidArgument
-from distinfer.coordinator.listing import MAX_PAGE_SIZE, list_page
+from distinfer.coordinator.job import Job
+from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.listing import MAX_PAGE_BYTES, MAX_PAGE_SIZE, list_page
+from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.server import Coordinator
+from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2
 
 S = jobs_pb2
@@ -69,6 +76,18 @@ def test_a_page_holds_at_most_the_largest_page_size():
     assert len(page.jobs) == MAX_PAGE_SIZE and page.next_page_token
 
 
+def test_a_page_of_large_statuses_ends_at_the_largest_page_bytes():
+    jobs = statuses(300)
+    for job in jobs:  # a job of 256 ranks over 5 attempts: some 80 KB of status
+        for number in range(5):
+            ranks = [S.RankInfo(rank=r, worker_id=f"w-{r:04}", host="10.0.0.1", device="cuda:0") for r in range(256)]
+            job.attempts.add(number=number, ranks=ranks, end_reason="x" * 200)
+    pages = every_page(jobs, MAX_PAGE_SIZE)
+    assert len(pages) > 1 and sum(map(len, pages)) == 300
+    largest = max(len(page) for page in pages) * jobs[0].ByteSize()
+    assert largest <= MAX_PAGE_BYTES
+
+
 @pytest.mark.parametrize("token", ["not base64 !", "bm9uc2Vuc2U=", "WzEsIDIsIDNd", "eyJhIjogMX0="])
 def test_a_page_token_it_never_gave_is_a_clear_invalid_argument(token):
     with pytest.raises(InvalidArgument, match="pass a response's next_page_token as it came"):
@@ -96,8 +115,11 @@ def test_the_client_and_the_cli_list_the_newest_jobs_by_state(coordinator, clien
     assert [j.job_id for j in client.jobs()] == newest_first
     assert [j.job_id for j in client.jobs(limit=2)] == newest_first[:2]
     assert [j.job_id for j in client.jobs(states=["cancelled"])] == newest_first[3:]
+    assert client.jobs(states="CANCELLED") == client.jobs(states=["CANCELLED"])
     with pytest.raises(ValueError, match="no job state 'DONE'"):
         client.jobs(states=["DONE"])
+    with pytest.raises(ValueError, match="limit -1: give a number of jobs, or 0 for all"):
+        client.jobs(limit=-1)
     with pytest.raises(grpc.RpcError) as bad_token:
         client.stub.ListJobs(S.ListJobsRequest(page_token="x"))
     assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -136,8 +158,9 @@ def test_ended_jobs_are_deleted_once_kept_long_enough_and_live_ones_never(coordi
 
 def test_a_bad_coordinator_setting_is_one_clear_line_not_a_traceback(tmp_path):
     for flag, value, said in (
-        ("--keep-ended-jobs", "-1", "--keep-ended-jobs -1: give seconds, or 0 to keep ended jobs"),
+        ("--keep-ended-jobs", "-1", "--keep-ended-jobs -1: give a number of seconds above 0, or 0 to keep ended jobs"),
         ("--heartbeat-interval", "0", "--heartbeat-interval 0: give a number of seconds above 0"),
+        ("--stall-timeout", "nan", "--stall-timeout nan: give a number of seconds above 0, or 0 to never end"),
     ):
         started = subprocess.run(
             [sys.executable, "-m", "distinfer.coordinator.main", flag, value, "--state-dir", str(tmp_path)],
@@ -145,4 +168,47 @@ def test_a_bad_coordinator_setting_is_one_clear_line_not_a_traceback(tmp_path):
             text=True,
             timeout=60,
         )
-        assert started.returncode == 1 and started.stderr.strip() == f"distinfer-coordinator: {said}", started.stderr
+        assert started.returncode == 1 and started.stderr.startswith(f"distinfer-coordinator: {said}"), started.stderr
+
+
+def ended_job(manager, job_id: str, rows: int = 0) -> None:
+    status = S.JobStatus(
+        job_id=job_id, state=S.SUCCEEDED, num_rows=rows, rows_done=rows, created_at=1.0, finished_at=time.time() - 100
+    )
+    manager.store.create_job(status)
+    if rows:
+        manager.store.add_rows(job_id, 0, S.RowBatch(rows=[S.InputRow(text="x")] * rows))
+        results = [(i, S.Result(index=i, echo=S.Echo(chars=1)).SerializeToString()) for i in range(rows)]
+        manager.store.commit_results(job_id, 1, results)
+    manager.jobs[job_id] = Job(status)
+
+
+def test_an_ended_job_is_not_deleted_for_its_age_while_its_results_are_read(tmp_path):
+    async def scenario():
+        manager = JobManager(Store(tmp_path / "state.sqlite"), Registry())
+        ended_job(manager, "j-read", rows=10_000)
+        stream = manager.stream_results("j-read", 0)
+        read = len((await anext(stream)).results)
+        assert read < 10_000 and manager.ended_before(time.time()) == []
+        read += sum([len(batch.results) async for batch in stream])
+        assert read == 10_000
+        assert manager.ended_before(time.time()) == ["j-read"]  # its reader is done
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_expiry_passes_over_a_job_its_user_deleted_meanwhile(tmp_path):
+    async def scenario():
+        manager = JobManager(Store(tmp_path / "state.sqlite"), Registry())
+        for job_id in ("j-a", "j-b", "j-c"):
+            ended_job(manager, job_id)
+        coordinator = types.SimpleNamespace(manager=manager, config=types.SimpleNamespace(keep_ended_jobs_s=10.0))
+        expiry = asyncio.create_task(Coordinator._delete_old_jobs(coordinator))
+        await manager.delete("j-b")  # a user's DeleteJob, after expiry listed the jobs to delete
+        await asyncio.sleep(0.5)
+        assert manager.jobs == {}
+        expiry.cancel()
+        await manager.close()
+
+    asyncio.run(scenario())
