@@ -246,6 +246,10 @@ class Upload:
         except (grpc.RpcError, grpc.FutureCancelledError) as exc:
             if self._input_error:
                 raise self._input_error[0] from None
+            if self._stopped:
+                raise JobFailed(
+                    "its upload was stopped (stop_upload) before the last row: the job is dropped"
+                ) from None
             if isinstance(exc, grpc.Call) and dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY):
                 raise JobFailed(exc.details()) from None
             raise

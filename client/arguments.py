@@ -16,8 +16,8 @@ DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
 
 def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, required=True, help="dataset: .jsonl, .csv or .parquet")
-    p.add_argument("--output", type=Path, required=True, help="JSONL, one line per input row, in input order")
-    p.add_argument("--task", choices=TASKS, default="embed")
+    p.add_argument("--output", type=Path, help="JSONL, one line per input row, in input order")
+    p.add_argument("--task", choices=TASKS, default="embed", help="what to compute per row (default %(default)s)")
     p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
     p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
     p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
@@ -36,6 +36,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
     p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
+    p.add_argument(
+        "--simulated-batch-ms", type=int, default=0, help="simulate: how long each batch's stand-in compute sleeps"
+    )
     gen = p.add_argument_group("generate")
     gen.add_argument("--max-new-tokens", type=int, default=0, help="tokens to add at most (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
@@ -77,8 +80,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         "--model", default=DEFAULT_MODEL, help="model directory or cached name (default: the bundled all-MiniLM-L6-v2)"
     )
     run.add_argument("--workers", type=int, default=2, help="ranks to run on this machine (default 2)")
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the workers compute")
     run.add_argument("--state-dir", type=Path, help="keep the coordinator's state and the logs here")
+    run.add_argument(
+        "--allow-pickle-weights",
+        action="store_true",
+        help="let the workers load a model without safetensors weights (pickled weights can run code when loaded)",
+    )
 
     submit = sub.add_parser("submit", help="submit a job to a coordinator and write its results")
     _coordinator_options(submit)
@@ -107,13 +115,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
     results.add_argument("job_id")
     _coordinator_options(results)
-    results.add_argument("--output", type=Path, required=True)
+    results.add_argument("--output", type=Path, required=True, help="JSONL file the results are written to")
     results.add_argument("--start", type=int, default=0, help="first row index to fetch")
 
     for name, text in (("jobs", "list the jobs, newest first"), ("workers", "list the workers and their slots")):
         cmd = sub.add_parser(name, help=text)
         _coordinator_options(cmd)
-        cmd.add_argument("--json", action="store_true")
+        cmd.add_argument("--json", action="store_true", help="print the raw statuses as JSON")
     jobs = sub.choices["jobs"]
     jobs.add_argument(
         "--state",

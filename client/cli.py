@@ -51,13 +51,24 @@ def main(argv=None) -> int:
         print(f"distinfer: {exc}", file=sys.stderr)
         return 1
     except JobFailed as exc:
-        print(f"distinfer: job failed: {exc}", file=sys.stderr)
+        print(f"distinfer: {exc}", file=sys.stderr)  # "job J failed: why" or "job J was cancelled"
         return 1
     except grpc.RpcError as exc:
-        print(f"distinfer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"distinfer: {exc.code().name}: {exc.details()}{_hint(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _hint(exc: grpc.RpcError, args) -> str:
+    """What to check when the coordinator cannot be reached or refuses the caller."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or not getattr(args, "coordinator", None):
+        return ""
+    if args.tls or args.tls_ca:
+        tls = "if it serves plaintext, leave out --tls/--tls-ca; with mutual TLS, give --tls-cert and --tls-key"
+    else:
+        tls = "if it serves TLS, add --tls or --tls-ca"
+    return f" (is a coordinator serving at {args.coordinator}? {tls})"
 
 
 def _check_output(args) -> None:
@@ -77,8 +88,19 @@ def _open_output(output: Path):
         raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
 
 
+def _check_job_args(args) -> None:
+    """Refuse what cannot work before anything starts: no --output, or one that is the input; generate options
+    for another task."""
+    if args.output is None and not getattr(args, "detach", False):
+        detach = " (or --detach, to return once the job is accepted)" if args.command == "submit" else ""
+        raise UsageError(f"--output FILE is required{detach}")
+    if args.output is not None:
+        _check_output(args)
+    _generate_options(args)
+
+
 def _submit_and_collect(client: Client, args, model: str, workers: int, local: bool = False) -> int:
-    _check_output(args)
+    _check_job_args(args)
     rows = read_rows(args.input, args.text_field, args.format)
     detach = getattr(args, "detach", False)
     out = None if detach else _open_output(args.output)
@@ -105,12 +127,13 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
         return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,
         stall_timeout_s=args.stall_timeout,
-        generate=_generate_options(args) if args.task == "generate" else None,
+        generate=_generate_options(args),
+        simulated_batch_ms=args.simulated_batch_ms,
         tp_size=args.tp_size,
         # Results are written while the rest of the rows upload; a detached job's upload must end first.
         wait_for_upload=out is None,
     )
-    rows_note = f"{job.num_rows} rows" if job.num_rows is not None else "running while its rows upload"
+    rows_note = f"{job.num_rows} rows" if job.num_rows is not None else "its rows upload, and it starts on the first"
     print(f"distinfer: job {job.id} accepted: {rows_note}", file=sys.stderr)
     print(job.id, flush=True)  # stdout carries only the job id, for scripts
     if out is None:  # detached
@@ -148,8 +171,8 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
     return 0
 
 
-def _generate_options(args) -> dict:
-    return {
+def _generate_options(args) -> dict | None:
+    options = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -158,6 +181,11 @@ def _generate_options(args) -> dict:
         "stop": args.stop,
         "chat_template": args.chat_template,
     }
+    if args.task == "generate":
+        return options
+    if given := [name for name, value in options.items() if value]:
+        raise UsageError(f"--{given[0].replace('_', '-')} applies to --task generate only, not {args.task}")
+    return None
 
 
 def _write_results(job: Job, f, start: int, total: int | None, progress: list[int] | None = None) -> int:
@@ -195,16 +223,18 @@ def cmd_run(args) -> int:
     from distinfer.client.local import LocalCluster
 
     if args.workers < 1:
-        raise SystemExit("distinfer run: --workers must be at least 1")
-    print(
-        f"distinfer: starting a coordinator and {args.workers} {args.device} workers on this machine", file=sys.stderr
-    )
+        raise UsageError(f"--workers {args.workers}: a run needs at least 1")
+    _check_job_args(args)  # before the cluster starts, which takes a while
+    _open_output(args.output).close()
+    slots = f"{args.workers} {args.device} slot{'s' if args.workers > 1 else ''}"
+    print(f"distinfer: starting a coordinator and a worker with {slots} on this machine", file=sys.stderr)
     # The model the user names on this machine is one the local workers may load.
     roots = (str(Path(args.model).resolve()),) if Path(args.model).is_dir() else ()
-    _check_output(args)  # before the cluster starts, which takes a while
-    _open_output(args.output).close()
     _interrupt_on_termination()
-    with LocalCluster(slots=args.workers, state_dir=args.state_dir, device=args.device, model_roots=roots) as cluster:
+    trusted = ("--allow-pickle-weights",) if args.allow_pickle_weights else ()
+    with LocalCluster(
+        slots=args.workers, state_dir=args.state_dir, device=args.device, model_roots=roots, extra_worker_args=trusted
+    ) as cluster:
         with Client(cluster.address) as client:
             try:
                 return _submit_and_collect(client, args, args.model, args.workers, local=True)
@@ -282,7 +312,8 @@ def cmd_jobs(args) -> int:
         ]
         print_table(("JOB", "STATE", "ROWS", "TASK", "MODEL", "MESSAGE"), rows)
     if more:
-        print(f"distinfer: the newest {args.limit} jobs only; --limit 0 lists all", file=sys.stderr)
+        newest = f"{args.limit} jobs" if args.limit > 1 else "job"
+        print(f"distinfer: the newest {newest} only; --limit 0 lists all", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,7 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
     lines = [
         f"job       {s.job_id}",
         f"state     {jobs_pb2.JobState.Name(s.state)}",
-        f"task      {s.spec.task} with {s.spec.model}",
+        f"task      {s.spec.task}" + (f" with {s.spec.model}" if s.spec.model else ""),
         f"rows      {s.rows_done}/{s.num_rows}" + (" (still uploading)" if s.uploading else ""),
         f"message   {s.message}",
     ]

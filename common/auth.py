@@ -34,10 +34,17 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return handler if problem is None else _refusing(handler, *problem)
 
 
+HOW_TO_SEND = {
+    "clients": "set DISTINFER_TOKEN for distinfer and its Python client, or send 'authorization: Bearer <token>'",
+    "workers": "start distinfer-worker with DISTINFER_JOIN_TOKEN set to the coordinator's join token",
+}
+
+
 def _check(header: str, wanted: str, other: str, role: str) -> tuple[grpc.StatusCode, str] | None:
     scheme, _, token = header.partition(" ")
     if not header:
-        return grpc.StatusCode.UNAUTHENTICATED, f"this coordinator needs a bearer token from {role}"
+        how = HOW_TO_SEND[role]
+        return grpc.StatusCode.UNAUTHENTICATED, f"this coordinator needs a bearer token from {role}: {how}"
     if scheme.lower() != "bearer" or not token:
         return grpc.StatusCode.UNAUTHENTICATED, "send the token as 'authorization: Bearer <token>'"
     if hmac.compare_digest(token.encode(), wanted.encode()):

@@ -29,12 +29,13 @@ def apply_config(parsers: list[argparse.ArgumentParser], argv: list[str] | None,
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=os.environ.get("DISTINFER_CONFIG"))
     known, _ = pre.parse_known_args(argv)
-    settings = _read_toml(known.config, section) if known.config else {}
+    program = parsers[0].prog.split()[0]  # "distinfer", not the first of its subcommands
+    settings = _read_toml(known.config, section, program) if known.config else {}
     used: set[str] = set()
     for parser in parsers:
         used |= _apply(parser, settings, section, str(known.config))
     if unknown := sorted(set(settings) - used):
-        parsers[0].error(f"{known.config}: unknown settings in [{section}]: {', '.join(unknown)}")
+        parsers[0].exit(2, f"{program}: error: {known.config}: unknown settings in [{section}]: {', '.join(unknown)}\n")
 
 
 def _apply(parser: argparse.ArgumentParser, settings: dict, section: str, source: str) -> set[str]:
@@ -65,24 +66,30 @@ def _set_default(parser, action: argparse.Action, value, source: str) -> None:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if isinstance(value, str):
             if value.lower() not in TRUE | FALSE:
-                parser.error(f"{source}: expected true or false, not {value!r}")
+                _refuse(parser, f"{source}: expected true or false, not {value!r}")
             value = value.lower() in TRUE
         value = value if isinstance(action, argparse._StoreTrueAction) else not value
     elif isinstance(action, argparse._AppendAction):
         value = value.split(os.pathsep) if isinstance(value, str) else list(value)
         value = [action.type(v) if action.type else v for v in value if v]
         if action.choices is not None and (wrong := [v for v in value if v not in action.choices]):
-            parser.error(f"{source}: {wrong[0]!r} is not one of {', '.join(map(str, action.choices))}")
+            _refuse(parser, f"{source}: {wrong[0]!r} is not one of {', '.join(map(str, action.choices))}")
         action.__class__ = _AppendOverDefault
     elif isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"{source}: {exc}")
+            _refuse(parser, f"{source}: {exc}")
     if action.choices is not None and not isinstance(value, list) and value not in action.choices:
-        parser.error(f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        _refuse(parser, f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     action.default = value
     action.required = False  # given by the environment or the file
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> None:
+    """A bad setting from the environment or the file: its source says where it is, so no usage text (which
+    would be a subcommand's that the user may not have run)."""
+    parser.exit(2, f"{parser.prog.split()[0]}: error: {message}\n")
 
 
 class _AppendOverDefault(argparse._AppendAction):
@@ -95,14 +102,14 @@ class _AppendOverDefault(argparse._AppendAction):
         super().__call__(parser, namespace, values, option_string)
 
 
-def _read_toml(path: Path, section: str) -> dict:
+def _read_toml(path: Path, section: str, program: str) -> dict:
     try:
         document = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise SystemExit(f"cannot read the config file {path}: {exc.strerror}") from None
+        raise SystemExit(f"{program}: cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SystemExit(f"{path} is not valid TOML: {exc}") from None
+        raise SystemExit(f"{program}: {path} is not valid TOML: {exc}") from None
     table = document.get(section, {})
     if not isinstance(table, dict):
-        raise SystemExit(f"{path}: [{section}] must be a table")
+        raise SystemExit(f"{program}: {path}: [{section}] must be a table")
     return dict(table)

@@ -19,7 +19,10 @@ MAX_NEW_TOKENS_LIMIT = 32_768
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:
     """Raise InvalidArgument with a sentence the user can act on."""
     if not spec.model.strip() and spec.task not in MODEL_FREE_TASKS:
-        raise InvalidArgument("the job names no model: set spec.model to a local model directory or a cached name")
+        raise InvalidArgument(
+            "the job names no model: give one (--model; spec.model in the protocol), a local model directory or "
+            "a cached name"
+        )
     if spec.task not in TASKS:
         raise InvalidArgument(f"unknown task {shown(spec.task)}: choose one of {', '.join(TASKS)}")
     if spec.max_workers and spec.min_workers > spec.max_workers:

@@ -177,7 +177,7 @@ class JobManager(Placing, ProgressWatchdog):
                         await accepted(status.job_id)
                 job.notify()  # ranks at the end of their shard take the new rows
             if n == 0:
-                raise InvalidArgument("the dataset is empty: send at least one row after the spec")
+                raise InvalidArgument("the dataset is empty: the input gave no rows (send at least one after the spec)")
             status.uploading = False  # whole: from here on, a cancelled call leaves the job standing
         except BaseException:
             if job is None:

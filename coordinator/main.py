@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--state-dir",
         type=Path,
         default=Path("distinfer-state"),
-        help="folder of the SQLite state; a restart with the same folder resumes every job",
+        help="folder of the SQLite state; a restart with the same folder resumes every job (default %(default)s)",
     )
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
     p.add_argument(

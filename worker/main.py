@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 
+import grpc
 import structlog
 
 from distinfer.common.channels import add_security_flags, security_from_args
@@ -106,6 +107,11 @@ async def _run(daemon: WorkerDaemon) -> None:
         await task
     except asyncio.CancelledError:
         log.info("worker_stopped")
+    except grpc.aio.AioRpcError as exc:  # the coordinator refused it, or stayed out of reach past --connect-timeout
+        raise SystemExit(
+            f"distinfer-worker: cannot join the coordinator at {daemon.config.coordinator}: "
+            f"{exc.code().name}: {exc.details()}"
+        ) from None
 
 
 def main(argv=None) -> None:

@@ -90,10 +90,10 @@ def resolve_model(name: str) -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; all mean "not here"
+    except Exception:  # noqa: BLE001 - the hub raises many kinds; all mean "not here"
         raise ModelNotFound(
             f"model {name!r} is neither a directory on this worker nor in its local Hugging Face cache "
-            f"(distinfer never downloads from the hub): {type(exc).__name__}"
+            "(distinfer never downloads from the hub: put the model in the cache, or give its directory)"
         ) from None
 
 

@@ -90,7 +90,8 @@ class ModelTask(Task):
         if not policy.allow_pickle_weights and not _has_safetensors(model_dir):
             raise ModelNotAllowed(
                 f"model {model_dir!r} has no safetensors weights, and pickled weights can run code when loaded: "
-                "convert it to safetensors, or the operator starts the worker with --allow-pickle-weights"
+                "convert it to safetensors, or if you trust its files, start the worker (or `distinfer run`) with "
+                "--allow-pickle-weights"
             )
         load, loading = policy.load_kwargs(), contextlib.nullcontext()
         split = layout is not None and layout.tp_size > 1
@@ -262,7 +263,7 @@ class GenerateTask(ModelTask):
         # Prompts keep their end; a chat template already writes the special tokens.
         self.encoder = Encoder(self.tokenizer, limit - self.max_new, special_tokens=not g.chat_template, keep_end=True)
         if g.chat_template and not self.tokenizer.chat_template:
-            raise BadModel(f"model {self.model_dir!r} has no chat template: submit without chat_template")
+            raise BadModel(f"model {self.model_dir!r} has no chat template: submit without --chat-template")
         self.chat = g.chat_template
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

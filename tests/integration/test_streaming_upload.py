@@ -172,7 +172,10 @@ def test_cli_writes_results_while_its_input_is_still_being_written(cluster, tmp_
     finally:
         submit.kill()
     assert submit.returncode == 0, stderr
-    assert "running while its rows upload" in stderr and f"succeeded: {FIRST_ROWS + MORE_ROWS} rows" in stderr
+    assert (
+        "its rows upload, and it starts on the first" in stderr
+        and f"succeeded: {FIRST_ROWS + MORE_ROWS} rows" in stderr
+    )
     results = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["index"] for r in results] == list(range(FIRST_ROWS + MORE_ROWS))
 
@@ -192,8 +195,9 @@ def test_a_job_that_fails_while_uploading_stays_on_record_when_the_client_goes(c
             stdout, stderr = submit.communicate(timeout=120)  # it exits with the input still open
     finally:
         submit.kill()
-    assert submit.returncode == 1 and "job failed" in stderr, stderr
-    status = client.job(stdout.split()[0]).status()
+    job_id = stdout.split()[0]
+    assert submit.returncode == 1 and f"job {job_id} failed: " in stderr, stderr
+    status = client.job(job_id).status()
     assert status.state == jobs_pb2.FAILED and "no-such-model" in status.message, status
     assert not status.uploading
 

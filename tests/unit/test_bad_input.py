@@ -334,6 +334,10 @@ def test_a_stopped_upload_either_drops_its_job_or_was_whole_and_keeps_it(client)
         job = client.submit([f"row {i}" for i in range(rows)], model="m", workers=4, wait_for_upload=False)
         if job.stop_upload():
             seen.add("cut")
+            with pytest.raises(JobFailed, match="its upload was stopped"):  # why, not a bare cancelled future
+                list(job.results())
+            with pytest.raises(JobFailed, match="its upload was stopped"):
+                job.wait_for_upload()
             deadline = time.monotonic() + 10
             while job.id in {status.job_id for status in client.jobs()}:
                 assert time.monotonic() < deadline, "a cut upload's job is still there"

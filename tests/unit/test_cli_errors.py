@@ -95,3 +95,43 @@ def test_run_without_the_device_it_asks_for_says_why_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "did not start" in last and "no CUDA device" in last, result.stderr
+
+
+def test_generate_options_for_another_task_are_refused_before_anything_starts(coordinator, client, tmp_path):
+    data = rows_file(tmp_path)
+    for command in (["submit", "--coordinator", coordinator.address], ["run"]):
+        result = run_cli(*command, "--task", "embed", "--temperature", "0.5", "--input", str(data), "--output", "o")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == "distinfer: --temperature applies to --task generate only, not embed"
+    assert client.jobs() == []
+
+
+def test_submit_needs_an_output_unless_detached(coordinator, client, tmp_path):
+    data = rows_file(tmp_path)
+    result = run_cli("submit", "--coordinator", coordinator.address, "--task", "echo", "--input", str(data))
+    assert result.returncode == 2 and "--output FILE is required (or --detach" in result.stderr, result.stderr
+    assert client.jobs() == []
+    detached = run_cli(
+        "submit", "--coordinator", coordinator.address, "--task", "echo", "--input", str(data), "--detach"
+    )
+    assert detached.returncode == 0, detached.stderr
+    assert [j.job_id for j in client.jobs()] == [detached.stdout.strip()]
+
+
+def test_an_unreachable_coordinator_says_what_to_check(tmp_path):
+    from ports import free_port  # a port nothing listens on
+
+    address = f"127.0.0.1:{free_port()}"
+    plain = run_cli("jobs", "--coordinator", address)
+    assert plain.returncode == 1
+    assert f"is a coordinator serving at {address}? if it serves TLS, add --tls or --tls-ca" in plain.stderr
+    tls = run_cli("jobs", "--coordinator", address, "--tls")
+    assert "if it serves plaintext, leave out --tls/--tls-ca" in tls.stderr, tls.stderr
+
+
+def test_a_bad_setting_in_the_config_file_names_the_program_not_a_subcommand(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[client]\nbogus = 1\ncoordinator = "h:1"\n')
+    result = run_cli("jobs", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == f"distinfer: error: {config}: unknown settings in [client]: bogus\n"

@@ -122,3 +122,24 @@ def test_half_configured_tls_is_refused_with_a_sentence(tmp_path):
         from distinfer.common.auth import TokenAuth
 
         TokenAuth("same", "same")
+
+
+def test_a_worker_refused_by_the_coordinator_says_why_in_one_line(guarded):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DISTINFER_JOIN_TOKEN"}
+    worker = subprocess.run(
+        [sys.executable, "-m", "distinfer.worker.main", "--coordinator", guarded, "--slots", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr
+    assert worker.stderr.strip().splitlines()[-1] == (
+        f"distinfer-worker: cannot join the coordinator at {guarded}: UNAUTHENTICATED: this coordinator needs a "
+        "bearer token from workers: start distinfer-worker with DISTINFER_JOIN_TOKEN set to the coordinator's "
+        "join token"
+    )
