@@ -19,6 +19,7 @@ from distinfer.client.conversions import result_to_dict, to_upload_row, upload_m
 from distinfer.client.row_messages import RowMessages
 from distinfer.common.channels import ChannelSecurity, env_token, open_channel
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
+from distinfer.common.tasks import JOB_STATES
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -187,7 +188,7 @@ def _job_state(state: str | int) -> int:
     try:
         return jobs_pb2.JobState.Value(state.upper())
     except ValueError:
-        raise ValueError(f"no job state {state!r}: states are {', '.join(jobs_pb2.JobState.keys()[1:])}") from None
+        raise ValueError(f"no job state {state!r}: states are {', '.join(JOB_STATES)}") from None
 
 
 class Upload:

@@ -8,8 +8,7 @@ from pathlib import Path
 from distinfer.client.rows import FORMATS
 from distinfer.common.channels import add_security_flags
 from distinfer.common.config import apply_config
-from distinfer.common.tasks import BUNDLED_MODEL_NAMES, TASKS
-from distinfer.v1 import jobs_pb2
+from distinfer.common.tasks import BUNDLED_MODEL_NAMES, JOB_STATES, TASKS
 
 DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
 
@@ -128,7 +127,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         type=str.upper,
-        choices=jobs_pb2.JobState.keys()[1:],
+        choices=JOB_STATES,
         help="only jobs in this state (repeat it for several)",
     )
     jobs.add_argument("--limit", type=int, default=50, help="most jobs listed (default %(default)s; 0: all)")

@@ -35,7 +35,7 @@ def apply_config(parsers: list[argparse.ArgumentParser], argv: list[str] | None,
     for parser in parsers:
         used |= _apply(parser, settings, section, str(known.config))
     if unknown := sorted(set(settings) - used):
-        parsers[0].exit(2, f"{program}: error: {known.config}: unknown settings in [{section}]: {', '.join(unknown)}\n")
+        _refuse(parsers[0], f"{known.config}: unknown settings in [{section}]: {', '.join(unknown)}")
 
 
 def _apply(parser: argparse.ArgumentParser, settings: dict, section: str, source: str) -> set[str]:

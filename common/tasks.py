@@ -14,6 +14,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_LENGTH_LIMIT = 1_000_000
 MAX_NEW_TOKENS_LIMIT = 32_768
+# The states a job can be in, by name (JOB_STATE_UNSPECIFIED is none of them): what ListJobs filters on.
+JOB_STATES = tuple(name for name in jobs_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED")
 
 
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:

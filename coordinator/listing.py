@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import InvalidArgument
+from distinfer.common.tasks import JOB_STATES
 from distinfer.v1 import jobs_pb2
 
 DEFAULT_PAGE_SIZE = 100
@@ -43,9 +44,8 @@ def _after(token: str) -> tuple[float, str]:
 def list_page(statuses: Iterable[jobs_pb2.JobStatus], request: jobs_pb2.ListJobsRequest) -> jobs_pb2.ListJobsResponse:
     size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     states = set(request.states)
-    if unknown := states - (set(jobs_pb2.JobState.values()) - {jobs_pb2.JOB_STATE_UNSPECIFIED}):
-        known = ", ".join(jobs_pb2.JobState.keys()[1:])
-        raise InvalidArgument(f"no job state {sorted(unknown)[0]}: states are {known}")
+    if unknown := states - {jobs_pb2.JobState.Value(name) for name in JOB_STATES}:
+        raise InvalidArgument(f"no job state {sorted(unknown)[0]}: states are {', '.join(JOB_STATES)}")
     chosen = [s for s in statuses if not states or s.state in states]
     if request.page_token:
         after = _after(request.page_token)
