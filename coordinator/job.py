@@ -6,8 +6,13 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
+from distinfer.common.errors import JOB_ENDED_KEY, DistinferError, status_code_by_name
 from distinfer.coordinator.scheduler import Placement
 from distinfer.v1 import jobs_pb2
+
+TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
 
 
 @dataclass
@@ -45,3 +50,15 @@ class Job:
     @property
     def job_id(self) -> str:
         return self.status.job_id
+
+
+def job_ended(job: Job) -> DistinferError:
+    """What a call about a failed or cancelled job ends with: the reason, its code, and a trailer that says
+    the job (not the call) ended."""
+    state = job.status.state
+    if state == jobs_pb2.CANCELLED:
+        message, code = f"job {job.job_id} was cancelled", grpc.StatusCode.CANCELLED
+    else:
+        message = f"job {job.job_id} failed: {job.status.message}"
+        code = status_code_by_name(job.status.error_code, grpc.StatusCode.ABORTED)
+    return DistinferError(message, code, trailers=((JOB_ENDED_KEY, jobs_pb2.JobState.Name(state)),))

@@ -1,9 +1,10 @@
 """The job state machine: QUEUED -> SCHEDULED(attempt n) -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
 
-`JobManager` owns every job's status, forms attempts from free slots (its `Placing` half, placing.py), reacts
-to what the slots report, ends attempts that stop moving on (its `ProgressWatchdog` half, watchdog.py), and
-commits results. It runs on the coordinator's event loop; the store is driven
-from one thread of its own, so SQLite never blocks heartbeats or streams.
+`JobManager` owns every job's status, forms attempts from free slots (its `Placing` part, placing.py), reacts
+to what the slots report, ends attempts that stop moving on (its `ProgressWatchdog` part, watchdog.py),
+commits results, and streams them to clients (its `ResultStreams` part, result_streams.py). It runs on the
+coordinator's event loop; the store is driven from one thread of its own, so SQLite never blocks heartbeats or
+streams.
 """
 
 from __future__ import annotations
@@ -14,27 +15,23 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import structlog
 
-from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import (
-    JOB_ENDED_KEY,
-    DistinferError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     shown,
-    status_code_by_name,
 )
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
-from distinfer.coordinator.job import Job
+from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.coordinator.placing import Placing
 from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.result_streams import ResultStreams
 from distinfer.coordinator.store import ShardCursor, Store
 from distinfer.coordinator.watchdog import ProgressWatchdog
 from distinfer.v1 import jobs_pb2, workers_pb2
@@ -42,11 +39,7 @@ from distinfer.v1 import jobs_pb2, workers_pb2
 log = structlog.get_logger(__name__)
 
 S = jobs_pb2
-TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
 UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
-# A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
-# or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit.
-RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
 # How an attempt that a coordinator's stop or crash cut short is ended when the coordinator starts again. Such
 # an attempt is not counted against the job's max_attempts: it was not the job's fault, nor the workers'.
 COORDINATOR_RESTARTED = "coordinator restarted"
@@ -54,19 +47,7 @@ COORDINATOR_RESTARTED = "coordinator restarted"
 MESSAGE_LIMIT = 2000
 
 
-def job_ended(job: Job) -> DistinferError:
-    """What a call about a failed or cancelled job ends with: the reason, its code, and a trailer that says
-    the job (not the call) ended."""
-    state = job.status.state
-    if state == S.CANCELLED:
-        message, code = f"job {job.job_id} was cancelled", grpc.StatusCode.CANCELLED
-    else:
-        message = f"job {job.job_id} failed: {job.status.message}"
-        code = status_code_by_name(job.status.error_code, grpc.StatusCode.ABORTED)
-    return DistinferError(message, code, trailers=((JOB_ENDED_KEY, S.JobState.Name(state)),))
-
-
-class JobManager(Placing, ProgressWatchdog):
+class JobManager(Placing, ProgressWatchdog, ResultStreams):
     def __init__(
         self,
         store: Store,
@@ -235,40 +216,6 @@ class JobManager(Placing, ProgressWatchdog):
         job.notify()  # its open result streams end
         await self.db(self.store.delete_job, job_id)
         log.info("job_deleted", job_id=job_id)
-
-    async def stream_results(self, job_id: str, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
-        job = self.job(job_id)
-        if start > job.status.num_rows:
-            raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
-        job.readers += 1
-        try:
-            async for batch in self._results_of(job, start):
-                yield batch
-        finally:
-            job.readers -= 1
-
-    async def _results_of(self, job: Job, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
-        job_id, next_index = job.job_id, start
-        while True:
-            if self.jobs.get(job_id) is not job:
-                raise NotFound(f"job {job_id} was deleted while its results were read")
-            changed = job.changed  # taken before reading, so no commit can slip between read and wait
-            # An ended job's missing rows will never come: its stream passes over them to every row committed.
-            ended = job.status.state in (S.FAILED, S.CANCELLED)
-            batch = await self.db(
-                self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
-            )
-            if batch.results:
-                next_index = batch.results[-1].index + 1
-                yield batch
-                continue
-            if next_index >= job.status.num_rows and job.status.state in TERMINAL:
-                return  # ends with the job, so a client that read every row sees it SUCCEEDED
-            if job.status.state in (S.FAILED, S.CANCELLED):
-                if not ended:
-                    continue  # it ended since the read: read again, through the gaps
-                raise job_ended(job)
-            await changed.wait()
 
     # --- worker side ----------------------------------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""The client's read side of `JobManager`: a job's results in index order, as they are committed.
+
+A stream follows its job: it waits for new commits, ends when the job has succeeded and every row was read,
+and for a failed or cancelled job passes over the rows never computed before it ends with the job's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
+from distinfer.common.errors import InvalidArgument, NotFound
+from distinfer.coordinator.job import TERMINAL, Job, job_ended
+from distinfer.v1 import jobs_pb2
+
+S = jobs_pb2
+# A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
+# or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit.
+RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
+
+
+class ResultStreams:
+    async def stream_results(self, job_id: str, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
+        job = self.job(job_id)
+        if start > job.status.num_rows:
+            raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
+        job.readers += 1
+        try:
+            async for batch in self._results_of(job, start):
+                yield batch
+        finally:
+            job.readers -= 1
+
+    async def _results_of(self, job: Job, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
+        job_id, next_index = job.job_id, start
+        while True:
+            if self.jobs.get(job_id) is not job:
+                raise NotFound(f"job {job_id} was deleted while its results were read")
+            changed = job.changed  # taken before reading, so no commit can slip between read and wait
+            # An ended job's missing rows will never come: its stream passes over them to every row committed.
+            ended = job.status.state in (S.FAILED, S.CANCELLED)
+            batch = await self.db(
+                self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
+            )
+            if batch.results:
+                next_index = batch.results[-1].index + 1
+                yield batch
+                continue
+            if next_index >= job.status.num_rows and job.status.state in TERMINAL:
+                return  # ends with the job, so a client that read every row sees it SUCCEEDED
+            if job.status.state in (S.FAILED, S.CANCELLED):
+                if not ended:
+                    continue  # it ended since the read: read again, through the gaps
+                raise job_ended(job)
+            await changed.wait()
