@@ -12,8 +12,6 @@ The store is synchronous and not thread-safe: the coordinator drives it from one
 from __future__ import annotations
 
 import sqlite3
-import sys
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -21,46 +19,9 @@ from pathlib import Path
 
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
+from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA, packed, unpacked
+from distinfer.coordinator.store_upgrades import OldStoreUpgrades
 from distinfer.v1 import jobs_pb2
-
-# Chunks are far bigger than a page, so their tables are not WITHOUT ROWID: in such a table SQLite loads a
-# whole record to compare keys, and a lookup read every chunk on its way (uploads 40 against 70 MB/s, shard
-# reads 160 against 350, result reads 2-4x slower).
-INPUT_CHUNKS = """
-CREATE TABLE IF NOT EXISTS input_chunks (
-    job_id TEXT NOT NULL,
-    first_idx INTEGER NOT NULL,     -- the chunk holds rows first_idx .. first_idx + count - 1
-    count INTEGER NOT NULL,
-    has_meta INTEGER NOT NULL,      -- whether a row of it has meta_json: only those chunks are read for it
-    rows BLOB NOT NULL,             -- a serialized RowBatch
-    PRIMARY KEY (job_id, first_idx)
-);
-"""
-RESULT_CHUNKS = """
-CREATE TABLE IF NOT EXISTS result_chunks (
-    job_id TEXT NOT NULL,
-    block INTEGER NOT NULL,         -- the chunk holds rows of block * RESULT_BLOCK_ROWS + offset
-    seq INTEGER NOT NULL,           -- the block's chunks in commit order: 0, 1, 2...
-    attempt INTEGER NOT NULL,       -- the attempt that committed them: shards are cut over rows open at its start
-    count INTEGER NOT NULL,
-    last_offset INTEGER NOT NULL,   -- the highest of its offsets: a read from a later offset skips the chunk
-    offsets BLOB NOT NULL,          -- the rows' offsets in the block, uint16 little-endian, in commit order
-    sizes BLOB NOT NULL,            -- the lengths of their serialized Results, uint32 little-endian
-    results BLOB NOT NULL,          -- the serialized Results, without meta_json (added from the input row on read)
-    PRIMARY KEY (job_id, block, seq)
-);
-"""
-SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT UNIQUE NOT NULL,
-    status BLOB NOT NULL            -- a serialized JobStatus, attempts included
-);
-"""
-    + INPUT_CHUNKS
-    + RESULT_CHUNKS
-)
 
 # A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
 MAX_CHUNK_ROWS = 2048
@@ -68,23 +29,7 @@ MAX_CHUNK_ROWS = 2048
 # long documents must stay far below the 64 MiB a message may hold.
 SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, STREAM_MESSAGE_CHARS
 CHUNKS_PER_READ = 4  # input chunks read at once (each up to MAX_CHUNK_ROWS rows)
-RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16
 _RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
-
-
-def _packed(typecode: str, values) -> bytes:
-    """Little-endian, so a store file reads the same on any machine."""
-    packed = array(typecode, values)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def _unpacked(typecode: str, blob: bytes) -> array:
-    values = array(typecode, blob)
-    if sys.byteorder == "big":
-        values.byteswap()
-    return values
 
 
 def _varint(n: int) -> bytes:
@@ -102,7 +47,7 @@ class ShardCursor:
     position: int = 0  # open rows scanned so far: the k-th belongs to rank k % world_size
 
 
-class Store:
+class Store(OldStoreUpgrades):
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -112,9 +57,7 @@ class Store:
         self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES_KEPT}")
         self._db.executescript(SCHEMA)
-        self._rebuild_chunk_tables_of_old_stores()
-        self._chunk_rows_of_old_stores()
-        self._chunk_results_of_old_stores()
+        self._upgrade_old_store()
         self._checkpointer = WalCheckpointer(self.path)
 
     def close(self) -> None:
@@ -255,7 +198,7 @@ class Store:
             for last_seq, offsets in self._db.execute(
                 "SELECT seq, offsets FROM result_chunks WHERE job_id = ? AND block = ?", (job_id, block)
             ):
-                for offset in _unpacked("H", offsets):
+                for offset in unpacked("H", offsets):
                     rows.pop(offset, None)
                 seq = last_seq + 1
             if rows:
@@ -269,8 +212,8 @@ class Store:
                         attempt,
                         len(rows),
                         max(rows),
-                        _packed("H", rows.keys()),
-                        _packed("I", map(len, rows.values())),
+                        packed("H", rows.keys()),
+                        packed("I", map(len, rows.values())),
                         b"".join(rows.values()),
                     ),
                 )
@@ -286,7 +229,7 @@ class Store:
             (job_id, begin // RESULT_BLOCK_ROWS, (end - 1) // RESULT_BLOCK_ROWS, other_than_attempt),
         ):
             base = block * RESULT_BLOCK_ROWS
-            committed.update(base + offset for offset in _unpacked("H", offsets))
+            committed.update(base + offset for offset in unpacked("H", offsets))
         return committed
 
     def count_results(self, job_id: str) -> int:
@@ -337,7 +280,7 @@ class Store:
                 (job_id, block, first_offset),
             ):
                 position = 0
-                for offset, size in zip(_unpacked("H", offsets), _unpacked("I", sizes)):
+                for offset, size in zip(unpacked("H", offsets), unpacked("I", sizes)):
                     if offset >= first_offset:
                         found[offset] = data[position : position + size]
                     position += size
@@ -350,52 +293,6 @@ class Store:
             if through_gaps and block >= last_block:
                 return
             block, first_offset = block + 1, 0
-
-    def _chunk_rows_of_old_stores(self) -> None:
-        """A store written before rows were kept in chunks has them a SQLite row each: move them over once."""
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inputs'").fetchone():
-            return
-        with self._transaction():
-            for (job_id,) in self._db.execute("SELECT DISTINCT job_id FROM inputs").fetchall():
-                rows = self._db.execute("SELECT idx, text, meta FROM inputs WHERE job_id = ? ORDER BY idx", (job_id,))
-                while chunk := rows.fetchmany(512):  # a job's rows were numbered 0, 1, 2... with no gaps
-                    batch = jobs_pb2.RowBatch(rows=[jobs_pb2.InputRow(text=t, meta_json=m) for _, t, m in chunk])
-                    self._insert_chunk(job_id, chunk[0][0], batch)
-            self._db.execute("DROP TABLE inputs")
-
-    def _rebuild_chunk_tables_of_old_stores(self) -> None:
-        """A store whose chunk tables are WITHOUT ROWID, its result chunks without `last_offset`: copy them over
-        once."""
-        self._db.create_function("last_offset", 1, lambda offsets: max(_unpacked("H", offsets)), deterministic=True)
-        copies = {
-            "input_chunks": (INPUT_CHUNKS, "*"),
-            "result_chunks": (
-                RESULT_CHUNKS,
-                "job_id, block, seq, attempt, count, last_offset(offsets), offsets, sizes, results",
-            ),
-        }
-        for table, (schema, columns) in copies.items():
-            (sql,) = self._db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
-            if "WITHOUT ROWID" not in sql:
-                continue
-            with self._transaction():
-                self._db.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
-                self._db.execute(schema)
-                self._db.execute(f"INSERT INTO {table} SELECT {columns} FROM {table}_old")
-                self._db.execute(f"DROP TABLE {table}_old")
-
-    def _chunk_results_of_old_stores(self) -> None:
-        """A store written before results were kept in chunks has them a SQLite row each: move them over once."""
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'results'").fetchone():
-            return
-        with self._transaction():
-            for job_id, attempt in self._db.execute("SELECT DISTINCT job_id, attempt FROM results").fetchall():
-                rows = self._db.execute(
-                    "SELECT idx, result FROM results WHERE job_id = ? AND attempt = ? ORDER BY idx", (job_id, attempt)
-                )
-                while chunk := rows.fetchmany(RESULT_BLOCK_ROWS):
-                    self._add_results(job_id, attempt, chunk)
-            self._db.execute("DROP TABLE results")
 
     def _transaction(self):
         return _Transaction(self._db)
