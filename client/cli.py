@@ -134,12 +134,13 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
         wait_for_upload=out is None,
     )
     rows_note = f"{job.num_rows} rows" if job.num_rows is not None else "its rows upload, and it starts on the first"
-    print(f"distinfer: job {job.id} accepted: {rows_note}", file=sys.stderr)
-    print(job.id, flush=True)  # stdout carries only the job id, for scripts
-    if out is None:  # detached
-        return 0
     progress = [0]
+    # From here on the job exists: an interrupt, even one right after its id is out, is handled below.
     try:
+        print(f"distinfer: job {job.id} accepted: {rows_note}", file=sys.stderr)
+        print(job.id, flush=True)  # stdout carries only the job id, for scripts
+        if out is None:  # detached
+            return 0
         written = _write_results(job, out, 0, job.num_rows, progress=progress)
     except KeyboardInterrupt:
         if job.stop_upload():
@@ -159,7 +160,8 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
                 f"{args.coordinator}` stops it",
                 file=sys.stderr,
             )
-        print(f"distinfer: interrupted: {args.output} holds the first {progress[0]} rows only", file=sys.stderr)
+        if out is not None:
+            print(f"distinfer: interrupted: {args.output} holds the first {progress[0]} rows only", file=sys.stderr)
         raise
     elapsed = time.monotonic() - started
     status = job.status()

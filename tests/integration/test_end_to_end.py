@@ -203,7 +203,7 @@ def test_cli_submit_and_inspect_with_jsonl_csv_and_parquet(cluster, tmp_path, sa
         )
 
     listed = cli("jobs", "--coordinator", cluster.address, "--json")
-    job_id = json.loads(listed.stdout)[-1]["jobId"]
+    job_id = json.loads(listed.stdout)[0]["jobId"]  # newest first: the Parquet job
     status = cli("status", job_id, "--coordinator", cluster.address)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "rows      12/12" in status.stdout
     refetched = tmp_path / "again.jsonl"
