@@ -23,6 +23,7 @@ from transformers import (
 
 from distinfer.v1 import jobs_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad
+from distinfer.worker.cpu_kernels import use_cpu_kernels
 from distinfer.worker.gather import Gathered
 from distinfer.worker.models import BadModel, ModelNotAllowed, ModelPolicy, max_length_of
 from distinfer.worker.parallel import Layout, check_splittable, tensor_parallel_loading
@@ -121,6 +122,8 @@ class ModelTask(Task):
             )
         if not split:  # a split model's shards are placed on the mesh's devices as they load
             self.model.to(device)
+            if device.type == "cpu":
+                use_cpu_kernels(self.model, dtype)
         self.model.eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
