@@ -315,3 +315,14 @@ def test_ranks_in_lockstep_cut_the_same_batches_wherever_their_caught_up_markers
     assert sorted(i for batch in cuts[0] for i in batch) == list(range(200))
     # Each rank alone (lockstep off) flushes at its markers: the cuts differ, which is what lockstep prevents.
     assert batch_cuts({0}, lockstep=False) != batch_cuts({2, 3}, lockstep=False)
+
+
+def test_bfloat16_on_a_cpu_gets_the_larger_token_budget_it_was_measured_to_want():
+    from distinfer.worker.executor import CPU_DEFAULTS, CUDA_DEFAULTS, defaults_for
+
+    cpu = torch.device("cpu")
+    assert defaults_for(cpu, torch.float32) == CPU_DEFAULTS
+    assert defaults_for(cpu, None) == CPU_DEFAULTS  # echo and simulate: no model
+    bf16 = defaults_for(cpu, torch.bfloat16)
+    assert bf16.max_batch_tokens == 2 * CPU_DEFAULTS.max_batch_tokens and bf16.max_rows == CPU_DEFAULTS.max_rows
+    assert defaults_for(torch.device("cuda"), torch.bfloat16) == CUDA_DEFAULTS
