@@ -17,6 +17,7 @@ from __future__ import annotations
 import structlog
 import torch
 from torch import nn
+from transformers.activations import GELUActivation
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +77,6 @@ def _is_linear_then_gelu(module: nn.Module) -> bool:
     """The BERT family's feed-forward first half (BertIntermediate and its copies in RoBERTa, XLM-R, MPNet,
     MiniLM...): a module of exactly `dense` and `intermediate_act_fn` whose forward is act(dense(x)), the act
     being the exact (erf) GELU."""
-    from transformers.activations import GELUActivation
-
     children = dict(module.named_children())
     act = children.get("intermediate_act_fn")
     return (
