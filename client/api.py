@@ -13,12 +13,15 @@ import time
 from collections.abc import Iterable, Iterator
 
 import grpc
+import numpy as np
+import pyarrow as pa
 import structlog
 
-from distinfer.client.conversions import result_to_dict, to_upload_row, upload_message
+from distinfer.client.conversions import table_rows, to_upload_row, upload_message, vector_array
 from distinfer.client.row_messages import RowMessages
 from distinfer.common.channels import ChannelSecurity, env_token, open_channel
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
+from distinfer.common.result_columns import INDEX, from_ipc
 from distinfer.common.tasks import JOB_STATES
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -347,8 +350,10 @@ class Job:
             time.sleep(poll_s)
         return status
 
-    def result_batches(self, start: int = 0) -> Iterator[list[jobs_pb2.Result]]:
-        """Batches of Result messages in input order from `start`, as they are committed.
+    def result_batches(self, start: int = 0) -> Iterator[pa.Table]:
+        """Arrow tables of results in input order from `start`, as they are committed: `index`, the task's
+        columns (embed: `embedding`, a fixed-size list of float32) and `meta_json` when rows passed fields
+        through (jobs.proto's ResultBatch.arrow lists them all). Nothing is converted row by row.
 
         A dropped stream (coordinator restart, network blip) is resumed at the next index by itself, with
         exponential backoff, for up to RESUME_TIMEOUT_S; a failed job raises JobFailed after its last result.
@@ -358,12 +363,15 @@ class Job:
         delay = 0.2
         while True:
             try:
-                request = jobs_pb2.StreamResultsRequest(job_id=self.id, start_index=next_index)
+                request = jobs_pb2.StreamResultsRequest(
+                    job_id=self.id, start_index=next_index, format=jobs_pb2.RESULT_FORMAT_ARROW
+                )
                 for batch in self.client.stub.StreamResults(request, metadata=self.client.metadata):
                     failing_since, delay = None, 0.2
-                    if batch.results:
-                        next_index = batch.results[-1].index + 1
-                        yield list(batch.results)
+                    table = from_ipc(batch.arrow)
+                    if table.num_rows:
+                        next_index = table.column(INDEX)[-1].as_py() + 1
+                        yield table
                 break
             except grpc.RpcError as exc:
                 ended = bool(dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY))
@@ -385,6 +393,16 @@ class Job:
 
     def results(self, start: int = 0) -> Iterator[dict]:
         """Result rows as dicts ({"index": i, ...task fields, ...passed-through fields}) in input order."""
-        for batch in self.result_batches(start):
-            for result in batch:
-                yield result_to_dict(result)
+        for table in self.result_batches(start):
+            yield from table_rows(table)
+
+    def arrays(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Result batches as NumPy arrays by column name: `index`, and vectors (`embedding`, `logits`) as
+        (rows, width) float32 arrays; passed-through fields stay in `meta_json`, as text."""
+        for table in self.result_batches(start):
+            yield {
+                name: vector_array(column)
+                if pa.types.is_fixed_size_list(column.type)
+                else column.to_numpy(zero_copy_only=False)
+                for name, column in zip(table.column_names, table.columns)
+            }

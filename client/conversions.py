@@ -1,5 +1,5 @@
-"""What the caller's rows become on the wire (InputRows, upload messages) and what results become for the
-caller (dicts): a row's fields other than its text ride along, as JSON, to its result."""
+"""What the caller's rows become on the wire (InputRows, upload messages) and what result tables become for
+the caller (dicts): a row's fields other than its text ride along, as JSON, to its result."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import datetime
 import decimal
 import json
 
+import numpy as np
+import orjson
+import pyarrow as pa
+
 from distinfer.client.rows import InputError
+from distinfer.common.result_columns import CLASSIFICATION, GENERATION, INDEX, META, TRUNCATED
 from distinfer.v1 import jobs_pb2
 
 
@@ -73,31 +78,43 @@ def upload_message(rows: list[str | jobs_pb2.InputRow]) -> jobs_pb2.SubmitJobReq
     return request
 
 
-def result_to_dict(result: jobs_pb2.Result) -> dict:
-    """The row's own "index" is reserved: an input field of that name is overwritten by it."""
-    out: dict = {"index": result.index}
-    if result.meta_json:
-        meta = json.loads(result.meta_json)
-        meta.pop("index", None)
-        out.update(meta)
-    kind = result.WhichOneof("output")
-    if kind == "embedding":
-        out["embedding"] = list(result.embedding.values)
-    elif kind == "generation":
-        g = result.generation
-        out.update(
-            text=g.text,
-            prompt_tokens=g.prompt_tokens,
-            generated_tokens=g.generated_tokens,
-            finish_reason=g.finish_reason,
-        )
-    elif kind == "echo":
-        out["chars"] = result.echo.chars
-    elif kind == "classification":
-        out["label"] = result.classification.label
-        out["score"] = result.classification.score
-        if result.classification.logits:
-            out["logits"] = list(result.classification.logits)
-    if result.truncated_tokens:
-        out["truncated_tokens"] = result.truncated_tokens
+# The task columns of a result batch, in the order a row's dict (and a JSONL line) gives them.
+OUTPUT_COLUMNS = ("embedding", *GENERATION, "chars", *CLASSIFICATION)
+
+
+def table_rows(table: pa.Table, vectors_as_arrays: bool = False) -> list[dict]:
+    """The rows of a result table as dicts: {"index": i, ...passed-through fields, ...task fields}, with
+    truncated_tokens only where tokens were dropped. The row's own "index" is reserved: an input field of that
+    name is overwritten by it. vectors_as_arrays: vectors as NumPy rows (orjson writes them without a Python
+    float each) instead of lists."""
+    names = [name for name in OUTPUT_COLUMNS if name in table.column_names]
+    columns = [_column_values(table.column(name), vectors_as_arrays) for name in names]
+    metas = table.column(META).to_pylist() if META in table.column_names else None
+    truncated = table.column(TRUNCATED).to_pylist() if TRUNCATED in table.column_names else None
+    out = []
+    for i, index in enumerate(table.column(INDEX).to_pylist()):
+        row: dict = {"index": index}
+        if metas is not None and metas[i]:
+            meta = orjson.loads(metas[i])
+            meta.pop("index", None)
+            row.update(meta)
+        for name, values in zip(names, columns):
+            if values[i] is not None:
+                row[name] = values[i]
+        if truncated is not None and truncated[i]:
+            row[TRUNCATED] = truncated[i]
+        out.append(row)
     return out
+
+
+def _column_values(column: pa.ChunkedArray, vectors_as_arrays: bool):
+    if vectors_as_arrays and pa.types.is_fixed_size_list(column.type):
+        return vector_array(column)
+    return column.to_pylist()
+
+
+def vector_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size list column as a (rows, width) NumPy array over its values."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = array.type.list_size
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -96,8 +96,3 @@ def _parquet(path: Path):
         for row in batch.to_pylist():
             number += 1
             yield f"{path}: row {number}", row
-
-
-def write_jsonl(f, row: dict) -> None:
-    f.write(json.dumps(row, ensure_ascii=False))
-    f.write("\n")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import pyarrow as pa
 
 from distinfer.common.errors import JOB_ENDED_KEY, DistinferError, status_code_by_name
 from distinfer.coordinator.scheduler import Placement
@@ -42,6 +43,9 @@ class Job:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Result streams open on it: an ended job is not deleted for its age while one is read.
     readers: int = 0
+    # The columns of its first result report this run: every later one must have the same (a store reads a
+    # job's batches as one table).
+    result_schema: pa.Schema | None = None
 
     def notify(self) -> None:
         old, self.changed = self.changed, asyncio.Event()

@@ -15,6 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 
 from distinfer.common.errors import (
@@ -24,6 +26,7 @@ from distinfer.common.errors import (
     ResourceExhausted,
     shown,
 )
+from distinfer.common.result_columns import INDEX, check_results, from_ipc
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.coordinator.limits import Limits
@@ -238,12 +241,21 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
             await changed.wait()
             self._current_attempt(request.job_id, request.attempt)  # it may have ended while we waited
 
-    async def commit(self, job_id: str, attempt: int, results: list[jobs_pb2.Result]) -> int:
+    async def commit(self, job_id: str, attempt: int, arrow: bytes) -> int:
+        """Store a rank 0 report: an Arrow IPC stream of result rows, kept as rank 0 built it."""
         job = self._current_attempt(job_id, attempt)
-        blobs = [(r.index, r.SerializeToString()) for r in results]
-        if blobs and (last := max(index for index, _ in blobs)) >= job.status.num_rows:
+        try:
+            results = from_ipc(arrow)
+            check_results(results)
+        except (pa.ArrowException, ValueError, OSError) as exc:
+            raise InvalidArgument(f"a result report is not an Arrow stream of results: {exc}") from None
+        if job.result_schema is None:
+            job.result_schema = results.schema
+        elif not results.schema.equals(job.result_schema):  # a store reads a job's batches as one table
+            raise InvalidArgument(f"a result report's columns ({results.schema}) differ from the job's earlier ones")
+        if results.num_rows and (last := pc.max(results.column(INDEX)).as_py()) >= job.status.num_rows:
             raise InvalidArgument(f"result index {last} is past the job's last row")
-        added = await self.db(self.store.commit_results, job_id, attempt, blobs)
+        added = await self.db(self.store.commit_results, job_id, attempt, results)
         if job.attempt is not None:
             job.attempt.moved_on()
         if added and job.attempt is not None and not job.status.time_to_first_result_s:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pyarrow as pa
+
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import InvalidArgument, NotFound
+from distinfer.common.result_columns import INDEX, add_to_results, to_ipc
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.v1 import jobs_pb2
 
@@ -20,18 +23,27 @@ RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
 
 
 class ResultStreams:
-    async def stream_results(self, job_id: str, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
+    async def stream_results(
+        self, job_id: str, start: int, result_format: int = S.RESULT_FORMAT_ROWS
+    ) -> AsyncIterator[jobs_pb2.ResultBatch]:
         job = self.job(job_id)
+        if result_format not in (S.RESULT_FORMAT_ROWS, S.RESULT_FORMAT_ARROW):
+            raise InvalidArgument(
+                f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
+            )
         if start > job.status.num_rows:
             raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
         job.readers += 1
         try:
-            async for batch in self._results_of(job, start):
-                yield batch
+            async for table in self._results_of(job, start):
+                if result_format == S.RESULT_FORMAT_ARROW:
+                    yield S.ResultBatch(arrow=to_ipc(table))
+                else:  # a message per row, for grpcurl and plain gRPC clients: built off the event loop
+                    yield await self.db(_rows_message, table)
         finally:
             job.readers -= 1
 
-    async def _results_of(self, job: Job, start: int) -> AsyncIterator[jobs_pb2.ResultBatch]:
+    async def _results_of(self, job: Job, start: int) -> AsyncIterator[pa.Table]:
         job_id, next_index = job.job_id, start
         while True:
             if self.jobs.get(job_id) is not job:
@@ -39,12 +51,12 @@ class ResultStreams:
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
             ended = job.status.state in (S.FAILED, S.CANCELLED)
-            batch = await self.db(
+            table = await self.db(
                 self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
             )
-            if batch.results:
-                next_index = batch.results[-1].index + 1
-                yield batch
+            if table is not None:
+                next_index = table.column(INDEX)[-1].as_py() + 1
+                yield table
                 continue
             if next_index >= job.status.num_rows and job.status.state in TERMINAL:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
@@ -53,3 +65,9 @@ class ResultStreams:
                     continue  # it ended since the read: read again, through the gaps
                 raise job_ended(job)
             await changed.wait()
+
+
+def _rows_message(table: pa.Table) -> jobs_pb2.ResultBatch:
+    batch = S.ResultBatch()
+    add_to_results(table, batch.results)
+    return batch

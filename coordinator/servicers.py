@@ -62,7 +62,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @grpc_errors
     async def StreamResults(self, request, context):
-        async for batch in self.manager.stream_results(request.job_id, request.start_index):
+        async for batch in self.manager.stream_results(request.job_id, request.start_index, request.format):
             yield batch
 
     @grpc_errors
@@ -172,5 +172,5 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
         async for message in request_iterator:
             if not message.job_id:
                 raise InvalidArgument("ReportResults needs a job id")
-            committed += await self.manager.commit(message.job_id, message.attempt, list(message.results))
+            committed += await self.manager.commit(message.job_id, message.attempt, message.arrow)
         return workers_pb2.ReportResultsResponse(committed=committed)

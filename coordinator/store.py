@@ -2,24 +2,29 @@
 
 Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory), each upload
 message as one chunk: a SQLite row for every input row was the biggest part of the coordinator's per-row
-cost. Results are kept the same way, a chunk per commit and block of RESULT_BLOCK_ROWS row indices (a SQLite
-row per result cost 5 us a row to insert); the block bounds what a read in index order looks at, however
-scattered a commit's indices are. Commits are idempotent by row index, so a repeated or late result never
-duplicates a row.
+cost. Results are kept the same way, as the Arrow batches rank 0 sends, one per commit and block of
+RESULT_BLOCK_ROWS row indices (a SQLite row per result cost 5 us a row to insert); the block bounds what a
+read in index order looks at, however scattered a commit's indices are. Commits are idempotent by row index,
+so a repeated or late result never duplicates a row. Rows move as whole Arrow columns (sorted, sliced,
+concatenated), never parsed or serialised one by one.
 The store is synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
+from distinfer.common.result_columns import INDEX, META, from_ipc, to_ipc
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
-from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA, packed, unpacked
+from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA, unpacked
 from distinfer.coordinator.store_upgrades import OldStoreUpgrades
 from distinfer.v1 import jobs_pb2
 
@@ -29,16 +34,6 @@ MAX_CHUNK_ROWS = 2048
 # long documents must stay far below the 64 MiB a message may hold.
 SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, STREAM_MESSAGE_CHARS
 CHUNKS_PER_READ = 4  # input chunks read at once (each up to MAX_CHUNK_ROWS rows)
-_RESULTS_TAG = bytes([1 << 3 | 2])  # ResultBatch.results: field 1, length-delimited
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 @dataclass
@@ -74,7 +69,7 @@ class Store(OldStoreUpgrades):
 
     def delete_job(self, job_id: str) -> None:
         with self._transaction():
-            for table in ("jobs", "input_chunks", "result_chunks"):
+            for table in ("jobs", "input_chunks", "result_batches"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
@@ -183,41 +178,52 @@ class Store(OldStoreUpgrades):
 
     # --- results ----------------------------------------------------------------------------------------
 
-    def commit_results(self, job_id: str, attempt: int, results: Iterable[tuple[int, bytes]]) -> int:
-        """Store results not stored yet (idempotent by index); returns how many were new."""
+    def commit_results(self, job_id: str, attempt: int, results: pa.Table) -> int:
+        """Store the rows of `results` (an Arrow table with an `index` column) not stored yet, idempotent by
+        index: the first result of a row is kept. Returns how many rows were new."""
         with self._transaction():
             return self._add_results(job_id, attempt, results)
 
-    def _add_results(self, job_id: str, attempt: int, results: Iterable[tuple[int, bytes]]) -> int:
-        blocks: dict[int, dict[int, bytes]] = {}  # block -> {offset: result}, the first of a repeated index
-        for idx, blob in results:
-            blocks.setdefault(idx // RESULT_BLOCK_ROWS, {}).setdefault(idx % RESULT_BLOCK_ROWS, blob)
+    def _add_results(self, job_id: str, attempt: int, results: pa.Table) -> int:
+        indices = results.column(INDEX).to_numpy()
+        if not len(indices):
+            return 0
+        blocks = indices // RESULT_BLOCK_ROWS
+        order = np.argsort(blocks, kind="stable")  # each block's rows together, in commit order
+        starts = np.flatnonzero(np.diff(blocks[order], prepend=-1))
         added = 0
-        for block, rows in blocks.items():
-            seq = 0
-            for last_seq, offsets in self._db.execute(
-                "SELECT seq, offsets FROM result_chunks WHERE job_id = ? AND block = ?", (job_id, block)
+        for rows in np.split(order, starts[1:]):
+            block = int(blocks[rows[0]])
+            offsets = (indices[rows] % RESULT_BLOCK_ROWS).astype(np.uint16)
+            seq, stored = 0, []
+            for last_seq, packed_offsets in self._db.execute(
+                "SELECT seq, offsets FROM result_batches WHERE job_id = ? AND block = ?", (job_id, block)
             ):
-                for offset in unpacked("H", offsets):
-                    rows.pop(offset, None)
+                stored.append(np.frombuffer(packed_offsets, "<u2"))
                 seq = last_seq + 1
-            if rows:
-                self._db.execute(
-                    "INSERT INTO result_chunks (job_id, block, seq, attempt, count, last_offset, offsets, sizes, "
-                    "results) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job_id,
-                        block,
-                        seq,
-                        attempt,
-                        len(rows),
-                        max(rows),
-                        packed("H", rows.keys()),
-                        packed("I", map(len, rows.values())),
-                        b"".join(rows.values()),
-                    ),
-                )
-                added += len(rows)
+            _, first = np.unique(offsets, return_index=True)  # a row repeated within the commit counts once
+            keep = np.zeros(len(rows), dtype=bool)
+            keep[first] = True
+            if stored:
+                keep &= ~np.isin(offsets, np.concatenate(stored))
+            if not keep.any():
+                continue
+            kept = rows[keep]
+            self._db.execute(
+                "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, batch) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    block,
+                    seq,
+                    attempt,
+                    len(kept),
+                    int(offsets[keep].max()),
+                    offsets[keep].astype("<u2").tobytes(),
+                    to_ipc(results.take(kept)),
+                ),
+            )
+            added += len(kept)
         return added
 
     def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> set[int]:
@@ -225,7 +231,7 @@ class Store(OldStoreUpgrades):
         the set may hold some others of the same blocks."""
         committed = set()
         for block, offsets in self._db.execute(
-            "SELECT block, offsets FROM result_chunks WHERE job_id = ? AND block BETWEEN ? AND ? AND attempt != ?",
+            "SELECT block, offsets FROM result_batches WHERE job_id = ? AND block BETWEEN ? AND ? AND attempt != ?",
             (job_id, begin // RESULT_BLOCK_ROWS, (end - 1) // RESULT_BLOCK_ROWS, other_than_attempt),
         ):
             base = block * RESULT_BLOCK_ROWS
@@ -233,63 +239,85 @@ class Store(OldStoreUpgrades):
         return committed
 
     def count_results(self, job_id: str) -> int:
-        (n,) = self._db.execute("SELECT TOTAL(count) FROM result_chunks WHERE job_id = ?", (job_id,)).fetchone()
+        (n,) = self._db.execute("SELECT TOTAL(count) FROM result_batches WHERE job_id = ?", (job_id,)).fetchone()
         return int(n)
 
     def results_from(
         self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
-    ) -> jobs_pb2.ResultBatch:
-        """The committed results from index `start` on, stopping at the first row not committed yet, after
-        `limit` rows, or once they hold `max_bytes` (at least one row). through_gaps: pass over the rows not
-        committed (for a job that has ended: those will never come), so the results may skip indices."""
-        indices, blobs, size = [], [], 0
-        for idx, blob in islice(self._results_in_order(job_id, start, through_gaps), limit):
-            if blobs and size + len(blob) > max_bytes:
-                break
-            indices.append(idx)
-            blobs.append(blob)
-            size += len(blob)
-        # On the wire a ResultBatch is its Results one after the other, each a length-prefixed field 1: the
-        # stored bytes parse as one batch in one call (half the cost of parsing row by row).
-        batch = jobs_pb2.ResultBatch.FromString(b"".join(_RESULTS_TAG + _varint(len(b)) + b for b in blobs))
-        if not blobs:
-            return batch
-        first, end = indices[0], indices[-1] + 1
-        position = {idx: i for i, idx in enumerate(indices)}.get if end - first != len(indices) else None
-        for chunk_first, rows in self._chunks(job_id, first, end, with_meta=True):
-            for idx in range(max(chunk_first, first), min(chunk_first + len(rows), end)):
-                i = idx - first if position is None else position(idx)
-                if i is not None:
-                    batch.results[i].meta_json = rows[idx - chunk_first].meta_json
-        return batch
+    ) -> pa.Table | None:
+        """The committed results from index `start` on, in index order, stopping at the first row not committed
+        yet, after `limit` rows, or once they hold about `max_bytes` (at least one row); None if there are none.
+        through_gaps: pass over the rows not committed (for a job that has ended: those will never come), so
+        the results may skip indices. Rows whose input passed fields through get them in a `meta_json` column.
 
-    def _results_in_order(self, job_id: str, start: int, through_gaps: bool) -> Iterator[tuple[int, bytes]]:
-        """(index, serialized result) from index `start` on, in order, up to the first index not committed (or
-        through every gap to the last committed one): read a block at a time."""
+        Rows are moved as whole Arrow columns: no Python object is made per row but for passed-through fields."""
+        pieces, count, size = [], 0, 0
+        for piece in self._results_in_order(job_id, start, through_gaps):
+            per_row = max(1, piece.nbytes // max(1, piece.num_rows))
+            room = min(limit - count, max(0 if pieces else 1, (max_bytes - size) // per_row))
+            if room <= 0:
+                break
+            piece = piece.slice(0, room)
+            pieces.append(piece)
+            count, size = count + piece.num_rows, size + piece.num_rows * per_row
+            if count >= limit:
+                break
+        if not pieces:
+            return None
+        table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")
+        metas = self._metas(job_id, table.column(INDEX).to_numpy())
+        return table if metas is None else table.append_column(META, pa.array(metas, pa.string()))
+
+    def _metas(self, job_id: str, indices: np.ndarray) -> list[str] | None:
+        """The meta_json of each of these rows (indices in order), or None if none of them has one."""
+        metas = None
+        first, end = int(indices[0]), int(indices[-1]) + 1
+        for chunk_first, rows in self._chunks(job_id, first, end, with_meta=True):
+            wanted = np.arange(max(chunk_first, first), min(chunk_first + len(rows), end))
+            positions = np.searchsorted(indices, wanted)
+            found = indices[np.minimum(positions, len(indices) - 1)] == wanted
+            if metas is None:
+                metas = [""] * len(indices)
+            for idx, position in zip(wanted[found].tolist(), positions[found].tolist()):
+                metas[position] = rows[idx - chunk_first].meta_json
+        return metas
+
+    def _results_in_order(self, job_id: str, start: int, through_gaps: bool) -> Iterator[pa.Table]:
+        """Tables of committed rows from index `start` on, in order, a block at a time, up to the first index
+        not committed (or through every gap to the last committed one)."""
         block, first_offset = divmod(start, RESULT_BLOCK_ROWS)
         if through_gaps:
             (last_block,) = self._db.execute(
-                "SELECT MAX(block) FROM result_chunks WHERE job_id = ?", (job_id,)
+                "SELECT MAX(block) FROM result_batches WHERE job_id = ?", (job_id,)
             ).fetchone()
             if last_block is None:
                 return
         while True:
-            found: dict[int, bytes] = {}
-            for offsets, sizes, data in self._db.execute(
-                "SELECT offsets, sizes, results FROM result_chunks WHERE job_id = ? AND block = ? AND last_offset >= ?",
-                (job_id, block, first_offset),
-            ):
-                position = 0
-                for offset, size in zip(unpacked("H", offsets), unpacked("I", sizes)):
-                    if offset >= first_offset:
-                        found[offset] = data[position : position + size]
-                    position += size
+            batches = [
+                from_ipc(data)
+                for (data,) in self._db.execute(
+                    "SELECT batch FROM result_batches WHERE job_id = ? AND block = ? AND last_offset >= ?",
+                    (job_id, block, first_offset),
+                )
+            ]
             base = block * RESULT_BLOCK_ROWS
-            for offset in range(first_offset, RESULT_BLOCK_ROWS):
-                if offset in found:
-                    yield base + offset, found[offset]
-                elif not through_gaps:
-                    return
+            if batches:
+                table = batches[0] if len(batches) == 1 else pa.concat_tables(batches, promote_options="default")
+                table = table.take(pc.sort_indices(table.column(INDEX)))
+                offsets = table.column(INDEX).to_numpy().astype(np.int64) - base
+                begin = int(np.searchsorted(offsets, first_offset))
+                table, offsets = table.slice(begin), offsets[begin:]
+                if not through_gaps:
+                    gaps = np.flatnonzero(offsets != np.arange(first_offset, first_offset + len(offsets)))
+                    if len(gaps):
+                        table = table.slice(0, int(gaps[0]))
+                if table.num_rows:
+                    yield table
+                whole = table.num_rows == RESULT_BLOCK_ROWS - first_offset
+            else:
+                whole = False
+            if not through_gaps and not whole:
+                return
             if through_gaps and block >= last_block:
                 return
             block, first_offset = block + 1, 0

@@ -1,4 +1,4 @@
-"""The layout of the coordinator's state file: its tables, and how a result chunk's offsets and sizes are packed.
+"""The layout of the coordinator's state file: its tables, and how a result batch's offsets are packed.
 
 Kept apart from the store's operations so that the upgrades of older state files (store_upgrades.py) read the
 same definitions as the store does.
@@ -22,17 +22,16 @@ CREATE TABLE IF NOT EXISTS input_chunks (
     PRIMARY KEY (job_id, first_idx)
 );
 """
-RESULT_CHUNKS = """
-CREATE TABLE IF NOT EXISTS result_chunks (
+RESULT_BATCHES = """
+CREATE TABLE IF NOT EXISTS result_batches (
     job_id TEXT NOT NULL,
-    block INTEGER NOT NULL,         -- the chunk holds rows of block * RESULT_BLOCK_ROWS + offset
-    seq INTEGER NOT NULL,           -- the block's chunks in commit order: 0, 1, 2...
+    block INTEGER NOT NULL,         -- the batch holds rows of block * RESULT_BLOCK_ROWS + offset
+    seq INTEGER NOT NULL,           -- the block's batches in commit order: 0, 1, 2...
     attempt INTEGER NOT NULL,       -- the attempt that committed them: shards are cut over rows open at its start
     count INTEGER NOT NULL,
-    last_offset INTEGER NOT NULL,   -- the highest of its offsets: a read from a later offset skips the chunk
+    last_offset INTEGER NOT NULL,   -- the highest of its offsets: a read from a later offset skips the batch
     offsets BLOB NOT NULL,          -- the rows' offsets in the block, uint16 little-endian, in commit order
-    sizes BLOB NOT NULL,            -- the lengths of their serialized Results, uint32 little-endian
-    results BLOB NOT NULL,          -- the serialized Results, without meta_json (added from the input row on read)
+    batch BLOB NOT NULL,            -- the rows as rank 0 sent them: an Arrow IPC stream, without meta_json
     PRIMARY KEY (job_id, block, seq)
 );
 """
@@ -45,7 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
     + INPUT_CHUNKS
-    + RESULT_CHUNKS
+    + RESULT_BATCHES
 )
 
 RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+
+from distinfer.common.result_columns import add_to_results, from_results
 from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2
 
@@ -21,9 +24,26 @@ def batch(rows: list[jobs_pb2.InputRow]) -> jobs_pb2.RowBatch:
     return jobs_pb2.RowBatch(rows=rows)
 
 
-def result_blob(index: int, value: float = 0.0) -> tuple[int, bytes]:
-    r = jobs_pb2.Result(index=index, embedding=jobs_pb2.Embedding(values=[value, value + 1]))
-    return index, r.SerializeToString()
+def result_blob(index: int, value: float = 0.0) -> jobs_pb2.Result:
+    return jobs_pb2.Result(index=index, embedding=jobs_pb2.Embedding(values=[value, value + 1]))
+
+
+def results_table(results: list[jobs_pb2.Result]) -> pa.Table:
+    """Results as the Arrow table rank 0 reports."""
+    return pa.Table.from_batches([from_results(results)])
+
+
+def commit(store: Store, job_id: str, attempt: int, results: list[jobs_pb2.Result]) -> int:
+    return store.commit_results(job_id, attempt, results_table(results))
+
+
+def read(store: Store, job_id: str, start: int, limit: int, **kwargs) -> jobs_pb2.ResultBatch:
+    """What results_from gives, as the Result messages a plain gRPC client gets."""
+    batch = jobs_pb2.ResultBatch()
+    table = store.results_from(job_id, start, limit, **kwargs)
+    if table is not None:
+        add_to_results(table, batch.results)
+    return batch
 
 
 def add_job_with_rows(store: Store, job_id: str, n: int) -> None:

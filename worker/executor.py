@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import functools
 import multiprocessing
 import os
 import signal
@@ -29,6 +28,7 @@ import transformers
 from distinfer.common.channels import ChannelSecurity, open_channel
 from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
+from distinfer.common.result_columns import result_batch, to_ipc
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
@@ -212,8 +212,11 @@ class Executor:
             lockstep=layout.tp_size > 1,  # a replica's ranks fetch the same shard and run each batch together
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
-        to_results = functools.partial(task.results, options=options)
-        sender = ResultSender(self.stub, a, to_results, self.metadata) if a.rank == 0 else None
+
+        def to_batch(gathered) -> bytes:
+            return to_ipc(result_batch(gathered.indices, gathered.truncated, task.columns(gathered, options)))
+
+        sender = ResultSender(self.stub, a, to_batch, self.metadata) if a.rank == 0 else None
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl", idle=batches.starved)
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,12 +20,11 @@ META_COLUMNS = 4  # two int64 (index, truncated tokens) viewed as four float32
 
 @dataclass
 class Gathered:
-    """A round's rows on rank 0, every rank's in rank order: rows[i] is row indices[i]'s. Whole lists and one
-    tensor, not a tuple per row: rank 0 turns them into Results a round at a time (indexing a tensor row by
-    row cost 5 us a row, more than the rest of the echo task's path on rank 0)."""
+    """A round's rows on rank 0, every rank's in rank order: rows[i] is row indices[i]'s. Whole arrays, not a
+    tuple per row: rank 0 turns them into an Arrow batch a round at a time, without a Python object per row."""
 
-    indices: list[int] = field(default_factory=list)
-    truncated: list[int] = field(default_factory=list)
+    indices: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    truncated: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))  # (len(indices), width) float32, CPU
 
     def __len__(self) -> int:
@@ -75,5 +75,4 @@ class Gatherer:
         rows = torch.cat([part[:n] for part, n in zip(gathered, counts_list) if n > 0]).cpu()
         # A fresh row-major copy: a slice of the packed tensor cannot be viewed as int64 in place.
         meta = rows[:, self.width :].clone(memory_format=torch.contiguous_format).view(torch.long)
-        indices, truncated = meta.T.tolist()
-        return Gathered(indices, truncated, rows[:, : self.width])
+        return Gathered(meta[:, 0].numpy(), meta[:, 1].numpy(), rows[:, : self.width])

@@ -313,12 +313,12 @@ class Prefetcher:
 
 
 class ResultSender:
-    """Rank 0 turns gathered rows into Results and streams them to the coordinator in a thread, while the
-    group runs the next batch (the other ranks never wait for rank 0's bookkeeping)."""
+    """Rank 0 turns gathered rows into Arrow batches and streams them to the coordinator in a thread, while
+    the group runs the next batch (the other ranks never wait for rank 0's bookkeeping)."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment, to_results, metadata=()):
-        """to_results(gathered, out): append a gathered round's Results to `out`."""
-        self._to_results = to_results
+    def __init__(self, stub, a: workers_pb2.Assignment, to_batch, metadata=()):
+        """to_batch(gathered): a gathered round's results as the bytes of an Arrow IPC stream."""
+        self._to_batch = to_batch
         self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._a = a
@@ -328,9 +328,9 @@ class ResultSender:
     def _messages(self):
         while (gathered := self._queue.get()) is not None:
             for part in gathered.parts(STREAM_MESSAGE_BYTES):
-                request = workers_pb2.ReportResultsRequest(job_id=self._a.job_id, attempt=self._a.attempt)
-                self._to_results(part, out=request.results)
-                yield request
+                yield workers_pb2.ReportResultsRequest(
+                    job_id=self._a.job_id, attempt=self._a.attempt, arrow=self._to_batch(part)
+                )
 
     def _run(self, stub) -> None:
         try:

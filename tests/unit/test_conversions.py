@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pytest
 
-from distinfer.client.conversions import result_to_dict, to_input_row, to_upload_row, upload_message
+from distinfer.client.conversions import table_rows, to_input_row, to_upload_row, upload_message
 from distinfer.client.rows import InputError
+from distinfer.common.result_columns import META, from_results
 from distinfer.v1 import jobs_pb2
 
 
@@ -68,6 +70,15 @@ def test_an_upload_message_holds_each_kind_of_row_as_its_input_row():
     assert message.rows.rows[1].HasField("text")  # an empty text is a text
 
 
+def result_to_dict(result: jobs_pb2.Result) -> dict:
+    """The row's dict as a client gets it: from the result's Arrow batch, its meta_json as the coordinator adds it."""
+    table = pa.Table.from_batches([from_results([result])])
+    if result.meta_json:
+        table = table.append_column(META, pa.array([result.meta_json]))
+    (row,) = table_rows(table)
+    return row
+
+
 def test_embedding_result_to_dict():
     result = jobs_pb2.Result(index=3, embedding=jobs_pb2.Embedding(values=[0.5, -1.0, 2.0]))
     assert result_to_dict(result) == {"index": 3, "embedding": [0.5, -1.0, 2.0]}
@@ -104,10 +115,6 @@ def test_meta_survives_the_round_trip_from_input_row_to_result_dict():
     row = to_input_row({"text": "hello", "id": "doc-1", "nested": {"k": [1, 2]}})
     result = jobs_pb2.Result(index=0, embedding=jobs_pb2.Embedding(values=[0.25]), meta_json=row.meta_json)
     assert result_to_dict(result) == {"index": 0, "id": "doc-1", "nested": {"k": [1, 2]}, "embedding": [0.25]}
-
-
-def test_result_without_output_has_only_index():
-    assert result_to_dict(jobs_pb2.Result(index=5)) == {"index": 5}
 
 
 def test_a_field_that_cannot_be_passed_through_is_an_input_error_naming_it():

@@ -8,6 +8,7 @@ import sys
 
 import grpc
 import pytest
+from store_rows import commit
 
 from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2
@@ -55,8 +56,8 @@ def test_a_cancelled_job_streams_every_committed_result_past_the_rows_never_comp
     with Client(coordinator.address) as client:
         job = client.submit([{"text": f"row {i}", "n": i} for i in range(10)], model="m", workers=1)
         # As a 2-rank attempt leaves it when one rank dies: the other rank's rows committed, every other row.
-        blobs = [(i, jobs_pb2.Result(index=i, echo=jobs_pb2.Echo(chars=i)).SerializeToString()) for i in (0, 2, 4)]
-        coordinator.coordinator.manager.store.commit_results(job.id, 1, blobs)
+        results = [jobs_pb2.Result(index=i, echo=jobs_pb2.Echo(chars=i)) for i in (0, 2, 4)]
+        commit(coordinator.coordinator.manager.store, job.id, 1, results)
         job.cancel()
         got = []
         with pytest.raises(JobFailed):

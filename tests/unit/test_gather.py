@@ -77,12 +77,12 @@ def _worker(rank: int, port: int, out_dir: str, width: int, sizes: dict) -> None
         for indices, truncated, payload in batches_of(rank, width, sizes):
             got = gatherer.round(payload, indices, truncated)
             rounds += 1
-            received.extend(zip(got.indices, got.truncated, got.rows))
+            received.extend(zip(got.indices.tolist(), got.truncated.tolist(), got.rows))
             if rank != 0:
                 assert len(got) == 0
         while (got := gatherer.round(None, [], [])) is not None:
             rounds += 1
-            received.extend(zip(got.indices, got.truncated, got.rows))
+            received.extend(zip(got.indices.tolist(), got.truncated.tolist(), got.rows))
             if rank != 0:
                 assert len(got) == 0
         rounds += 1  # the final round that said every rank was done

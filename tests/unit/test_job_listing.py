@@ -11,6 +11,7 @@ import types
 
 import grpc
 import pytest
+from store_rows import commit
 
 from distinfer.client.api import Client
 from distinfer.common.errors import InvalidArgument
@@ -178,8 +179,7 @@ def ended_job(manager, job_id: str, rows: int = 0) -> None:
     manager.store.create_job(status)
     if rows:
         manager.store.add_rows(job_id, 0, S.RowBatch(rows=[S.InputRow(text="x")] * rows))
-        results = [(i, S.Result(index=i, echo=S.Echo(chars=1)).SerializeToString()) for i in range(rows)]
-        manager.store.commit_results(job_id, 1, results)
+        commit(manager.store, job_id, 1, [S.Result(index=i, echo=S.Echo(chars=1)) for i in range(rows)])
     manager.jobs[job_id] = Job(status)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from distinfer.common.result_columns import from_results, to_ipc
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.store import Store
@@ -152,7 +153,7 @@ def test_a_job_whose_rows_were_all_committed_before_a_restart_ends_at_the_restar
         job_id = await submit(jobs, rows=3)
         await jobs._schedule_once()
         results = [S.Result(index=i, echo=S.Echo(chars=2)) for i in range(3)]
-        await jobs.commit(job_id, 1, results)
+        await jobs.commit(job_id, 1, to_ipc(from_results(results)))
         jobs.stopping = True
         await jobs.close()
         return job_id

@@ -35,7 +35,7 @@ class CollectingSender:
         self.rows = []
 
     def send(self, gathered):
-        self.rows.extend(zip(gathered.indices, gathered.truncated, gathered.rows.tolist()))
+        self.rows.extend(zip(gathered.indices.tolist(), gathered.truncated.tolist(), gathered.rows.tolist()))
 
 
 def _rank(rank: int, port: int, out_dir: str, inline: bool, dying_rank: int | None) -> None:

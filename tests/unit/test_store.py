@@ -8,7 +8,7 @@ import random
 import sqlite3
 
 import pytest
-from store_rows import add_job_with_rows, batch, job, result_blob, rows, shard_indices
+from store_rows import add_job_with_rows, batch, commit, job, read, result_blob, rows, shard_indices
 
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, ShardCursor, Store
 from distinfer.v1 import jobs_pb2
@@ -55,8 +55,8 @@ def test_creating_a_job_twice_is_refused(store):
 def test_delete_job_removes_job_rows_and_results_only_of_that_job(store):
     add_job_with_rows(store, "j-gone", 3)
     add_job_with_rows(store, "j-kept", 3)
-    store.commit_results("j-gone", 1, [result_blob(0)])
-    store.commit_results("j-kept", 1, [result_blob(0)])
+    commit(store, "j-gone", 1, [result_blob(0)])
+    commit(store, "j-kept", 1, [result_blob(0)])
     store.delete_job("j-gone")
     assert [s.job_id for s in store.load_jobs()] == ["j-kept"]
     assert store.count_results("j-gone") == 0
@@ -91,8 +91,8 @@ def test_a_big_upload_message_is_kept_in_several_chunks_and_read_back_whole(stor
     (chunks,) = store._db.execute("SELECT COUNT(*) FROM input_chunks").fetchone()
     assert chunks == 1 + 3
     assert [text for b in store.shard("j", 1, 0, 1) for _, text in b] == texts
-    store.commit_results("j", 1, [result_blob(i) for i in range(len(texts))])
-    got = store.results_from("j", MAX_CHUNK_ROWS - 2, 10).results
+    commit(store, "j", 1, [result_blob(i) for i in range(len(texts))])
+    got = read(store, "j", MAX_CHUNK_ROWS - 2, 10).results
     assert [r.index for r in got] == list(range(MAX_CHUNK_ROWS - 2, MAX_CHUNK_ROWS + 8))
     assert all(json.loads(r.meta_json) == {"k": 1} for r in got)
 
@@ -136,7 +136,7 @@ def test_shard_batches_of_long_rows_are_cut_by_characters(store):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
 def test_shards_of_all_ranks_are_disjoint_and_cover_every_open_row(store, world_size):
     add_job_with_rows(store, "j", 23)
-    store.commit_results("j", 1, [result_blob(i) for i in (0, 5, 6, 17)])
+    commit(store, "j", 1, [result_blob(i) for i in (0, 5, 6, 17)])
     open_rows = [i for i in range(23) if i not in (0, 5, 6, 17)]
     per_rank = [shard_indices(store, "j", 2, rank, world_size) for rank in range(world_size)]
     union = [i for s in per_rank for i in s]
@@ -146,7 +146,7 @@ def test_shards_of_all_ranks_are_disjoint_and_cover_every_open_row(store, world_
 
 def test_shard_excludes_rows_committed_by_an_earlier_attempt(store):
     add_job_with_rows(store, "j", 8)
-    store.commit_results("j", 1, [result_blob(i) for i in (1, 2, 5)])
+    commit(store, "j", 1, [result_blob(i) for i in (1, 2, 5)])
     # open rows for attempt 2: 0, 3, 4, 6, 7
     assert shard_indices(store, "j", 2, 0, 2) == [0, 4, 7]
     assert shard_indices(store, "j", 2, 1, 2) == [3, 6]
@@ -156,16 +156,16 @@ def test_shard_is_stable_after_the_same_attempt_commits_some_rows(store):
     add_job_with_rows(store, "j", 9)
     before = [shard_indices(store, "j", 1, rank, 3) for rank in range(3)]
     # rank 0 finishes its rows before rank 2 asks for its shard
-    store.commit_results("j", 1, [result_blob(i) for i in before[0]])
-    store.commit_results("j", 1, [result_blob(before[1][0])])
+    commit(store, "j", 1, [result_blob(i) for i in before[0]])
+    commit(store, "j", 1, [result_blob(before[1][0])])
     after = [shard_indices(store, "j", 1, rank, 3) for rank in range(3)]
     assert after == before
 
 
 def test_shard_of_a_later_attempt_is_cut_over_rows_still_open(store):
     add_job_with_rows(store, "j", 6)
-    store.commit_results("j", 1, [result_blob(i) for i in (0, 2, 4)])
-    store.commit_results("j", 2, [result_blob(1)])
+    commit(store, "j", 1, [result_blob(i) for i in (0, 2, 4)])
+    commit(store, "j", 2, [result_blob(1)])
     # for attempt 2 its own commit still counts as open: rows 1, 3, 5
     assert shard_indices(store, "j", 2, 0, 1) == [1, 3, 5]
     # attempt 3 starts after attempts 1 and 2 committed: only 3 and 5 are left
@@ -189,7 +189,7 @@ def test_a_shard_resumed_with_its_cursor_while_rows_upload_gets_each_row_once(st
 
 def test_shard_of_a_finished_job_is_empty(store):
     add_job_with_rows(store, "j", 4)
-    store.commit_results("j", 1, [result_blob(i) for i in range(4)])
+    commit(store, "j", 1, [result_blob(i) for i in range(4)])
     assert list(store.shard("j", 2, 0, 1)) == []
 
 
@@ -209,28 +209,28 @@ def test_rank_beyond_open_rows_gets_an_empty_shard(store):
 
 def test_commit_results_returns_number_of_new_rows(store):
     add_job_with_rows(store, "j", 5)
-    assert store.commit_results("j", 1, [result_blob(0), result_blob(1)]) == 2
+    assert commit(store, "j", 1, [result_blob(0), result_blob(1)]) == 2
     assert store.count_results("j") == 2
 
 
 def test_repeated_commit_adds_nothing(store):
     add_job_with_rows(store, "j", 5)
     batch = [result_blob(0), result_blob(1)]
-    store.commit_results("j", 1, batch)
-    assert store.commit_results("j", 1, batch) == 0
+    commit(store, "j", 1, batch)
+    assert commit(store, "j", 1, batch) == 0
     assert store.count_results("j") == 2
 
 
 def test_overlapping_commit_counts_only_new_rows(store):
     add_job_with_rows(store, "j", 5)
-    store.commit_results("j", 1, [result_blob(0), result_blob(1)])
-    assert store.commit_results("j", 1, [result_blob(1), result_blob(2), result_blob(3)]) == 2
+    commit(store, "j", 1, [result_blob(0), result_blob(1)])
+    assert commit(store, "j", 1, [result_blob(1), result_blob(2), result_blob(3)]) == 2
     assert store.count_results("j") == 4
 
 
 def test_duplicate_index_within_one_commit_counts_once(store):
     add_job_with_rows(store, "j", 5)
-    assert store.commit_results("j", 1, [result_blob(2), result_blob(2)]) == 1
+    assert commit(store, "j", 1, [result_blob(2), result_blob(2)]) == 1
     assert store.count_results("j") == 1
 
 
@@ -239,87 +239,87 @@ def test_commits_scattered_over_result_blocks_are_read_back_in_order_and_only_on
     add_job_with_rows(store, "j", n)
     order = random.Random(4).sample(range(n), n)  # every commit touches every block
     commits = [order[i : i + 500] for i in range(0, n, 500)]
-    assert sum(store.commit_results("j", 1, [result_blob(i, float(i)) for i in c]) for c in commits) == n
-    assert sum(store.commit_results("j", 1, [result_blob(i) for i in c]) for c in commits) == 0
+    assert sum(commit(store, "j", 1, [result_blob(i, float(i)) for i in c]) for c in commits) == n
+    assert sum(commit(store, "j", 1, [result_blob(i) for i in c]) for c in commits) == 0
     assert store.count_results("j") == n
     start = RESULT_BLOCK_ROWS - 3  # a read across the end of a block goes on in the next one
-    got = store.results_from("j", start, RESULT_BLOCK_ROWS + 10).results
+    got = read(store, "j", start, RESULT_BLOCK_ROWS + 10).results
     assert [(r.index, r.embedding.values[0]) for r in got] == [(i, float(i)) for i in range(start, start + 1034)]
 
 
 def test_results_from_stops_at_a_gap_in_a_later_result_block(store):
     add_job_with_rows(store, "j", 2 * RESULT_BLOCK_ROWS)
     missing = RESULT_BLOCK_ROWS + 5
-    store.commit_results("j", 1, [result_blob(i) for i in range(2 * RESULT_BLOCK_ROWS) if i != missing])
-    assert len(store.results_from("j", 10, 4 * RESULT_BLOCK_ROWS).results) == missing - 10
+    commit(store, "j", 1, [result_blob(i) for i in range(2 * RESULT_BLOCK_ROWS) if i != missing])
+    assert len(read(store, "j", 10, 4 * RESULT_BLOCK_ROWS).results) == missing - 10
 
 
 def test_late_commit_of_another_attempt_keeps_the_first_result(store):
     add_job_with_rows(store, "j", 3)
-    store.commit_results("j", 2, [result_blob(0, value=2.0)])
-    assert store.commit_results("j", 1, [result_blob(0, value=1.0)]) == 0
-    (first,) = store.results_from("j", 0, 10).results
+    commit(store, "j", 2, [result_blob(0, value=2.0)])
+    assert commit(store, "j", 1, [result_blob(0, value=1.0)]) == 0
+    (first,) = read(store, "j", 0, 10).results
     assert list(first.embedding.values) == [2.0, 3.0]
 
 
 def test_commit_of_nothing_returns_zero(store):
     add_job_with_rows(store, "j", 3)
-    assert store.commit_results("j", 1, []) == 0
+    assert commit(store, "j", 1, []) == 0
 
 
 def test_count_results_is_per_job(store):
     add_job_with_rows(store, "j-a", 3)
     add_job_with_rows(store, "j-b", 3)
-    store.commit_results("j-a", 1, [result_blob(0), result_blob(1)])
-    store.commit_results("j-b", 1, [result_blob(2)])
+    commit(store, "j-a", 1, [result_blob(0), result_blob(1)])
+    commit(store, "j-b", 1, [result_blob(2)])
     assert [store.count_results(j) for j in ("j-a", "j-b", "j-none")] == [2, 1, 0]
 
 
 def test_results_from_returns_results_in_index_order(store):
     add_job_with_rows(store, "j", 4)
-    store.commit_results("j", 1, [result_blob(i, float(i)) for i in (3, 1, 0, 2)])
-    results = store.results_from("j", 0, 10).results
+    commit(store, "j", 1, [result_blob(i, float(i)) for i in (3, 1, 0, 2)])
+    results = read(store, "j", 0, 10).results
     assert [r.index for r in results] == [0, 1, 2, 3]
     assert [r.embedding.values[0] for r in results] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_results_from_stops_at_the_first_gap(store):
     add_job_with_rows(store, "j", 6)
-    store.commit_results("j", 1, [result_blob(i) for i in (0, 1, 2, 4, 5)])
-    assert [r.index for r in store.results_from("j", 0, 10).results] == [0, 1, 2]
+    commit(store, "j", 1, [result_blob(i) for i in (0, 1, 2, 4, 5)])
+    assert [r.index for r in read(store, "j", 0, 10).results] == [0, 1, 2]
 
 
 def test_results_from_is_empty_when_start_row_is_not_committed(store):
     add_job_with_rows(store, "j", 6)
-    store.commit_results("j", 1, [result_blob(i) for i in (0, 2, 3)])
-    assert store.results_from("j", 1, 10).results == []
+    commit(store, "j", 1, [result_blob(i) for i in (0, 2, 3)])
+    assert read(store, "j", 1, 10).results == []
 
 
 def test_results_from_resumes_at_start_index(store):
     add_job_with_rows(store, "j", 6)
-    store.commit_results("j", 1, [result_blob(i) for i in range(6)])
-    assert [r.index for r in store.results_from("j", 4, 10).results] == [4, 5]
+    commit(store, "j", 1, [result_blob(i) for i in range(6)])
+    assert [r.index for r in read(store, "j", 4, 10).results] == [4, 5]
 
 
 def test_results_from_respects_limit(store):
     add_job_with_rows(store, "j", 6)
-    store.commit_results("j", 1, [result_blob(i) for i in range(6)])
-    assert [r.index for r in store.results_from("j", 1, 3).results] == [1, 2, 3]
+    commit(store, "j", 1, [result_blob(i) for i in range(6)])
+    assert [r.index for r in read(store, "j", 1, 3).results] == [1, 2, 3]
 
 
 def test_results_from_stops_once_the_rows_fill_max_bytes_but_returns_at_least_one(store):
     add_job_with_rows(store, "j", 5)
-    store.commit_results("j", 1, [result_blob(i) for i in range(5)])
-    size = sum(len(result_blob(i)[1]) for i in range(3))
-    assert [r.index for r in store.results_from("j", 0, 10, max_bytes=size).results] == [0, 1, 2]
-    assert [r.index for r in store.results_from("j", 3, 10, max_bytes=1).results] == [3]
+    commit(store, "j", 1, [result_blob(i) for i in range(5)])
+    size = 3 * (store.results_from("j", 0, 10).nbytes // 5)  # three rows' Arrow bytes
+    assert [r.index for r in read(store, "j", 0, 10, max_bytes=size).results] == [0, 1, 2]
+    assert [r.index for r in read(store, "j", 3, 10, max_bytes=1).results] == [3]
 
 
 def test_results_from_joins_meta_json_of_the_input_row(store):
     store.create_job(job("j"))
     store.add_rows("j", 0, batch(rows("a", meta={"id": "first"}) + rows("b")))
-    store.commit_results("j", 1, [result_blob(0), result_blob(1)])
-    results = store.results_from("j", 0, 10).results
+    commit(store, "j", 1, [result_blob(0), result_blob(1)])
+    results = read(store, "j", 0, 10).results
     assert json.loads(results[0].meta_json) == {"id": "first"}
     assert results[1].meta_json == ""
 
@@ -330,8 +330,8 @@ def test_results_from_puts_each_meta_json_on_its_own_row(store):
     store.add_rows("j", 0, batch(rows("a", "b") + rows("c", meta={"id": 2})))
     store.add_rows("j", 3, batch(rows("d", meta={"id": 3})))
     store.add_rows("j", 4, batch(rows("e", meta={"id": 4})))
-    store.commit_results("j", 1, [result_blob(i) for i in range(5)])
-    metas = [r.meta_json for r in store.results_from("j", 1, 3).results]
+    commit(store, "j", 1, [result_blob(i) for i in range(5)])
+    metas = [r.meta_json for r in read(store, "j", 1, 3).results]
     assert [json.loads(m) if m else None for m in metas] == [None, {"id": 2}, {"id": 3}]
 
 
@@ -342,20 +342,20 @@ def test_results_from_keeps_result_fields(store):
         classification=jobs_pb2.Classification(label="POSITIVE", score=0.75, logits=[1.0, -1.0]),
         truncated_tokens=12,
     )
-    store.commit_results("j", 1, [(0, r.SerializeToString())])
-    (loaded,) = store.results_from("j", 0, 1).results
+    commit(store, "j", 1, [r])
+    (loaded,) = read(store, "j", 0, 1).results
     assert loaded.classification.label == "POSITIVE"
     assert loaded.classification.score == 0.75
     assert list(loaded.classification.logits) == [1.0, -1.0]
     assert loaded.truncated_tokens == 12
 
 
-@pytest.mark.parametrize("width", [0, 1, 40, 5000])  # results of 2 bytes to 20 KB: 1- to 3-byte length prefixes
+@pytest.mark.parametrize("width", [1, 40, 5000])  # results of 4 bytes to 20 KB
 def test_results_from_returns_large_and_small_results_whole(store, width):
     add_job_with_rows(store, "j", 3)
     sent = [jobs_pb2.Result(index=i, embedding=jobs_pb2.Embedding(values=[i + 0.5] * width)) for i in range(3)]
-    store.commit_results("j", 1, [(r.index, r.SerializeToString()) for r in sent])
-    assert list(store.results_from("j", 0, 10).results) == sent
+    commit(store, "j", 1, sent)
+    assert list(read(store, "j", 0, 10).results) == sent
 
 
 def test_results_of_an_ended_job_are_read_through_the_gaps_with_their_meta(store):
@@ -364,11 +364,11 @@ def test_results_of_an_ended_job_are_read_through_the_gaps_with_their_meta(store
     store.add_rows("j", 0, batch(rows(*(f"t{i}" for i in range(3000)))))
     store.add_rows("j", 3000, batch(rows("with meta", meta={"k": 7})))
     committed = [0, 1, 3, 5, RESULT_BLOCK_ROWS + 2, 3000]  # block 2 holds nothing
-    store.commit_results("j", 1, [result_blob(i, float(i)) for i in committed])
+    commit(store, "j", 1, [result_blob(i, float(i)) for i in committed])
 
-    assert [r.index for r in store.results_from("j", 0, 100).results] == [0, 1]  # a running job stops at a gap
-    through = store.results_from("j", 0, 100, through_gaps=True).results
+    assert [r.index for r in read(store, "j", 0, 100).results] == [0, 1]  # a running job stops at a gap
+    through = read(store, "j", 0, 100, through_gaps=True).results
     assert [(r.index, r.embedding.values[0]) for r in through] == [(i, float(i)) for i in committed]
     assert [json.loads(r.meta_json) if r.meta_json else None for r in through][-1] == {"k": 7}
-    assert [r.index for r in store.results_from("j", 4, 2, through_gaps=True).results] == [5, RESULT_BLOCK_ROWS + 2]
-    assert store.results_from("j", 3001, 100, through_gaps=True).results == []
+    assert [r.index for r in read(store, "j", 4, 2, through_gaps=True).results] == [5, RESULT_BLOCK_ROWS + 2]
+    assert read(store, "j", 3001, 100, through_gaps=True).results == []

@@ -8,7 +8,7 @@ import struct
 import time
 
 import pytest
-from store_rows import add_job_with_rows, batch, job, result_blob, rows, shard_indices
+from store_rows import add_job_with_rows, batch, commit, job, read, result_blob, rows, shard_indices
 
 from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2
@@ -23,7 +23,7 @@ def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
     first.create_job(status)
     first.create_job(job("j-2"))
     first.add_rows("j-1", 0, batch(rows("a", "b", meta={"k": 1}) + rows("c", "d")))
-    first.commit_results("j-1", 1, [result_blob(0, 5.0), result_blob(1, 6.0)])
+    commit(first, "j-1", 1, [result_blob(0, 5.0), result_blob(1, 6.0)])
     first.close()
 
     second = Store(path)
@@ -31,14 +31,14 @@ def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
         assert [s.job_id for s in second.load_jobs()] == ["j-1", "j-2"]
         assert second.load_jobs()[0] == status
         assert second.count_results("j-1") == 2
-        results = second.results_from("j-1", 0, 10).results
+        results = read(second, "j-1", 0, 10).results
         assert [(r.index, r.embedding.values[0], json.loads(r.meta_json)) for r in results] == [
             (0, 5.0, {"k": 1}),
             (1, 6.0, {"k": 1}),
         ]
         assert [r for b in second.shard("j-1", 2, 0, 1) for r in b] == [(2, "c"), (3, "d")]
         # commits stay idempotent across the restart
-        assert second.commit_results("j-1", 2, [result_blob(1), result_blob(2)]) == 1
+        assert commit(second, "j-1", 2, [result_blob(1), result_blob(2)]) == 1
     finally:
         second.close()
 
@@ -57,8 +57,8 @@ def test_a_store_with_a_sqlite_row_per_input_row_is_moved_to_chunks_on_opening(t
     store = Store(path)
     try:
         assert [r for b in store.shard("j", 1, 0, 1) for r in b] == [(i, f"t{i}") for i in range(1000)]
-        store.commit_results("k", 1, [result_blob(0)])
-        assert json.loads(store.results_from("k", 0, 1).results[0].meta_json) == {"id": 7}
+        commit(store, "k", 1, [result_blob(0)])
+        assert json.loads(read(store, "k", 0, 1).results[0].meta_json) == {"id": 7}
         assert store.add_rows("j", 1000, batch(rows("new"))) == 1
     finally:
         store.close()
@@ -81,17 +81,18 @@ def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_openi
     )
     committed = [(i, 1 if i < 1500 else 2) for i in range(0, 1800, 2)]  # two attempts; every other row
     old.executemany(
-        "INSERT INTO results VALUES ('j', ?, ?, ?)", [(i, a, result_blob(i, float(a))[1]) for i, a in committed]
+        "INSERT INTO results VALUES ('j', ?, ?, ?)",
+        [(i, a, result_blob(i, float(a)).SerializeToString()) for i, a in committed],
     )
     old.commit()
     old.close()
     store = Store(path)
     try:
         assert store.count_results("j") == len(committed)
-        assert [(r.index, r.embedding.values[0]) for r in store.results_from("j", 1498, 10).results] == [(1498, 1.0)]
-        assert [(r.index, r.embedding.values[0]) for r in store.results_from("j", 1500, 10).results] == [(1500, 2.0)]
+        assert [(r.index, r.embedding.values[0]) for r in read(store, "j", 1498, 10).results] == [(1498, 1.0)]
+        assert [(r.index, r.embedding.values[0]) for r in read(store, "j", 1500, 10).results] == [(1500, 2.0)]
         assert shard_indices(store, "j", 3, 0, 1) == [i for i in range(2000) if i % 2 or i >= 1800]
-        assert store.commit_results("j", 3, [result_blob(i) for i in range(4)]) == 2
+        assert commit(store, "j", 3, [result_blob(i) for i in range(4)]) == 2
     finally:
         store.close()
     tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
@@ -99,7 +100,8 @@ def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_openi
 
 
 def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
-    """Chunks in WITHOUT ROWID tables, result chunks written before `last_offset` existed."""
+    """Chunks in WITHOUT ROWID tables, result chunks of serialized Results written before `last_offset` existed:
+    the results become Arrow batches."""
     path = tmp_path / "state.db"
     old = store_to_rewrite(path, rows=2000)
     old.executescript(
@@ -109,7 +111,7 @@ def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
            INSERT INTO old_inputs SELECT * FROM input_chunks;
            DROP TABLE input_chunks;
            ALTER TABLE old_inputs RENAME TO input_chunks;
-           DROP TABLE result_chunks;
+           DROP TABLE IF EXISTS result_chunks;
            CREATE TABLE result_chunks (job_id TEXT NOT NULL, block INTEGER NOT NULL, seq INTEGER NOT NULL,
                                        attempt INTEGER NOT NULL, count INTEGER NOT NULL, offsets BLOB NOT NULL,
                                        sizes BLOB NOT NULL, results BLOB NOT NULL,
@@ -117,7 +119,7 @@ def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
     )
 
     def chunk(block: int, seq: int, attempt: int, indices: list[int]):
-        blobs = [result_blob(i, float(attempt))[1] for i in indices]
+        blobs = [result_blob(i, float(attempt)).SerializeToString() for i in indices]
         offsets = struct.pack(f"<{len(indices)}H", *(i % 1024 for i in indices))
         sizes = struct.pack(f"<{len(indices)}I", *map(len, blobs))
         return ("j", block, seq, attempt, len(indices), offsets, sizes, b"".join(blobs))
@@ -131,21 +133,27 @@ def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
     store = Store(path)
     try:
         assert store.count_results("j") == 6
-        in_order = [(r.index, r.embedding.values[0]) for r in store.results_from("j", 0, 10).results]
+        in_order = [(r.index, r.embedding.values[0]) for r in read(store, "j", 0, 10).results]
         assert in_order == [(0, 1.0), (1, 2.0), (2, 1.0), (3, 2.0), (4, 1.0)]
-        assert [r.index for r in store.results_from("j", 3, 10).results] == [3, 4]
-        assert [r.index for r in store.results_from("j", 1024, 10).results] == [1024]
-        assert store.commit_results("j", 3, [result_blob(i) for i in range(7)]) == 2
-        assert [r.index for r in store.results_from("j", 3, 10).results] == [3, 4, 5, 6]
+        assert [r.index for r in read(store, "j", 3, 10).results] == [3, 4]
+        assert [r.index for r in read(store, "j", 1024, 10).results] == [1024]
+        assert commit(store, "j", 3, [result_blob(i) for i in range(7)]) == 2
+        assert [r.index for r in read(store, "j", 3, 10).results] == [3, 4, 5, 6]
         assert shard_indices(store, "j", 4, 0, 1) == list(range(7, 1024)) + list(range(1025, 2000))
         assert store.add_rows("j", 2000, batch(rows("new"))) == 1
     finally:
         store.close()
     db = sqlite3.connect(path)
     tables = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
-    assert {"input_chunks", "result_chunks"} <= set(tables) and not any(name.endswith("_old") for name in tables)
-    assert not any("WITHOUT ROWID" in tables[name] for name in ("input_chunks", "result_chunks"))
-    assert [last for (last,) in db.execute("SELECT last_offset FROM result_chunks ORDER BY block, seq")] == [4, 3, 6, 0]
+    assert {"input_chunks", "result_batches"} <= set(tables) and not any(name.endswith("_old") for name in tables)
+    assert "result_chunks" not in tables  # its Results are Arrow batches now
+    assert not any("WITHOUT ROWID" in tables[name] for name in ("input_chunks", "result_batches"))
+    assert [last for (last,) in db.execute("SELECT last_offset FROM result_batches ORDER BY block, seq")] == [
+        4,
+        3,
+        6,
+        0,
+    ]
 
 
 def test_reopening_keeps_creation_order_for_new_jobs(tmp_path):
@@ -165,7 +173,7 @@ def test_deleted_job_stays_deleted_after_reopening(tmp_path):
     path = tmp_path / "state.db"
     first = Store(path)
     add_job_with_rows(first, "j", 2)
-    first.commit_results("j", 1, [result_blob(0)])
+    commit(first, "j", 1, [result_blob(0)])
     first.delete_job("j")
     first.close()
     second = Store(path)
@@ -182,7 +190,7 @@ def test_committed_results_are_visible_to_a_new_store_without_closing_the_old_on
     path = tmp_path / "state.db"
     crashed = Store(path)
     add_job_with_rows(crashed, "j", 3)
-    crashed.commit_results("j", 1, [result_blob(0), result_blob(2)])
+    commit(crashed, "j", 1, [result_blob(0), result_blob(2)])
     restarted = Store(path)
     try:
         assert [s.job_id for s in restarted.load_jobs()] == ["j"]
@@ -231,7 +239,7 @@ def committed_in_the_database_file(path) -> float:
     """Results committed as the database file alone has them (the write-ahead log is not read)."""
     main_file_only = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
     try:
-        return main_file_only.execute("SELECT TOTAL(count) FROM result_chunks").fetchone()[0]
+        return main_file_only.execute("SELECT TOTAL(count) FROM result_batches").fetchone()[0]
     except sqlite3.OperationalError:  # not even the table yet
         return 0
     finally:
@@ -252,7 +260,7 @@ def test_commits_reach_the_database_file_without_waiting_for_the_store_to_close(
     store = Store(path)
     try:
         add_job_with_rows(store, "j", 10)
-        store.commit_results("j", 1, [result_blob(i) for i in range(10)])
+        commit(store, "j", 1, [result_blob(i) for i in range(10)])
         wait_for_the_database_file(path, 10)
     finally:
         store.close()
@@ -267,7 +275,7 @@ def test_commits_reach_the_database_file_while_a_shard_is_read_part_way(tmp_path
         add_job_with_rows(store, "j", 40_000)
         shard = store.shard("j", 1, 0, 1, batch=100)
         next(shard)  # a worker part-way through its shard
-        store.commit_results("j", 1, [result_blob(i) for i in range(100)])
+        commit(store, "j", 1, [result_blob(i) for i in range(100)])
         wait_for_the_database_file(path, 100)
         assert len(next(shard)) == 100  # and the shard reads on
     finally:

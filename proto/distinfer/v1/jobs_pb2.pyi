@@ -21,6 +21,21 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ResultFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResultFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESULT_FORMAT_ROWS: _ResultFormat.ValueType  # 0
+    RESULT_FORMAT_ARROW: _ResultFormat.ValueType  # 1
+
+class ResultFormat(_ResultFormat, metaclass=_ResultFormatEnumTypeWrapper): ...
+
+RESULT_FORMAT_ROWS: ResultFormat.ValueType  # 0
+RESULT_FORMAT_ARROW: ResultFormat.ValueType  # 1
+Global___ResultFormat: _TypeAlias = ResultFormat  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -487,18 +502,24 @@ class StreamResultsRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     START_INDEX_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     start_index: _builtins.int
     """Index of the first result wanted: a client that lost its stream resumes where it stopped."""
+    format: Global___ResultFormat.ValueType
+    """ROWS (the default) fills ResultBatch.results, a message per row, for grpcurl and plain gRPC clients;
+    ARROW fills ResultBatch.arrow, the columns of many rows at once, with no per-row work on either side.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         start_index: _builtins.int = ...,
+        format: Global___ResultFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "start_index", b"start_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "job_id", b"job_id", "start_index", b"start_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,16 +530,24 @@ class ResultBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    ARROW_FIELD_NUMBER: _builtins.int
+    arrow: _builtins.bytes
+    """With RESULT_FORMAT_ARROW: an Arrow IPC stream of the rows, in index order. Its columns: `index`
+    (uint64), `truncated_tokens` (uint32), the task's (embed: `embedding`, a fixed-size list of float32;
+    classify: `label`, `score`, `logits`; generate: `text`, `prompt_tokens`, `generated_tokens`,
+    `finish_reason`; echo: `chars`), and `meta_json` (string) when rows passed fields through.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Result]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___Result] | None = ...,
+        arrow: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

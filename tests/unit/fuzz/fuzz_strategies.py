@@ -7,6 +7,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import strategies as st
 
+from distinfer.common.result_columns import from_results, to_ipc
 from distinfer.common.tasks import TASKS
 from distinfer.v1 import jobs_pb2, workers_pb2
 
@@ -246,6 +247,35 @@ def results(draw, indices=None) -> jobs_pb2.Result:
     return result
 
 
+@st.composite
+def arrow_results(draw, indices=None) -> bytes:
+    """A result report's Arrow bytes: a well-formed batch of one task's results, or bytes that are not one."""
+    rows = draw(st.lists(indices if indices is not None else st.one_of(small, uint64s), max_size=4))
+    kind = draw(st.sampled_from(["echo", "embedding", "classification"]))
+    width = draw(st.integers(1, 8))
+    made = []
+    for index in rows:
+        result = jobs_pb2.Result(index=index, truncated_tokens=draw(st.one_of(st.just(0), uint32s)))
+        if kind == "embedding":
+            result.embedding.values.extend(draw(st.lists(floats32, min_size=width, max_size=width)))
+        elif kind == "classification":
+            result.classification.label = draw(strings)
+            result.classification.score = draw(floats32)
+        else:
+            result.echo.chars = draw(uint64s)
+        made.append(result)
+    valid = to_ipc(from_results(made))
+    return draw(
+        st.one_of(
+            st.just(valid),
+            st.just(valid),
+            st.binary(max_size=64),
+            st.integers(0, len(valid)).map(lambda n: valid[:n]),
+            st.tuples(st.integers(0, 10_000), st.integers(0, 255)).map(lambda t: flip_byte(valid, *t)),
+        )
+    )
+
+
 def rank_infos():
     return st.builds(
         jobs_pb2.RankInfo,
@@ -376,7 +406,7 @@ RAW_VALID = {
         workers_pb2.ReportResultsRequest,
         job_id=echoed_strings,
         attempt=uint32s,
-        results=st.lists(results(), max_size=3),
+        arrow=arrow_results(),
     ),
     "Connect": worker_messages(strings),
 }

@@ -23,11 +23,11 @@ from fuzz_harness import (
     queued_and_cancelled_jobs,
 )
 from fuzz_strategies import (
+    arrow_results,
     choice,
     echoed_strings,
     job_ids_around,
     register_requests,
-    results,
     slot_events,
     small,
     strings,
@@ -38,7 +38,16 @@ from fuzz_strategies import (
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from distinfer.common.result_columns import from_ipc, from_results, to_ipc
 from distinfer.v1 import jobs_pb2, workers_pb2
+
+
+def rows_in(arrow: bytes) -> int:
+    try:
+        return from_ipc(arrow).num_rows
+    except Exception:  # noqa: BLE001 - bytes that are not an Arrow stream carry no rows
+        return 0
+
 
 # --- (a) structurally valid messages, random values: Workers ----------------------------------------------
 
@@ -116,7 +125,7 @@ def test_fuzz_report_results(fuzzed, stubs):
         workers_pb2.ReportResultsRequest,
         job_id=job_ids_around(queued + cancelled),
         attempt=st.one_of(small, uint32s),
-        results=st.lists(results(), max_size=4),
+        arrow=arrow_results(),
     )
 
     @FUZZ
@@ -187,7 +196,7 @@ def test_fuzz_worker_protocol_around_a_live_attempt(fuzzed, stubs):
 def complete(stubs: Stubs, stream: ControlStream, live: LiveAttempt, worker_id: str, rows: int) -> None:
     """What a healthy group does: rank 0 commits every row, then every rank says FINISHED."""
     done = [jobs_pb2.Result(index=i, echo=jobs_pb2.Echo(chars=5)) for i in range(rows)]
-    report = workers_pb2.ReportResultsRequest(job_id=live.job_id, attempt=live.number, results=done)
+    report = workers_pb2.ReportResultsRequest(job_id=live.job_id, attempt=live.number, arrow=to_ipc(from_results(done)))
     code, details, _ = outcome(lambda: stubs.workers.ReportResults(iter([report]), timeout=TIMEOUT_S))
     check("ReportResults", code, details, report, kind=" (live)")
     for rank in range(live.world_size):
@@ -247,13 +256,13 @@ def act(data, stubs: Stubs, stream: ControlStream, live: LiveAttempt, worker_id:
             workers_pb2.ReportResultsRequest,
             job_id=job_ids,
             attempt=attempts,
-            results=st.lists(results(indices), max_size=rows + 1),
+            arrow=arrow_results(indices),
         )
         messages = data.draw(st.lists(requests, max_size=3))
         code, details, response = outcome(lambda: stubs.workers.ReportResults(iter(messages), timeout=TIMEOUT_S))
         check("ReportResults", code, details, messages, kind=" (live)")
         if code == C.OK:
-            assert response.committed <= sum(len(m.results) for m in messages)
+            assert response.committed <= sum(rows_in(m.arrow) for m in messages)
     elif kind == "complete":
         complete(stubs, stream, live, worker_id, rows)
     elif kind == "stream":

@@ -1,0 +1,137 @@
+"""Results as Arrow record batches: the one form they take from rank 0 through the coordinator to clients.
+
+Rank 0 builds a batch a gather round at a time from whole tensors (an embedding column is a fixed-size list
+of float32 over the round's packed floats, no Python float per value); the coordinator stores and serves
+the batches' Arrow IPC bytes; clients write them to Parquet as they come, or read them as NumPy arrays.
+Per-row Result messages are made from a batch only for callers that ask for rows (grpcurl and other plain
+gRPC clients), and from Results only to upgrade a state file written before results were Arrow.
+
+Every batch has `index` (uint64, the input row) and `truncated_tokens` (uint32), then its task's columns:
+embed `embedding`; classify `label`, `score` and, when asked, `logits`; generate `text`, `prompt_tokens`,
+`generated_tokens`, `finish_reason`; echo and simulate `chars`. A batch read from the coordinator may add
+`meta_json`, the input row's passed-through fields.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from distinfer.v1 import jobs_pb2
+
+INDEX, TRUNCATED, META = "index", "truncated_tokens", "meta_json"
+CLASSIFICATION = ("label", "score", "logits")
+GENERATION = ("text", "prompt_tokens", "generated_tokens", "finish_reason")
+
+
+def vectors(rows: np.ndarray) -> pa.FixedSizeListArray:
+    """A (rows, width) array as a fixed-size list column over the same memory."""
+    rows = np.ascontiguousarray(rows)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+
+
+def result_batch(indices, truncated, columns: dict[str, pa.Array]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {
+            INDEX: pa.array(np.asarray(indices, dtype=np.uint64)),
+            TRUNCATED: pa.array(np.asarray(truncated, dtype=np.uint32)),
+            **columns,
+        }
+    )
+
+
+def to_ipc(batch: pa.RecordBatch | pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    """The batches of one IPC stream; a pyarrow.ArrowInvalid for bytes that are not one."""
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+_VECTOR = object()  # any fixed-size list of float32
+COLUMN_TYPES = {
+    INDEX: pa.uint64(),
+    TRUNCATED: pa.uint32(),
+    "embedding": _VECTOR,
+    "label": pa.string(),
+    "score": pa.float32(),
+    "logits": _VECTOR,
+    "text": pa.string(),
+    "prompt_tokens": pa.uint32(),
+    "generated_tokens": pa.uint32(),
+    "finish_reason": pa.string(),
+    "chars": pa.uint64(),
+}
+
+
+def check_results(table: pa.Table) -> None:
+    """Refuse a batch of unknown columns or types, or without its index, so that a store holds only rows it
+    can place and serve."""
+    if INDEX not in table.column_names:
+        raise ValueError(f"a result batch needs an {INDEX!r} column; it has {', '.join(table.column_names)}")
+    for field in table.schema:
+        expected = COLUMN_TYPES.get(field.name)
+        if expected is None:
+            raise ValueError(f"a result batch has an unknown column {field.name!r}")
+        if expected is _VECTOR:
+            if not (pa.types.is_fixed_size_list(field.type) and field.type.value_type == pa.float32()):
+                raise ValueError(f"result column {field.name!r} is {field.type}, not a fixed-size list of float32")
+        elif field.type != expected:
+            raise ValueError(f"result column {field.name!r} is {field.type}, not {expected}")
+
+
+def add_to_results(table: pa.Table, out) -> None:
+    """Append a Result per row to `out` (a message's repeated Result field), for callers that ask for rows."""
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    count = table.num_rows
+    empty = [None] * count
+    get = lambda name: columns.get(name, empty)  # noqa: E731 - a column, or nothing per row
+    metas, truncs = get(META), get(TRUNCATED)
+    if "embedding" in columns:
+        for index, trunc, meta, vector in zip(columns[INDEX], truncs, metas, columns["embedding"]):
+            embedding = out.add(index=index, truncated_tokens=trunc or 0, meta_json=meta or "").embedding
+            embedding.SetInParent()  # set even when the vector is empty
+            embedding.values.extend(vector)
+    elif "chars" in columns:
+        for index, trunc, meta, chars in zip(columns[INDEX], truncs, metas, columns["chars"]):
+            out.add(index=index, truncated_tokens=trunc or 0, meta_json=meta or "").echo.chars = chars
+    elif "label" in columns:
+        for index, trunc, meta, label, score, logits in zip(
+            columns[INDEX], truncs, metas, columns["label"], columns["score"], get("logits")
+        ):
+            c = out.add(index=index, truncated_tokens=trunc or 0, meta_json=meta or "").classification
+            c.label, c.score = label, score
+            if logits:
+                c.logits.extend(logits)
+    elif "text" in columns:
+        for index, trunc, meta, *generation in zip(columns[INDEX], truncs, metas, *(get(n) for n in GENERATION)):
+            result = out.add(index=index, truncated_tokens=trunc or 0, meta_json=meta or "")
+            result.generation.CopyFrom(jobs_pb2.Generation(**dict(zip(GENERATION, generation))))
+    else:
+        for index, trunc, meta in zip(columns[INDEX], truncs, metas):
+            out.add(index=index, truncated_tokens=trunc or 0, meta_json=meta or "")
+
+
+def from_results(results: list[jobs_pb2.Result]) -> pa.RecordBatch:
+    """The Arrow batch of Result messages (of one task), for state files that stored Results."""
+    indices = [r.index for r in results]
+    truncated = [r.truncated_tokens for r in results]
+    kind = results[0].WhichOneof("output") if results else None
+    columns: dict[str, pa.Array] = {}
+    if kind == "embedding":
+        columns["embedding"] = vectors(np.array([r.embedding.values for r in results], dtype=np.float32))
+    elif kind == "echo":
+        columns["chars"] = pa.array([r.echo.chars for r in results], pa.uint64())
+    elif kind == "classification":
+        columns["label"] = pa.array([r.classification.label for r in results], pa.string())
+        columns["score"] = pa.array([r.classification.score for r in results], pa.float32())
+        if any(r.classification.logits for r in results):
+            columns["logits"] = vectors(np.array([r.classification.logits for r in results], dtype=np.float32))
+    elif kind == "generation":
+        for name, kind_type in zip(GENERATION, (pa.string(), pa.uint32(), pa.uint32(), pa.string())):
+            columns[name] = pa.array([getattr(r.generation, name) for r in results], kind_type)
+    return result_batch(indices, truncated, columns)
