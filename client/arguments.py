@@ -13,9 +13,21 @@ from distinfer.common.tasks import BUNDLED_MODEL_NAMES, JOB_STATES, TASKS
 DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
 
 
+def _output_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=required,
+        help="results file, a row per input row in input order: .parquet, .jsonl, or .npy (embeddings only)",
+    )
+    p.add_argument(
+        "--output-format", choices=("parquet", "jsonl", "npy"), help="the output's format, when its name does not tell"
+    )
+
+
 def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, required=True, help="dataset: .jsonl, .csv or .parquet")
-    p.add_argument("--output", type=Path, help="JSONL, one line per input row, in input order")
+    _output_options(p)
     p.add_argument("--task", choices=TASKS, default="embed", help="what to compute per row (default %(default)s)")
     p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
     p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
@@ -114,7 +126,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="write a job's results (waits for them if it is running)")
     results.add_argument("job_id")
     _coordinator_options(results)
-    results.add_argument("--output", type=Path, required=True, help="JSONL file the results are written to")
+    _output_options(results, required=True)
     results.add_argument("--start", type=int, default=0, help="first row index to fetch")
 
     for name, text in (("jobs", "list the jobs, newest first"), ("workers", "list the workers and their slots")):

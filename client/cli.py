@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 from distinfer.client.api import Client, Job, JobFailed
 from distinfer.client.arguments import build_parser
-from distinfer.client.conversions import result_to_dict
 from distinfer.client.display import format_status, print_table, to_json
 from distinfer.client.local import ClusterError
-from distinfer.client.rows import InputError, read_rows, write_jsonl
+from distinfer.client.outputs import OutputError, ResultFile, output_format
+from distinfer.client.rows import InputError, read_rows
 from distinfer.common.channels import security_from_args
 from distinfer.v1 import jobs_pb2
 
@@ -72,20 +72,35 @@ def _hint(exc: grpc.RpcError, args) -> str:
 
 
 def _check_output(args) -> None:
-    """Refuse an --output that would clobber the --input (truncated while it is still being read)."""
+    """Refuse an --output that would clobber the --input (truncated while it is still being read), or whose
+    format cannot be told or cannot hold the task's results."""
     output, source = args.output, args.input
     if output.exists() and source.exists() and os.path.samefile(output, source):
         raise UsageError(f"--output {output} is the --input file: writing it would destroy the rows being read")
+    _output_format(args)
 
 
-def _open_output(output: Path):
-    """The output file, opened before any job is submitted so that a bad path fails first; not yet
-    truncated (that happens when the first results come)."""
+def _output_format(args) -> str:
+    try:
+        return output_format(args.output, args.output_format, getattr(args, "task", None))
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _open_output(args, append: bool = False) -> ResultFile:
+    """The output, checked before any job is submitted so that a bad path fails first; an existing file is
+    replaced only when the first results come."""
+    output = args.output
+    fmt = _output_format(args)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        return output.open("a", encoding="utf-8")
+        output.open("a").close()
     except OSError as exc:
         raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+    try:
+        return ResultFile(output, fmt, append)
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_job_args(args) -> None:
@@ -103,7 +118,7 @@ def _submit_and_collect(client: Client, args, model: str, workers: int, local: b
     _check_job_args(args)
     rows = read_rows(args.input, args.text_field, args.format)
     detach = getattr(args, "detach", False)
-    out = None if detach else _open_output(args.output)
+    out = None if detach else _open_output(args)
     try:
         return _submit_and_write(client, args, model, workers, local, rows, out)
     finally:
@@ -190,15 +205,13 @@ def _generate_options(args) -> dict | None:
     return None
 
 
-def _write_results(job: Job, f, start: int, total: int | None, progress: list[int] | None = None) -> int:
-    """Write the job's results from `start` into `f` (from _open_output: emptied first when start is 0);
-    `progress[0]` counts the rows written so far."""
-    if start == 0:
-        f.truncate(0)
+def _write_results(job: Job, out: ResultFile, start: int, total: int | None, progress: list[int] | None = None) -> int:
+    """Write the job's results from `start` into `out` (from _open_output); `progress[0]` counts the rows
+    written so far."""
     progress = progress if progress is not None else [0]
     written = 0
     with (
-        f,
+        out,
         tqdm(
             total=total,
             initial=start,
@@ -209,15 +222,13 @@ def _write_results(job: Job, f, start: int, total: int | None, progress: list[in
             disable=None,  # no bar when stderr is not a terminal
         ) as bar,
     ):
-        for batch in job.result_batches(start):
-            for result in batch:
-                write_jsonl(f, result_to_dict(result))
-            f.flush()  # what has come back is in the file, for whoever follows it
-            written += len(batch)
+        for table in job.result_batches(start):
+            out.write(table)
+            written += table.num_rows
             progress[0] = written
             if bar.total is None and job.num_rows is not None:  # the upload has ended: the total is known
                 bar.total = job.num_rows
-            bar.update(len(batch))
+            bar.update(table.num_rows)
     return written
 
 
@@ -227,7 +238,7 @@ def cmd_run(args) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: a run needs at least 1")
     _check_job_args(args)  # before the cluster starts, which takes a while
-    _open_output(args.output).close()
+    _open_output(args)
     slots = f"{args.workers} {args.device} slot{'s' if args.workers > 1 else ''}"
     print(f"distinfer: starting a coordinator and a worker with {slots} on this machine", file=sys.stderr)
     # The model the user names on this machine is one the local workers may load.
@@ -291,7 +302,7 @@ def cmd_results(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         job = client.job(args.job_id)
         total = job.status().num_rows
-        written = _write_results(job, _open_output(args.output), args.start, total)
+        written = _write_results(job, _open_output(args, append=args.start > 0), args.start, total)
     print(f"distinfer: {written} rows -> {args.output}", file=sys.stderr)
     return 0
 

@@ -209,6 +209,17 @@ def test_cli_submit_and_inspect_with_jsonl_csv_and_parquet(cluster, tmp_path, sa
     refetched = tmp_path / "again.jsonl"
     assert cli("results", job_id, "--coordinator", cluster.address, "--output", str(refetched)).returncode == 0
     assert [json.loads(line) for line in refetched.read_text().splitlines()] == outputs["parquet"]
+    # The same results as Parquet (passed-through fields as columns) and as a .npy of the embeddings alone.
+    as_parquet, as_npy = tmp_path / "again.parquet", tmp_path / "again.npy"
+    for path in (as_parquet, as_npy):
+        assert cli("results", job_id, "--coordinator", cluster.address, "--output", str(path)).returncode == 0
+    table = pq.read_table(as_parquet)
+    assert table.column_names == ["index", "id", "truncated_tokens", "embedding"]
+    assert table.column("id").to_pylist() == [r["id"] for r in outputs["parquet"]]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    expected = np.array([r["embedding"] for r in outputs["parquet"]], np.float32)
+    np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), np.float32), expected)
+    np.testing.assert_array_equal(np.load(as_npy), expected)
     workers = cli("workers", "--coordinator", cluster.address)
     assert workers.returncode == 0 and workers.stdout.count("idle") == 3
 

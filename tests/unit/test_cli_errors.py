@@ -50,7 +50,7 @@ def test_output_the_same_file_as_input_is_refused_and_the_input_kept(coordinator
 def test_an_output_that_cannot_be_written_is_refused_before_the_job_is_submitted(coordinator, client, tmp_path, kind):
     data = rows_file(tmp_path)
     if kind == "directory":
-        output = tmp_path / "a-dir"
+        output = tmp_path / "a-dir.jsonl"
         output.mkdir()
     else:
         output = tmp_path / "missing-parent-is-a-file" / "out.jsonl"
@@ -100,10 +100,30 @@ def test_run_without_the_device_it_asks_for_says_why_in_one_line(tmp_path):
 def test_generate_options_for_another_task_are_refused_before_anything_starts(coordinator, client, tmp_path):
     data = rows_file(tmp_path)
     for command in (["submit", "--coordinator", coordinator.address], ["run"]):
-        result = run_cli(*command, "--task", "embed", "--temperature", "0.5", "--input", str(data), "--output", "o")
+        result = run_cli(
+            *command, "--task", "embed", "--temperature", "0.5", "--input", str(data), "--output", "o.jsonl"
+        )
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip() == "distinfer: --temperature applies to --task generate only, not embed"
     assert client.jobs() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("out.csv", "cannot tell the format from .csv"),
+        ("out", "cannot tell the format from a name without an extension"),
+        ("out.npy", ".npy holds embeddings only; the echo task's results need .parquet or .jsonl"),
+    ],
+)
+def test_an_output_of_an_unknown_format_is_refused_before_any_upload(coordinator, client, tmp_path, name, said):
+    data = rows_file(tmp_path)
+    for command in (["submit", "--coordinator", coordinator.address], ["run"]):
+        result = run_cli(*command, "--task", "echo", "--input", str(data), "--output", str(tmp_path / name))
+        assert result.returncode == 2, result.stderr
+        assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert client.jobs() == []
+    assert not (tmp_path / name).exists()
 
 
 def test_submit_needs_an_output_unless_detached(coordinator, client, tmp_path):

@@ -1,0 +1,177 @@
+"""Result files: Parquet, JSONL or .npy, chosen by the output's name or --output-format, each written from
+whole result tables as they stream in (no Python object per value on the way).
+
+- Parquet: a row per input row, `index` first, the passed-through fields as columns, embeddings as a
+  fixed-size list of float32; a row group per result batch. Written under a temporary name and renamed
+  when closed, so a reader never opens a file without its footer.
+- JSONL: a line per row, as `Job.results()` gives it, written with orjson (vectors from NumPy, as float32).
+- .npy: the embeddings alone, a (rows, width) float32 array, row i the input row i's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from distinfer.client.conversions import table_rows, vector_array
+from distinfer.common.result_columns import INDEX, META
+
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy"}
+
+
+class OutputError(ValueError):
+    """The results cannot be written as asked; the message says why and what to do."""
+
+
+def output_format(path: Path, asked: str | None = None, task: str | None = None) -> str:
+    """The format to write `path` in: `asked`, or the one its extension names. Checked before any upload."""
+    fmt = asked or OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        known = ", ".join(OUTPUT_FORMATS)
+        raise OutputError(
+            f"--output {path}: cannot tell the format from {path.suffix or 'a name without an extension'}; "
+            f"name it {known}, or pass --output-format jsonl|parquet|npy"
+        )
+    if fmt == "npy" and task not in (None, "embed"):
+        raise OutputError(
+            f"--output {path}: .npy holds embeddings only; the {task} task's results need .parquet or .jsonl"
+        )
+    return fmt
+
+
+class ResultFile:
+    """A result file in one of the formats, opened at the first write (an existing file is left as it is
+    until results come); a context manager that closes it, finishing the file with what was written.
+    append: add to an existing JSONL file (resuming a read)."""
+
+    def __init__(self, path: Path, fmt: str, append: bool = False):
+        if append and fmt != "jsonl":
+            raise OutputError(f"--start needs a JSONL output: a {fmt} file cannot be appended to; write a new file")
+        self._open = lambda: {"jsonl": JsonlOutput, "parquet": ParquetOutput, "npy": NpyOutput}[fmt](path, append)
+        self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = self._open()
+        self._writer.write(table)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class JsonlOutput:
+    def __init__(self, path: Path, append: bool = False):
+        self._file = path.open("ab" if append else "wb")
+
+    def write(self, table: pa.Table) -> None:
+        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+        self._file.write(b"".join(orjson.dumps(row, option=option) for row in table_rows(table, True)))
+        self._file.flush()  # what has come back is in the file, for whoever follows it
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ParquetOutput:
+    def __init__(self, path: Path, append: bool = False):
+        self._path = path
+        self._partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        table = with_passthrough_columns(table)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._partial, table.schema)
+        elif table.schema != self._writer.schema:
+            table = _conform(table, self._writer.schema)
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def close(self) -> None:
+        if self._writer is None:
+            pq.write_table(pa.table({INDEX: pa.array([], pa.uint64())}), self._partial)
+        else:
+            self._writer.close()
+        os.replace(self._partial, self._path)
+
+
+class NpyOutput:
+    """Rows are appended after a header of fixed size, rewritten with the row count when closed."""
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, append: bool = False):
+        self._path = path
+        self._partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self._file = self._partial.open("wb")
+        self._file.write(b"\0" * self.HEADER_BYTES)
+        self._rows, self._width = 0, None
+
+    def write(self, table: pa.Table) -> None:
+        if "embedding" not in table.column_names:
+            raise OutputError(f"{self._path}: .npy holds embeddings only, and these results have none")
+        vectors = vector_array(table.column("embedding")).astype("<f4", copy=False)
+        self._width = vectors.shape[1]
+        self._file.write(vectors.tobytes())
+        self._rows += len(vectors)
+
+    def close(self) -> None:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (self._rows, self._width or 0)}
+        text = repr(header).encode("latin1")
+        prefix = b"\x93NUMPY\x01\x00"
+        padding = self.HEADER_BYTES - len(prefix) - 2 - len(text) - 1
+        self._file.seek(0)
+        self._file.write(prefix + (self.HEADER_BYTES - len(prefix) - 2).to_bytes(2, "little") + text)
+        self._file.write(b" " * padding + b"\n")
+        self._file.close()
+        os.replace(self._partial, self._path)
+
+
+def with_passthrough_columns(table: pa.Table) -> pa.Table:
+    """The rows' passed-through fields (their meta_json) as columns of their own, after `index`, parsed
+    by Arrow's JSON reader a whole batch at once."""
+    if META not in table.column_names:
+        return table
+    metas = table.column(META)
+    table = table.drop_columns([META])
+    texts = [m or "{}" for m in metas.to_pylist()]
+    fields = pajson.read_json(pa.py_buffer("\n".join(texts).encode()))
+    fields = fields.drop_columns([n for n in fields.column_names if n in table.column_names])
+    for position, name in enumerate(fields.column_names, start=1):
+        table = table.add_column(position, name, fields.column(name))
+    return table
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A later batch in the first batch's columns: a field it lacks is null there."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+        else:
+            column = pa.nulls(table.num_rows, field.type)
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise OutputError(
+                f"passed-through field {field.name!r} changes type from {field.type} to {column.type} between "
+                "rows: Parquet needs one type per column; write JSONL instead"
+            ) from None
+    if extra := [n for n in table.column_names if n not in schema.names]:
+        raise OutputError(
+            f"passed-through field {extra[0]!r} first appears after the first result batch: Parquet needs every "
+            "column up front; give every row the field (null where it has none), or write JSONL"
+        )
+    return pa.Table.from_arrays(columns, schema=schema)

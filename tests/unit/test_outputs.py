@@ -1,0 +1,115 @@
+"""Result files (client/outputs.py): each format read back with the library a user would read it with."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distinfer.client.conversions import table_rows
+from distinfer.client.outputs import OutputError, ResultFile, output_format
+from distinfer.common.result_columns import META, result_batch, vectors
+
+
+def embeddings_table(first: int, count: int, width: int = 4, metas: list[str] | None = None) -> pa.Table:
+    rng = np.random.default_rng(first)
+    batch = result_batch(
+        np.arange(first, first + count),
+        np.zeros(count),
+        {"embedding": vectors(rng.standard_normal((count, width)).astype(np.float32))},
+    )
+    table = pa.Table.from_batches([batch])
+    return table if metas is None else table.append_column(META, pa.array(metas, pa.string()))
+
+
+def write_all(path, fmt: str, tables: list[pa.Table]) -> None:
+    with ResultFile(path, fmt) as out:
+        for table in tables:
+            out.write(table)
+
+
+def test_parquet_has_a_row_per_result_with_passed_through_fields_as_columns(tmp_path):
+    tables = [
+        embeddings_table(0, 3, metas=['{"id": "a", "n": 1}', '{"id": "b", "n": 2}', '{"id": "c", "n": 3}']),
+        embeddings_table(3, 2, metas=['{"id": "d", "n": 4}', '{"id": "e"}']),
+    ]
+    path = tmp_path / "out.parquet"
+    write_all(path, "parquet", tables)
+
+    read = pq.read_table(path)
+    assert read.column_names == ["index", "id", "n", "truncated_tokens", "embedding"]
+    assert read.column("index").to_pylist() == [0, 1, 2, 3, 4]
+    assert read.column("id").to_pylist() == ["a", "b", "c", "d", "e"]
+    assert read.column("n").to_pylist() == [1, 2, 3, 4, None]  # a field a row lacks is null there
+    assert read.schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    expected = np.concatenate([t.column("embedding").combine_chunks().flatten().to_numpy() for t in tables])
+    np.testing.assert_array_equal(read.column("embedding").combine_chunks().flatten().to_numpy(), expected)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2  # a row group per result batch
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]  # no partial file left
+
+
+def test_parquet_refuses_a_field_whose_type_changes_between_batches_and_says_to_use_jsonl(tmp_path):
+    with ResultFile(tmp_path / "out.parquet", "parquet") as out:
+        out.write(embeddings_table(0, 1, metas=['{"id": 1}']))
+        with pytest.raises(OutputError, match="'id' changes type .* write JSONL instead"):
+            out.write(embeddings_table(1, 1, metas=['{"id": {"nested": true}}']))
+
+
+def test_jsonl_lines_are_the_rows_the_api_gives(tmp_path):
+    tables = [embeddings_table(0, 3, metas=['{"id": 7}', "", '{"id": 9}']), embeddings_table(3, 1)]
+    path = tmp_path / "out.jsonl"
+    write_all(path, "jsonl", tables)
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    expected = [row for t in tables for row in table_rows(t)]
+    assert [row["index"] for row in lines] == [0, 1, 2, 3]
+    assert [row.get("id") for row in lines] == [7, None, 9, None]
+    # float32 written as its shortest text: it reads back as the same float32
+    np.testing.assert_array_equal(
+        np.array([row["embedding"] for row in lines], np.float32),
+        np.array([row["embedding"] for row in expected], np.float32),
+    )
+
+
+def test_npy_is_the_embeddings_in_input_order(tmp_path):
+    tables = [embeddings_table(0, 5, width=8), embeddings_table(5, 3, width=8)]
+    path = tmp_path / "out.npy"
+    write_all(path, "npy", tables)
+
+    array = np.load(path)
+    assert array.shape == (8, 8) and array.dtype == np.float32
+    for table in tables:
+        first = table.column("index")[0].as_py()
+        width = table.schema.field("embedding").type.list_size
+        got = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
+        np.testing.assert_array_equal(array[first : first + table.num_rows], got)
+
+
+def test_npy_without_embeddings_is_refused(tmp_path):
+    table = pa.Table.from_batches([result_batch([0], [0], {"chars": pa.array([3], pa.uint64())})])
+    with pytest.raises(OutputError, match="embeddings only"), ResultFile(tmp_path / "out.npy", "npy") as out:
+        out.write(table)
+
+
+@pytest.mark.parametrize(
+    ("name", "asked", "task", "fmt"),
+    [("a.parquet", None, "embed", "parquet"), ("a.JSONL", None, "echo", "jsonl"), ("a.out", "npy", None, "npy")],
+)
+def test_the_format_comes_from_the_name_or_the_flag(tmp_path, name, asked, task, fmt):
+    assert output_format(tmp_path / name, asked, task) == fmt
+
+
+def test_only_jsonl_can_be_appended_to(tmp_path):
+    with pytest.raises(OutputError, match="--start needs a JSONL output"):
+        ResultFile(tmp_path / "out.parquet", "parquet", append=True)
+
+
+def test_an_output_that_gets_no_results_is_still_a_valid_file(tmp_path):
+    for name, fmt in (("e.parquet", "parquet"), ("e.npy", "npy")):
+        with ResultFile(tmp_path / name, fmt) as out:
+            out.write(embeddings_table(0, 0))
+    assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
+    assert np.load(tmp_path / "e.npy").shape[0] == 0
