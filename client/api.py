@@ -8,6 +8,7 @@ for row in job.results():
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,8 @@ from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 log = structlog.get_logger(__name__)
 
 CALL_DEADLINE_S = 30.0
+# Submitting a dataset read in place waits for its manifest: a listing, Parquet footers, a scan of JSONL lines.
+MANIFEST_DEADLINE_S = 600.0
 # How long a result stream keeps trying to resume while the coordinator is unreachable.
 RESUME_TIMEOUT_S = 120.0
 # How long a failed job's result stream waits for its still-open upload to say why it broke.
@@ -42,6 +45,17 @@ class JobFailed(Exception):
     def __init__(self, message: str, status: jobs_pb2.JobStatus | None = None):
         super().__init__(message)
         self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class InPlace:
+    """A dataset the workers read in place, for `Client.submit`: `input` is a path every worker sees (a shared
+    filesystem) or an s3:// or gs:// URI, one file, a folder or a glob of .parquet or .jsonl files; `output`
+    is a folder or prefix that gets a Parquet part per split (input order by name) and _SUCCESS.json."""
+
+    input: str
+    output: str
+    format: str = ""  # "parquet" or "jsonl"; empty: from the files' extensions
 
 
 class Client:
@@ -116,6 +130,14 @@ class Client:
             options=options,
             tp_size=tp_size,
         )
+        if isinstance(rows, InPlace):
+            spec.dataset.CopyFrom(
+                jobs_pb2.Dataset(input=rows.input, output=rows.output, format=rows.format, text_field=text_field)
+            )
+            # The upload is the spec and its end; the coordinator reads the dataset's manifest meanwhile.
+            requests = iter([jobs_pb2.SubmitJobRequest(spec=spec), jobs_pb2.SubmitJobRequest(end=jobs_pb2.UploadEnd())])
+            response = self.stub.SubmitJob(requests, timeout=MANIFEST_DEADLINE_S, metadata=self.metadata)
+            return Job(self, response.job_id, response.num_rows)
         if isinstance(rows, (str, bytes, bytearray, dict)):
             # Iterating one would send a row per character (or per key): surely not what was meant.
             raise TypeError(
@@ -342,9 +364,12 @@ class Job:
             jobs_pb2.DeleteJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
         )
 
-    def wait(self, poll_s: float = 0.5, timeout_s: float | None = None) -> jobs_pb2.JobStatus:
+    def wait(self, poll_s: float = 0.5, timeout_s: float | None = None, on_status=None) -> jobs_pb2.JobStatus:
+        """The job's status once it has ended; on_status(status) is called with each one polled."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while (status := self.status()).state not in TERMINAL_STATES:
+            if on_status is not None:
+                on_status(status)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} still {jobs_pb2.JobState.Name(status.state)} after {timeout_s} s")
             time.sleep(poll_s)

@@ -16,7 +16,6 @@ DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
 def _output_options(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--output",
-        type=Path,
         required=required,
         help="results file, a row per input row in input order: .parquet, .jsonl, or .npy (embeddings only)",
     )
@@ -26,8 +25,19 @@ def _output_options(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", type=Path, required=True, help="dataset: .jsonl, .csv or .parquet")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="dataset: .jsonl, .csv or .parquet, uploaded; or, read by the workers in place, an s3:// or gs:// "
+        "URI (a file, folder or glob of .parquet or .jsonl)",
+    )
     _output_options(p)
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="the workers read --input (a path they all see, on a shared filesystem) and write --output, a "
+        "folder of Parquet parts, themselves: no row passes through the coordinator (implied by a URI --input)",
+    )
     p.add_argument("--task", choices=TASKS, default="embed", help="what to compute per row (default %(default)s)")
     p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
     p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,13 +13,14 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from distinfer.client.api import Client, Job, JobFailed
+from distinfer.client.api import Client, InPlace, Job, JobFailed
 from distinfer.client.arguments import build_parser
 from distinfer.client.display import format_status, print_table, to_json
 from distinfer.client.local import ClusterError
 from distinfer.client.outputs import OutputError, ResultFile, output_format
 from distinfer.client.rows import InputError, read_rows
 from distinfer.common.channels import security_from_args
+from distinfer.common.datasets import is_uri
 from distinfer.v1 import jobs_pb2
 
 
@@ -74,7 +76,7 @@ def _hint(exc: grpc.RpcError, args) -> str:
 def _check_output(args) -> None:
     """Refuse an --output that would clobber the --input (truncated while it is still being read), or whose
     format cannot be told or cannot hold the task's results."""
-    output, source = args.output, args.input
+    output, source = Path(args.output), Path(args.input)
     if output.exists() and source.exists() and os.path.samefile(output, source):
         raise UsageError(f"--output {output} is the --input file: writing it would destroy the rows being read")
     _output_format(args)
@@ -82,7 +84,7 @@ def _check_output(args) -> None:
 
 def _output_format(args) -> str:
     try:
-        return output_format(args.output, args.output_format, getattr(args, "task", None))
+        return output_format(Path(args.output), args.output_format, getattr(args, "task", None))
     except OutputError as exc:
         raise UsageError(str(exc)) from None
 
@@ -90,7 +92,7 @@ def _output_format(args) -> str:
 def _open_output(args, append: bool = False) -> ResultFile:
     """The output, checked before any job is submitted so that a bad path fails first; an existing file is
     replaced only when the first results come."""
-    output = args.output
+    output = Path(args.output)
     fmt = _output_format(args)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +117,10 @@ def _check_job_args(args) -> None:
 
 
 def _submit_and_collect(client: Client, args, model: str, workers: int, local: bool = False) -> int:
+    if _in_place(args):
+        return _run_in_place(client, args, model, workers, local)
     _check_job_args(args)
-    rows = read_rows(args.input, args.text_field, args.format)
+    rows = read_rows(Path(args.input), args.text_field, args.format)
     detach = getattr(args, "detach", False)
     out = None if detach else _open_output(args)
     try:
@@ -128,26 +132,8 @@ def _submit_and_collect(client: Client, args, model: str, workers: int, local: b
 
 def _submit_and_write(client: Client, args, model: str, workers: int, local: bool, rows, out) -> int:
     started = time.monotonic()
-    job = client.submit(
-        rows,
-        model=model,
-        task=args.task,
-        workers=workers,
-        text_field=args.text_field,
-        batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens,
-        max_length=args.max_length,
-        dtype=args.dtype,
-        normalize=False if args.no_normalize else None,
-        return_logits=args.return_logits,
-        queue_timeout_s=args.queue_timeout,
-        stall_timeout_s=args.stall_timeout,
-        generate=_generate_options(args),
-        simulated_batch_ms=args.simulated_batch_ms,
-        tp_size=args.tp_size,
-        # Results are written while the rest of the rows upload; a detached job's upload must end first.
-        wait_for_upload=out is None,
-    )
+    # Results are written while the rest of the rows upload; a detached job's upload must end first.
+    job = client.submit(rows, **_job_keywords(args, model, workers), wait_for_upload=out is None)
     rows_note = f"{job.num_rows} rows" if job.num_rows is not None else "its rows upload, and it starts on the first"
     progress = [0]
     # From here on the job exists: an interrupt, even one right after its id is out, is handled below.
@@ -183,6 +169,66 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
     print(
         f"distinfer: job {job.id} {jobs_pb2.JobState.Name(status.state).lower()}: {written} rows in "
         f"{elapsed:.1f} s ({written / elapsed:.1f} rows/s) -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _job_keywords(args, model: str, workers: int) -> dict:
+    return dict(
+        model=model,
+        task=args.task,
+        workers=workers,
+        text_field=args.text_field,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        normalize=False if args.no_normalize else None,
+        return_logits=args.return_logits,
+        queue_timeout_s=args.queue_timeout,
+        stall_timeout_s=args.stall_timeout,
+        generate=_generate_options(args),
+        simulated_batch_ms=args.simulated_batch_ms,
+        tp_size=args.tp_size,
+    )
+
+
+def _in_place(args) -> bool:
+    return args.in_place or is_uri(args.input)
+
+
+def _run_in_place(client: Client, args, model: str, workers: int, local: bool) -> int:
+    """A job whose workers read --input and write --output themselves: submit the reference, then follow
+    the job's progress until it ends."""
+    if args.output is None and not getattr(args, "detach", False):
+        raise UsageError("--output is required: the folder or prefix (s3://..., gs://...) that gets the Parquet parts")
+    if args.format == "csv":
+        raise UsageError("--in-place reads Parquet or JSONL: convert the CSV, or upload it (without --in-place)")
+    _generate_options(args)
+    output = args.output if is_uri(args.output) else str(Path(args.output).resolve())
+    source = args.input if is_uri(args.input) else str(Path(args.input).resolve())
+    started = time.monotonic()
+    job = client.submit(InPlace(source, output, args.format or ""), **_job_keywords(args, model, workers))
+    print(f"distinfer: job {job.id} accepted: {job.num_rows} rows, read in place from {source}", file=sys.stderr)
+    print(job.id, flush=True)
+    if getattr(args, "detach", False):
+        return 0
+    try:
+        with tqdm(total=job.num_rows, unit="row", desc=job.id, disable=None) as bar:
+            status = job.wait(on_status=lambda s: bar.update(s.rows_done - bar.n))
+    except KeyboardInterrupt:
+        if local:
+            with contextlib.suppress(grpc.RpcError):
+                job.cancel()
+        print(f"distinfer: interrupted: job {job.id} {'cancelled' if local else 'keeps running'}", file=sys.stderr)
+        raise
+    if status.state != jobs_pb2.SUCCEEDED:
+        raise JobFailed(status.message, status)
+    elapsed = time.monotonic() - started
+    print(
+        f"distinfer: job {job.id} succeeded: {status.rows_done} rows in {elapsed:.1f} s "
+        f"({status.rows_done / elapsed:.1f} rows/s) -> {output} ({status.splits} parts)",
         file=sys.stderr,
     )
     return 0

@@ -28,6 +28,7 @@ from distinfer.common.errors import (
 )
 from distinfer.common.result_columns import INDEX, check_results, from_ipc
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
+from distinfer.coordinator import in_place
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
@@ -48,6 +49,7 @@ UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dro
 COORDINATOR_RESTARTED = "coordinator restarted"
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
+SPLITS_PER_MESSAGE = 1024
 
 
 class JobManager(Placing, ProgressWatchdog, ResultStreams):
@@ -93,7 +95,10 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
                 await self.db(self.store.delete_job, status.job_id)  # its upload never completed: never accepted
                 continue
             status.uploading = False  # a job that ended while uploading keeps its record, and takes no more rows
-            status.rows_done = await self.db(self.store.count_results, status.job_id)
+            if in_place.reads_in_place(status.spec):
+                status.splits_done, status.rows_done = await self.db(self.store.splits.progress, status.job_id)
+            else:
+                status.rows_done = await self.db(self.store.count_results, status.job_id)
             if status.state not in TERMINAL and status.state != S.QUEUED:
                 if status.attempts and not status.attempts[-1].ended_at:
                     status.attempts[-1].end_reason = COORDINATOR_RESTARTED
@@ -121,12 +126,9 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         its results can be streamed."""
         validate_spec(spec)
         check_tensor_parallel(spec)
-        waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values()) + self._uploads_without_rows
-        if waiting >= self.limits.max_queued_jobs:
-            raise ResourceExhausted(
-                f"{waiting} jobs are uploading, queued or running, the most this coordinator takes "
-                "(--max-queued-jobs): submit again when some have finished"
-            )
+        if in_place.reads_in_place(spec):
+            return await self._submit_in_place(spec, batches, accepted)
+        self._check_queue_room()
         status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time())
         self._uploads_without_rows += 1  # counted from here, before any await lets another submit check the limit
         job = None
@@ -183,6 +185,41 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         await asyncio.shield(self._save(job))  # saved even if the client goes now, having sent its end
         return status
 
+    async def _submit_in_place(self, spec, batches, accepted) -> jobs_pb2.JobStatus:
+        """A job whose workers read the dataset themselves: its upload is the spec and `end`; the coordinator
+        records the dataset's splits, and the job is queued whole."""
+        in_place.check_dataset(spec.dataset)
+        async for batch in batches:
+            if batch.rows:
+                raise InvalidArgument("a job that reads its dataset in place takes no rows: send the spec, then end")
+        self._check_queue_room()
+        status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=S.QUEUED, created_at=time.time())
+        self._uploads_without_rows += 1  # the manifest takes a while: counted against the limit meanwhile
+        try:
+            splits = await in_place.plan(status.job_id, spec.dataset)
+        finally:
+            self._uploads_without_rows -= 1
+        status.num_rows, status.splits = sum(s.num_rows for s in splits), len(splits)
+        if not status.num_rows:
+            raise InvalidArgument(f"the dataset {spec.dataset.input} has no rows")
+        status.message = f"waiting for slots ({status.splits} splits)"
+        await self.db(self.store.create_job, status)
+        await self.db(self.store.splits.add, status.job_id, splits)
+        self.jobs[status.job_id] = Job(status)
+        if accepted is not None:
+            await accepted(status.job_id)
+        log.info("job_submitted", job_id=status.job_id, rows=status.num_rows, splits=len(splits), model=spec.model)
+        self.wake()
+        return status
+
+    def _check_queue_room(self) -> None:
+        waiting = sum(j.status.state not in TERMINAL for j in self.jobs.values()) + self._uploads_without_rows
+        if waiting >= self.limits.max_queued_jobs:
+            raise ResourceExhausted(
+                f"{waiting} jobs are uploading, queued or running, the most this coordinator takes "
+                "(--max-queued-jobs): submit again when some have finished"
+            )
+
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
@@ -225,6 +262,13 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
     async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
         """A rank's rows; while the job is uploading, the stream follows the upload to its end."""
         job = self._current_attempt(request.job_id, request.attempt)
+        if in_place.reads_in_place(job.status.spec):  # the rank reads its splits itself
+            splits = await self.db(
+                self.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
+            )
+            for i in range(0, len(splits), SPLITS_PER_MESSAGE):
+                yield workers_pb2.ShardBatch(splits=splits[i : i + SPLITS_PER_MESSAGE])
+            return
         cursor = ShardCursor()
         while True:
             changed, uploading = job.changed, job.status.uploading  # both read before the rows are
@@ -256,6 +300,21 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         if results.num_rows and (last := pc.max(results.column(INDEX)).as_py()) >= job.status.num_rows:
             raise InvalidArgument(f"result index {last} is past the job's last row")
         added = await self.db(self.store.commit_results, job_id, attempt, results)
+        self._committed(job, added)
+        return added
+
+    async def commit_splits(self, job_id: str, attempt: int, numbers: list[int]) -> int:
+        """Record splits whose output part rank 0 has written whole; returns the rows they add."""
+        job = self._current_attempt(job_id, attempt)
+        try:
+            splits, rows = await self.db(self.store.splits.mark_written, job_id, attempt, numbers)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        self._committed(job, rows)
+        job.status.splits_done += splits
+        return rows
+
+    def _committed(self, job: Job, added: int) -> None:
         if job.attempt is not None:
             job.attempt.moved_on()
         if added and job.attempt is not None and not job.status.time_to_first_result_s:
@@ -263,7 +322,6 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         job.status.rows_done += added
         self.metrics.rows_committed.inc(added)
         job.notify()
-        return added
 
     async def slot_event(self, worker_id: str, event: workers_pb2.SlotEvent) -> None:
         job = self.jobs.get(event.job_id)
@@ -365,6 +423,12 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         self.wake()
 
     async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+        if state == S.SUCCEEDED and in_place.reads_in_place(job.status.spec):
+            numbers = await self.db(self.store.splits.numbers, job.job_id)
+            try:
+                await in_place.finish(job.job_id, job.status.spec.dataset, numbers, job.status.num_rows)
+            except (OSError, ValueError) as exc:  # the parts are all there; only the marker file is missing
+                message += f" (but _SUCCESS.json could not be written: {exc})"
         self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
         job.status.state = state
         job.status.message = message[:MESSAGE_LIMIT]

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pyarrow as pa
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
-from distinfer.common.errors import InvalidArgument, NotFound
+from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from distinfer.common.result_columns import INDEX, add_to_results, to_ipc
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.v1 import jobs_pb2
@@ -30,6 +30,11 @@ class ResultStreams:
         if result_format not in (S.RESULT_FORMAT_ROWS, S.RESULT_FORMAT_ARROW):
             raise InvalidArgument(
                 f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
+            )
+        if job.status.spec.dataset.output:
+            raise FailedPrecondition(
+                f"job {job_id} writes its results in place, to {job.status.spec.dataset.output}: read them there "
+                "(its status shows how many rows are written)"
             )
         if start > job.status.num_rows:
             raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")

@@ -172,5 +172,8 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
         async for message in request_iterator:
             if not message.job_id:
                 raise InvalidArgument("ReportResults needs a job id")
-            committed += await self.manager.commit(message.job_id, message.attempt, message.arrow)
+            if message.splits_written:
+                committed += await self.manager.commit_splits(message.job_id, message.attempt, message.splits_written)
+            else:
+                committed += await self.manager.commit(message.job_id, message.attempt, message.arrow)
         return workers_pb2.ReportResultsResponse(committed=committed)

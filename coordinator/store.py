@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
 from distinfer.common.result_columns import INDEX, META, from_ipc, to_ipc
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
+from distinfer.coordinator.split_store import SplitStore
 from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA, unpacked
 from distinfer.coordinator.store_upgrades import OldStoreUpgrades
 from distinfer.v1 import jobs_pb2
@@ -54,6 +55,7 @@ class Store(OldStoreUpgrades):
         self._db.executescript(SCHEMA)
         self._upgrade_old_store()
         self._checkpointer = WalCheckpointer(self.path)
+        self.splits = SplitStore(self._db, self._transaction)
 
     def close(self) -> None:
         self._checkpointer.close()
@@ -69,7 +71,7 @@ class Store(OldStoreUpgrades):
 
     def delete_job(self, job_id: str) -> None:
         with self._transaction():
-            for table in ("jobs", "input_chunks", "result_batches"):
+            for table in ("jobs", "input_chunks", "result_batches", "dataset_splits"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:

@@ -45,6 +45,16 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
     + INPUT_CHUNKS
     + RESULT_BATCHES
+    + """
+CREATE TABLE IF NOT EXISTS dataset_splits (
+    job_id TEXT NOT NULL,
+    number INTEGER NOT NULL,        -- the split's place in the dataset: its part is part-<number>.parquet
+    split BLOB NOT NULL,            -- a serialized DatasetSplit
+    num_rows INTEGER NOT NULL,
+    written_by INTEGER NOT NULL,    -- the attempt that wrote its output part whole; 0: not written
+    PRIMARY KEY (job_id, number)
+);
+"""
 )
 
 RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16

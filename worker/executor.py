@@ -20,12 +20,13 @@ import threading
 import time
 from datetime import timedelta
 
+import pyarrow as pa
 import structlog
 import torch
 import torch.distributed as dist
 import transformers
 
-from distinfer.common.channels import ChannelSecurity, open_channel
+from distinfer.common.channels import STREAM_MESSAGE_BYTES, ChannelSecurity, open_channel
 from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.common.result_columns import result_batch, to_ipc
@@ -34,6 +35,7 @@ from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
 from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, ModelPolicy
 from distinfer.worker.parallel import Layout, parameter_counts
+from distinfer.worker.parts import PartWriter
 from distinfer.worker.pipeline import Outbox, Prefetcher, ResultSender
 from distinfer.worker.tasks import TASKS, Task
 
@@ -213,10 +215,7 @@ class Executor:
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
 
-        def to_batch(gathered) -> bytes:
-            return to_ipc(result_batch(gathered.indices, gathered.truncated, task.columns(gathered, options)))
-
-        sender = ResultSender(self.stub, a, to_batch, self.metadata) if a.rank == 0 else None
+        sender = ResultSender(self.stub, self._reports(a, task), self.metadata) if a.rank == 0 else None
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl", idle=batches.starved)
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
@@ -254,6 +253,26 @@ class Executor:
             info.parameters_local, info.parameters_total = parameter_counts(model)
             info.dtype = str(model.dtype).removeprefix("torch.")
         return info
+
+    def _reports(self, a: workers_pb2.Assignment, task: Task):
+        """What rank 0 reports of each gathered round: its results as Arrow batches, or for a dataset read in
+        place the splits whose output part it has written."""
+
+        def to_table(gathered) -> pa.Table:
+            columns = task.columns(gathered, a.spec.options)
+            return pa.Table.from_batches([result_batch(gathered.indices, gathered.truncated, columns)])
+
+        if a.spec.dataset.output:
+            # Every split open in the attempt (each rank's), to know when a split's rows have all come.
+            request = workers_pb2.FetchShardRequest(job_id=a.job_id, attempt=a.attempt, rank=0, world_size=1)
+            splits = [s for batch in self.stub.FetchShard(request, metadata=self.metadata) for s in batch.splits]
+            return PartWriter(a, splits, to_table).reports
+
+        def results(gathered):
+            for part in gathered.parts(STREAM_MESSAGE_BYTES):
+                yield workers_pb2.ReportResultsRequest(job_id=a.job_id, attempt=a.attempt, arrow=to_ipc(to_table(part)))
+
+        return results
 
     def _task(self, spec: jobs_pb2.JobSpec, device: torch.device, layout: Layout | None = None) -> Task:
         """The job's task, its model loaded, or taken from the cache when the last job used the same one.

@@ -10,10 +10,11 @@ import time
 
 import torch
 
-from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import token_budget_batches
 from distinfer.worker.gather import Gathered, Gatherer
+from distinfer.worker.models import JobError
+from distinfer.worker.parts import split_texts
 from distinfer.worker.tasks import Task
 
 # Rows are tokenised and sorted by length a window at a time, windows in input order. Results stream to
@@ -139,6 +140,8 @@ class Outbox:
                 continue
 
     def _check(self) -> None:
+        if isinstance(self._error, JobError):  # about the job (its output cannot be written): not retried
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"gathering results on rank 0 failed: {self._error}") from self._error
 
@@ -272,13 +275,13 @@ class Prefetcher:
                     self._queue.put(batch)
                 del indices[:rows], texts[:rows]
 
-            for shard_batch in stub.FetchShard(request, metadata=self._metadata):
-                if not shard_batch.indices:  # every row uploaded so far is here: the next may be long in coming
+            for shard_indices, shard_texts in self._rows(stub, a, request):
+                if not shard_indices:  # every row uploaded so far is here: the next may be long in coming
                     if indices and not self._lockstep:
                         flush(len(indices))
                     continue
-                indices.extend(shard_batch.indices)
-                texts.extend(shard_batch.texts)
+                indices.extend(shard_indices)
+                texts.extend(shard_texts)
                 while len(indices) >= window:
                     flush(window)
                     window = min(window * WINDOW_GROWTH, MAX_WINDOW_ROWS)
@@ -288,6 +291,16 @@ class Prefetcher:
             self._error = exc
         finally:
             self._queue.put(None)
+
+    def _rows(self, stub, a: workers_pb2.Assignment, request):
+        """(indices, texts) of the shard as they come: rows sent by the coordinator, or the rank's splits of a
+        dataset read in place, read here."""
+        for shard_batch in stub.FetchShard(request, metadata=self._metadata):
+            if shard_batch.splits:
+                for split in shard_batch.splits:
+                    yield split_texts(a.spec.dataset, split)
+            else:
+                yield shard_batch.indices, shard_batch.texts
 
     def __iter__(self):
         while True:
@@ -308,29 +321,28 @@ class Prefetcher:
         return self._consumer_blocked and self._queue.empty()
 
     def check(self) -> None:
+        if isinstance(self._error, JobError):  # about the job (its dataset cannot be read): not retried
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"fetching the shard failed: {self._error}") from self._error
 
 
 class ResultSender:
-    """Rank 0 turns gathered rows into Arrow batches and streams them to the coordinator in a thread, while
-    the group runs the next batch (the other ranks never wait for rank 0's bookkeeping)."""
+    """Rank 0 turns gathered rows into reports (Arrow batches of results, or the output parts written for a
+    dataset read in place) and streams them to the coordinator in a thread, while the group runs the next
+    batch (the other ranks never wait for rank 0's bookkeeping)."""
 
-    def __init__(self, stub, a: workers_pb2.Assignment, to_batch, metadata=()):
-        """to_batch(gathered): a gathered round's results as the bytes of an Arrow IPC stream."""
-        self._to_batch = to_batch
+    def __init__(self, stub, reports, metadata=()):
+        """reports(gathered): the ReportResultsRequests of a gathered round."""
+        self._reports = reports
         self._metadata = metadata
         self._queue: queue.Queue = queue.Queue(maxsize=64)
-        self._a = a
         self._error: BaseException | None = None
         self._thread = start_helper_thread(lambda: self._run(stub), "results")
 
     def _messages(self):
         while (gathered := self._queue.get()) is not None:
-            for part in gathered.parts(STREAM_MESSAGE_BYTES):
-                yield workers_pb2.ReportResultsRequest(
-                    job_id=self._a.job_id, attempt=self._a.attempt, arrow=self._to_batch(part)
-                )
+            yield from self._reports(gathered)
 
     def _run(self, stub) -> None:
         try:
@@ -360,5 +372,7 @@ class ResultSender:
         self._check()
 
     def _check(self) -> None:
+        if isinstance(self._error, JobError):  # about the job (its output cannot be written): not retried
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"streaming results to the coordinator failed: {self._error}")

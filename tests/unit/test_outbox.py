@@ -205,11 +205,10 @@ class _FailingResultsStub:
 def test_result_sender_fails_instead_of_blocking_when_its_stream_failed_with_a_full_queue(then_close):
     import threading
 
-    from distinfer.v1 import workers_pb2
     from distinfer.worker.gather import Gathered
     from distinfer.worker.pipeline import ResultSender
 
-    sender = ResultSender(_FailingResultsStub(), workers_pb2.Assignment(job_id="j", attempt=1), lambda g, out: None)
+    sender = ResultSender(_FailingResultsStub(), lambda gathered: iter(()))
     raised: list[BaseException] = []
 
     def rank_zero():

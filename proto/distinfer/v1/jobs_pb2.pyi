@@ -76,6 +76,7 @@ class JobSpec(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     TP_SIZE_FIELD_NUMBER: _builtins.int
     STALL_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A local model directory (seen by the workers) or a model name in the workers' local Hugging Face cache."""
     task: _builtins.str
@@ -102,6 +103,12 @@ class JobSpec(_message.Message):
     """
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """A dataset the workers read in place, instead of rows uploaded after the spec (the upload is then just
+        `end`). Its results are written in place too, to `output`: they do not pass through the coordinator.
+        """
+
     def __init__(
         self,
         *,
@@ -114,14 +121,55 @@ class JobSpec(_message.Message):
         options: Global___TaskOptions | None = ...,
         tp_size: _builtins.int = ...,
         stall_timeout_s: _builtins.float = ...,
+        dataset: Global___Dataset | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "max_workers", b"max_workers", "min_workers", b"min_workers", "model", b"model", "options", b"options", "queue_timeout_s", b"queue_timeout_s", "stall_timeout_s", b"stall_timeout_s", "task", b"task", "tp_size", b"tp_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "max_attempts", b"max_attempts", "max_workers", b"max_workers", "min_workers", b"min_workers", "model", b"model", "options", b"options", "queue_timeout_s", b"queue_timeout_s", "stall_timeout_s", b"stall_timeout_s", "task", b"task", "tp_size", b"tp_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Dataset(_message.Message):
+    """A dataset read and written where it lies: a path that every worker (and the coordinator) sees, such as a
+    shared filesystem, or an object-store URI (s3://, gs://, with the usual credential environment).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """One file, a folder (its .parquet or .jsonl files, in path order) or a glob. Parquet is split by row
+    groups, JSONL by byte ranges at line boundaries.
+    """
+    format: _builtins.str
+    """"parquet" or "jsonl"; empty: from the files' extensions."""
+    text_field: _builtins.str
+    """The field (column) holding each row's text; empty means "text". Every other field is passed through."""
+    output: _builtins.str
+    """A folder or prefix that gets a Parquet part per split (part-00000.parquet...: input order), each
+    committed whole exactly once, and _SUCCESS.json (the parts and row count) when the job succeeds.
+    """
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        format: _builtins.str = ...,
+        text_field: _builtins.str = ...,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "input", b"input", "output", b"output", "text_field", b"text_field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
 
 @_typing.final
 class TaskOptions(_message.Message):
@@ -731,6 +779,8 @@ class JobStatus(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     UPLOADING_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
+    SPLITS_DONE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     num_rows: _builtins.int
@@ -748,6 +798,9 @@ class JobStatus(_message.Message):
     """Rows are still arriving: a job is scheduled from its first rows on and runs while the rest uploads;
     num_rows counts the rows stored so far.
     """
+    splits: _builtins.int
+    """A job that reads its dataset in place: its splits, and how many have their part written."""
+    splits_done: _builtins.int
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -771,10 +824,12 @@ class JobStatus(_message.Message):
         error_code: _builtins.str = ...,
         timings: Global___Timings | None = ...,
         uploading: _builtins.bool = ...,
+        splits: _builtins.int = ...,
+        splits_done: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error_code", b"error_code", "finished_at", b"finished_at", "job_id", b"job_id", "message", b"message", "num_rows", b"num_rows", "rows_done", b"rows_done", "spec", b"spec", "started_at", b"started_at", "state", b"state", "time_to_first_result_s", b"time_to_first_result_s", "timings", b"timings", "uploading", b"uploading"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error_code", b"error_code", "finished_at", b"finished_at", "job_id", b"job_id", "message", b"message", "num_rows", b"num_rows", "rows_done", b"rows_done", "spec", b"spec", "splits", b"splits", "splits_done", b"splits_done", "started_at", b"started_at", "state", b"state", "time_to_first_result_s", b"time_to_first_result_s", "timings", b"timings", "uploading", b"uploading"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -413,23 +413,73 @@ class ShardBatch(_message.Message):
 
     INDICES_FIELD_NUMBER: _builtins.int
     TEXTS_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSplit]:
+        """A job whose dataset is read in place: the rank's splits, read by the worker itself, not rows."""
+
     def __init__(
         self,
         *,
         indices: _abc.Iterable[_builtins.int] | None = ...,
         texts: _abc.Iterable[_builtins.str] | None = ...,
+        splits: _abc.Iterable[Global___DatasetSplit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indices", b"indices", "splits", b"splits", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShardBatch: _TypeAlias = ShardBatch  # noqa: Y015
+
+@_typing.final
+class DatasetSplit(_message.Message):
+    """A piece of a dataset read in place (common/datasets.py's Split): a Parquet row group, or the JSONL lines
+    that start in a byte range. Its rows are first_index, first_index + 1, ... of the dataset.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    ROW_GROUP_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    NUM_ROWS_FIELD_NUMBER: _builtins.int
+    FIRST_INDEX_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    path: _builtins.str
+    format: _builtins.str
+    row_group: _builtins.int
+    start: _builtins.int
+    end: _builtins.int
+    num_rows: _builtins.int
+    first_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        path: _builtins.str = ...,
+        format: _builtins.str = ...,
+        row_group: _builtins.int = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        num_rows: _builtins.int = ...,
+        first_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "first_index", b"first_index", "format", b"format", "num_rows", b"num_rows", "number", b"number", "path", b"path", "row_group", b"row_group", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetSplit: _TypeAlias = DatasetSplit  # noqa: Y015
 
 @_typing.final
 class ReportResultsRequest(_message.Message):
@@ -438,22 +488,28 @@ class ReportResultsRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ARROW_FIELD_NUMBER: _builtins.int
+    SPLITS_WRITTEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     arrow: _builtins.bytes
     """An Arrow IPC stream of result rows (their columns: common/result_columns.py). The coordinator stores
     these bytes as they are; a row it already holds is not added again.
     """
+    @_builtins.property
+    def splits_written(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A job whose dataset is read in place: the splits whose output part rank 0 has written whole."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         arrow: _builtins.bytes = ...,
+        splits_written: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "attempt", b"attempt", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "attempt", b"attempt", "job_id", b"job_id", "splits_written", b"splits_written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

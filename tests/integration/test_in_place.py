@@ -1,0 +1,207 @@
+"""Datasets read and written in place: the workers read their splits from a shared folder or a real S3 API
+(moto's server on 127.0.0.1) and write Parquet parts there; the coordinator sees only the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from s3server import s3_server, use_s3
+
+from distinfer.client.api import Client, InPlace
+from distinfer.client.local import LocalCluster
+from distinfer.common.datasets import filesystem, output_parts, part_name
+from distinfer.v1 import jobs_pb2
+
+ROWS_PER_GROUP = 8
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 endpoint, and a cluster of two 1-slot daemons whose processes have its credentials."""
+    with s3_server() as endpoint, pytest.MonkeyPatch.context() as patch:
+        bucket = use_s3(patch, endpoint)
+        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        cluster = LocalCluster(slots=1, state_dir=tmp_path_factory.mktemp("in-place"), env=env)
+        try:
+            cluster.start_coordinator()
+            cluster.add_worker()
+            cluster.add_worker()
+            cluster.wait_for_slots(2)
+            yield bucket, cluster
+        finally:
+            cluster.stop()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def write_inputs(sample_rows, location: str) -> list[dict]:
+    """Two Parquet files of several row groups, a passed-through column of its own type in each row."""
+    rows = [{"id": i, "body": r["text"], "length": float(len(r["text"]))} for i, r in enumerate(sample_rows[:44])]
+    fs, root = filesystem(location)
+    fs.create_dir(root, recursive=True)
+    for name, part in (("a.parquet", rows[:30]), ("b.parquet", rows[30:])):
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            pq.write_table(pa.Table.from_pylist(part), f, row_group_size=ROWS_PER_GROUP)
+    return rows
+
+
+def read_parts(location: str) -> pa.Table:
+    fs, root = filesystem(location)
+    return pa.concat_tables(pq.read_table(f"{root}/{name}", filesystem=fs) for name in output_parts(location))
+
+
+def streamed(cluster, rows: list[dict], tmp_path) -> pa.Table:
+    """The same rows uploaded and written to a Parquet file by the client: what in place must equal."""
+    data, out = tmp_path / "rows.jsonl", tmp_path / "streamed.parquet"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = cli(
+        "submit", "--coordinator", cluster.address, "--input", str(data), "--output", str(out), "--text-field", "body",
+        "--dtype", "float32", "--model", "all-MiniLM-L6-v2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return pq.read_table(out)
+
+
+def assert_same_rows(got: pa.Table, expected: pa.Table) -> None:
+    assert got.column_names == expected.column_names
+    assert got.column("index").to_pylist() == list(range(expected.num_rows))  # every row once, in input order
+    for name in got.column_names:
+        if name == "embedding":
+            np.testing.assert_allclose(
+                np.array(got.column(name).to_pylist()), np.array(expected.column(name).to_pylist()), atol=1e-5
+            )
+        else:
+            assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+
+
+def test_a_parquet_dataset_on_s3_is_read_and_written_in_place_equal_to_the_streamed_job(s3, sample_rows, tmp_path):
+    bucket, cluster = s3
+    rows = write_inputs(sample_rows, f"{bucket}/embed/in")
+    done = cli(
+        "submit", "--coordinator", cluster.address, "--input", f"{bucket}/embed/in", "--output",
+        f"{bucket}/embed/out", "--text-field", "body", "--dtype", "float32", "--model", "all-MiniLM-L6-v2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "succeeded: 44 rows" in done.stderr and "(6 parts)" in done.stderr
+
+    got = read_parts(f"{bucket}/embed/out")
+    assert output_parts(f"{bucket}/embed/out") == [part_name(n) for n in range(6)]  # 4 + 2 row groups
+    assert got.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert got.schema.field("id").type == pa.int64() and got.schema.field("length").type == pa.float64()
+    assert_same_rows(got, streamed(cluster, rows, tmp_path))
+    fs, root = filesystem(f"{bucket}/embed/out")
+    with fs.open_input_stream(f"{root}/_SUCCESS.json") as f:
+        success = json.loads(f.read())
+    assert success["num_rows"] == 44 and success["parts"] == output_parts(f"{bucket}/embed/out")
+
+    with Client(cluster.address) as client:
+        job = client.job(done.stdout.strip())
+        status = job.status()
+        assert (status.splits, status.splits_done, status.rows_done) == (6, 6, 44)
+        with pytest.raises(Exception, match="writes its results in place"):
+            next(iter(job.results()))
+
+
+def test_a_jsonl_folder_on_a_shared_filesystem_is_read_in_place(s3, sample_rows, tmp_path):
+    _, cluster = s3
+    rows = [{"id": f"r{i}", "text": r["text"]} for i, r in enumerate(sample_rows[:30])]
+    (tmp_path / "in").mkdir()
+    for name, part in (("1.jsonl", rows[:17]), ("2.jsonl", rows[17:])):
+        (tmp_path / "in" / name).write_text("".join(json.dumps(r) + "\n\n" for r in part))  # blank lines too
+    with Client(cluster.address) as client:
+        job = client.submit(
+            InPlace(str(tmp_path / "in"), str(tmp_path / "out")), model="all-MiniLM-L6-v2", task="echo", workers=2
+        )
+        assert job.num_rows == 30
+        assert job.wait(timeout_s=120).state == jobs_pb2.SUCCEEDED
+    got = read_parts(str(tmp_path / "out"))
+    assert got.column("index").to_pylist() == list(range(30))
+    assert got.column("id").to_pylist() == [r["id"] for r in rows]
+    assert got.column("chars").to_pylist() == [len(r["text"]) for r in rows]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]  # no partial part left
+
+
+def test_a_worker_killed_mid_job_leaves_every_row_exactly_once_in_the_output(s3, tmp_path):
+    bucket, cluster = s3
+    rows = [{"id": i, "text": "x" * (1 + i % 7)} for i in range(320)]
+    fs, root = filesystem(f"{bucket}/chaos/in")
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/rows.parquet") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=16)  # 20 splits
+    with Client(cluster.address) as client:
+        job = client.submit(
+            InPlace(f"{bucket}/chaos/in", f"{bucket}/chaos/out"),
+            model="",
+            task="simulate",
+            simulated_batch_ms=40,
+            batch_size=4,
+            workers=2,
+            max_attempts=5,
+        )
+        deadline = time.monotonic() + 120
+        while (status := job.status()).splits_done < 3:
+            assert time.monotonic() < deadline and status.state != jobs_pb2.FAILED, status.message
+            time.sleep(0.05)
+        os.kill(status.attempts[-1].ranks[1].pid, signal.SIGKILL)  # a rank's executor, mid-job
+        status = job.wait(timeout_s=180)
+    assert status.state == jobs_pb2.SUCCEEDED, status.message
+    assert len(status.attempts) >= 2 and (status.splits_done, status.rows_done) == (20, 320)
+    got = read_parts(f"{bucket}/chaos/out")
+    assert got.column("index").to_pylist() == list(range(320))
+    assert got.column("id").to_pylist() == list(range(320))
+    assert got.column("chars").to_pylist() == [len(r["text"]) for r in rows]
+
+
+def test_errors_a_user_can_act_on_before_anything_runs(s3, tmp_path):
+    bucket, cluster = s3
+    fs, root = filesystem(f"{bucket}/bad/in")
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/rows.parquet") as f:
+        pq.write_table(pa.table({"body": ["a", "b"]}), f)
+
+    submit = ("submit", "--coordinator", cluster.address, "--task", "echo")
+    no_text = cli(*submit, "--input", f"{bucket}/bad/in", "--output", f"{bucket}/o")
+    assert no_text.returncode != 0 and "no 'text' column" in no_text.stderr and "--text-field" in no_text.stderr
+
+    missing = cli(*submit, "--input", f"{bucket}/nothing-here", "--output", "x")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr, missing.stderr
+
+    with Client(cluster.address) as client:
+        first = client.submit(
+            InPlace(f"{bucket}/bad/in", f"{bucket}/taken"), model="", task="echo", text_field="body", workers=1
+        )
+        assert first.wait(timeout_s=60).state == jobs_pb2.SUCCEEDED
+        with pytest.raises(Exception, match="already holds the output of job"):
+            client.submit(InPlace(f"{bucket}/bad/in", f"{bucket}/taken"), model="", task="echo", text_field="body")
+        with pytest.raises(Exception, match="written in place too"):
+            client.submit(InPlace(f"{bucket}/bad/in", ""), model="", task="echo", text_field="body")
+
+    csv = cli(*submit, "--in-place", "--input", "x.csv", "--format", "csv", "--output", "o")
+    assert csv.returncode == 2 and "Parquet or JSONL" in csv.stderr
+
+
+def test_a_job_fails_at_once_naming_the_worker_and_path_it_cannot_read(s3, tmp_path):
+    _, cluster = s3
+    data = tmp_path / "vanishing"
+    data.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b", "c"]}), data / "rows.parquet")
+    with Client(cluster.address) as client:
+        job = client.submit(InPlace(str(data), str(tmp_path / "out")), model="", task="echo", workers=1)
+        (data / "rows.parquet").unlink()  # the workers cannot see what the coordinator saw
+        status = job.wait(timeout_s=60)
+    assert status.state == jobs_pb2.FAILED
+    assert "rows.parquet" in status.message and os.uname().nodename in status.message, status.message
+    assert len(status.attempts) == 1  # not retried: every attempt would fail the same way

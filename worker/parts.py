@@ -1,0 +1,100 @@
+"""A dataset read in place, on the worker: a rank reads the text of its own splits (no row passes through
+the coordinator), and rank 0 writes each split's output part once the gather rounds have brought all its
+rows.
+
+A part is the split's input rows, its text column left out and every other column passed through as it is
+(types kept), beside the task's result columns, in input order; written whole under its final name only
+(datasets.write_part), then reported, so a part written again by a retried attempt replaces the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from distinfer.common.datasets import DatasetError, Split, part_name, read_split, write_part
+from distinfer.common.result_columns import INDEX
+from distinfer.v1 import workers_pb2
+from distinfer.worker.models import JobError
+
+
+class DatasetUnreadable(JobError):
+    """The worker cannot read or write the dataset (a path it does not see, credentials): every attempt
+    would fail the same way."""
+
+
+def as_split(split: workers_pb2.DatasetSplit) -> Split:
+    return Split(
+        path=split.path,
+        format=split.format,
+        row_group=split.row_group,
+        start=split.start,
+        end=split.end,
+        num_rows=split.num_rows,
+        first_index=split.first_index,
+    )
+
+
+def split_texts(dataset, split: workers_pb2.DatasetSplit) -> tuple[range, list[str]]:
+    """A split's row indices and texts."""
+    text_field = dataset.text_field or "text"
+    try:
+        table = read_split(dataset.input, as_split(split), columns=[text_field])
+    except DatasetError as exc:
+        raise DatasetUnreadable(str(exc)) from None
+    texts = table.column(text_field)
+    if texts.null_count:
+        row = split.first_index + texts.is_null().index(True).as_py()
+        raise DatasetUnreadable(f"row {row} of {split.path} has no {text_field!r}: every row needs a text")
+    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+        raise DatasetUnreadable(f"{split.path}: column {text_field!r} is {texts.type}, not text")
+    return range(split.first_index, split.first_index + split.num_rows), texts.to_pylist()
+
+
+class PartWriter:
+    """Rank 0's reports for a dataset read in place: a split's results are kept until all its rows have come,
+    then its part is written and reported (splits_written)."""
+
+    def __init__(self, a: workers_pb2.Assignment, splits: list[workers_pb2.DatasetSplit], to_table):
+        """splits: every split open in the attempt (all ranks'); to_table(gathered): a round's result table."""
+        self._a = a
+        self._splits = sorted(splits, key=lambda s: s.first_index)
+        self._firsts = np.array([s.first_index for s in self._splits], dtype=np.int64)
+        self._pending: dict[int, list[pa.Table]] = {}
+        self._counts: dict[int, int] = {}
+        self._to_table = to_table
+
+    def reports(self, gathered) -> Iterator[workers_pb2.ReportResultsRequest]:
+        table = self._to_table(gathered)
+        which = np.searchsorted(self._firsts, table.column(INDEX).to_numpy().astype(np.int64), side="right") - 1
+        for position in np.unique(which).tolist():
+            rows = table.filter(pa.array(which == position))
+            self._pending.setdefault(position, []).append(rows)
+            self._counts[position] = self._counts.get(position, 0) + rows.num_rows
+            split = self._splits[position]
+            if self._counts[position] == split.num_rows:
+                self._write(split, self._pending.pop(position))
+                yield workers_pb2.ReportResultsRequest(
+                    job_id=self._a.job_id, attempt=self._a.attempt, splits_written=[split.number]
+                )
+
+    def _write(self, split: workers_pb2.DatasetSplit, pieces: list[pa.Table]) -> None:
+        dataset = self._a.spec.dataset
+        results = pa.concat_tables(pieces).sort_by(INDEX)
+        try:
+            inputs = read_split(dataset.input, as_split(split))
+        except DatasetError as exc:
+            raise DatasetUnreadable(str(exc)) from None
+        passed = inputs.drop_columns([n for n in inputs.column_names if n in (dataset.text_field or "text", INDEX)])
+        passed = passed.drop_columns([n for n in passed.column_names if n in results.column_names])
+        part = results.select([INDEX])
+        for name in passed.column_names:  # as in a streamed job's Parquet: index, passed-through, results
+            part = part.append_column(name, passed.column(name))
+        for name in results.column_names[1:]:
+            part = part.append_column(name, results.column(name))
+        try:
+            write_part(dataset.output, part_name(split.number), part)
+        except (DatasetError, OSError) as exc:
+            raise DatasetUnreadable(f"cannot write part {part_name(split.number)} to {dataset.output}: {exc}") from None
