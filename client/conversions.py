@@ -33,7 +33,7 @@ def _meta_default(value):
 
 def _meta_json(meta: dict, number: int) -> str:
     try:
-        return json.dumps(meta, ensure_ascii=False, default=_meta_default)
+        return orjson.dumps(meta, default=_meta_default, option=orjson.OPT_NON_STR_KEYS).decode()
     except (TypeError, ValueError) as exc:
         for key, value in meta.items():  # name the field that cannot be passed through
             try:

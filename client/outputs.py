@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from distinfer.client.conversions import table_rows, vector_array
-from distinfer.common.result_columns import INDEX, META
+from distinfer.common.result_columns import INDEX, META, parquet_options
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy"}
 
@@ -94,7 +94,7 @@ class ParquetOutput:
     def write(self, table: pa.Table) -> None:
         table = with_passthrough_columns(table)
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._partial, table.schema)
+            self._writer = pq.ParquetWriter(self._partial, table.schema, **parquet_options(table.schema))
         elif table.schema != self._writer.schema:
             table = _conform(table, self._writer.schema)
         self._writer.write_table(table, row_group_size=max(1, table.num_rows))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import orjson
 
 
 class InputError(ValueError):
@@ -60,8 +61,8 @@ def _jsonl(path: Path):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
                 raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")

@@ -29,6 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from distinfer.common.result_columns import parquet_options
+
 PARQUET, JSONL = "parquet", "jsonl"
 EXTENSIONS = {".parquet": PARQUET, ".pq": PARQUET, ".jsonl": JSONL, ".ndjson": JSONL, ".json": JSONL}
 # A folder is read for these only: a plain .json in a folder is more often a config or a manifest than rows.
@@ -174,7 +176,7 @@ def write_part(location: str, name: str, table: pa.Table) -> str:
     """
     fs, root = filesystem(location)
     with _translated(location):
-        path = _commit(fs, root, name, lambda out: pq.write_table(table, out))
+        path = _commit(fs, root, name, lambda out: pq.write_table(table, out, **parquet_options(table.schema)))
     return _shown(location, path)
 
 
