@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 
@@ -50,18 +52,20 @@ def consume(job, rows: int, on_uploaded=lambda: None) -> tuple[float, float]:
     The index check runs inside the timed loop on purpose: a real consumer touches every row too.
     """
     expected, first, uploading = 0, None, True
-    for batch in job.result_batches():
+    for table in job.result_batches():
         if uploading and job.num_rows is not None:
             uploading = False
             on_uploaded()
         first = first or time.time()
-        indices = [r.index for r in batch]
-        if indices != list(range(expected, expected + len(batch))):
+        indices = table.column("index").to_numpy()
+        if not np.array_equal(indices, np.arange(expected, expected + len(indices))):
             raise RuntimeError(f"job {job.id}: results out of order or missing after index {expected}")
-        for r in batch[(-expected) % SPOT_CHECK_EVERY :: SPOT_CHECK_EVERY]:
-            if r.echo.chars != len(echo_text(r.index)):
-                raise RuntimeError(f"job {job.id}: row {r.index} has chars {r.echo.chars}, expected its length")
-        expected += len(batch)
+        chars = table.column("chars").to_numpy()
+        for position in range((-expected) % SPOT_CHECK_EVERY, len(indices), SPOT_CHECK_EVERY):
+            index = int(indices[position])
+            if chars[position] != len(echo_text(index)):
+                raise RuntimeError(f"job {job.id}: row {index} has chars {chars[position]}, expected its length")
+        expected += len(indices)
     last = time.time()
     if expected != rows or job.num_rows != rows:
         raise RuntimeError(f"job {job.id}: {expected} results, {job.num_rows} rows taken, for {rows} rows")

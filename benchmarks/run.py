@@ -1,7 +1,8 @@
 """Side-by-side throughput of the ways to embed the same rows on this machine, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
-        [--skip-coordination | --coordination-only] [--echo-rows N] [--device cpu|cuda]
+        [--skip-coordination | --coordination-only] [--echo-rows N] [--skip-data-plane] [--data-plane-rows N]
+        [--device cpu|cuda]
 
 Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on the CPU
 (or, with --device cuda, the GPUs: distinfer's groups then use NCCL). The
@@ -11,7 +12,8 @@ distinfer's overhead is visible (distinfer's to plain passes run between its own
 a shared VM's speed drifts from pass to pass), and to the naive per-item loop. Where distinfer's `auto` dtype is not
 float32 (bfloat16 on CPUs with AMX), the plain loop and distinfer run in both.
 benchmarks/coordination.py then measures distinfer without a model (simulated-compute scaling, echo
-throughput) into the same report's "coordination" section.
+throughput) into the same report's "coordination" section, and benchmarks/data_plane.py the data path with a
+nearly compute-free model (streamed and in place; CPU per row of each part) into "data_plane".
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from benchmarks import coordination, generation
+from benchmarks import coordination, data_plane, generation
 from benchmarks.coordination import proc_status_mb
 from distinfer.worker.cpu_kernels import use_cpu_kernels
 from distinfer.worker.executor import defaults_for, pick_dtype
@@ -245,6 +247,8 @@ def markdown(report: dict) -> str:
         lines += ["", generation.markdown(report["generate"])]
     if "coordination" in report:
         lines += ["", coordination.markdown(report["coordination"]).rstrip("\n")]
+    if "data_plane" in report:
+        lines += ["", data_plane.markdown(report["data_plane"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parts.add_argument("--coordination-only", action="store_true", help="only the model-free benchmark")
     parser.add_argument("--echo-rows", type=int, default=None, help="rows of the echo run (default 1,000,000)")
     parser.add_argument("--skip-generate", action="store_true", help="leave out the generate benchmark")
+    parser.add_argument("--skip-data-plane", action="store_true", help="leave out the data path benchmark")
+    parser.add_argument(
+        "--data-plane-rows", type=int, default=None, help="rows of the data path benchmark (default 100,000)"
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the model entries run (cuda: NCCL groups)"
     )
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         report["generate"] = generation.run(load_texts(48 if args.quick else 96), model_path())
     if not args.skip_coordination:
         report["coordination"] = coordination.run(quick=args.quick, echo_row_count=args.echo_rows)
+    if not args.skip_data_plane and not args.coordination_only:
+        report["data_plane"] = data_plane.run(quick=args.quick, rows=args.data_plane_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,188 @@
+"""The data path at fleet rate: a model whose compute is nearly free (a 1-layer, 384-wide encoder), so what
+is measured is the plumbing around it.
+
+The same rows (the sample's real short texts, repeated to --data-plane-rows) go through:
+- a plain single-process loop of the same model (sorted by length, token-budget batches): the reference;
+- `distinfer submit` streaming them and writing Parquet, and JSONL;
+- `distinfer submit --in-place`: the workers read a Parquet dataset and write Parquet parts themselves.
+
+For each distinfer run: rows/s end to end (the CLI's whole life, its start-up included), the CPU each part
+spent per row (from /proc: the coordinator, the worker daemon with its executors, and the client's own
+rusage), and output bytes per row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from distinfer.client.local import LocalCluster
+
+ROWS, QUICK_ROWS = 100_000, 20_000
+RANKS = 2
+ROW_GROUP_ROWS = 5_000  # in place: a split per row group
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SHORT_CHARS = 48
+
+
+def tiny_encoder(folder: Path) -> str:
+    """A 1-layer BERT of all-MiniLM-L6-v2's width and tokenizer, random weights: compute nearly free."""
+    from benchmarks.run import model_path  # run.py imports this module: not at the top
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=384,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of a process and its live descendants (a worker daemon and its executors), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue  # ended meanwhile
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+def run_cli(args: list[str]) -> tuple[float, float]:
+    """Run `distinfer ARGS`; returns (wall seconds, its CPU seconds from its rusage)."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "distinfer.client.cli", *args], stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"distinfer {' '.join(args)} failed: {process.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("part-*.parquet"))
+
+
+def distinfer_run(cluster: LocalCluster, name: str, args: list[str], output: Path, rows: int) -> dict:
+    coordinator, worker = cluster.coordinator.pid, cluster.workers[0].pid
+    before = cpu_seconds(coordinator), tree_cpu_seconds(worker)
+    wall, client_cpu = run_cli(["submit", "--coordinator", cluster.address, *args, "--output", str(output)])
+    coordinator_cpu = cpu_seconds(coordinator) - before[0]
+    worker_cpu = tree_cpu_seconds(worker) - before[1]
+    return {
+        "name": name,
+        "rows": rows,
+        "wall_s": wall,
+        "rows_per_s": rows / wall,
+        "coordinator_us_per_row": coordinator_cpu / rows * 1e6,
+        "client_us_per_row": client_cpu / rows * 1e6,
+        "workers_us_per_row": worker_cpu / rows * 1e6,
+        "output_bytes_per_row": size_of(output) / rows,
+    }
+
+
+def run(quick: bool = False, rows: int | None = None) -> dict:
+    from benchmarks.run import load_texts, plain_loop  # run.py imports this module: not at the top
+
+    rows = rows or (QUICK_ROWS if quick else ROWS)
+    # Short texts (a title, a search query: the sample's texts cut to their first SHORT_CHARS characters), so
+    # that the tiny model's compute stays small next to the data path.
+    sample = [text[:SHORT_CHARS] for text in load_texts(None)]
+    texts = [sample[i % len(sample)] for i in range(rows)]
+    with tempfile.TemporaryDirectory(prefix="distinfer-data-plane-") as tmp:
+        tmp = Path(tmp)
+        model = tiny_encoder(tmp / "model")
+        data_jsonl, data_parquet = tmp / "rows.jsonl", tmp / "in"
+        table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts})
+        data_parquet.mkdir()
+        pq.write_table(table, data_parquet / "rows.parquet", row_group_size=ROW_GROUP_ROWS)
+        data_jsonl.write_text("".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in enumerate(texts)))
+        warm_up = tmp / "warm-up.jsonl"
+        warm_up.write_text("".join(json.dumps({"text": text}) + "\n" for text in sample))
+
+        encoder = BertModel.from_pretrained(model).eval()
+        started = time.perf_counter()
+        plain_loop(encoder, AutoTokenizer.from_pretrained(model), texts)
+        plain_s = time.perf_counter() - started
+
+        common = ["--model", model, "--workers", str(RANKS), "--dtype", "float32"]
+        entries = []
+        with LocalCluster(slots=RANKS, model_roots=(str(tmp),)) as cluster:
+            # The executors load the model in a first job, and keep it for the next ones.
+            run_cli(
+                [
+                    "submit",
+                    "--coordinator",
+                    cluster.address,
+                    *common,
+                    "--input",
+                    str(warm_up),
+                    "--output",
+                    str(tmp / "w.jsonl"),
+                ]
+            )
+            for name, args, output in (
+                ("streamed, Parquet out", ["--input", str(data_jsonl)], tmp / "out.parquet"),
+                ("streamed, JSONL out", ["--input", str(data_jsonl)], tmp / "out.jsonl"),
+                ("in place, Parquet in and out", ["--in-place", "--input", str(data_parquet)], tmp / "out"),
+            ):
+                entries.append(distinfer_run(cluster, name, [*common, *args], output, rows))
+                (shutil.rmtree if output.is_dir() else Path.unlink)(output)
+    for entry in entries:
+        entry["vs_plain"] = entry["rows_per_s"] / (rows / plain_s)
+    return {"rows": rows, "ranks": RANKS, "plain_rows_per_s": rows / plain_s, "entries": entries}
+
+
+def markdown(section: dict) -> str:
+    lines = [
+        f"| data path: 1-layer 384-wide encoder, {section['rows']:,} rows, {section['ranks']} ranks | rows/s "
+        "| vs plain loop | coordinator us/row | client us/row | workers us/row | output bytes/row |",
+        "|---|---|---|---|---|---|---|",
+        f"| plain single-process loop | {section['plain_rows_per_s']:,.0f} | 1.00 | - | - | - | - |",
+    ]
+    for e in section["entries"]:
+        lines.append(
+            f"| distinfer, {e['name']} | {e['rows_per_s']:,.0f} | {e['vs_plain']:.2f} "
+            f"| {e['coordinator_us_per_row']:.2f} | {e['client_us_per_row']:.1f} | {e['workers_us_per_row']:.1f} "
+            f"| {e['output_bytes_per_row']:,.0f} |"
+        )
+    lines += [
+        "",
+        "End to end: the `distinfer submit` command's whole run (its start-up and the upload included). CPU per "
+        "row from /proc: the coordinator process, the worker daemon with its executors, and the client's rusage.",
+    ]
+    return "\n".join(lines) + "\n"
