@@ -165,6 +165,39 @@ def test_a_worker_killed_mid_job_leaves_every_row_exactly_once_in_the_output(s3,
     assert got.column("chars").to_pylist() == [len(r["text"]) for r in rows]
 
 
+def test_a_coordinator_killed_mid_job_resumes_it_from_its_state_and_every_row_is_written_once(s3):
+    bucket, cluster = s3
+    rows = [{"id": i, "text": "y" * (1 + i % 5)} for i in range(240)]
+    fs, root = filesystem(f"{bucket}/restart/in")
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/rows.parquet") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=16)  # 15 splits
+    with Client(cluster.address) as client:
+        job = client.submit(
+            InPlace(f"{bucket}/restart/in", f"{bucket}/restart/out"),
+            model="",
+            task="simulate",
+            simulated_batch_ms=40,
+            batch_size=4,
+            workers=2,
+        )
+        deadline = time.monotonic() + 120
+        while job.status().splits_done < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    cluster.coordinator.send_signal(signal.SIGKILL)
+    cluster.coordinator.wait()
+    cluster.start_coordinator()  # same port and state: the workers reconnect, the job is queued again
+    with Client(cluster.address) as client:
+        status = client.job(job.id).wait(timeout_s=180)
+    assert status.state == jobs_pb2.SUCCEEDED, status.message
+    assert (status.splits_done, status.rows_done) == (15, 240)
+    assert status.attempts[0].end_reason == "coordinator restarted"  # it was cut mid-job, and resumed
+    got = read_parts(f"{bucket}/restart/out")
+    assert got.column("index").to_pylist() == list(range(240))
+    assert got.column("id").to_pylist() == list(range(240))
+
+
 def test_errors_a_user_can_act_on_before_anything_runs(s3, tmp_path):
     bucket, cluster = s3
     fs, root = filesystem(f"{bucket}/bad/in")
