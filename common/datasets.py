@@ -1,27 +1,20 @@
 """Datasets read in place: a local (or shared-filesystem) path, or an s3:// or gs:// URI.
 
 The coordinator lists a dataset's files and cuts them into splits (a Parquet row group, or a byte range of
-JSONL lines) without reading the rows; each worker reads its own splits straight from storage and writes its
-results as Parquet parts next to each other in an output folder or prefix. Rows never pass through the
-coordinator. Every split knows the global index of its first row, so results keep the input's order.
+JSONL lines) without reading the rows; each worker reads its own splits straight from storage (and writes its
+results with common/dataset_parts.py). Rows never pass through the coordinator. Every split knows the global
+index of its first row, so results keep the input's order. Locations and their filesystems are
+common/filesystems.py's.
 
 Only pyarrow.fs is used (no fsspec), and nothing here imports torch: the coordinator imports this module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import functools
-import os
 import posixpath
 import re
-import socket
-import urllib.parse
-import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
 
 import orjson
 import pyarrow as pa
@@ -29,37 +22,19 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from distinfer.common.result_columns import parquet_options
+from distinfer.common.filesystems import DatasetError, display_path, filesystem, listing, raise_missing, translated
+from distinfer.common.filesystems import is_uri as is_uri  # importable from here too, as before the split
 
 PARQUET, JSONL = "parquet", "jsonl"
 EXTENSIONS = {".parquet": PARQUET, ".pq": PARQUET, ".jsonl": JSONL, ".ndjson": JSONL, ".json": JSONL}
 # A folder is read for these only: a plain .json in a folder is more often a config or a manifest than rows.
 FOLDER_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
-JOB_FILE, SUCCESS_FILE = "_distinfer_job.json", "_SUCCESS.json"
-
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
-_OBJECT_STORES = ("s3", "gs")
 _BLOCK = 16 << 20
 # Blank lines hold only JSON whitespace. Given whole lines, one is blank where a newline is followed by
 # whitespace and another newline; the region's first line (no newline before it there) is _LEADING_BLANK.
 _BLANK = re.compile(rb"\n[ \t\r]*(?=\n)")
 _LEADING_BLANK = re.compile(rb"[ \t\r]*\n")
 _NOT_BLANK = re.compile(rb"[^ \t\r\n]")
-_DENIED = re.compile(
-    r"access.?denied|invalid.?access.?key|signature.?does.?not.?match|expired.?token|credential|unauthori[sz]ed"
-    r"|forbidden|permission.?denied|unauthenticated|\b40[13]\b",
-    re.I,
-)
-_CREDENTIALS_HELP = {
-    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), "
-    "AWS_REGION, and AWS_ENDPOINT_URL for MinIO or another S3-compatible store",
-    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or log in with "
-    "`gcloud auth application-default login`",
-}
-
-
-class DatasetError(ValueError):
-    """A dataset or output location that cannot be used as given; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -75,36 +50,6 @@ class Split:
     first_index: int  # the position of its first row in the whole dataset (files in sorted path order)
 
 
-def is_uri(location: str) -> bool:
-    """True for "scheme://..." (s3://, gs://, file://); False for plain paths."""
-    return _URI.match(location) is not None
-
-
-def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds `location`, and the path inside it ("bucket/key" for object stores)."""
-    match = _URI.match(location)
-    if match is None:
-        return _local(), os.path.abspath(os.path.expanduser(location))
-    scheme, rest = match.group(1).lower(), match.group(2)
-    if scheme == "file":
-        host, _, path = rest.partition("/")
-        if host not in ("", "localhost"):
-            raise DatasetError(f"{location} names a host; a file:// URI must be file:///absolute/path")
-        return _local(), os.path.abspath("/" + urllib.parse.unquote(path))
-    if scheme not in _OBJECT_STORES:
-        raise DatasetError(
-            f"{location} uses the {scheme}:// scheme, which distinfer cannot read; "
-            "give a path, or an s3://, gs:// or file:// URI"
-        )
-    path = rest.rstrip("/")
-    bucket = path.partition("/")[0]
-    if not bucket:
-        raise DatasetError(f"{location} names no bucket; write it as {scheme}://BUCKET/PREFIX")
-    if "*" in bucket or "?" in bucket:
-        raise DatasetError(f"{location} has a wildcard in the bucket name; wildcards may only be used in the key")
-    return (_s3(bucket) if scheme == "s3" else _gcs()), path
-
-
 def build_manifest(
     location: str, text_field: str = "text", fmt: str | None = None, split_bytes: int = 64 << 20
 ) -> list[Split]:
@@ -114,7 +59,7 @@ def build_manifest(
     if split_bytes <= 0:
         raise ValueError(f"split_bytes must be positive, not {split_bytes}")
     fs, root = filesystem(location)
-    with _translated(location):
+    with translated(location):
         paths = _find_files(fs, root, location)
         if not paths:
             raise DatasetError(f"no .parquet or .jsonl files at {location}")
@@ -123,17 +68,17 @@ def build_manifest(
             parquet = next(p for p, f in formats.items() if f == PARQUET)
             jsonl = next(p for p, f in formats.items() if f == JSONL)
             raise DatasetError(
-                f"{location} mixes Parquet and JSONL files (e.g. {_shown(location, parquet)} and "
-                f"{_shown(location, jsonl)}); a dataset must be all one format, so point at one kind of file"
+                f"{location} mixes Parquet and JSONL files (e.g. {display_path(location, parquet)} and "
+                f"{display_path(location, jsonl)}); a dataset must be all one format, so point at one kind of file"
             )
         splits: list[Split] = []
         check: str | None = text_field  # JSONL: only the dataset's first row is checked
         for path in paths:
             first = splits[-1].first_index + splits[-1].num_rows if splits else 0
             if formats[path] == PARQUET:
-                splits += _parquet_splits(fs, path, _shown(location, path), text_field, first)
+                splits += _parquet_splits(fs, path, display_path(location, path), text_field, first)
             else:
-                found, check = _jsonl_splits(fs, path, _shown(location, path), check, split_bytes, first)
+                found, check = _jsonl_splits(fs, path, display_path(location, path), check, split_bytes, first)
                 splits += found
         return splits
 
@@ -141,8 +86,8 @@ def build_manifest(
 def read_split(location: str, split: Split, columns: list[str] | None = None) -> pa.Table:
     """The split's rows, in order; only `columns` (all when None). `location` is the one given to the manifest."""
     fs, _ = filesystem(location)
-    shown = _shown(location, split.path)
-    with _translated(location):
+    shown = display_path(location, split.path)
+    with translated(location):
         if split.format == PARQUET:
             with fs.open_input_file(split.path) as f:
                 parquet = pq.ParquetFile(f)
@@ -164,108 +109,6 @@ def read_split(location: str, split: Split, columns: list[str] | None = None) ->
     return table
 
 
-def part_name(number: int) -> str:
-    """The output part of split `number`: part-00003.parquet."""
-    return f"part-{number:05d}.parquet"
-
-
-def write_part(location: str, name: str, table: pa.Table) -> str:
-    """Write `table` as Parquet file `name` in folder or prefix `location`, atomically; returns where it went.
-
-    Writing the same name again replaces the part, so a retried split neither duplicates nor drops rows.
-    """
-    fs, root = filesystem(location)
-    with _translated(location):
-        path = _commit(fs, root, name, lambda out: pq.write_table(table, out, **parquet_options(table.schema)))
-    return _shown(location, path)
-
-
-def claim_output(location: str, job_id: str) -> None:
-    """Mark an output location as this job's; refuse one that holds another job's output or other Parquet files."""
-    fs, root = filesystem(location)
-    with _translated(location):
-        marker = posixpath.join(root, JOB_FILE)
-        owner = _read_json(fs, marker, _shown(location, marker)).get("job_id")
-        if owner == job_id:
-            return  # a resumed job
-        if owner is not None:
-            raise DatasetError(
-                f"{location} already holds the output of job {owner}; choose another --output or delete it"
-            )
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.File:
-            raise DatasetError(f"{location} is a file; --output must name a folder (or an object-store prefix)")
-        if info.type == pafs.FileType.NotFound and _object_store(location):
-            _require_bucket(fs, root, location)
-        others = [p for p in _listing(fs, root, recursive=True) if p.lower().endswith(".parquet")]
-        if others:
-            raise DatasetError(
-                f"{location} already holds Parquet files that no distinfer job wrote there (e.g. "
-                f"{_shown(location, others[0])}); choose another --output or delete them"
-            )
-        _commit(fs, root, JOB_FILE, lambda out: out.write(orjson.dumps({"job_id": job_id})))
-
-
-def finish_output(location: str, job_id: str, parts: list[str], num_rows: int) -> None:
-    """Write the location's _SUCCESS.json: the job, its parts in input order, and the total row count."""
-    fs, root = filesystem(location)
-    document = orjson.dumps({"job_id": job_id, "parts": list(parts), "num_rows": num_rows})
-    with _translated(location):
-        _commit(fs, root, SUCCESS_FILE, lambda out: out.write(document))
-
-
-def output_parts(location: str) -> list[str]:
-    """The names of the part-*.parquet files at `location`, sorted (by number: part-100000 after part-99999)."""
-    fs, root = filesystem(location)
-    with _translated(location):
-        names = (posixpath.basename(p) for p in _listing(fs, root, recursive=False))
-        parts = [n for n in names if fnmatch.fnmatchcase(n, "part-*.parquet")]
-    return sorted(parts, key=lambda n: (int(n[5:-8]) if n[5:-8].isdigit() else -1, n))
-
-
-# Filesystems.
-
-
-@functools.cache
-def _local() -> pafs.LocalFileSystem:
-    return pafs.LocalFileSystem()
-
-
-@functools.cache
-def _gcs() -> pafs.GcsFileSystem:
-    return pafs.GcsFileSystem()
-
-
-def _s3(bucket: str) -> pafs.S3FileSystem:
-    env = os.environ
-    # Read on every call, so that a changed environment (other credentials, another endpoint) is seen.
-    return _s3_for(
-        bucket,
-        env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-        env.get("AWS_ACCESS_KEY_ID"),
-        env.get("AWS_SECRET_ACCESS_KEY"),
-        env.get("AWS_SESSION_TOKEN"),
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _s3_for(bucket, endpoint, region, access_key, secret_key, session_token) -> pafs.S3FileSystem:
-    options = {}
-    if access_key and secret_key:
-        options.update(access_key=access_key, secret_key=secret_key, session_token=session_token)
-    # Else the SDK's own chain: ~/.aws, instance or pod roles.
-    if endpoint:
-        scheme, sep, host = endpoint.partition("://")
-        options.update(endpoint_override=host.rstrip("/") if sep else scheme, scheme=scheme if sep else "https")
-        region = region or "us-east-1"
-    elif not region:
-        # S3 answers a request sent to another region than the bucket's with a redirect the SDK does not follow.
-        with contextlib.suppress(OSError):  # a missing bucket or no network: the first real request says which
-            region = pafs.resolve_s3_region(bucket)
-    return pafs.S3FileSystem(region=region, **options)
-
-
 # Finding files.
 
 
@@ -276,11 +119,11 @@ def _find_files(fs: pafs.FileSystem, root: str, location: str) -> list[str]:
         return _glob(fs, "/".join(parts[:wild]) or "/", parts[wild:], location)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        _raise_missing(fs, root, location)
+        raise_missing(fs, root, location)
     if info.type == pafs.FileType.File:
         return [root]
     found = []
-    for path in _listing(fs, root, recursive=True):
+    for path in listing(fs, root, recursive=True):
         relative = path[len(root) :].lstrip("/")
         if path.lower().endswith(FOLDER_EXTENSIONS) and not any(_hidden(p) for p in relative.split("/")):
             found.append(path)
@@ -290,9 +133,9 @@ def _find_files(fs: pafs.FileSystem, root: str, location: str) -> list[str]:
 def _glob(fs: pafs.FileSystem, base: str, pattern: list[str], location: str) -> list[str]:
     """Files below `base` whose components match the pattern's one by one (so `*` never matches a `/`)."""
     if fs.get_file_info(base).type != pafs.FileType.Directory:
-        _raise_missing(fs, base, location)
+        raise_missing(fs, base, location)
     found = []
-    for path in _listing(fs, base, recursive=len(pattern) > 1):
+    for path in listing(fs, base, recursive=len(pattern) > 1):
         relative = path[len(base) :].lstrip("/").split("/")
         if len(relative) == len(pattern) and all(
             fnmatch.fnmatchcase(name, want) and (not _hidden(name) or _hidden(want))
@@ -302,14 +145,8 @@ def _glob(fs: pafs.FileSystem, base: str, pattern: list[str], location: str) -> 
     return sorted(found)
 
 
-def _listing(fs: pafs.FileSystem, folder: str, recursive: bool) -> list[str]:
-    """The files (not folders) below `folder`; none when it does not exist."""
-    selector = pafs.FileSelector(folder, recursive=recursive, allow_not_found=True)
-    return [info.path for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
-
-
 def _hidden(name: str) -> bool:
-    # Also the marker files written here, and the _temporary/ and .crc litter of Spark and Hadoop jobs.
+    # Also the marker files of dataset_parts.py, and the _temporary/ and .crc litter of Spark and Hadoop jobs.
     return name.startswith((".", "_"))
 
 
@@ -317,8 +154,8 @@ def _format_of(location: str, path: str) -> str:
     extension = posixpath.splitext(path)[1].lower()
     if extension not in EXTENSIONS:
         raise DatasetError(
-            f"cannot tell the format of {_shown(location, path)}: its name does not end in .parquet, .pq, .jsonl, "
-            ".ndjson or .json; rename it, or pass --format parquet or --format jsonl"
+            f"cannot tell the format of {display_path(location, path)}: its name does not end in .parquet, .pq, "
+            ".jsonl, .ndjson or .json; rename it, or pass --format parquet or --format jsonl"
         )
     return EXTENSIONS[extension]
 
@@ -479,70 +316,7 @@ def _parse_lines(data: bytes, split: Split, shown: str) -> pa.Table:
     return pa.table(columns)
 
 
-# Writing outputs.
-
-
-def _commit(fs: pafs.FileSystem, root: str, name: str, write: Callable) -> str:
-    """Write file `name` in `root` so that no reader sees it half-written; returns its path."""
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"{name!r} is not a file name")
-    path = posixpath.join(root, name)
-    if isinstance(fs, pafs.LocalFileSystem):
-        # A rename over the old file: readers see the old file or the new one, never a part of one.
-        fs.create_dir(root, recursive=True)
-        temporary = posixpath.join(root, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with fs.open_output_stream(temporary) as out:
-                write(out)
-            fs.move(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                fs.delete_file(temporary)
-            raise
-    else:
-        # An object appears whole when its upload completes; but a stream closed by an exception would complete
-        # a partial one, so the bytes are made first and sent in one go.
-        buffer = pa.BufferOutputStream()
-        write(buffer)
-        data = buffer.getvalue()
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-    return path
-
-
-def _read_json(fs: pafs.FileSystem, path: str, shown: str) -> dict:
-    """A small JSON document, or {} when there is none."""
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return {}
-    with fs.open_input_stream(path) as f:
-        data = f.read()
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        document = None
-    if not isinstance(document, dict):
-        raise DatasetError(f"{shown} is not a distinfer job marker; delete it if no job's output is there")
-    return document
-
-
 # Errors.
-
-
-def _object_store(location: str) -> str:
-    """The location's object-store scheme ("s3", "gs"); "" for local paths."""
-    match = _URI.match(location)
-    scheme = match.group(1).lower() if match else ""
-    return scheme if scheme in _OBJECT_STORES else ""
-
-
-def _shown(location: str, path: str) -> str:
-    """A path as the user would write it: with the location's scheme for object stores."""
-    scheme = _object_store(location)
-    return f"{scheme}://{path}" if scheme else path
-
-
-def _host() -> str:
-    return socket.gethostname()
 
 
 def _no_column(shown: str, field: str, names: list[str]) -> DatasetError:
@@ -560,46 +334,3 @@ def _require_columns(shown: str, columns: list[str] | None, names: list[str]) ->
 
 def _changed(shown: str, why: str) -> DatasetError:
     return DatasetError(f"{shown} changed since the job was submitted ({why}); resubmit the job")
-
-
-def _require_bucket(fs: pafs.FileSystem, root: str, location: str) -> None:
-    if fs.get_file_info(root.partition("/")[0]).type == pafs.FileType.NotFound:
-        raise _no_bucket(location)
-
-
-def _no_bucket(location: str) -> DatasetError:
-    bucket = filesystem(location)[1].partition("/")[0]
-    return DatasetError(
-        f"the bucket {bucket!r} of {location} does not exist (as seen from {_host()}); create it, "
-        "or check its name and, for an S3-compatible store, AWS_ENDPOINT_URL"
-    )
-
-
-def _raise_missing(fs: pafs.FileSystem, root: str, location: str) -> NoReturn:
-    if _object_store(location):
-        _require_bucket(fs, root, location)
-    raise DatasetError(f"{location} does not exist (as seen from {_host()})")
-
-
-@contextlib.contextmanager
-def _translated(location: str) -> Iterator[None]:
-    """Storage errors as DatasetErrors that say what to do."""
-    try:
-        yield
-    except DatasetError:
-        raise
-    except FileNotFoundError as e:
-        raise DatasetError(f"{location}, or a file in it, does not exist (as seen from {_host()}): {e}") from None
-    except pa.ArrowInvalid as e:  # a file that is not what its name says, or is damaged
-        raise DatasetError(f"cannot read {location} (as seen from {_host()}): {e}") from None
-    except OSError as e:
-        text = str(e)
-        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
-            raise _no_bucket(location) from None
-        if isinstance(e, PermissionError) or _DENIED.search(text):
-            advice = _CREDENTIALS_HELP.get(_object_store(location), "give this user permission to it")
-            raise DatasetError(
-                f"access to {location} was denied (as seen from {_host()}): missing or wrong credentials, or no "
-                f"permission; {advice} ({text.rstrip('. ')})"
-            ) from None
-        raise DatasetError(f"cannot use {location} (as seen from {_host()}): {text}") from None

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from distinfer.common.datasets import DatasetError, build_manifest, claim_output, finish_output, part_name
+from distinfer.common.dataset_parts import claim_output, finish_output, part_name
+from distinfer.common.datasets import build_manifest
 from distinfer.common.errors import InvalidArgument
+from distinfer.common.filesystems import DatasetError
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 DEFAULT_TEXT_FIELD = "text"
@@ -43,7 +45,7 @@ async def plan(job_id: str, dataset: jobs_pb2.Dataset) -> list[workers_pb2.Datas
         await asyncio.to_thread(claim_output, dataset.output, job_id)
     except DatasetError as exc:
         raise InvalidArgument(str(exc)) from None
-    except OSError as exc:  # what the storage said, when datasets.py could not tell more
+    except OSError as exc:  # what the storage said, when filesystems.translated could not tell more
         raise InvalidArgument(f"cannot read dataset {dataset.input}: {exc}") from None
     return [workers_pb2.DatasetSplit(number=i, **dataclasses.asdict(s)) for i, s in enumerate(splits)]
 

@@ -4,7 +4,7 @@ rows.
 
 A part is the split's input rows, its text column left out and every other column passed through as it is
 (types kept), beside the task's result columns, in input order; written whole under its final name only
-(datasets.write_part), then reported, so a part written again by a retried attempt replaces the same rows.
+(dataset_parts.write_part), then reported, so a part written again by a retried attempt replaces the same rows.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from distinfer.common.datasets import DatasetError, Split, part_name, read_split, write_part
+from distinfer.common.dataset_parts import part_name, write_part
+from distinfer.common.datasets import Split, read_split
+from distinfer.common.filesystems import DatasetError
 from distinfer.common.result_columns import INDEX
 from distinfer.v1 import workers_pb2
 from distinfer.worker.models import JobError

@@ -18,7 +18,8 @@ from s3server import s3_server, use_s3
 
 from distinfer.client.api import Client, InPlace
 from distinfer.client.local import LocalCluster
-from distinfer.common.datasets import filesystem, output_parts, part_name
+from distinfer.common.dataset_parts import output_parts, part_name
+from distinfer.common.filesystems import filesystem
 from distinfer.v1 import jobs_pb2
 
 ROWS_PER_GROUP = 8

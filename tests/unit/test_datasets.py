@@ -14,18 +14,9 @@ import pytest
 from s3server import s3_server, use_s3
 
 from distinfer.common import datasets
-from distinfer.common.datasets import (
-    DatasetError,
-    build_manifest,
-    claim_output,
-    filesystem,
-    finish_output,
-    is_uri,
-    output_parts,
-    part_name,
-    read_split,
-    write_part,
-)
+from distinfer.common.dataset_parts import claim_output, finish_output, output_parts, part_name, write_part
+from distinfer.common.datasets import build_manifest, read_split
+from distinfer.common.filesystems import DatasetError, filesystem, is_uri
 
 
 def read_all(location: str, splits, columns=None) -> pa.Table:
