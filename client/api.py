@@ -92,6 +92,7 @@ class Client:
         max_batch_tokens: int = 0,
         max_length: int = 0,
         dtype: str = "",
+        vector_dtype: str = "",
         simulated_batch_ms: int = 0,
         generate: dict | None = None,
         tp_size: int = 0,
@@ -113,6 +114,7 @@ class Client:
             max_batch_tokens=max_batch_tokens,
             max_length=max_length,
             dtype=dtype,
+            vector_dtype=vector_dtype,
             simulated_batch_ms=simulated_batch_ms,
         )
         if generate is not None:  # e.g. {"max_new_tokens": 32, "temperature": 0.7, "seed": 1, "stop": ["\n"]}

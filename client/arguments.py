@@ -55,6 +55,12 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="weights' dtype: auto is bfloat16 (or float16) on CUDA, bfloat16 on CPUs with AMX, else float32",
     )
+    p.add_argument(
+        "--vector-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="embeddings and logits as they travel and are written: float16 halves the bytes (about 3 digits)",
+    )
     p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
     p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
     p.add_argument(

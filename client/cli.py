@@ -20,7 +20,7 @@ from distinfer.client.local import ClusterError
 from distinfer.client.outputs import OutputError, ResultFile, output_format
 from distinfer.client.rows import InputError, read_rows
 from distinfer.common.channels import security_from_args
-from distinfer.common.datasets import is_uri
+from distinfer.common.filesystems import is_uri
 from distinfer.v1 import jobs_pb2
 
 
@@ -184,6 +184,7 @@ def _job_keywords(args, model: str, workers: int) -> dict:
         max_batch_tokens=args.max_batch_tokens,
         max_length=args.max_length,
         dtype=args.dtype,
+        vector_dtype=args.vector_dtype,
         normalize=False if args.no_normalize else None,
         return_logits=args.return_logits,
         queue_timeout_s=args.queue_timeout,

@@ -117,18 +117,19 @@ class NpyOutput:
         self._partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         self._file = self._partial.open("wb")
         self._file.write(b"\0" * self.HEADER_BYTES)
-        self._rows, self._width = 0, None
+        self._rows, self._width, self._dtype = 0, None, "<f4"
 
     def write(self, table: pa.Table) -> None:
         if "embedding" not in table.column_names:
             raise OutputError(f"{self._path}: .npy holds embeddings only, and these results have none")
-        vectors = vector_array(table.column("embedding")).astype("<f4", copy=False)
-        self._width = vectors.shape[1]
+        vectors = vector_array(table.column("embedding"))
+        vectors = vectors.astype(vectors.dtype.newbyteorder("<"), copy=False)
+        self._width, self._dtype = vectors.shape[1], vectors.dtype.str
         self._file.write(vectors.tobytes())
         self._rows += len(vectors)
 
     def close(self) -> None:
-        header = {"descr": "<f4", "fortran_order": False, "shape": (self._rows, self._width or 0)}
+        header = {"descr": self._dtype, "fortran_order": False, "shape": (self._rows, self._width or 0)}
         text = repr(header).encode("latin1")
         prefix = b"\x93NUMPY\x01\x00"
         padding = self.HEADER_BYTES - len(prefix) - 2 - len(text) - 1

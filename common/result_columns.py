@@ -24,9 +24,9 @@ CLASSIFICATION = ("label", "score", "logits")
 GENERATION = ("text", "prompt_tokens", "generated_tokens", "finish_reason")
 
 
-def vectors(rows: np.ndarray) -> pa.FixedSizeListArray:
-    """A (rows, width) array as a fixed-size list column over the same memory."""
-    rows = np.ascontiguousarray(rows)
+def vectors(rows: np.ndarray, dtype: str = "") -> pa.FixedSizeListArray:
+    """A (rows, width) array as a fixed-size list column over the same memory (float16: a half-size copy)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float16 if dtype == "float16" else None)
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
 
 
@@ -60,7 +60,8 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-_VECTOR = object()  # any fixed-size list of float32
+_VECTOR = object()  # any fixed-size list of float32 (or float16, when asked)
+VECTOR_VALUE_TYPES = (pa.float32(), pa.float16())
 COLUMN_TYPES = {
     INDEX: pa.uint64(),
     TRUNCATED: pa.uint32(),
@@ -86,8 +87,8 @@ def check_results(table: pa.Table) -> None:
         if expected is None:
             raise ValueError(f"a result batch has an unknown column {field.name!r}")
         if expected is _VECTOR:
-            if not (pa.types.is_fixed_size_list(field.type) and field.type.value_type == pa.float32()):
-                raise ValueError(f"result column {field.name!r} is {field.type}, not a fixed-size list of float32")
+            if not (pa.types.is_fixed_size_list(field.type) and field.type.value_type in VECTOR_VALUE_TYPES):
+                raise ValueError(f"result column {field.name!r} is {field.type}, not a fixed-size list of float32/16")
         elif field.type != expected:
             raise ValueError(f"result column {field.name!r} is {field.type}, not {expected}")
 

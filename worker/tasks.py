@@ -163,7 +163,7 @@ class EmbedTask(ModelTask):
         return pooled
 
     def columns(self, gathered, options):
-        return {"embedding": vectors(gathered.rows.numpy())}
+        return {"embedding": vectors(gathered.rows.numpy(), options.vector_dtype)}
 
 
 class ClassifyTask(ModelTask):
@@ -190,7 +190,7 @@ class ClassifyTask(ModelTask):
             "score": pa.array(scores.numpy()),
         }
         if options.return_logits:
-            columns["logits"] = vectors(gathered.rows.numpy())
+            columns["logits"] = vectors(gathered.rows.numpy(), options.vector_dtype)
         return columns
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -269,6 +270,14 @@ def test_auto_dtype_is_the_fastest_sound_one_for_the_cpu_and_is_reported(client,
     asked = client.submit(sample_rows[:3], model="all-MiniLM-L6-v2", workers=1, dtype="float32")
     list(asked.results())
     assert [r.dtype for r in asked.status().attempts[-1].ranks] == ["float32"]
+
+
+def test_float16_vectors_are_half_the_bytes_and_close_to_float32(client, sample_rows, reference_embeddings):
+    job = client.submit(sample_rows, model="all-MiniLM-L6-v2", dtype="float32", vector_dtype="float16", workers=2)
+    assert {t.schema.field("embedding").type for t in job.result_batches()} == {pa.list_(pa.float16(), 384)}
+    got = np.concatenate([batch["embedding"] for batch in job.arrays()])
+    assert got.dtype == np.float16 and got.shape == (len(sample_rows), 384)
+    np.testing.assert_allclose(got.astype(np.float32), reference_embeddings, atol=2e-3)
 
 
 def test_echo_task_runs_the_whole_path_without_a_model(client, sample_rows):

@@ -159,6 +159,13 @@ def test_missing_model_and_contradictory_options_are_invalid_argument(coordinato
             coordinator.address,
             [jobs_pb2.SubmitJobRequest(spec=spec(stall_timeout_s=bad)), rows("a")],
         )
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown vector_dtype 'bfloat16': choose float32 or float16",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec(options=jobs_pb2.TaskOptions(vector_dtype="bfloat16"))), rows("a")],
+    )
 
 
 def test_first_message_must_be_the_spec(coordinator):

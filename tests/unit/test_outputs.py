@@ -113,3 +113,16 @@ def test_an_output_that_gets_no_results_is_still_a_valid_file(tmp_path):
             out.write(embeddings_table(0, 0))
     assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
     assert np.load(tmp_path / "e.npy").shape[0] == 0
+
+
+def test_float16_vectors_keep_their_dtype_in_every_format(tmp_path):
+    rows = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    table = pa.Table.from_batches([result_batch([0, 1, 2], [0, 0, 0], {"embedding": vectors(rows, "float16")})])
+    for name, fmt in (("h.parquet", "parquet"), ("h.npy", "npy"), ("h.jsonl", "jsonl")):
+        write_all(tmp_path / name, fmt, [table])
+    assert pq.read_table(tmp_path / "h.parquet").schema.field("embedding").type == pa.list_(pa.float16(), 4)
+    array = np.load(tmp_path / "h.npy")
+    assert array.dtype == np.float16
+    np.testing.assert_array_equal(array, rows.astype(np.float16))
+    lines = [json.loads(line)["embedding"] for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    np.testing.assert_array_equal(np.array(lines, np.float16), rows.astype(np.float16))

@@ -183,6 +183,7 @@ class TaskOptions(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SIMULATED_BATCH_MS_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
+    VECTOR_DTYPE_FIELD_NUMBER: _builtins.int
     normalize: _builtins.bool
     """embed: L2-normalise the pooled embedding. Unset means true (what sentence-transformers models expect)."""
     return_logits: _builtins.bool
@@ -202,6 +203,10 @@ class TaskOptions(_message.Message):
     """
     simulated_batch_ms: _builtins.int
     """simulate: milliseconds each batch pretends to compute (a stand-in model for measuring coordination)."""
+    vector_dtype: _builtins.str
+    """embed, and classify's logits: the dtype vectors travel in and are written in: "float32" (the default) or
+    "float16" (half the bytes; about three significant digits, enough for cosine similarity).
+    """
     @_builtins.property
     def generate(self) -> Global___GenerateOptions: ...
     def __init__(
@@ -215,10 +220,11 @@ class TaskOptions(_message.Message):
         dtype: _builtins.str = ...,
         simulated_batch_ms: _builtins.int = ...,
         generate: Global___GenerateOptions | None = ...,
+        vector_dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "generate", b"generate", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms", "vector_dtype", b"vector_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
