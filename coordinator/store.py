@@ -3,8 +3,9 @@
 Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory), each upload
 message as one chunk: a SQLite row for every input row was the biggest part of the coordinator's per-row
 cost. Results are kept the same way, as the Arrow batches rank 0 sends, one per commit and block of
-RESULT_BLOCK_ROWS row indices (a SQLite row per result cost 5 us a row to insert); the block bounds what a
-read in index order looks at, however scattered a commit's indices are. Commits are idempotent by row index,
+RESULT_BLOCK_ROWS row indices (a SQLite row per result cost 5 us a row to insert), their bytes in a file per
+job (result_files.py); the block bounds what a read in index order looks at, however scattered a commit's
+indices are. Commits are idempotent by row index,
 so a repeated or late result never duplicates a row. Rows move as whole Arrow columns (sorted, sliced,
 concatenated), never parsed or serialised one by one.
 The store is synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
 from distinfer.common.result_columns import INDEX, META, from_ipc, to_ipc
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
+from distinfer.coordinator.result_files import ResultFiles
 from distinfer.coordinator.split_store import SplitStore
 from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA, unpacked
 from distinfer.coordinator.store_upgrades import OldStoreUpgrades
@@ -53,13 +54,24 @@ class Store(OldStoreUpgrades):
         self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES_KEPT}")
         self._db.executescript(SCHEMA)
+        self._result_files = ResultFiles(Path(f"{self.path}.results"))
         self._upgrade_old_store()
+        self._drop_results_a_power_loss_cut()
         self._checkpointer = WalCheckpointer(self.path)
         self.splits = SplitStore(self._db, self._transaction)
 
     def close(self) -> None:
         self._checkpointer.close()
         self._db.close()
+        self._result_files.close()
+
+    def _drop_results_a_power_loss_cut(self) -> None:
+        """Forget committed batches whose bytes are not in their job's results file (a power loss kept the
+        database's row but not the file's end): those rows are computed again."""
+        ends = self._db.execute("SELECT job_id, MAX(position + size) FROM result_batches GROUP BY job_id").fetchall()
+        for job_id, end in ends:
+            if end > (size := self._result_files.size(job_id)):
+                self._db.execute("DELETE FROM result_batches WHERE job_id = ? AND position + size > ?", (job_id, size))
 
     # --- jobs -------------------------------------------------------------------------------------------
 
@@ -73,6 +85,7 @@ class Store(OldStoreUpgrades):
         with self._transaction():
             for table in ("jobs", "input_chunks", "result_batches", "dataset_splits"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+        self._result_files.delete(job_id)
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
         """Every job, oldest first."""
@@ -211,9 +224,11 @@ class Store(OldStoreUpgrades):
             if not keep.any():
                 continue
             kept = rows[keep]
+            data = to_ipc(results.take(kept))
+            position = self._result_files.append(job_id, data)  # in the file before its row commits
             self._db.execute(
-                "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, batch) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
+                "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     block,
@@ -222,7 +237,8 @@ class Store(OldStoreUpgrades):
                     len(kept),
                     int(offsets[keep].max()),
                     offsets[keep].astype("<u2").tobytes(),
-                    to_ipc(results.take(kept)),
+                    position,
+                    len(data),
                 ),
             )
             added += len(kept)
@@ -296,17 +312,20 @@ class Store(OldStoreUpgrades):
                 return
         while True:
             batches = [
-                from_ipc(data)
-                for (data,) in self._db.execute(
-                    "SELECT batch FROM result_batches WHERE job_id = ? AND block = ? AND last_offset >= ?",
+                from_ipc(self._result_files.read(job_id, position, size))
+                for (position, size) in self._db.execute(
+                    "SELECT position, size FROM result_batches WHERE job_id = ? AND block = ? AND last_offset >= ? "
+                    "ORDER BY seq",
                     (job_id, block, first_offset),
-                )
+                ).fetchall()
             ]
             base = block * RESULT_BLOCK_ROWS
             if batches:
                 table = batches[0] if len(batches) == 1 else pa.concat_tables(batches, promote_options="default")
-                table = table.take(pc.sort_indices(table.column(INDEX)))
                 offsets = table.column(INDEX).to_numpy().astype(np.int64) - base
+                if len(offsets) > 1 and (np.diff(offsets) < 0).any():  # commits of rows out of order
+                    order = np.argsort(offsets, kind="stable")
+                    table, offsets = table.take(order), offsets[order]
                 begin = int(np.searchsorted(offsets, first_offset))
                 table, offsets = table.slice(begin), offsets[begin:]
                 if not through_gaps:

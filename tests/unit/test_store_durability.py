@@ -280,3 +280,31 @@ def test_commits_reach_the_database_file_while_a_shard_is_read_part_way(tmp_path
         assert len(next(shard)) == 100  # and the shard reads on
     finally:
         store.close()
+
+
+def test_results_whose_bytes_a_power_loss_cut_from_their_file_are_dropped_and_the_rest_kept(tmp_path):
+    """The database row of a commit can outlive its bytes in the job's results file (a power loss before the
+    page cache reached the disk): such rows are forgotten when the store opens, so they are computed again."""
+    store = Store(tmp_path / "state.db")
+    add_job_with_rows(store, "j", 3000)
+    commit(store, "j", 1, [result_blob(i) for i in range(0, 1024)])  # block 0
+    commit(store, "j", 1, [result_blob(i) for i in range(1024, 2048)])  # block 1, later in the file
+    store.close()
+    results_file = tmp_path / "state.db.results" / "j.arrows"
+    with results_file.open("r+b") as f:
+        f.truncate(results_file.stat().st_size - 10)  # the second batch's end did not reach the disk
+    reopened = Store(tmp_path / "state.db")
+    assert reopened.count_results("j") == 1024
+    assert [r.index for r in read(reopened, "j", 0, 5000).results] == list(range(1024))
+    assert commit(reopened, "j", 2, [result_blob(i) for i in range(1024, 2048)]) == 1024  # computed again
+    reopened.close()
+
+
+def test_deleting_a_job_removes_its_results_file(tmp_path):
+    store = Store(tmp_path / "state.db")
+    add_job_with_rows(store, "j", 10)
+    commit(store, "j", 1, [result_blob(i) for i in range(10)])
+    assert (tmp_path / "state.db.results" / "j.arrows").exists()
+    store.delete_job("j")
+    assert not (tmp_path / "state.db.results" / "j.arrows").exists()
+    store.close()
