@@ -15,6 +15,11 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
         f"rows      {s.rows_done}/{s.num_rows}" + (" (still uploading)" if s.uploading else ""),
         f"message   {s.message}",
     ]
+    if s.spec.dataset.input:  # read and written in place
+        lines[-1:-1] = [
+            f"dataset   {s.spec.dataset.input} -> {s.spec.dataset.output}",
+            f"splits    {s.splits_done}/{s.splits} parts written",
+        ]
     if s.HasField("timings"):
         t = s.timings
         parts = [

@@ -9,6 +9,7 @@ A part is the split's input rows, its text column left out and every other colum
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,15 +29,8 @@ class DatasetUnreadable(JobError):
 
 
 def as_split(split: workers_pb2.DatasetSplit) -> Split:
-    return Split(
-        path=split.path,
-        format=split.format,
-        row_group=split.row_group,
-        start=split.start,
-        end=split.end,
-        num_rows=split.num_rows,
-        first_index=split.first_index,
-    )
+    """The message's fields are Split's, and its number (coordinator/in_place.py makes one from the other)."""
+    return Split(**{field.name: getattr(split, field.name) for field in dataclasses.fields(Split)})
 
 
 def split_texts(dataset, split: workers_pb2.DatasetSplit) -> tuple[range, list[str]]:

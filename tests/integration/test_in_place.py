@@ -108,6 +108,8 @@ def test_a_parquet_dataset_on_s3_is_read_and_written_in_place_equal_to_the_strea
         success = json.loads(f.read())
     assert success["num_rows"] == 44 and success["parts"] == output_parts(f"{bucket}/embed/out")
 
+    shown = cli("status", done.stdout.strip(), "--coordinator", cluster.address)
+    assert "splits    6/6 parts written" in shown.stdout and f"{bucket}/embed/out" in shown.stdout
     with Client(cluster.address) as client:
         job = client.job(done.stdout.strip())
         status = job.status()
@@ -135,57 +137,52 @@ def test_a_jsonl_folder_on_a_shared_filesystem_is_read_in_place(s3, sample_rows,
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]  # no partial part left
 
 
-def test_a_worker_killed_mid_job_leaves_every_row_exactly_once_in_the_output(s3, tmp_path):
-    bucket, cluster = s3
-    rows = [{"id": i, "text": "x" * (1 + i % 7)} for i in range(320)]
-    fs, root = filesystem(f"{bucket}/chaos/in")
+def start_slow_job(client: Client, location: str, count: int, splits_done: int) -> tuple:
+    """A simulate job over `count` rows in splits of 16, read in place from location/in; returns it with its
+    status once `splits_done` parts are written (well before its end: 4 batches of 40 ms a split)."""
+    rows = [{"id": i, "text": "x" * (1 + i % 7)} for i in range(count)]
+    fs, root = filesystem(f"{location}/in")
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/rows.parquet") as f:
-        pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=16)  # 20 splits
+        pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=16)
+    job = client.submit(
+        InPlace(f"{location}/in", f"{location}/out"),
+        model="",
+        task="simulate",
+        simulated_batch_ms=40,
+        batch_size=4,
+        workers=2,
+        max_attempts=5,
+    )
+    deadline = time.monotonic() + 120
+    while (status := job.status()).splits_done < splits_done:
+        assert time.monotonic() < deadline and status.state != jobs_pb2.FAILED, status.message
+        time.sleep(0.05)
+    return job, status
+
+
+def assert_every_row_once(location: str, count: int) -> None:
+    got = read_parts(f"{location}/out")
+    assert got.column("index").to_pylist() == list(range(count))
+    assert got.column("id").to_pylist() == list(range(count))
+    assert got.column("chars").to_pylist() == [1 + i % 7 for i in range(count)]
+
+
+def test_a_worker_killed_mid_job_leaves_every_row_exactly_once_in_the_output(s3):
+    bucket, cluster = s3
     with Client(cluster.address) as client:
-        job = client.submit(
-            InPlace(f"{bucket}/chaos/in", f"{bucket}/chaos/out"),
-            model="",
-            task="simulate",
-            simulated_batch_ms=40,
-            batch_size=4,
-            workers=2,
-            max_attempts=5,
-        )
-        deadline = time.monotonic() + 120
-        while (status := job.status()).splits_done < 3:
-            assert time.monotonic() < deadline and status.state != jobs_pb2.FAILED, status.message
-            time.sleep(0.05)
+        job, status = start_slow_job(client, f"{bucket}/chaos", 320, splits_done=3)
         os.kill(status.attempts[-1].ranks[1].pid, signal.SIGKILL)  # a rank's executor, mid-job
         status = job.wait(timeout_s=180)
     assert status.state == jobs_pb2.SUCCEEDED, status.message
     assert len(status.attempts) >= 2 and (status.splits_done, status.rows_done) == (20, 320)
-    got = read_parts(f"{bucket}/chaos/out")
-    assert got.column("index").to_pylist() == list(range(320))
-    assert got.column("id").to_pylist() == list(range(320))
-    assert got.column("chars").to_pylist() == [len(r["text"]) for r in rows]
+    assert_every_row_once(f"{bucket}/chaos", 320)
 
 
 def test_a_coordinator_killed_mid_job_resumes_it_from_its_state_and_every_row_is_written_once(s3):
     bucket, cluster = s3
-    rows = [{"id": i, "text": "y" * (1 + i % 5)} for i in range(240)]
-    fs, root = filesystem(f"{bucket}/restart/in")
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/rows.parquet") as f:
-        pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=16)  # 15 splits
     with Client(cluster.address) as client:
-        job = client.submit(
-            InPlace(f"{bucket}/restart/in", f"{bucket}/restart/out"),
-            model="",
-            task="simulate",
-            simulated_batch_ms=40,
-            batch_size=4,
-            workers=2,
-        )
-        deadline = time.monotonic() + 120
-        while job.status().splits_done < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        job, _ = start_slow_job(client, f"{bucket}/restart", 240, splits_done=2)
     cluster.coordinator.send_signal(signal.SIGKILL)
     cluster.coordinator.wait()
     cluster.start_coordinator()  # same port and state: the workers reconnect, the job is queued again
@@ -194,9 +191,7 @@ def test_a_coordinator_killed_mid_job_resumes_it_from_its_state_and_every_row_is
     assert status.state == jobs_pb2.SUCCEEDED, status.message
     assert (status.splits_done, status.rows_done) == (15, 240)
     assert status.attempts[0].end_reason == "coordinator restarted"  # it was cut mid-job, and resumed
-    got = read_parts(f"{bucket}/restart/out")
-    assert got.column("index").to_pylist() == list(range(240))
-    assert got.column("id").to_pylist() == list(range(240))
+    assert_every_row_once(f"{bucket}/restart", 240)
 
 
 def test_errors_a_user_can_act_on_before_anything_runs(s3, tmp_path):
