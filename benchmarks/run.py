@@ -1,7 +1,8 @@
 """Side-by-side throughput of the ways to embed the same rows on this machine, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
-        [--skip-coordination | --coordination-only] [--echo-rows N] [--skip-data-plane] [--data-plane-rows N]
+        [--skip-coordination | --coordination-only | --data-plane-only] [--echo-rows N] [--skip-data-plane]
+        [--data-plane-rows N]
         [--device cpu|cuda]
 
 Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on the CPU
@@ -207,8 +208,10 @@ def agreement(name: str, dtype: str, embeddings: torch.Tensor, reference: torch.
 def markdown(report: dict) -> str:
     m = report["machine"]
     footer = f"{m['device']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}, {m['date']}"
-    if "entries" not in report:  # --coordination-only
-        return coordination.markdown(report["coordination"]) + f"\n{footer}\n"
+    if "entries" not in report:  # --coordination-only or --data-plane-only
+        parts = [coordination.markdown(report["coordination"])] if "coordination" in report else []
+        parts += [data_plane.markdown(report["data_plane"])] if "data_plane" in report else []
+        return "\n".join(parts) + f"\n{footer}\n"
     lines = [
         "| way of running | rows/s | vs plain loop (same dtype and kernels) | vs stock plain loop (same dtype) "
         "| vs naive loop | notes |",
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = parser.add_mutually_exclusive_group()
     parts.add_argument("--skip-coordination", action="store_true", help="leave out the model-free benchmark")
     parts.add_argument("--coordination-only", action="store_true", help="only the model-free benchmark")
+    parts.add_argument("--data-plane-only", action="store_true", help="only the data path benchmark")
     parser.add_argument("--echo-rows", type=int, default=None, help="rows of the echo run (default 1,000,000)")
     parser.add_argument("--skip-generate", action="store_true", help="leave out the generate benchmark")
     parser.add_argument("--skip-data-plane", action="store_true", help="leave out the data path benchmark")
@@ -272,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     report = {"machine": machine(args.device)}
-    if not args.coordination_only:
+    models = not (args.coordination_only or args.data_plane_only)
+    if models:
         report.update(model_benchmark(args))
-    if not args.coordination_only and not args.skip_generate:
+    if models and not args.skip_generate:
         report["generate"] = generation.run(load_texts(48 if args.quick else 96), model_path())
-    if not args.skip_coordination:
+    if not args.skip_coordination and not args.data_plane_only:
         report["coordination"] = coordination.run(quick=args.quick, echo_row_count=args.echo_rows)
     if not args.skip_data_plane and not args.coordination_only:
         report["data_plane"] = data_plane.run(quick=args.quick, rows=args.data_plane_rows)
