@@ -158,6 +158,10 @@ def raise_missing(fs: pafs.FileSystem, root: str, location: str) -> NoReturn:
     raise DatasetError(f"{location} does not exist (as seen from {_host()})")
 
 
+class StorageUnavailable(DatasetError):
+    """A storage error that may pass (a timeout, a reset connection, a 5xx): worth another attempt."""
+
+
 @contextlib.contextmanager
 def translated(location: str) -> Iterator[None]:
     """Storage errors as DatasetErrors that say what to do."""
@@ -179,4 +183,4 @@ def translated(location: str) -> Iterator[None]:
                 f"access to {location} was denied (as seen from {_host()}): missing or wrong credentials, or no "
                 f"permission; {advice} ({text.rstrip('. ')})"
             ) from None
-        raise DatasetError(f"cannot use {location} (as seen from {_host()}): {text}") from None
+        raise StorageUnavailable(f"cannot use {location} (as seen from {_host()}): {text}") from None

@@ -9,6 +9,7 @@ A part is the split's input rows, its text column left out and every other colum
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from distinfer.common.dataset_parts import part_name, write_part
 from distinfer.common.datasets import Split, read_split
-from distinfer.common.filesystems import DatasetError
+from distinfer.common.filesystems import DatasetError, StorageUnavailable
 from distinfer.common.result_columns import INDEX
 from distinfer.v1 import workers_pb2
 from distinfer.worker.models import JobError
@@ -28,6 +29,18 @@ class DatasetUnreadable(JobError):
     would fail the same way."""
 
 
+@contextlib.contextmanager
+def permanent_errors(prefix: str = ""):
+    """A dataset error that another attempt would meet too (a missing path, denied access, a bad file) fails
+    the job at once; one that may pass (StorageUnavailable: a timeout, a 5xx) fails only the attempt."""
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except DatasetError as exc:
+        raise DatasetUnreadable(f"{prefix}{exc}") from None
+
+
 def as_split(split: workers_pb2.DatasetSplit) -> Split:
     """The message's fields are Split's, and its number (coordinator/in_place.py makes one from the other)."""
     return Split(**{field.name: getattr(split, field.name) for field in dataclasses.fields(Split)})
@@ -36,10 +49,8 @@ def as_split(split: workers_pb2.DatasetSplit) -> Split:
 def split_texts(dataset, split: workers_pb2.DatasetSplit) -> tuple[range, list[str]]:
     """A split's row indices and texts."""
     text_field = dataset.text_field or "text"
-    try:
+    with permanent_errors():
         table = read_split(dataset.input, as_split(split), columns=[text_field])
-    except DatasetError as exc:
-        raise DatasetUnreadable(str(exc)) from None
     texts = table.column(text_field)
     if texts.null_count:
         row = split.first_index + texts.is_null().index(True).as_py()
@@ -79,10 +90,8 @@ class PartWriter:
     def _write(self, split: workers_pb2.DatasetSplit, pieces: list[pa.Table]) -> None:
         dataset = self._a.spec.dataset
         results = pa.concat_tables(pieces).sort_by(INDEX)
-        try:
+        with permanent_errors():
             inputs = read_split(dataset.input, as_split(split))
-        except DatasetError as exc:
-            raise DatasetUnreadable(str(exc)) from None
         passed = inputs.drop_columns([n for n in inputs.column_names if n in (dataset.text_field or "text", INDEX)])
         passed = passed.drop_columns([n for n in passed.column_names if n in results.column_names])
         part = results.select([INDEX])
@@ -90,7 +99,5 @@ class PartWriter:
             part = part.append_column(name, passed.column(name))
         for name in results.column_names[1:]:
             part = part.append_column(name, results.column(name))
-        try:
+        with permanent_errors(f"cannot write part {part_name(split.number)} to {dataset.output}: "):
             write_part(dataset.output, part_name(split.number), part)
-        except (DatasetError, OSError) as exc:
-            raise DatasetUnreadable(f"cannot write part {part_name(split.number)} to {dataset.output}: {exc}") from None

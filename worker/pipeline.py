@@ -341,14 +341,18 @@ class ResultSender:
         self._thread = start_helper_thread(lambda: self._run(stub), "results")
 
     def _messages(self):
-        while (gathered := self._queue.get()) is not None:
-            yield from self._reports(gathered)
+        try:
+            while (gathered := self._queue.get()) is not None:
+                yield from self._reports(gathered)
+        except BaseException as exc:  # gRPC would only say "Exception iterating requests!" (UNKNOWN)
+            self._error = exc
+            raise
 
     def _run(self, stub) -> None:
         try:
             stub.ReportResults(self._messages(), metadata=self._metadata)
         except BaseException as exc:  # noqa: BLE001 - raised again by close() in the main thread
-            self._error = exc
+            self._error = self._error or exc
 
     def send(self, gathered: Gathered) -> None:
         self._check()
