@@ -13,36 +13,44 @@ their results are computed again.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 
 class ResultFiles:
-    """Part of `Store`, on its thread."""
+    """Part of `Store`, on its thread. One descriptor per job, for the OPEN_JOBS jobs used last: a coordinator
+    keeps thousands of ended jobs, and their results are read now and then."""
+
+    OPEN_JOBS = 64
 
     def __init__(self, folder: Path):
         self._folder = folder
         self._folder.mkdir(parents=True, exist_ok=True)
-        self._appending: dict[str, object] = {}
-        self._reading: dict[str, int] = {}
+        self._open: OrderedDict[str, int] = OrderedDict()  # job -> descriptor, least recently used first
 
     def _path(self, job_id: str) -> Path:
         return self._folder / f"{job_id}.arrows"
 
     def append(self, job_id: str, data: bytes) -> int:
-        """Append a batch; returns its position. Flushed to the OS before this returns."""
-        f = self._appending.get(job_id)
-        if f is None:
-            f = self._appending[job_id] = self._path(job_id).open("ab")
-        position = f.seek(0, os.SEEK_END)
-        f.write(data)
-        f.flush()
+        """Append a batch; returns its position. In the OS's hands (it survives our crash) when this returns."""
+        fd = self._fd(job_id)
+        position = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         return position
 
     def read(self, job_id: str, position: int, size: int) -> bytes:
-        fd = self._reading.get(job_id)
+        return os.pread(self._fd(job_id), size, position)
+
+    def _fd(self, job_id: str) -> int:
+        fd = self._open.get(job_id)
         if fd is None:
-            fd = self._reading[job_id] = os.open(self._path(job_id), os.O_RDONLY)
-        return os.pread(fd, size, position)
+            while len(self._open) >= self.OPEN_JOBS:
+                os.close(self._open.popitem(last=False)[1])
+            fd = self._open[job_id] = os.open(self._path(job_id), os.O_RDWR | os.O_CREAT, 0o600)
+        self._open.move_to_end(job_id)
+        return fd
 
     def size(self, job_id: str) -> int:
         try:
@@ -55,11 +63,9 @@ class ResultFiles:
         self._path(job_id).unlink(missing_ok=True)
 
     def close(self) -> None:
-        for job_id in list(self._appending) + list(self._reading):
+        for job_id in list(self._open):
             self._forget(job_id)
 
     def _forget(self, job_id: str) -> None:
-        if (f := self._appending.pop(job_id, None)) is not None:
-            f.close()
-        if (fd := self._reading.pop(job_id, None)) is not None:
+        if (fd := self._open.pop(job_id, None)) is not None:
             os.close(fd)

@@ -6,6 +6,7 @@ import json
 import sqlite3
 import struct
 import time
+from pathlib import Path
 
 import pytest
 from store_rows import add_job_with_rows, batch, commit, job, read, result_blob, rows, shard_indices
@@ -307,4 +308,20 @@ def test_deleting_a_job_removes_its_results_file(tmp_path):
     assert (tmp_path / "state.db.results" / "j.arrows").exists()
     store.delete_job("j")
     assert not (tmp_path / "state.db.results" / "j.arrows").exists()
+    store.close()
+
+
+def test_a_store_keeps_few_result_files_open_however_many_jobs_it_holds(tmp_path, monkeypatch):
+    from distinfer.coordinator.result_files import ResultFiles
+
+    monkeypatch.setattr(ResultFiles, "OPEN_JOBS", 3)
+    store = Store(tmp_path / "state.db")
+    for n in range(8):
+        add_job_with_rows(store, f"j{n}", 4)
+        commit(store, f"j{n}", 1, [result_blob(i, value=n) for i in range(4)])
+    results = tmp_path / "state.db.results"
+    open_files = [p for p in Path("/proc/self/fd").iterdir() if str(p.resolve()).startswith(str(results))]
+    assert len(open_files) == 3  # not a descriptor per job
+    for n in range(8):  # each job's results still read back, its file reopened as needed
+        assert [r.index for r in read(store, f"j{n}", 0, 10).results] == [0, 1, 2, 3]
     store.close()
