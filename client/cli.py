@@ -202,11 +202,7 @@ def _in_place(args) -> bool:
 def _run_in_place(client: Client, args, model: str, workers: int, local: bool) -> int:
     """A job whose workers read --input and write --output themselves: submit the reference, then follow
     the job's progress until it ends."""
-    if args.output is None and not getattr(args, "detach", False):
-        raise UsageError("--output is required: the folder or prefix (s3://..., gs://...) that gets the Parquet parts")
-    if args.format == "csv":
-        raise UsageError("--in-place reads Parquet or JSONL: convert the CSV, or upload it (without --in-place)")
-    _generate_options(args)
+    _check_in_place_args(args)
     output = args.output if is_uri(args.output) else str(Path(args.output).resolve())
     source = args.input if is_uri(args.input) else str(Path(args.input).resolve())
     started = time.monotonic()
@@ -233,6 +229,14 @@ def _run_in_place(client: Client, args, model: str, workers: int, local: bool) -
         file=sys.stderr,
     )
     return 0
+
+
+def _check_in_place_args(args) -> None:
+    if args.output is None:  # --detach too: the workers write the output, whoever waits for it
+        raise UsageError("--output is required: the folder or prefix (s3://..., gs://...) that gets the Parquet parts")
+    if args.format == "csv":
+        raise UsageError("--in-place reads Parquet or JSONL: convert the CSV, or upload it (without --in-place)")
+    _generate_options(args)
 
 
 def _generate_options(args) -> dict | None:
@@ -284,8 +288,11 @@ def cmd_run(args) -> int:
 
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: a run needs at least 1")
-    _check_job_args(args)  # before the cluster starts, which takes a while
-    _open_output(args)
+    if _in_place(args):
+        _check_in_place_args(args)
+    else:
+        _check_job_args(args)  # before the cluster starts, which takes a while
+        _open_output(args)
     slots = f"{args.workers} {args.device} slot{'s' if args.workers > 1 else ''}"
     print(f"distinfer: starting a coordinator and a worker with {slots} on this machine", file=sys.stderr)
     # The model the user names on this machine is one the local workers may load.

@@ -40,6 +40,8 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument(f"max_length {spec.options.max_length} is beyond any model's limit")
     if spec.options.dtype not in DTYPES:
         raise InvalidArgument(f"unknown dtype {shown(spec.options.dtype)}: choose auto, float32, bfloat16 or float16")
+    if not spec.dataset.input and (spec.dataset.output or spec.dataset.format or spec.dataset.text_field):
+        raise InvalidArgument("dataset options need dataset.input, the dataset the workers read in place")
     if spec.options.vector_dtype not in VECTOR_DTYPES:
         raise InvalidArgument(f"unknown vector_dtype {shown(spec.options.vector_dtype)}: choose float32 or float16")
     if spec.options.simulated_batch_ms and spec.task != "simulate":

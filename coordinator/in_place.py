@@ -42,6 +42,8 @@ async def plan(job_id: str, dataset: jobs_pb2.Dataset) -> list[workers_pb2.Datas
         splits = await asyncio.to_thread(
             build_manifest, dataset.input, dataset.text_field or DEFAULT_TEXT_FIELD, dataset.format or None
         )
+        if not sum(s.num_rows for s in splits):  # before the claim: a refused job must leave the output free
+            raise InvalidArgument(f"the dataset {dataset.input} has no rows")
         await asyncio.to_thread(claim_output, dataset.output, job_id)
     except DatasetError as exc:
         raise InvalidArgument(str(exc)) from None

@@ -200,8 +200,6 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         finally:
             self._uploads_without_rows -= 1
         status.num_rows, status.splits = sum(s.num_rows for s in splits), len(splits)
-        if not status.num_rows:
-            raise InvalidArgument(f"the dataset {spec.dataset.input} has no rows")
         status.message = f"waiting for slots ({status.splits} splits)"
         await self.db(self.store.create_job, status)
         await self.db(self.store.splits.add, status.job_id, splits)

@@ -6,6 +6,7 @@ and for a failed or cancelled job passes over the rows never computed before it 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pyarrow as pa
@@ -31,7 +32,7 @@ class ResultStreams:
             raise InvalidArgument(
                 f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
             )
-        if job.status.spec.dataset.output:
+        if job.status.spec.dataset.input:  # read in place: written in place
             raise FailedPrecondition(
                 f"job {job_id} writes its results in place, to {job.status.spec.dataset.output}: read them there "
                 "(its status shows how many rows are written)"
@@ -44,7 +45,7 @@ class ResultStreams:
                 if result_format == S.RESULT_FORMAT_ARROW:
                     yield S.ResultBatch(arrow=to_ipc(table))
                 else:  # a message per row, for grpcurl and plain gRPC clients: built off the event loop
-                    yield await self.db(_rows_message, table)
+                    yield await asyncio.to_thread(_rows_message, table)
         finally:
             job.readers -= 1
 

@@ -234,3 +234,29 @@ def test_a_job_fails_at_once_naming_the_worker_and_path_it_cannot_read(s3, tmp_p
     assert status.state == jobs_pb2.FAILED
     assert "rows.parquet" in status.message and os.uname().nodename in status.message, status.message
     assert len(status.attempts) == 1  # not retried: every attempt would fail the same way
+
+
+def test_distinfer_run_reads_and_writes_in_place_on_its_own_cluster(tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(pa.table({"text": ["a", "bb", "ccc"], "n": [1, 2, 3]}), data / "rows.parquet")
+    done = subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", "run", "--task", "echo", "--workers", "1", "--in-place",
+         "--input", str(data), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = read_parts(str(tmp_path / "out"))
+    assert got.column("n").to_pylist() == [1, 2, 3] and got.column("chars").to_pylist() == [1, 2, 3]
+
+
+def test_in_place_needs_an_output_even_detached_and_an_empty_dataset_leaves_the_output_free(s3, tmp_path):
+    _, cluster = s3
+    detached = cli("submit", "--coordinator", cluster.address, "--task", "echo", "--input", "s3://b/x", "--detach")
+    assert detached.returncode == 2 and "--output is required" in detached.stderr, detached.stderr
+    (tmp_path / "empty").mkdir()
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty" / "rows.parquet")
+    with Client(cluster.address) as client:
+        with pytest.raises(Exception, match="has no rows"):
+            client.submit(InPlace(str(tmp_path / "empty"), str(tmp_path / "out")), model="", task="echo")
+    assert not (tmp_path / "out" / "_distinfer_job.json").exists()
