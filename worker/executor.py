@@ -262,7 +262,7 @@ class Executor:
             columns = task.columns(gathered, a.spec.options)
             return pa.Table.from_batches([result_batch(gathered.indices, gathered.truncated, columns)])
 
-        if a.spec.dataset.output:
+        if a.spec.dataset.input:  # read in place (the coordinator requires its output then)
             # Every split open in the attempt (each rank's), to know when a split's rows have all come.
             request = workers_pb2.FetchShardRequest(job_id=a.job_id, attempt=a.attempt, rank=0, world_size=1)
             splits = [s for batch in self.stub.FetchShard(request, metadata=self.metadata) for s in batch.splits]
