@@ -201,8 +201,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
             self._uploads_without_rows -= 1
         status.num_rows, status.splits = sum(s.num_rows for s in splits), len(splits)
         status.message = f"waiting for slots ({status.splits} splits)"
-        await self.db(self.store.create_job, status)
-        await self.db(self.store.splits.add, status.job_id, splits)
+        await self.db(self.store.create_in_place_job, status, splits)
         self.jobs[status.job_id] = Job(status)
         if accepted is not None:
             await accepted(status.job_id)

@@ -19,12 +19,12 @@ class SplitStore:
         self._db = db
         self._transaction = transaction
 
-    def add(self, job_id: str, splits: list[workers_pb2.DatasetSplit]) -> None:
-        with self._transaction():
-            self._db.executemany(
-                "INSERT INTO dataset_splits (job_id, number, split, num_rows, written_by) VALUES (?, ?, ?, ?, 0)",
-                ((job_id, s.number, s.SerializeToString(), s.num_rows) for s in splits),
-            )
+    def insert(self, job_id: str, splits: list[workers_pb2.DatasetSplit]) -> None:
+        """Inside a transaction the caller holds (Store.create_in_place_job)."""
+        self._db.executemany(
+            "INSERT INTO dataset_splits (job_id, number, split, num_rows, written_by) VALUES (?, ?, ?, ?, 0)",
+            ((job_id, s.number, s.SerializeToString(), s.num_rows) for s in splits),
+        )
 
     def open(self, job_id: str, attempt: int, rank: int = 0, world_size: int = 1) -> list[workers_pb2.DatasetSplit]:
         """The splits open for `attempt`, every world_size-th of them from the rank-th: a rank's shard. Splits

@@ -78,6 +78,13 @@ class Store(OldStoreUpgrades):
     def create_job(self, status: jobs_pb2.JobStatus) -> None:
         self._db.execute("INSERT INTO jobs (job_id, status) VALUES (?, ?)", (status.job_id, status.SerializeToString()))
 
+    def create_in_place_job(self, status: jobs_pb2.JobStatus, splits: list) -> None:
+        """A job and its dataset's splits, in one transaction: a crash between the two would leave a job that
+        no attempt could ever finish."""
+        with self._transaction():
+            self.create_job(status)
+            self.splits.insert(status.job_id, splits)
+
     def save_job(self, status: jobs_pb2.JobStatus) -> None:
         self._db.execute("UPDATE jobs SET status = ? WHERE job_id = ?", (status.SerializeToString(), status.job_id))
 
@@ -205,9 +212,9 @@ class Store(OldStoreUpgrades):
             return 0
         blocks = indices // RESULT_BLOCK_ROWS
         order = np.argsort(blocks, kind="stable")  # each block's rows together, in commit order
-        starts = np.flatnonzero(np.diff(blocks[order], prepend=-1))
+        starts = np.flatnonzero(np.diff(blocks[order])) + 1  # where the next block's rows begin
         added = 0
-        for rows in np.split(order, starts[1:]):
+        for rows in np.split(order, starts):
             block = int(blocks[rows[0]])
             offsets = (indices[rows] % RESULT_BLOCK_ROWS).astype(np.uint16)
             seq, stored = 0, []

@@ -389,15 +389,13 @@ def splits(count: int, rows_each: int = 10) -> list:
 
 
 def test_each_rank_gets_every_world_size_th_open_split(store):
-    store.create_job(job("j"))
-    store.splits.add("j", splits(7))
+    store.create_in_place_job(job("j"), splits(7))
     shards = [[s.number for s in store.splits.open("j", 1, rank, 3)] for rank in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
 
 
 def test_written_splits_count_once_and_a_later_attempt_gets_only_the_others(store):
-    store.create_job(job("j"))
-    store.splits.add("j", splits(5, rows_each=4))
+    store.create_in_place_job(job("j"), splits(5, rows_each=4))
     assert store.splits.mark_written("j", 1, [1, 3, 3]) == (2, 8)
     assert store.splits.mark_written("j", 1, [3]) == (0, 0)  # a retried report adds nothing
     # The attempt that wrote them still sees its cut as it was; the next one gets only the open splits.
@@ -407,8 +405,7 @@ def test_written_splits_count_once_and_a_later_attempt_gets_only_the_others(stor
 
 
 def test_an_unknown_split_is_refused_and_nothing_is_marked(store):
-    store.create_job(job("j"))
-    store.splits.add("j", splits(2))
+    store.create_in_place_job(job("j"), splits(2))
     with pytest.raises(ValueError, match="no split 9"):
         store.splits.mark_written("j", 1, [0, 9])
     assert store.splits.progress("j") == (0, 0)
@@ -416,8 +413,7 @@ def test_an_unknown_split_is_refused_and_nothing_is_marked(store):
 
 def test_splits_survive_a_restart_and_go_with_their_job(tmp_path):
     first = Store(tmp_path / "state.db")
-    first.create_job(job("j"))
-    first.splits.add("j", splits(3))
+    first.create_in_place_job(job("j"), splits(3))
     first.splits.mark_written("j", 1, [2])
     first.close()
     again = Store(tmp_path / "state.db")
