@@ -420,17 +420,17 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         self.wake()
 
     async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+        self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
+        job.status.state = state  # before any await: a cancel meanwhile finds the job ended
+        job.status.error_code = error_code
+        job.status.finished_at = time.time()
         if state == S.SUCCEEDED and in_place.reads_in_place(job.status.spec):
             numbers = await self.db(self.store.splits.numbers, job.job_id)
             try:
                 await in_place.finish(job.job_id, job.status.spec.dataset, numbers, job.status.num_rows)
             except (OSError, ValueError) as exc:  # the parts are all there; only the marker file is missing
                 message += f" (but _SUCCESS.json could not be written: {exc})"
-        self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
-        job.status.state = state
         job.status.message = message[:MESSAGE_LIMIT]
-        job.status.error_code = error_code
-        job.status.finished_at = time.time()
         await self._save(job)
         log.info("job_finished", job_id=job.job_id, state=S.JobState.Name(state), message=message)
 
