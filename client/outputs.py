@@ -86,20 +86,48 @@ class JsonlOutput:
 
 
 class ParquetOutput:
+    """The file's columns are fixed by its first SCHEMA_ROWS rows, not its first batch: a first batch may be a
+    handful of rows (results stream early), in which a passed-through field may be missing, null or whole
+    numbers only. A Parquet file is unreadable until it is closed, so holding those rows back costs nothing."""
+
+    SCHEMA_ROWS = 16384
+
     def __init__(self, path: Path, append: bool = False):
         self._path = path
         self._partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         self._writer: pq.ParquetWriter | None = None
+        self._held: list[pa.Table] = []
 
     def write(self, table: pa.Table) -> None:
         table = with_passthrough_columns(table)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._partial, table.schema, **parquet_options(table.schema))
-        elif table.schema != self._writer.schema:
+        if self._writer is not None:
+            self._write(table)
+            return
+        self._held.append(table)
+        if sum(t.num_rows for t in self._held) >= self.SCHEMA_ROWS:
+            self._open()
+
+    def _open(self) -> None:
+        held, self._held = self._held, []
+        try:
+            schema = pa.unify_schemas([t.schema for t in held], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+            raise OutputError(
+                f"a passed-through field changes type between rows ({exc}): Parquet needs one type per column; "
+                "write JSONL instead"
+            ) from None
+        self._writer = pq.ParquetWriter(self._partial, schema, **parquet_options(schema))
+        for table in held:
+            self._write(table)
+
+    def _write(self, table: pa.Table) -> None:
+        if table.schema != self._writer.schema:
             table = _conform(table, self._writer.schema)
-        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))  # a row group per batch
 
     def close(self) -> None:
+        if self._writer is None and self._held:
+            self._open()
         if self._writer is None:
             pq.write_table(pa.table({INDEX: pa.array([], pa.uint64())}), self._partial)
         else:
@@ -156,7 +184,7 @@ def with_passthrough_columns(table: pa.Table) -> pa.Table:
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A later batch in the first batch's columns: a field it lacks is null there."""
+    """A batch in the file's columns: a field it lacks is null there."""
     columns = []
     for field in schema:
         if field.name in table.column_names:
@@ -170,9 +198,9 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
                 f"passed-through field {field.name!r} changes type from {field.type} to {column.type} between "
                 "rows: Parquet needs one type per column; write JSONL instead"
             ) from None
-    if extra := [n for n in table.column_names if n not in schema.names]:
+    if extra := [n for n in table.column_names if n not in schema.names]:  # after the first SCHEMA_ROWS rows
         raise OutputError(
-            f"passed-through field {extra[0]!r} first appears after the first result batch: Parquet needs every "
-            "column up front; give every row the field (null where it has none), or write JSONL"
+            f"passed-through field {extra[0]!r} first appears after the first {ParquetOutput.SCHEMA_ROWS} rows: "
+            "Parquet needs every column up front; give every row the field (null where it has none), or write JSONL"
         )
     return pa.Table.from_arrays(columns, schema=schema)

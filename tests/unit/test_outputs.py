@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distinfer.client.conversions import table_rows
-from distinfer.client.outputs import OutputError, ResultFile, output_format
+from distinfer.client.outputs import OutputError, ParquetOutput, ResultFile, output_format
 from distinfer.common.result_columns import META, result_batch, vectors
 
 
@@ -52,10 +52,14 @@ def test_parquet_has_a_row_per_result_with_passed_through_fields_as_columns(tmp_
 
 
 def test_parquet_refuses_a_field_whose_type_changes_between_batches_and_says_to_use_jsonl(tmp_path):
-    with ResultFile(tmp_path / "out.parquet", "parquet") as out:
-        out.write(embeddings_table(0, 1, metas=['{"id": 1}']))
-        with pytest.raises(OutputError, match="'id' changes type .* write JSONL instead"):
+    with pytest.raises(OutputError, match="Field id has incompatible types.* write JSONL instead"):
+        with ResultFile(tmp_path / "out.parquet", "parquet") as out:
+            out.write(embeddings_table(0, 1, metas=['{"id": 1}']))
             out.write(embeddings_table(1, 1, metas=['{"id": {"nested": true}}']))
+    with pytest.raises(OutputError, match="'id' changes type .* write JSONL instead"):  # once the columns are fixed
+        with ResultFile(tmp_path / "late.parquet", "parquet") as out:
+            out.write(embeddings_table(0, ParquetOutput.SCHEMA_ROWS, metas=['{"id": 1}'] * ParquetOutput.SCHEMA_ROWS))
+            out.write(embeddings_table(ParquetOutput.SCHEMA_ROWS, 1, metas=['{"id": {"nested": true}}']))
 
 
 def test_jsonl_lines_are_the_rows_the_api_gives(tmp_path):
@@ -126,3 +130,18 @@ def test_float16_vectors_keep_their_dtype_in_every_format(tmp_path):
     np.testing.assert_array_equal(array, rows.astype(np.float16))
     lines = [json.loads(line)["embedding"] for line in (tmp_path / "h.jsonl").read_text().splitlines()]
     np.testing.assert_array_equal(np.array(lines, np.float16), rows.astype(np.float16))
+
+
+def test_parquet_columns_come_from_the_first_rows_not_the_first_small_batch(tmp_path):
+    """Results stream early: the first batch may be one row, where a field is missing, null or a whole number."""
+    tables = [
+        embeddings_table(0, 1, metas=['{"n": 1}']),
+        embeddings_table(1, 2, metas=['{"n": 2.5, "tag": null}', '{"n": 3, "tag": "x"}']),
+        embeddings_table(3, 1, metas=['{"n": 4, "tag": "y"}']),
+    ]
+    path = tmp_path / "out.parquet"
+    write_all(path, "parquet", tables)
+    read = pq.read_table(path)
+    assert read.column("n").to_pylist() == [1.0, 2.5, 3.0, 4.0] and read.schema.field("n").type == pa.float64()
+    assert read.column("tag").to_pylist() == [None, None, "x", "y"]
+    assert pq.ParquetFile(path).metadata.num_row_groups == 3  # still a row group per result batch
