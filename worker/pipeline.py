@@ -46,6 +46,16 @@ def start_helper_thread(target, name: str) -> threading.Thread:
     return thread
 
 
+def raise_helper_error(error: BaseException | None, what: str) -> None:
+    """A helper thread's error, raised in the model's thread: one about the job itself (JobError: its dataset
+    cannot be read, its output written) as it is, so the job fails at once; any other as a RuntimeError
+    saying what failed, so the attempt is retried."""
+    if isinstance(error, JobError):
+        raise error
+    if error is not None:
+        raise RuntimeError(f"{what} failed: {error}") from error
+
+
 class Outbox:
     """A rank's computed rows on their way to rank 0, in gather rounds.
 
@@ -140,10 +150,7 @@ class Outbox:
                 continue
 
     def _check(self) -> None:
-        if isinstance(self._error, JobError):  # about the job (its output cannot be written): not retried
-            raise self._error
-        if self._error is not None:
-            raise RuntimeError(f"gathering results on rank 0 failed: {self._error}") from self._error
+        raise_helper_error(self._error, "gathering results on rank 0")
 
     def _gather_in_background(self) -> None:
         try:
@@ -321,10 +328,7 @@ class Prefetcher:
         return self._consumer_blocked and self._queue.empty()
 
     def check(self) -> None:
-        if isinstance(self._error, JobError):  # about the job (its dataset cannot be read): not retried
-            raise self._error
-        if self._error is not None:
-            raise RuntimeError(f"fetching the shard failed: {self._error}") from self._error
+        raise_helper_error(self._error, "fetching the shard")
 
 
 class ResultSender:
@@ -376,7 +380,4 @@ class ResultSender:
         self._check()
 
     def _check(self) -> None:
-        if isinstance(self._error, JobError):  # about the job (its output cannot be written): not retried
-            raise self._error
-        if self._error is not None:
-            raise RuntimeError(f"streaming results to the coordinator failed: {self._error}")
+        raise_helper_error(self._error, "streaming results to the coordinator")
