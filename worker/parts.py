@@ -90,6 +90,9 @@ class PartWriter:
     def _write(self, split: workers_pb2.DatasetSplit, pieces: list[pa.Table]) -> None:
         dataset = self._a.spec.dataset
         results = pa.concat_tables(pieces).sort_by(INDEX)
+        expected = np.arange(split.first_index, split.first_index + split.num_rows)
+        if not np.array_equal(results.column(INDEX).to_numpy(), expected):  # joined to the inputs by position
+            raise RuntimeError(f"the results of split {split.number} are not its rows {expected[0]}..{expected[-1]}")
         with permanent_errors():
             inputs = read_split(dataset.input, as_split(split))
         passed = inputs.drop_columns([n for n in inputs.column_names if n in (dataset.text_field or "text", INDEX)])
