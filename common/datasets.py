@@ -23,7 +23,6 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from distinfer.common.filesystems import DatasetError, display_path, filesystem, listing, raise_missing, translated
-from distinfer.common.filesystems import is_uri as is_uri  # importable from here too, as before the split
 
 PARQUET, JSONL = "parquet", "jsonl"
 EXTENSIONS = {".parquet": PARQUET, ".pq": PARQUET, ".jsonl": JSONL, ".ndjson": JSONL, ".json": JSONL}

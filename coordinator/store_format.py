@@ -61,15 +61,8 @@ CREATE TABLE IF NOT EXISTS dataset_splits (
 RESULT_BLOCK_ROWS = 1024  # a read in order touches one block; offsets in it fit a uint16
 
 
-def packed(typecode: str, values) -> bytes:
-    """Little-endian, so a store file reads the same on any machine."""
-    packed = array(typecode, values)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tobytes()
-
-
 def unpacked(typecode: str, blob: bytes) -> array:
+    """Values stored little-endian (as NumPy's "<u2" writes them), so a store file reads the same anywhere."""
     values = array(typecode, blob)
     if sys.byteorder == "big":
         values.byteswap()
