@@ -19,7 +19,8 @@ import pyarrow as pa
 import structlog
 
 from distinfer.client.conversions import table_rows, to_upload_row, upload_message, vector_array
-from distinfer.client.row_messages import RowMessages
+from distinfer.client.dataset_tables import DatasetTables
+from distinfer.client.row_messages import RowMessages, table_messages
 from distinfer.common.channels import ChannelSecurity, env_token, open_channel
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.common.result_columns import INDEX, from_ipc
@@ -37,6 +38,20 @@ RESUME_TIMEOUT_S = 120.0
 UPLOAD_ERROR_WAIT_S = 5.0
 LIST_PAGE_SIZE = 1000  # the coordinator's largest ListJobs page
 TERMINAL_STATES = (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
+
+
+def _upload_batches(rows, text_field: str) -> Iterator[tuple[int, jobs_pb2.RowBatch]]:
+    """(rows, message) of an upload: an Arrow table and a dataset file's tables as Arrow, other rows as
+    InputRow messages."""
+    if not isinstance(rows, (pa.Table, DatasetTables)):
+        for batch in RowMessages(rows, lambda row, number: to_upload_row(row, text_field, number)):
+            yield len(batch), upload_message(batch).rows
+        return
+    for piece in [rows] if isinstance(rows, pa.Table) else rows:
+        if isinstance(piece, pa.Table):
+            yield from table_messages(piece, text_field)
+        else:
+            yield from _upload_batches(piece, text_field)
 
 
 class JobFailed(Exception):
@@ -153,9 +168,9 @@ class Client:
             yield jobs_pb2.SubmitJobRequest(spec=spec)
             sent = 0
             try:
-                for batch in RowMessages(rows, lambda row, number: to_upload_row(row, text_field, number)):
-                    sent += len(batch)
-                    yield upload_message(batch)
+                for count, batch in _upload_batches(rows, text_field):
+                    sent += count
+                    yield jobs_pb2.SubmitJobRequest(rows=batch)
             except Exception as exc:
                 # Raised here, gRPC would swallow it into a bare CANCELLED: keep it to raise in the caller's
                 # thread, and tell the coordinator why it drops the job.
@@ -379,8 +394,9 @@ class Job:
 
     def result_batches(self, start: int = 0) -> Iterator[pa.Table]:
         """Arrow tables of results in input order from `start`, as they are committed: `index`, the task's
-        columns (embed: `embedding`, a fixed-size list of float32) and `meta_json` when rows passed fields
-        through (jobs.proto's ResultBatch.arrow lists them all). Nothing is converted row by row.
+        columns (embed: `embedding`, a fixed-size list of float32) and the fields the rows passed through: as
+        columns after `index` (rows uploaded as Arrow), or a `meta_json` string column (jobs.proto's
+        ResultBatch.arrow lists them all). Nothing is converted row by row.
 
         A dropped stream (coordinator restart, network blip) is resumed at the next index by itself, with
         exponential backoff, for up to RESUME_TIMEOUT_S; a failed job raises JobFailed after its last result.

@@ -15,10 +15,11 @@ from tqdm import tqdm
 
 from distinfer.client.api import Client, InPlace, Job, JobFailed
 from distinfer.client.arguments import build_parser
+from distinfer.client.dataset_tables import DatasetTables
 from distinfer.client.display import format_status, print_table, to_json
 from distinfer.client.local import ClusterError
 from distinfer.client.outputs import OutputError, ResultFile, output_format
-from distinfer.client.rows import InputError, read_rows
+from distinfer.client.rows import InputError
 from distinfer.common.channels import security_from_args
 from distinfer.common.filesystems import is_uri
 from distinfer.v1 import jobs_pb2
@@ -120,7 +121,7 @@ def _submit_and_collect(client: Client, args, model: str, workers: int, local: b
     if _in_place(args):
         return _run_in_place(client, args, model, workers, local)
     _check_job_args(args)
-    rows = read_rows(Path(args.input), args.text_field, args.format)
+    rows = DatasetTables(Path(args.input), args.text_field, args.format)
     detach = getattr(args, "detach", False)
     out = None if detach else _open_output(args)
     try:

@@ -3,9 +3,6 @@ the caller (dicts): a row's fields other than its text ride along, as JSON, to i
 
 from __future__ import annotations
 
-import base64
-import datetime
-import decimal
 import json
 
 import numpy as np
@@ -13,31 +10,17 @@ import orjson
 import pyarrow as pa
 
 from distinfer.client.rows import InputError
-from distinfer.common.result_columns import CLASSIFICATION, GENERATION, INDEX, META, TRUNCATED
+from distinfer.common.result_columns import CLASSIFICATION, GENERATION, INDEX, META, TRUNCATED, json_default
 from distinfer.v1 import jobs_pb2
-
-
-def _meta_default(value):
-    """JSON for the pass-through values json cannot write (as Parquet columns give them): dates and times as
-    ISO 8601 text, decimals as their exact text, bytes as base64."""
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    raise TypeError(f"a {type(value).__name__} cannot be written as JSON")
 
 
 def _meta_json(meta: dict, number: int) -> str:
     try:
-        return orjson.dumps(meta, default=_meta_default, option=orjson.OPT_NON_STR_KEYS).decode()
+        return orjson.dumps(meta, default=json_default, option=orjson.OPT_NON_STR_KEYS).decode()
     except (TypeError, ValueError) as exc:
         for key, value in meta.items():  # name the field that cannot be passed through
             try:
-                json.dumps(value, default=_meta_default)
+                json.dumps(value, default=json_default)
             except (TypeError, ValueError) as field_exc:
                 raise InputError(f"row {number}: field {key!r} cannot be passed through: {field_exc}") from None
         raise InputError(f"row {number}: its fields cannot be passed through: {exc}") from None
@@ -78,6 +61,7 @@ def upload_message(rows: list[str | jobs_pb2.InputRow]) -> jobs_pb2.SubmitJobReq
     return request
 
 
+RESERVED = (INDEX, TRUNCATED, META)
 # The task columns of a result batch, in the order a row's dict (and a JSONL line) gives them.
 OUTPUT_COLUMNS = ("embedding", *GENERATION, "chars", *CLASSIFICATION)
 
@@ -89,6 +73,8 @@ def table_rows(table: pa.Table, vectors_as_arrays: bool = False) -> list[dict]:
     float each) instead of lists."""
     names = [name for name in OUTPUT_COLUMNS if name in table.column_names]
     columns = [_column_values(table.column(name), vectors_as_arrays) for name in names]
+    # Passed-through fields that came as columns of their own (rows uploaded as Arrow).
+    fields = [(n, table.column(n).to_pylist()) for n in table.column_names if n not in (*names, *RESERVED)]
     metas = table.column(META).to_pylist() if META in table.column_names else None
     truncated = table.column(TRUNCATED).to_pylist() if TRUNCATED in table.column_names else None
     out = []
@@ -98,6 +84,8 @@ def table_rows(table: pa.Table, vectors_as_arrays: bool = False) -> list[dict]:
             meta = orjson.loads(metas[i])
             meta.pop("index", None)
             row.update(meta)
+        for name, values in fields:
+            row[name] = values[i]
         for name, values in zip(names, columns):
             if values[i] is not None:
                 row[name] = values[i]

@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from distinfer.client.conversions import table_rows, vector_array
-from distinfer.common.result_columns import INDEX, META, parquet_options
+from distinfer.common.result_columns import INDEX, META, json_default, parquet_options
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy"}
 
@@ -77,8 +77,9 @@ class JsonlOutput:
         self._file = path.open("ab" if append else "wb")
 
     def write(self, table: pa.Table) -> None:
-        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-        self._file.write(b"".join(orjson.dumps(row, option=option) for row in table_rows(table, True)))
+        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+        rows = table_rows(table, True)
+        self._file.write(b"".join(orjson.dumps(row, default=json_default, option=option) for row in rows))
         self._file.flush()  # what has come back is in the file, for whoever follows it
 
     def close(self) -> None:

@@ -16,13 +16,27 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
-from distinfer.common.channels import STREAM_MESSAGE_CHARS
+import pyarrow as pa
+
+from distinfer.common.channels import STREAM_MESSAGE_BYTES, STREAM_MESSAGE_CHARS
+from distinfer.common.result_columns import to_ipc
 from distinfer.v1 import jobs_pb2
 
 ROWS_PER_MESSAGE = 2048
 MESSAGE_CHARS = STREAM_MESSAGE_CHARS  # text and meta of a message, plus its last row
 FLUSH_AFTER_S = 0.2
 READ_AHEAD_MESSAGES = 4  # rows read ahead of the upload, at most: a dataset is never held whole
+
+
+def table_messages(table: pa.Table, text_field: str) -> Iterator[tuple[int, jobs_pb2.RowBatch]]:
+    """(rows, message): a table's rows as Arrow upload messages of ROWS_PER_MESSAGE rows, fewer where rows are
+    long (sized by the table's average row: one long row among short ones still fits, gRPC taking 16 times
+    more)."""
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    step = max(1, min(ROWS_PER_MESSAGE, STREAM_MESSAGE_BYTES // per_row))
+    for start in range(0, table.num_rows, step):
+        piece = table.slice(start, step)
+        yield piece.num_rows, jobs_pb2.RowBatch(arrow=to_ipc(piece), text_column=text_field)
 
 
 def row_chars(row: str | jobs_pb2.InputRow) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -38,6 +38,11 @@ def read_rows(path: Path, text_field: str = "text", fmt: str | None = None) -> I
         raise InputError(f"{path}: no such file")
     fmt = fmt or detect_format(path)
     rows = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[fmt](path)
+    return checked_rows(rows, text_field)
+
+
+def checked_rows(rows: Iterable[tuple[str, dict]], text_field: str) -> Iterator[dict]:
+    """The rows of (where, row) pairs, each checked to hold a string `text_field`."""
     for where, row in rows:
         if text_field not in row:
             raise InputError(
@@ -50,23 +55,28 @@ def read_rows(path: Path, text_field: str = "text", fmt: str | None = None) -> I
 
 
 def _jsonl(path: Path):
-    # Read as bytes and decode line by line, so that bytes that are not UTF-8 are reported on their own line.
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                # utf-8-sig on the first line: a byte-order mark (as some editors write) is not part of the row.
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-            yield f"{path}:{number}", row
+        yield from jsonl_lines(path, f, 1)
+
+
+def jsonl_lines(path: Path, lines: Iterable[bytes], first_number: int):
+    """(where, row) of JSONL lines, the first of them line first_number of the file."""
+    # Read as bytes and decode line by line, so that bytes that are not UTF-8 are reported on their own line.
+    for number, raw in enumerate(lines, start=first_number):
+        try:
+            # utf-8-sig on the first line: a byte-order mark (as some editors write) is not part of the row.
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        yield f"{path}:{number}", row
 
 
 def _csv(path: Path):

@@ -9,10 +9,16 @@ gRPC clients), and from Results only to upgrade a state file written before resu
 Every batch has `index` (uint64, the input row) and `truncated_tokens` (uint32), then its task's columns:
 embed `embedding`; classify `label`, `score` and, when asked, `logits`; generate `text`, `prompt_tokens`,
 `generated_tokens`, `finish_reason`; echo and simulate `chars`. A batch read from the coordinator may add
-`meta_json`, the input row's passed-through fields.
+the input rows' passed-through fields: as columns of their own after `index` (marked as such in their
+field's metadata, so that a field named like a task column is never taken for one), or as one `meta_json`
+string column (rows uploaded as InputRow messages).
 """
 
 from __future__ import annotations
+
+import base64
+import datetime
+import decimal
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +44,40 @@ def result_batch(indices, truncated, columns: dict[str, pa.Array]) -> pa.RecordB
             **columns,
         }
     )
+
+
+PASSTHROUGH_MARK = {b"distinfer": b"passthrough"}
+
+
+def with_passthrough(results: pa.Table, fields: pa.Table) -> pa.Table:
+    """Results with their rows' passed-through fields (a field named like one of the results' columns is left
+    out: the result's own value wins)."""
+    if META in fields.column_names:
+        return results.append_column(META, fields.column(META))
+    names = [name for name in fields.column_names if name not in results.column_names and name != META]
+    for position, name in enumerate(names, start=1):
+        column = fields.column(name)
+        results = results.add_column(position, pa.field(name, column.type, metadata=PASSTHROUGH_MARK), column)
+    return results
+
+
+def passthrough_names(table: pa.Table) -> list[str]:
+    """The columns with_passthrough added."""
+    return [field.name for field in table.schema if field.metadata == PASSTHROUGH_MARK]
+
+
+def json_default(value):
+    """JSON for the passed-through values orjson cannot write (as Parquet columns give them): dates and times as
+    ISO 8601 text, decimals as their exact text, bytes as base64."""
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"a {type(value).__name__} cannot be written as JSON")
 
 
 def parquet_options(schema: pa.Schema) -> dict:

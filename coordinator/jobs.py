@@ -28,7 +28,7 @@ from distinfer.common.errors import (
 )
 from distinfer.common.result_columns import INDEX, check_results, from_ipc
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
-from distinfer.coordinator import in_place
+from distinfer.coordinator import in_place, input_chunks
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
@@ -118,7 +118,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
     async def submit(
         self,
         spec: jobs_pb2.JobSpec,
-        batches: AsyncIterator[jobs_pb2.RowBatch],
+        batches: AsyncIterator[jobs_pb2.RowBatch | pa.Table],
         accepted=None,
     ) -> jobs_pb2.JobStatus:
         """Store the rows as they arrive; the job is scheduled from its first rows on. `batches` ends only when
@@ -138,11 +138,12 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
             async for batch in batches:
                 if job is not None and job.status.state in TERMINAL:
                     raise job_ended(job)  # while uploading: the rest of its rows are not needed, so stop them
-                missing = next((i for i, row in enumerate(batch.rows) if not row.HasField("text")), None)
-                if missing is not None:
-                    raise InvalidArgument(f"row {n + missing} has no text: every row needs a text field")
+                if isinstance(batch, jobs_pb2.RowBatch):  # Arrow rows: checked by input_chunks.upload_table
+                    missing = next((i for i, row in enumerate(batch.rows) if not row.HasField("text")), None)
+                    if missing is not None:
+                        raise InvalidArgument(f"row {n + missing} has no text: every row needs a text field")
                 self.limits.check_rows(n, batch)
-                if n + len(batch.rows) > self.limits.max_rows_per_job:
+                if n + input_chunks.count(batch) > self.limits.max_rows_per_job:
                     raise ResourceExhausted(
                         f"the job has more than {self.limits.max_rows_per_job} rows, the most this coordinator "
                         "takes in one job (--max-rows-per-job): split the dataset"

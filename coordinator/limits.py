@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
+
 from distinfer.common.errors import ResourceExhausted
+from distinfer.coordinator.input_chunks import row_bytes
 from distinfer.v1 import jobs_pb2
 
 
@@ -21,8 +25,13 @@ class Limits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
 
-    def check_rows(self, first_index: int, batch: jobs_pb2.RowBatch) -> None:
+    def check_rows(self, first_index: int, batch: jobs_pb2.RowBatch | pa.Table) -> None:
         """Every row of an upload message; a message no bigger than a row may be is checked in one go."""
+        if isinstance(batch, pa.Table):
+            if batch.nbytes > self.max_row_bytes and (sizes := row_bytes(batch)).max() > self.max_row_bytes:
+                big = int(np.argmax(sizes > self.max_row_bytes))
+                self._refuse(first_index + big, int(sizes[big]))
+            return
         if batch.ByteSize() <= self.max_row_bytes:
             return
         for offset, row in enumerate(batch.rows):
@@ -34,7 +43,10 @@ class Limits:
             return
         size = len(row.text.encode()) + len(row.meta_json.encode())
         if size > self.max_row_bytes:
-            raise ResourceExhausted(
-                f"row {index} is {size} bytes, more than the {self.max_row_bytes} this coordinator takes "
-                "(--max-row-bytes): shorten it or split it"
-            )
+            self._refuse(index, size)
+
+    def _refuse(self, index: int, size: int) -> None:
+        raise ResourceExhausted(
+            f"row {index} is {size} bytes, more than the {self.max_row_bytes} this coordinator takes "
+            "(--max-row-bytes): shorten it or split it"
+        )

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from distinfer.common.result_columns import INDEX, add_to_results, to_ipc
+from distinfer.common.result_columns import INDEX, META, add_to_results, passthrough_names, to_ipc
+from distinfer.coordinator.input_chunks import as_meta
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.v1 import jobs_pb2
 
@@ -74,6 +75,8 @@ class ResultStreams:
 
 
 def _rows_message(table: pa.Table) -> jobs_pb2.ResultBatch:
+    if names := passthrough_names(table):  # a Result carries its row's fields as meta_json
+        table = table.drop_columns(names).append_column(META, as_meta(table.select(names)).column(META))
     batch = S.ResultBatch()
     add_to_results(table, batch.results)
     return batch

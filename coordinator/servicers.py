@@ -8,6 +8,7 @@ import grpc
 import structlog
 
 from distinfer.common.errors import JOB_ID_KEY, DistinferError, InvalidArgument, grpc_errors
+from distinfer.coordinator import input_chunks
 from distinfer.coordinator.jobs import MESSAGE_LIMIT, JobManager
 from distinfer.coordinator.listing import list_page
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -31,8 +32,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             async for message in request_iterator:
                 kind = message.WhichOneof("payload")
                 if kind == "rows":
-                    received += len(message.rows.rows)
-                    yield message.rows
+                    rows = input_chunks.upload_table(message.rows, received) if message.rows.arrow else message.rows
+                    received += input_chunks.count(rows)
+                    yield rows
                 elif kind == "end":
                     if message.end.HasField("num_rows") and message.end.num_rows != received:
                         raise InvalidArgument(

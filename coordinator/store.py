@@ -22,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
-from distinfer.common.result_columns import INDEX, META, from_ipc, to_ipc
+from distinfer.common.result_columns import INDEX, from_ipc, to_ipc, with_passthrough
+from distinfer.coordinator import input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.coordinator.result_files import ResultFiles
 from distinfer.coordinator.split_store import SplitStore
-from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA, unpacked
+from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA
 from distinfer.coordinator.store_upgrades import OldStoreUpgrades
 from distinfer.v1 import jobs_pb2
 
@@ -102,9 +103,10 @@ class Store(OldStoreUpgrades):
 
     # --- rows -------------------------------------------------------------------------------------------
 
-    def add_rows(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch) -> int:
-        """Append rows with consecutive indices from first_index; returns how many were added."""
-        count = len(rows.rows)
+    def add_rows(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch | pa.Table) -> int:
+        """Append rows (InputRow messages, or an Arrow table as input_chunks.upload_table checked it) with
+        consecutive indices from first_index; returns how many were added."""
+        count = input_chunks.count(rows)
         if count == 0:
             return 0
         last = self._db.execute(
@@ -113,20 +115,27 @@ class Store(OldStoreUpgrades):
         if last and first_index < last[0]:
             raise ValueError(f"job {job_id} has rows up to {last[0] - 1}: rows from {first_index} would overlap")
         step = MAX_CHUNK_ROWS
-        parts = (
-            [rows]
-            if count <= step
-            else [jobs_pb2.RowBatch(rows=rows.rows[i : i + step]) for i in range(0, count, step)]
-        )
+        if count <= step:
+            parts = [rows]
+        elif isinstance(rows, pa.Table):
+            parts = [rows.slice(i, step) for i in range(0, count, step)]
+        else:
+            parts = [jobs_pb2.RowBatch(rows=rows.rows[i : i + step]) for i in range(0, count, step)]
         with self._transaction():
             for i, part in enumerate(parts):
                 self._insert_chunk(job_id, first_index + i * step, part)
         return count
 
-    def _insert_chunk(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch) -> None:
+    def _insert_chunk(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch | pa.Table) -> None:
         self._db.execute(
             "INSERT INTO input_chunks (job_id, first_idx, count, has_meta, rows) VALUES (?, ?, ?, ?, ?)",
-            (job_id, first_index, len(rows.rows), any(row.meta_json for row in rows.rows), rows.SerializeToString()),
+            (
+                job_id,
+                first_index,
+                input_chunks.count(rows),
+                input_chunks.has_passthrough(rows),
+                input_chunks.encode(rows),
+            ),
         )
 
     def shard(
@@ -147,35 +156,41 @@ class Store(OldStoreUpgrades):
         with higher indices); it is moved along as rows are scanned.
         """
         cursor = cursor or ShardCursor()
-        out: list[tuple[int, str]] = []
+        indices: list[int] = []
+        texts: list[str] = []
         chars = 0
-        for first, rows in self._chunks(job_id, cursor.after + 1):
+        for first, chunk in self._chunks(job_id, cursor.after + 1):
             begin = max(first, cursor.after + 1)
-            end = first + len(rows)
+            end = first + len(chunk)
             if attempt == 1:
                 # No other attempt has committed a row, so every row is open and the k-th open row is row k.
-                picked = range(begin + (rank - begin) % world_size, end, world_size)
+                picked = np.arange(begin + (rank - begin) % world_size, end, world_size)
             else:
-                closed = self._committed(job_id, begin, end, other_than_attempt=attempt)
-                picked = []
-                for idx in range(begin, end):
-                    if idx not in closed:
-                        if cursor.position % world_size == rank:
-                            picked.append(idx)
-                        cursor.position += 1
+                scanned = np.arange(begin, end)
+                open_rows = scanned[~np.isin(scanned, self._committed(job_id, begin, end, other_than_attempt=attempt))]
+                picked = open_rows[(cursor.position + np.arange(len(open_rows))) % world_size == rank]
+                cursor.position += len(open_rows)
             cursor.after = end - 1
-            for idx in picked:
-                text = rows[idx - first].text
-                out.append((idx, text))
-                chars += len(text)
-                if len(out) >= batch or chars >= batch_chars:
-                    yield out
-                    out, chars = [], 0
-        if out:
-            yield out
+            picked_texts = chunk.texts(picked - first)
+            lengths = np.fromiter(map(len, picked_texts), np.int64, len(picked_texts))
+            start = 0
+            while start < len(picked_texts):  # cut into batches: to `batch` rows, or past `batch_chars`
+                room = batch - len(texts)
+                reached = chars + np.cumsum(lengths[start : start + room])
+                over = np.flatnonzero(reached >= batch_chars)
+                stop = start + (int(over[0]) + 1 if len(over) else len(reached))
+                indices += picked[start:stop].tolist()
+                texts += picked_texts[start:stop]
+                chars = int(reached[stop - start - 1])
+                start = stop
+                if len(texts) >= batch or chars >= batch_chars:
+                    yield list(zip(indices, texts))
+                    indices, texts, chars = [], [], 0
+        if texts:
+            yield list(zip(indices, texts))
 
     def _chunks(self, job_id: str, start: int, end: int | None = None, with_meta: bool = False):
-        """(first index, rows) of the chunks holding rows from `start` (to `end`, excluded), in order.
+        """(first index, input_chunks' rows) of the chunks holding rows from `start` (to `end`, excluded), in order.
 
         Read a page of chunks at a time, each page whole: a shard's reader is a generator kept open while its
         rows cross to a worker, and a statement left open across that would pin the WAL (no checkpoint can
@@ -193,7 +208,7 @@ class Store(OldStoreUpgrades):
         while True:
             page = self._db.execute(query, (job_id, after)).fetchall()
             for first_idx, blob in page:
-                yield first_idx, jobs_pb2.RowBatch.FromString(blob).rows
+                yield first_idx, input_chunks.decode(blob)
             if len(page) < CHUNKS_PER_READ:
                 return
             after = page[-1][0] + 1
@@ -251,17 +266,17 @@ class Store(OldStoreUpgrades):
             added += len(kept)
         return added
 
-    def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> set[int]:
+    def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> np.ndarray:
         """Indices committed by attempts other than the one given, among those from begin to end (excluded);
-        the set may hold some others of the same blocks."""
-        committed = set()
-        for block, offsets in self._db.execute(
-            "SELECT block, offsets FROM result_batches WHERE job_id = ? AND block BETWEEN ? AND ? AND attempt != ?",
-            (job_id, begin // RESULT_BLOCK_ROWS, (end - 1) // RESULT_BLOCK_ROWS, other_than_attempt),
-        ):
-            base = block * RESULT_BLOCK_ROWS
-            committed.update(base + offset for offset in unpacked("H", offsets))
-        return committed
+        there may be some others of the same blocks."""
+        committed = [
+            block * RESULT_BLOCK_ROWS + np.frombuffer(offsets, "<u2").astype(np.int64)
+            for block, offsets in self._db.execute(
+                "SELECT block, offsets FROM result_batches WHERE job_id = ? AND block BETWEEN ? AND ? AND attempt != ?",
+                (job_id, begin // RESULT_BLOCK_ROWS, (end - 1) // RESULT_BLOCK_ROWS, other_than_attempt),
+            )
+        ]
+        return np.concatenate(committed) if committed else np.empty(0, np.int64)
 
     def count_results(self, job_id: str) -> int:
         (n,) = self._db.execute("SELECT TOTAL(count) FROM result_batches WHERE job_id = ?", (job_id,)).fetchone()
@@ -273,7 +288,7 @@ class Store(OldStoreUpgrades):
         """The committed results from index `start` on, in index order, stopping at the first row not committed
         yet, after `limit` rows, or once they hold about `max_bytes` (at least one row); None if there are none.
         through_gaps: pass over the rows not committed (for a job that has ended: those will never come), so
-        the results may skip indices. Rows whose input passed fields through get them in a `meta_json` column.
+        the results may skip indices. Rows whose input passed fields through get them (result_columns.with_passthrough).
 
         Rows are moved as whole Arrow columns: no Python object is made per row but for passed-through fields."""
         pieces, count, size = [], 0, 0
@@ -290,22 +305,21 @@ class Store(OldStoreUpgrades):
         if not pieces:
             return None
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")
-        metas = self._metas(job_id, table.column(INDEX).to_numpy())
-        return table if metas is None else table.append_column(META, pa.array(metas, pa.string()))
+        passthrough = self._passthrough(job_id, table.column(INDEX).to_numpy())
+        return table if passthrough is None else with_passthrough(table, passthrough)
 
-    def _metas(self, job_id: str, indices: np.ndarray) -> list[str] | None:
-        """The meta_json of each of these rows (indices in order), or None if none of them has one."""
-        metas = None
+    def _passthrough(self, job_id: str, indices: np.ndarray) -> pa.Table | None:
+        """The passed-through fields of these rows (indices in order), or None if none of them has any."""
+        pieces, where = [], []
         first, end = int(indices[0]), int(indices[-1]) + 1
-        for chunk_first, rows in self._chunks(job_id, first, end, with_meta=True):
-            wanted = np.arange(max(chunk_first, first), min(chunk_first + len(rows), end))
+        for chunk_first, chunk in self._chunks(job_id, first, end, with_meta=True):
+            wanted = np.arange(max(chunk_first, first), min(chunk_first + len(chunk), end))
             positions = np.searchsorted(indices, wanted)
             found = indices[np.minimum(positions, len(indices) - 1)] == wanted
-            if metas is None:
-                metas = [""] * len(indices)
-            for idx, position in zip(wanted[found].tolist(), positions[found].tolist()):
-                metas[position] = rows[idx - chunk_first].meta_json
-        return metas
+            if found.any():
+                pieces.append(chunk.passthrough(wanted[found] - chunk_first))
+                where.append(positions[found])
+        return input_chunks.joined(pieces, np.concatenate(where), len(indices)) if pieces else None
 
     def _results_in_order(self, job_id: str, start: int, through_gaps: bool) -> Iterator[pa.Table]:
         """Tables of committed rows from index `start` on, in order, a block at a time, up to the first index

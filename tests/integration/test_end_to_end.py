@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from distinfer.client.api import JobFailed
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
-from distinfer.v1 import jobs_pb2
+from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 
 def assert_every_row_once_in_order(results: list[dict], n: int) -> None:
@@ -284,6 +285,21 @@ def test_echo_task_runs_the_whole_path_without_a_model(client, sample_rows):
     texts = [r["text"] for r in sample_rows]
     job = client.submit(texts, model="", task="echo", workers=3)
     assert [(r["index"], r["chars"]) for r in job.results()] == [(i, len(t)) for i, t in enumerate(texts)]
+
+
+def test_an_arrow_table_uploads_as_it_is_and_its_other_columns_come_back_typed(client, cluster, sample_rows):
+    texts = [r["text"] for r in sample_rows]
+    table = pa.table({"id": pa.array(range(len(texts)), pa.int32()), "text": texts, "score": [0.5] * len(texts)})
+    job = client.submit(table, model="", task="echo", workers=3)
+    batches = list(job.result_batches())
+    assert batches[0].schema.field("id").type == pa.int32()
+    got = [(r["index"], r["id"], r["score"], r["chars"]) for r in job.results()]
+    assert got == [(i, i, 0.5, len(t)) for i, t in enumerate(texts)]
+    # A plain gRPC client reading rows gets the same fields in each Result's meta_json.
+    with grpc.insecure_channel(cluster.address) as channel:
+        request = jobs_pb2.StreamResultsRequest(job_id=job.id)
+        results = [r for b in jobs_pb2_grpc.JobsStub(channel).StreamResults(request) for r in b.results]
+    assert [json.loads(r.meta_json) for r in results[:2]] == [{"id": 0, "score": 0.5}, {"id": 1, "score": 0.5}]
 
 
 def test_model_outside_the_roots_is_refused_not_loaded(client, tiny_classifier, tmp_path_factory):

@@ -8,6 +8,7 @@ import sys
 import time
 
 import grpc
+import pyarrow as pa
 import pytest
 
 from distinfer.client.api import Client, JobFailed
@@ -312,6 +313,11 @@ def test_limits_are_resource_exhausted_naming_the_limit(small_limits):
             client.submit(["fine", "é" * 40], model="m")  # 80 bytes in UTF-8, though only 40 characters
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "row 1 is 80 bytes" in info.value.details() and "--max-row-bytes" in info.value.details()
+
+        with pytest.raises(grpc.RpcError) as info:  # rows uploaded as an Arrow table: counted as bytes too
+            client.submit(pa.table({"text": ["a", "b"], "note": ["fine", "é" * 40]}), model="m")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "row 1 is 81 bytes" in info.value.details(), info.value.details()
 
         client.submit(["one"], model="m")
         client.submit(["two"], model="m")

@@ -145,3 +145,26 @@ def test_parquet_columns_come_from_the_first_rows_not_the_first_small_batch(tmp_
     assert read.column("n").to_pylist() == [1.0, 2.5, 3.0, 4.0] and read.schema.field("n").type == pa.float64()
     assert read.column("tag").to_pylist() == [None, None, "x", "y"]
     assert pq.ParquetFile(path).metadata.num_row_groups == 3  # still a row group per result batch
+
+
+def test_passed_through_columns_keep_their_types_in_parquet_and_become_json_text_in_jsonl(tmp_path):
+    import datetime
+    import decimal
+
+    from distinfer.common.result_columns import with_passthrough
+
+    fields = pa.table(
+        {
+            "day": pa.array([datetime.date(2024, 1, 2), None], pa.date32()),
+            "price": pa.array([decimal.Decimal("1.10"), decimal.Decimal("2.00")], pa.decimal128(5, 2)),
+            "raw": pa.array([b"\x00\x01", b""], pa.binary()),
+        }
+    )
+    table = with_passthrough(embeddings_table(0, 2), fields)  # as the coordinator serves Arrow-uploaded rows
+    write_all(tmp_path / "out.parquet", "parquet", [table])
+    write_all(tmp_path / "out.jsonl", "jsonl", [table])
+    read = pq.read_table(tmp_path / "out.parquet")
+    assert read.column_names == ["index", "day", "price", "raw", "truncated_tokens", "embedding"]
+    assert read.schema.field("price").type == pa.decimal128(5, 2)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["day"], r["price"], r["raw"]) for r in lines] == [("2024-01-02", "1.10", "AAE="), (None, "2.00", "")]

@@ -368,19 +368,33 @@ Global___UploadEnd: _TypeAlias = UploadEnd  # noqa: Y015
 
 @_typing.final
 class RowBatch(_message.Message):
+    """Rows as InputRow messages (grpcurl, a few rows), or as one Arrow table (a client reading a dataset file:
+    no message nor Python object per row on either side). A message carries one or the other.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
+    ARROW_FIELD_NUMBER: _builtins.int
+    TEXT_COLUMN_FIELD_NUMBER: _builtins.int
+    arrow: _builtins.bytes
+    """An Arrow IPC stream: the column `text_column` holds the texts (string, no nulls); every other column is
+    passed through to the rows' results as it is, with its type.
+    """
+    text_column: _builtins.str
+    """default "text" """
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputRow]: ...
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___InputRow] | None = ...,
+        arrow: _builtins.bytes = ...,
+        text_column: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "rows", b"rows", "text_column", b"text_column"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

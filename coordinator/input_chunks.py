@@ -1,0 +1,138 @@
+"""A job's input rows as the store keeps them: chunks of consecutive rows, each kept in the form its upload
+message had. Either InputRow messages (grpcurl, the Python API given dicts), or an Arrow table whose first
+column holds the texts and whose other columns are passed through (a client reading a dataset file: no
+message nor Python object per row on the way).
+
+Either kind gives the store the texts of some rows (for a shard) and their passed-through fields (joined to
+their results): Arrow columns as they came, or a `meta_json` string per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distinfer.common.errors import InvalidArgument
+from distinfer.common.result_columns import META, from_ipc, json_default, to_ipc
+from distinfer.v1 import jobs_pb2
+
+# An Arrow IPC stream starts with a continuation marker; a RowBatch of rows starts with field 1's tag (0x0A).
+# So a stored chunk says what it is by its first bytes, with no column in the table that stores it.
+_IPC_MARKER = b"\xff\xff\xff\xff"
+
+
+def upload_table(rows: jobs_pb2.RowBatch, first_index: int) -> pa.Table:
+    """An upload message's Arrow rows, checked, as a chunk keeps them: the texts first, as strings."""
+    if rows.rows:
+        raise InvalidArgument("a RowBatch carries rows or arrow, not both: send them in separate messages")
+    try:
+        table = from_ipc(rows.arrow)
+        table.validate(full=True)  # e.g. strings that are not UTF-8: they could not be read back
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidArgument(f"the rows from {first_index} on are not an Arrow IPC stream: {exc}") from None
+    name = rows.text_column or "text"
+    if name not in table.column_names:
+        raise InvalidArgument(
+            f"the Arrow rows from {first_index} on have no {name!r} column (they have: "
+            f"{', '.join(table.column_names) or 'none'}): name the text column in text_column"
+        )
+    texts = table.column(name)
+    if pa.types.is_large_string(texts.type) or pa.types.is_string_view(texts.type):
+        texts = texts.cast(pa.string())
+    elif not pa.types.is_string(texts.type):
+        raise InvalidArgument(f"the Arrow rows' {name!r} column is {texts.type}: texts must be strings")
+    if texts.null_count:
+        missing = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InvalidArgument(f"row {first_index + missing} has no text: every row needs one")
+    others = table.drop_columns([name])
+    return pa.table([texts, *others.columns], names=[name, *others.column_names])
+
+
+def row_bytes(table: pa.Table) -> np.ndarray:
+    """Each row's bytes of text and other strings (what can make a row big)."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+            lengths = pc.binary_length(column).fill_null(0)
+            sizes += lengths.to_numpy().astype(np.int64)
+    return sizes
+
+
+def count(rows: jobs_pb2.RowBatch | pa.Table) -> int:
+    return rows.num_rows if isinstance(rows, pa.Table) else len(rows.rows)
+
+
+def encode(rows: jobs_pb2.RowBatch | pa.Table) -> bytes:
+    return to_ipc(rows) if isinstance(rows, pa.Table) else rows.SerializeToString()
+
+
+def has_passthrough(rows: jobs_pb2.RowBatch | pa.Table) -> bool:
+    if isinstance(rows, pa.Table):
+        return rows.num_columns > 1
+    return any(row.meta_json for row in rows.rows)
+
+
+def decode(blob: bytes) -> MessageRows | ArrowRows:
+    if blob[:4] == _IPC_MARKER:
+        return ArrowRows(from_ipc(blob))
+    return MessageRows(jobs_pb2.RowBatch.FromString(blob).rows)
+
+
+class MessageRows:
+    def __init__(self, rows):
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def texts(self, positions: np.ndarray) -> list[str]:
+        rows = self._rows
+        return [rows[p].text for p in positions.tolist()]
+
+    def passthrough(self, positions: np.ndarray) -> pa.Table:
+        rows = self._rows
+        return pa.table({META: pa.array([rows[p].meta_json for p in positions.tolist()], pa.string())})
+
+
+class ArrowRows:
+    def __init__(self, table: pa.Table):
+        self._table = table
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def texts(self, positions: np.ndarray) -> list[str]:
+        return self._table.column(0).take(positions).to_pylist()
+
+    def passthrough(self, positions: np.ndarray) -> pa.Table:
+        return self._table.drop_columns([self._table.column_names[0]]).take(positions)
+
+
+def joined(pieces: list[pa.Table], where: np.ndarray, rows: int) -> pa.Table:
+    """The passed-through fields of `rows` result rows from the pieces' (row where[k] is the pieces' k-th, the
+    others have none): Arrow columns when the pieces agree on their types, else a meta_json string per row
+    (chunks uploaded as messages, or columns whose type changed between upload messages)."""
+    metas = any(META in piece.column_names for piece in pieces)
+    try:
+        if metas and any(piece.num_columns > (META in piece.column_names) for piece in pieces):
+            raise pa.ArrowInvalid("messages and Arrow tables")  # one row's fields in one form only
+        table = pa.concat_tables(pieces, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        table = pa.concat_tables([as_meta(piece) for piece in pieces])
+    if len(where) == rows:  # every row has its fields: `where` is 0, 1, ... (results come in index order)
+        return table
+    take = np.full(rows, -1, dtype=np.int64)
+    take[where] = np.arange(len(where))
+    return table.take(pa.array(take, mask=take < 0))
+
+
+def as_meta(table: pa.Table) -> pa.Table:
+    """Passed-through columns as a meta_json string per row (for callers that read rows, or that mix forms)."""
+    if META in table.column_names:
+        return table.select([META])
+    dumps, options = orjson.dumps, orjson.OPT_NON_STR_KEYS
+    metas = [dumps(row, default=json_default, option=options).decode() for row in table.to_pylist()]
+    return pa.table({META: pa.array(metas, pa.string())})
