@@ -109,6 +109,7 @@ class Client:
         dtype: str = "",
         vector_dtype: str = "",
         simulated_batch_ms: int = 0,
+        simulated_rank_batch_ms: Iterable[int] = (),
         generate: dict | None = None,
         tp_size: int = 0,
         queue_timeout_s: float = 0.0,
@@ -131,6 +132,7 @@ class Client:
             dtype=dtype,
             vector_dtype=vector_dtype,
             simulated_batch_ms=simulated_batch_ms,
+            simulated_rank_batch_ms=simulated_rank_batch_ms,
         )
         if generate is not None:  # e.g. {"max_new_tokens": 32, "temperature": 0.7, "seed": 1, "stop": ["\n"]}
             options.generate.CopyFrom(jobs_pb2.GenerateOptions(**generate))

@@ -40,7 +40,8 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
         for r in a.ranks:
             dtype = f", {r.dtype}" if r.dtype else ""
             lanes = f", {r.compute_lanes} lanes" if r.compute_lanes > 1 else ""
-            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}{lanes}) on {r.host}")
+            handed = f": {r.rows_handed} rows" if r.rows_handed else ""
+            lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}{lanes}) on {r.host}{handed}")
     return "\n".join(lines)
 
 

@@ -44,8 +44,8 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument("dataset options need dataset.input, the dataset the workers read in place")
     if spec.options.vector_dtype not in VECTOR_DTYPES:
         raise InvalidArgument(f"unknown vector_dtype {shown(spec.options.vector_dtype)}: choose float32 or float16")
-    if spec.options.simulated_batch_ms and spec.task != "simulate":
-        raise InvalidArgument("simulated_batch_ms applies to the simulate task only")
+    if (spec.options.simulated_batch_ms or spec.options.simulated_rank_batch_ms) and spec.task != "simulate":
+        raise InvalidArgument("simulated_batch_ms and simulated_rank_batch_ms apply to the simulate task only")
     g = spec.options.generate
     if spec.options.HasField("generate") and spec.task != "generate":
         raise InvalidArgument("generate options apply to the generate task only")

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from distinfer.common.errors import JOB_ENDED_KEY, DistinferError, status_code_by_name
 from distinfer.coordinator.scheduler import Placement
+from distinfer.coordinator.work_units import WorkUnits
 from distinfer.v1 import jobs_pb2
 
 TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
@@ -30,6 +31,7 @@ class ActiveAttempt:
     progress_at: float = field(default_factory=time.monotonic)
     # Batches each (worker id, slot) had computed at its last heartbeat.
     batches_done: dict[tuple[str, int], int] = field(default_factory=dict)
+    units: WorkUnits | None = None  # its rows, handed out as ranks ask (streamed jobs)
 
     def moved_on(self) -> None:
         self.progress_at = time.monotonic()

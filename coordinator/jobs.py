@@ -10,6 +10,7 @@ streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,8 +37,9 @@ from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.coordinator.placing import Placing
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.result_streams import ResultStreams
-from distinfer.coordinator.store import ShardCursor, Store
+from distinfer.coordinator.store import Store
 from distinfer.coordinator.watchdog import ProgressWatchdog
+from distinfer.coordinator.work_units import UNIT_ROWS, WAIT_FOR_ROWS_S, WorkUnits
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
@@ -258,30 +260,46 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
     # --- worker side ----------------------------------------------------------------------------------
 
     async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
-        """A rank's rows; while the job is uploading, the stream follows the upload to its end."""
+        """A rank's splits of a dataset read in place."""
         job = self._current_attempt(request.job_id, request.attempt)
-        if in_place.reads_in_place(job.status.spec):  # the rank reads its splits itself
-            splits = await self.db(
-                self.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
+        if not in_place.reads_in_place(job.status.spec):
+            raise FailedPrecondition(f"job {job.job_id} reads no dataset in place: its ranks ask for rows (FetchWork)")
+        splits = await self.db(
+            self.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
+        )
+        for i in range(0, len(splits), SPLITS_PER_MESSAGE):
+            yield workers_pb2.ShardBatch(splits=splits[i : i + SPLITS_PER_MESSAGE])
+
+    async def fetch_work(self, request: workers_pb2.FetchWorkRequest) -> workers_pb2.FetchWorkResponse:
+        """A rank's next unit of rows (work_units.py); while the job is uploading, rows uploaded later."""
+        job = self._current_attempt(request.job_id, request.attempt)
+        attempt = job.attempt
+        if request.rank >= len(attempt.placements):
+            raise InvalidArgument(
+                f"rank {request.rank} is outside attempt {attempt.number}'s {len(attempt.placements)}"
             )
-            for i in range(0, len(splits), SPLITS_PER_MESSAGE):
-                yield workers_pb2.ShardBatch(splits=splits[i : i + SPLITS_PER_MESSAGE])
-            return
-        cursor = ShardCursor()
-        while True:
-            changed, uploading = job.changed, job.status.uploading  # both read before the rows are
-            rows = self.store.shard(request.job_id, request.attempt, request.rank, request.world_size, cursor=cursor)
-            sent = False
-            while (batch := await self.db(next, rows, None)) is not None:
-                indices, texts = zip(*batch)
-                yield workers_pb2.ShardBatch(indices=indices, texts=texts)
-                sent = True
-            if not uploading:
-                return
-            if sent:
-                yield workers_pb2.ShardBatch()  # caught up with the upload: compute what you hold
-            await changed.wait()
-            self._current_attempt(request.job_id, request.attempt)  # it may have ended while we waited
+        if attempt.units is None:
+            attempt.units = WorkUnits(job.job_id, attempt.number, done_before=job.status.rows_done)
+
+        async def take() -> workers_pb2.FetchWorkResponse:
+            for wait in (True, False):
+                changed, uploading = job.changed, job.status.uploading  # both read before the rows are
+                open_rows = job.status.num_rows - attempt.units.done_before
+                replicas = len(attempt.placements) // max(1, request.replica_ranks)
+                rows = await self.db(attempt.units.take, self.store, request.max_rows or UNIT_ROWS, open_rows, replicas)
+                if rows or not uploading or not wait:
+                    break
+                # Every row uploaded so far is handed out: wait a moment for more before saying so.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
+                self._current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
+            if rows:
+                job.status.attempts[-1].ranks[request.rank].rows_handed += len(rows)
+            return workers_pb2.FetchWorkResponse(
+                indices=[i for i, _ in rows], texts=[t for _, t in rows], done=not rows and not uploading
+            )
+
+        return await attempt.units.unit_for(request.replica, request.unit, request.replica_ranks, take)
 
     async def commit(self, job_id: str, attempt: int, arrow: bytes) -> int:
         """Store a rank 0 report: an Arrow IPC stream of result rows, kept as rank 0 built it."""

@@ -155,9 +155,11 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
     async def _handle(self, worker, message: workers_pb2.WorkerMessage) -> None:
         kind = message.WhichOneof("payload")
         if kind == "heartbeat":
-            self.registry.heartbeat(worker, message.heartbeat)
+            # Waking the scheduler on every heartbeat had it list every free slot of the fleet a thousand times
+            # a second while a job waited: only a slot that became (un)healthy is news to it.
+            if self.registry.heartbeat(worker, message.heartbeat):
+                self.manager.wake()
             self.manager.note_progress(worker.worker_id, message.heartbeat.progress)
-            self.manager.wake()
         elif kind == "event":
             await self.manager.slot_event(worker.worker_id, message.event)
 
@@ -167,6 +169,10 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
             raise InvalidArgument(f"rank {request.rank} is outside a world of {request.world_size}")
         async for batch in self.manager.shard(request):
             yield batch
+
+    @grpc_errors
+    async def FetchWork(self, request, context):
+        return await self.manager.fetch_work(request)
 
     @grpc_errors
     async def ReportResults(self, request_iterator, context):

@@ -197,6 +197,10 @@ class Executor:
         model = getattr(task, "model", None)
         defaults = defaults_for(device, model.dtype if model is not None else None)
         options = a.spec.options
+        if options.simulated_rank_batch_ms:  # the simulate task on a fleet of mixed speeds: this rank's speed
+            options = jobs_pb2.TaskOptions()
+            options.CopyFrom(a.spec.options)
+            options.simulated_batch_ms = options.simulated_rank_batch_ms[a.rank % len(options.simulated_rank_batch_ms)]
         lanes = lanes_for(device, torch.get_num_threads(), task, layout)
         # Held while a batch computes, and by the tokeniser (see Prefetcher), where one batch takes every core.
         # Not on CUDA, where the CPU is free while the device computes, nor in lanes of one core each, which a
@@ -211,7 +215,6 @@ class Executor:
             metadata=self.metadata,
             shard=(layout.dp_rank, layout.dp_size),
             computing=computing,
-            lockstep=layout.tp_size > 1,  # a replica's ranks fetch the same shard and run each batch together
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
 

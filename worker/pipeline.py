@@ -4,6 +4,7 @@ rows waiting for a gather round (Outbox), and rank 0's results streamed to the c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 import time
@@ -240,13 +241,11 @@ class Prefetcher:
         metadata=(),
         shard=None,
         computing=None,
-        lockstep: bool = False,
     ):
-        """shard: (index, count) of the shard to fetch; by default this rank's of the job's world.
-        lockstep: cut batches from the rows alone, never from when they arrive, for ranks that fetch the same
-        shard and must run the same batches together (the ranks of a tensor-parallel replica). Each rank's
-        stream gets its "caught up" markers at its own moments; flushing on them, ranks cut different batches,
-        and the replica's forward pass mismatches or hangs. So these ranks wait for full windows or the end.
+        """shard: (replica, replicas): whose rows to ask for; by default this rank's of the job's world. The
+        ranks of a tensor-parallel replica must run the same batches together (else their forward pass
+        mismatches or hangs): they are handed the same units, and batches are cut from a unit's rows alone,
+        never from when they arrive.
         computing: a lock the model's thread holds while it computes a batch, and the tokeniser while it
         tokenises. On a CPU the model's threads keep every core busy, so tokenising beside them gains
         nothing: it preempts one of them, and the rest of their OpenMP team waits for it at each op's end.
@@ -255,8 +254,10 @@ class Prefetcher:
         self._computing = computing or contextlib.nullcontext()
         self._metadata = metadata
         self._shard = shard or (a.rank, a.world_size)
-        self._lockstep = lockstep
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
+        # Rows tokenised at a time, growing from a small first window (the first batch starts soon) to big
+        # ones (sorting by length packs batches better); a rank asks for its rows a window at a time.
+        self._window = FIRST_WINDOW_ROWS
         self._consumer_blocked = False  # the model's thread waits on the queue
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._error: BaseException | None = None
@@ -271,7 +272,7 @@ class Prefetcher:
             )
             indices: list[int] = []
             texts: list[str] = []
-            window = FIRST_WINDOW_ROWS
+            pulled = not a.spec.dataset.input  # rows asked for a unit at a time (not splits read in place)
 
             def flush(rows: int):
                 with self._computing:
@@ -283,15 +284,13 @@ class Prefetcher:
                 del indices[:rows], texts[:rows]
 
             for shard_indices, shard_texts in self._rows(stub, a, request):
-                if not shard_indices:  # every row uploaded so far is here: the next may be long in coming
-                    if indices and not self._lockstep:
-                        flush(len(indices))
-                    continue
                 indices.extend(shard_indices)
                 texts.extend(shard_texts)
-                while len(indices) >= window:
-                    flush(window)
-                    window = min(window * WINDOW_GROWTH, MAX_WINDOW_ROWS)
+                # A unit of rows (at most a window: what was asked) is tokenised whole, so that a rank holds
+                # one unit ahead, not a window made of several; a split is cut into windows.
+                while len(indices) >= self._window or (pulled and indices):
+                    flush(min(self._window, len(indices)))
+                    self._window = min(self._window * WINDOW_GROWTH, MAX_WINDOW_ROWS)
             if indices:
                 flush(len(indices))
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which fails the attempt
@@ -300,14 +299,27 @@ class Prefetcher:
             self._queue.put(None)
 
     def _rows(self, stub, a: workers_pb2.Assignment, request):
-        """(indices, texts) of the shard as they come: rows sent by the coordinator, or the rank's splits of a
-        dataset read in place, read here."""
-        for shard_batch in stub.FetchShard(request, metadata=self._metadata):
-            if shard_batch.splits:
+        """(indices, texts) of the rank's rows as it needs them: units of rows asked of the coordinator a
+        window at a time (a faster rank asks more often: coordinator/work_units.py), or the rank's splits of
+        a dataset read in place, read here. No rows: every row uploaded so far is handed out."""
+        if a.spec.dataset.input:
+            for shard_batch in stub.FetchShard(request, metadata=self._metadata):
                 for split in shard_batch.splits:
                     yield split_texts(a.spec.dataset, split)
-            else:
-                yield shard_batch.indices, shard_batch.texts
+            return
+        ask = workers_pb2.FetchWorkRequest(
+            job_id=a.job_id,
+            attempt=a.attempt,
+            rank=a.rank,
+            replica=self._shard[0],
+            replica_ranks=a.world_size // self._shard[1],
+        )
+        for unit in itertools.count():
+            ask.unit, ask.max_rows = unit, self._window
+            work = stub.FetchWork(ask, metadata=self._metadata)
+            if work.done:
+                return
+            yield work.indices, work.texts
 
     def __iter__(self):
         while True:

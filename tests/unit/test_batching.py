@@ -286,35 +286,36 @@ def test_padded_real_batch_matches_the_tokenizers_own_padding(tokenizer):
 # --- Prefetcher: batch cuts -----------------------------------------------------------------------------
 
 
-class _ShardStream:
-    """A stand-in for the coordinator's FetchShard: the shard's rows in messages of 10, with an empty "caught
-    up" marker after the messages numbered in `markers` (where the upload had not yet sent more)."""
+class _WorkUnits:
+    """A stand-in for the coordinator's FetchWork: units of 10 of the rows, with an empty "caught up" answer
+    in place of the units numbered in `markers` (where the upload had not yet sent more)."""
 
     def __init__(self, rows: int, markers: set[int]):
-        self.rows, self.markers = rows, markers
+        self.rows, self.markers, self.next_row = rows, markers, 0
 
-    def FetchShard(self, request, metadata=()):
-        for number, start in enumerate(range(0, self.rows, 10)):
-            indices = list(range(start, min(start + 10, self.rows)))
-            yield workers_pb2.ShardBatch(indices=indices, texts=["x" * (1 + i % 37) for i in indices])
-            if number in self.markers:
-                yield workers_pb2.ShardBatch()
+    def FetchWork(self, request, metadata=()):
+        if request.unit in self.markers:
+            return workers_pb2.FetchWorkResponse()
+        if self.next_row >= self.rows:
+            return workers_pb2.FetchWorkResponse(done=True)
+        indices = list(range(self.next_row, min(self.next_row + 10, self.rows)))
+        self.next_row += 10
+        return workers_pb2.FetchWorkResponse(indices=indices, texts=["x" * (1 + i % 37) for i in indices])
 
 
-def batch_cuts(markers: set[int], lockstep: bool) -> list[list[int]]:
+def batch_cuts(markers: set[int]) -> list[list[int]]:
     assignment = workers_pb2.Assignment(job_id="j", attempt=1, rank=0, world_size=1)
-    batches = Prefetcher(_ShardStream(200, markers), assignment, EchoTask(), 10_000, 16, lockstep=lockstep)
+    batches = Prefetcher(_WorkUnits(200, markers), assignment, EchoTask(), 10_000, 16)
     return [[row.index for row in batch] for batch in batches]
 
 
-def test_ranks_in_lockstep_cut_the_same_batches_wherever_their_caught_up_markers_fall():
-    """The ranks of a tensor-parallel replica each fetch the same shard; the coordinator's "caught up" markers
-    reach them at different points. They must still cut the same batches, or their forward passes mismatch."""
-    cuts = [batch_cuts(markers, lockstep=True) for markers in (set(), {0}, {2, 3}, {1, 7, 12}, set(range(20)))]
+def test_batches_are_cut_from_the_units_rows_alone_wherever_caught_up_answers_fall():
+    """The ranks of a tensor-parallel replica are handed the same units and must run the same batches; were
+    the coordinator's "caught up" answers to reach them at different points, they must still cut the same
+    batches, or their forward passes mismatch."""
+    cuts = [batch_cuts(markers) for markers in (set(), {0}, {2, 3}, {1, 7, 12}, set(range(20)))]
     assert all(cut == cuts[0] for cut in cuts), cuts
     assert sorted(i for batch in cuts[0] for i in batch) == list(range(200))
-    # Each rank alone (lockstep off) flushes at its markers: the cuts differ, which is what lockstep prevents.
-    assert batch_cuts({0}, lockstep=False) != batch_cuts({2, 3}, lockstep=False)
 
 
 def test_bfloat16_on_a_cpu_gets_the_larger_token_budget_it_was_measured_to_want():

@@ -184,6 +184,7 @@ class TaskOptions(_message.Message):
     SIMULATED_BATCH_MS_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
     VECTOR_DTYPE_FIELD_NUMBER: _builtins.int
+    SIMULATED_RANK_BATCH_MS_FIELD_NUMBER: _builtins.int
     normalize: _builtins.bool
     """embed: L2-normalise the pooled embedding. Unset means true (what sentence-transformers models expect)."""
     return_logits: _builtins.bool
@@ -209,6 +210,12 @@ class TaskOptions(_message.Message):
     """
     @_builtins.property
     def generate(self) -> Global___GenerateOptions: ...
+    @_builtins.property
+    def simulated_rank_batch_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """simulate on a fleet of mixed speeds: rank r's batches take simulated_rank_batch_ms[r % its length] ms,
+        in place of simulated_batch_ms.
+        """
+
     def __init__(
         self,
         *,
@@ -221,10 +228,11 @@ class TaskOptions(_message.Message):
         simulated_batch_ms: _builtins.int = ...,
         generate: Global___GenerateOptions | None = ...,
         vector_dtype: _builtins.str = ...,
+        simulated_rank_batch_ms: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "generate", b"generate", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms", "vector_dtype", b"vector_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms", "simulated_rank_batch_ms", b"simulated_rank_batch_ms", "vector_dtype", b"vector_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
@@ -679,6 +687,7 @@ class RankInfo(_message.Message):
     PARAMETERS_TOTAL_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     COMPUTE_LANES_FIELD_NUMBER: _builtins.int
+    ROWS_HANDED_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -697,6 +706,8 @@ class RankInfo(_message.Message):
     """The dtype of the model's weights on this rank (empty for tasks without a model)."""
     compute_lanes: _builtins.int
     """Batches this rank computed at once: on a CPU, one per thread for tasks whose batch is one forward pass."""
+    rows_handed: _builtins.int
+    """Rows handed to this rank (its replica, under tensor parallelism) so far: a faster rank asks for more."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Filled in when the rank finishes."""
@@ -717,10 +728,11 @@ class RankInfo(_message.Message):
         parameters_total: _builtins.int = ...,
         dtype: _builtins.str = ...,
         compute_lanes: _builtins.int = ...,
+        rows_handed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "rows_handed", b"rows_handed", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -405,8 +405,8 @@ Global___FetchShardRequest: _TypeAlias = FetchShardRequest  # noqa: Y015
 
 @_typing.final
 class ShardBatch(_message.Message):
-    """A batch of a shard's rows, each with its global index. An empty one, while the job is still uploading,
-    says the rank has every row there is so far: it computes what it holds instead of waiting for more.
+    """A rank's splits of a dataset read in place. (Before distinfer 0.3 it carried a shard of uploaded rows in
+    indices and texts; ranks now ask for those with FetchWork.)
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -438,11 +438,86 @@ class ShardBatch(_message.Message):
 Global___ShardBatch: _TypeAlias = ShardBatch  # noqa: Y015
 
 @_typing.final
-class DatasetSplit(_message.Message):
+class FetchWorkRequest(_message.Message):
     """A piece of a dataset read in place (common/datasets.py's Split): a Parquet row group, or the JSONL lines
     that start in a byte range. Its rows are first_index, first_index + 1, ... of the dataset.
+    A rank asks for its next unit of rows as it needs them (rows uploaded to the coordinator; a dataset read in
+    place comes over FetchShard), so a faster rank computes more of them. The ranks of a tensor-parallel
+    replica ask for the same unit numbers, and get the same rows.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    REPLICA_RANKS_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    rank: _builtins.int
+    replica: _builtins.int
+    """the rank's data-parallel replica (its rank without tensor parallelism)"""
+    replica_ranks: _builtins.int
+    """ranks in a replica: each asks for every unit"""
+    unit: _builtins.int
+    """0, 1, 2, ...: the replica's units in the order it asks for them"""
+    max_rows: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        replica: _builtins.int = ...,
+        replica_ranks: _builtins.int = ...,
+        unit: _builtins.int = ...,
+        max_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "max_rows", b"max_rows", "rank", b"rank", "replica", b"replica", "replica_ranks", b"replica_ranks", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchWorkRequest: _TypeAlias = FetchWorkRequest  # noqa: Y015
+
+@_typing.final
+class FetchWorkResponse(_message.Message):
+    """Rows with their global indices; none and not done: every row uploaded so far is handed out, so compute
+    what you hold, then ask again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDICES_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    done: _builtins.bool
+    """no rows are left for this attempt"""
+    @_builtins.property
+    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        indices: _abc.Iterable[_builtins.int] | None = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "indices", b"indices", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchWorkResponse: _TypeAlias = FetchWorkResponse  # noqa: Y015
+
+@_typing.final
+class DatasetSplit(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NUMBER_FIELD_NUMBER: _builtins.int

@@ -49,6 +49,11 @@ class WorkersStub:
                 request_serializer=distinfer_dot_v1_dot_workers__pb2.FetchShardRequest.SerializeToString,
                 response_deserializer=distinfer_dot_v1_dot_workers__pb2.ShardBatch.FromString,
                 _registered_method=True)
+        self.FetchWork = channel.unary_unary(
+                '/distinfer.v1.Workers/FetchWork',
+                request_serializer=distinfer_dot_v1_dot_workers__pb2.FetchWorkRequest.SerializeToString,
+                response_deserializer=distinfer_dot_v1_dot_workers__pb2.FetchWorkResponse.FromString,
+                _registered_method=True)
         self.ReportResults = channel.stream_unary(
                 '/distinfer.v1.Workers/ReportResults',
                 request_serializer=distinfer_dot_v1_dot_workers__pb2.ReportResultsRequest.SerializeToString,
@@ -74,7 +79,14 @@ class WorkersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchShard(self, request, context):
-        """The rows of one rank's shard of an attempt.
+        """The splits of one rank's shard of an attempt whose dataset is read in place.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchWork(self, request, context):
+        """A rank's next unit of uploaded rows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +116,11 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.FetchShard,
                     request_deserializer=distinfer_dot_v1_dot_workers__pb2.FetchShardRequest.FromString,
                     response_serializer=distinfer_dot_v1_dot_workers__pb2.ShardBatch.SerializeToString,
+            ),
+            'FetchWork': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchWork,
+                    request_deserializer=distinfer_dot_v1_dot_workers__pb2.FetchWorkRequest.FromString,
+                    response_serializer=distinfer_dot_v1_dot_workers__pb2.FetchWorkResponse.SerializeToString,
             ),
             'ReportResults': grpc.stream_unary_rpc_method_handler(
                     servicer.ReportResults,
@@ -192,6 +209,33 @@ class Workers:
             '/distinfer.v1.Workers/FetchShard',
             distinfer_dot_v1_dot_workers__pb2.FetchShardRequest.SerializeToString,
             distinfer_dot_v1_dot_workers__pb2.ShardBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distinfer.v1.Workers/FetchWork',
+            distinfer_dot_v1_dot_workers__pb2.FetchWorkRequest.SerializeToString,
+            distinfer_dot_v1_dot_workers__pb2.FetchWorkResponse.FromString,
             options,
             channel_credentials,
             insecure,

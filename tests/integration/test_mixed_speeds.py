@@ -1,0 +1,47 @@
+"""Ranks pull their rows a unit at a time: a faster rank computes more of them, and a rank that dies gives
+back only what was not committed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from distinfer.client.display import format_status
+from distinfer.v1 import jobs_pb2
+
+ROWS = 3000
+
+
+def test_a_faster_rank_computes_more_rows_and_every_row_comes_once_in_order(client):
+    texts = [f"row {i}" + "x" * (i % 13) for i in range(ROWS)]
+    # Rank 0's batches take 4 ms, rank 1's 16 ms: a quarter of the speed.
+    job = client.submit(texts, model="", task="simulate", workers=2, batch_size=8, simulated_rank_batch_ms=[4, 16])
+    results = list(job.results())
+    assert [r["index"] for r in results] == list(range(ROWS))
+    assert [r["chars"] for r in results] == [len(t) for t in texts]
+    ranks = job.status().attempts[-1].ranks
+    assert sum(r.rows_handed for r in ranks) == ROWS
+    assert ranks[0].rows_handed > 2 * ranks[1].rows_handed, [r.rows_handed for r in ranks]
+    assert f"on 127.0.0.1: {ranks[1].rows_handed} rows" in format_status(job.status())  # `distinfer status`
+
+
+def test_a_rank_killed_holding_units_gives_back_only_the_rows_not_committed(client):
+    texts = [f"row {i}" for i in range(ROWS)]
+    job = client.submit(
+        texts, model="", task="simulate", workers=2, batch_size=8, simulated_batch_ms=10, max_attempts=3
+    )
+    deadline = time.monotonic() + 60
+    while (status := job.status()).rows_done < ROWS // 4:
+        assert time.monotonic() < deadline and not status.finished_at, status
+        time.sleep(0.05)
+    first = status.attempts[0]
+    os.kill(first.ranks[1].pid, signal.SIGKILL)  # it holds rows handed out and not computed yet
+    results = list(job.results())
+    assert [r["index"] for r in results] == list(range(ROWS))  # each row once, in order
+    status = job.status()
+    assert len(status.attempts) == 2 and status.state == jobs_pb2.SUCCEEDED
+    # The second attempt was handed only the rows the first did not commit (at least ROWS // 4 were when the
+    # rank was killed), and the killed rank's rows were among them.
+    handed = [sum(r.rows_handed for r in attempt.ranks) for attempt in status.attempts]
+    assert handed[1] <= ROWS - ROWS // 4 and handed[0] + handed[1] > ROWS, handed

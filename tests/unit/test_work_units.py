@@ -1,0 +1,77 @@
+"""An attempt's rows handed out in units as ranks ask (coordinator/work_units.py), over a real store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from store_rows import add_job_with_rows, batch, commit, job, result_blob, rows
+
+from distinfer.coordinator.store import SHARD_BATCH_CHARS, Store
+from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, WorkUnits
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def test_every_row_is_handed_once_in_order_in_units_that_shrink_towards_the_end(store):
+    add_job_with_rows(store, "j", 1000)
+    units = WorkUnits("j", 1, done_before=0)
+    sizes, handed = [], []
+    while unit := units.take(store, 256, open_rows=1000, replicas=2):
+        sizes.append(len(unit))
+        handed += [index for index, _ in unit]
+    assert handed == list(range(1000))
+    assert sizes[0] == 1000 // (SHARE_DIVISOR * 2)  # a share of the rows left, not all 256 asked
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] <= MIN_UNIT_ROWS
+
+
+def test_rows_uploaded_after_the_last_unit_are_handed_next(store):
+    add_job_with_rows(store, "j", 10)
+    units = WorkUnits("j", 1, done_before=0)
+    handed = []
+    while unit := units.take(store, 100, open_rows=10, replicas=1):
+        handed += [i for i, _ in unit]
+    assert handed == list(range(10))  # and then none: every row uploaded so far is handed out
+    store.add_rows("j", 10, batch(rows("late", "later")))
+    assert units.take(store, 100, open_rows=12, replicas=1) == [(10, "late"), (11, "later")]
+
+
+def test_a_later_attempt_is_handed_only_rows_no_attempt_committed(store):
+    add_job_with_rows(store, "j", 20)
+    commit(store, "j", 1, [result_blob(i) for i in range(0, 20, 2)])
+    units = WorkUnits("j", 2, done_before=10)
+    handed = [i for i, _ in units.take(store, 100, open_rows=10, replicas=1)]
+    handed += [i for i, _ in units.take(store, 100, open_rows=10, replicas=1)]
+    assert sorted(handed) == list(range(1, 20, 2))
+
+
+def test_a_unit_of_long_rows_holds_about_a_message_of_text(store):
+    store.create_job(job("j", num_rows=4))
+    store.add_rows("j", 0, batch(rows(*["x" * (SHARD_BATCH_CHARS // 2)] * 4)))
+    units = WorkUnits("j", 1, done_before=0)
+    assert len(units.take(store, 100, open_rows=4, replicas=1)) == 2
+
+
+def test_the_ranks_of_a_replica_get_the_same_unit_and_other_replicas_others():
+    async def scenario():
+        units = WorkUnits("j", 1, done_before=0)
+        taken = iter(range(100))
+
+        async def take():
+            await asyncio.sleep(0.01)  # the store's thread, meanwhile the replica's other rank asks
+            return next(taken)
+
+        first = units.unit_for(0, 0, 2, take)  # rank 0 of replica 0 asks for its unit 0
+        second = units.unit_for(0, 0, 2, take)  # rank 1 of the same replica, before the rows are taken
+        other = units.unit_for(1, 0, 2, take)  # replica 1's unit 0
+        results = await asyncio.gather(first, second, other)
+        assert units.handed == {(1, 0): units.handed[(1, 0)]}  # replica 0's unit is forgotten once both asked
+        return results
+
+    first, second, other = asyncio.run(scenario())
+    assert first == second and other != first
