@@ -80,11 +80,15 @@ class Registry:
     def remove(self, worker_id: str) -> WorkerEntry | None:
         return self.workers.pop(worker_id, None)
 
-    def heartbeat(self, worker: WorkerEntry, heartbeat: workers_pb2.Heartbeat) -> None:
+    def heartbeat(self, worker: WorkerEntry, heartbeat: workers_pb2.Heartbeat) -> bool:
+        """Note a heartbeat; returns whether a slot's health changed (only then has the scheduler news)."""
         worker.last_heartbeat = time.monotonic()
         healthy = set(heartbeat.healthy_slots)
+        changed = False
         for slot in worker.slots.values():
+            changed |= slot.healthy != (slot.index in healthy)
             slot.healthy = slot.index in healthy
+        return changed
 
     def stale(self, timeout_s: float) -> list[WorkerEntry]:
         """Connected workers whose last heartbeat is older than timeout_s."""
