@@ -50,6 +50,7 @@ class Gatherer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.last_counts: list[int] = []  # rows each rank contributed to the last round (DONE: none left)
 
     def round(self, payload: torch.Tensor | None, indices: list[int], truncated: list[int]) -> Gathered | None:
         """Contribute this rank's rows (payload None: done). Returns None once every rank is done; otherwise
@@ -57,7 +58,7 @@ class Gatherer:
         count = DONE if payload is None else payload.shape[0]
         counts = [torch.zeros(1, dtype=torch.long, device=self.comm_device) for _ in range(self.world_size)]
         dist.all_gather(counts, torch.tensor([count], dtype=torch.long, device=self.comm_device), group=self.group)
-        counts_list = [int(c.item()) for c in counts]
+        counts_list = self.last_counts = [int(c.item()) for c in counts]
         if all(c == DONE for c in counts_list):
             return None
         rows = max(counts_list)
