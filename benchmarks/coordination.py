@@ -6,6 +6,8 @@ and jobs pick `workers=N` of its slots while the rest stay idle.
 - Scaling (weak): each rank gets the same work, `batches` batches of 32 rows that each sleep 25 ms, so an
   ideal system takes batches * 25 ms whatever the rank count. Sleeping costs no CPU, so what is left over
   (gather rounds, shard fetch, result commits, rendezvous) is coordination, even on 2 cores with 8 ranks.
+- Mixed speeds: the fast rank alone, then with a rank at half its speed beside it: what the slow rank adds
+  (as a fraction of its own speed), now that ranks ask for rows as they go.
 - Echo: many short rows through the whole path (upload, SQLite spool, shard fetch, gather, commit, result
   stream), each row's answer being its length. This is the ceiling that any model's throughput sits under.
 """
@@ -27,6 +29,8 @@ QUICK_RANKS, QUICK_BATCHES = (1, 2, 4), 16
 WARMUP_BATCHES = 4
 ECHO_RANKS = 2
 ECHO_ROWS, QUICK_ECHO_ROWS = 1_000_000, 100_000
+MIXED_ROWS, QUICK_MIXED_ROWS = 32_768, 4_096
+MIXED_BATCH_MS = (10, 20)  # rank 0 at full speed, rank 1 at half
 SPOT_CHECK_EVERY = 9_973  # a prime, so the checked rows fall at every offset within result batches
 
 
@@ -104,6 +108,29 @@ def scaling_run(client: Client, ranks: int, batches: int) -> dict:
     }
 
 
+def mixed_speed_run(client: Client, rows: int) -> dict:
+    """Rows/s of the fast rank alone and of it with a half-speed rank beside it, from RUNNING to the end."""
+
+    def rate(**options) -> tuple[float, list[int]]:
+        job = client.submit(echo_rows(rows), model="", task="simulate", batch_size=BATCH_ROWS, **options)
+        consume(job, rows)
+        status = job.status()
+        attempt = status.attempts[-1]
+        return rows / (status.finished_at - attempt.running_at), [r.rows_handed for r in attempt.ranks]
+
+    fast, _ = rate(workers=1, simulated_batch_ms=MIXED_BATCH_MS[0])
+    both, handed = rate(workers=2, simulated_rank_batch_ms=MIXED_BATCH_MS)
+    return {
+        "rows": rows,
+        "batch_ms": list(MIXED_BATCH_MS),
+        "fast_alone_rows_per_s": fast,
+        "both_rows_per_s": both,
+        "rows_handed": handed,
+        # What the half-speed rank added, as a fraction of its own speed (half the fast rank's).
+        "slow_rank_adds": (both - fast) / (fast / 2),
+    }
+
+
 def echo_run(client: Client, coordinator_pid: int, rows: int, stream: bool) -> dict:
     """stream: read results while the rows still upload, as `distinfer submit` does; else after the upload,
     as Client.submit's default does."""
@@ -140,6 +167,7 @@ def run(quick: bool = False, echo_row_count: int | None = None) -> dict:
         for n in (1, slots):
             scaling_run(client, n, WARMUP_BATCHES)
         scaling = [scaling_run(client, n, batches) for n in ranks]
+        mixed = mixed_speed_run(client, QUICK_MIXED_ROWS if quick else MIXED_ROWS)
         echo = [echo_run(client, cluster.coordinator.pid, echo_count, stream) for stream in (False, True)]
     for entry in scaling:
         entry["efficiency"] = entry["rows_per_s"] / (entry["ranks"] * scaling[0]["rows_per_s"])
@@ -147,6 +175,7 @@ def run(quick: bool = False, echo_row_count: int | None = None) -> dict:
         "slots": slots,
         "cluster_startup_s": startup_s,
         "scaling": {"batch_rows": BATCH_ROWS, "batch_ms": BATCH_MS, "entries": scaling},
+        "mixed_speeds": mixed,
         "echo": echo,
     }
 
@@ -166,6 +195,17 @@ def markdown(section: dict) -> str:
             f" / {e['rendezvous_s']:.2f}) | {e['overhead_per_round_ms']:.1f} / {e['running_overhead_per_round_ms']:.1f}"
             f" | {e['running_efficiency']:.2f} |"
         )
+    m = section["mixed_speeds"]
+    lines += [
+        "",
+        f"| mixed speeds (simulate, {m['rows']:,} rows, batches of {m['batch_ms'][0]} ms and {m['batch_ms'][1]} ms) "
+        "| rows/s | rows per rank |",
+        "|---|---|---|",
+        f"| the fast rank alone | {m['fast_alone_rows_per_s']:,.0f} | - |",
+        f"| with a half-speed rank beside it | {m['both_rows_per_s']:,.0f} "
+        f"| {' / '.join(map(str, m['rows_handed']))} |",
+        f"| the half-speed rank adds, of its own speed | {m['slow_rank_adds']:.2f} | |",
+    ]
     lines += [
         "",
         "| echo, end to end, every row checked in order | rows | ranks | upload rows/s | first result s "

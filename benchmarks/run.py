@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
         [--skip-coordination | --coordination-only | --data-plane-only] [--echo-rows N] [--skip-data-plane]
-        [--data-plane-rows N]
+        [--data-plane-rows N] [--fleet-only | --skip-fleet] [--fleet-daemons N]
         [--device cpu|cuda]
 
 Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on the CPU
@@ -14,7 +14,8 @@ a shared VM's speed drifts from pass to pass), and to the naive per-item loop. W
 float32 (bfloat16 on CPUs with AMX), the plain loop and distinfer run in both.
 benchmarks/coordination.py then measures distinfer without a model (simulated-compute scaling, echo
 throughput) into the same report's "coordination" section, and benchmarks/data_plane.py the data path with a
-nearly compute-free model (streamed and in place; CPU per row of each part) into "data_plane".
+nearly compute-free model (streamed and in place; CPU per row of each part) into "data_plane", and
+benchmarks/fleet.py the coordinator with a fleet of simulated daemons into "fleet".
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from benchmarks import coordination, data_plane, generation
+from benchmarks import coordination, data_plane, fleet, generation
 from benchmarks.coordination import proc_status_mb
 from distinfer.worker.cpu_kernels import use_cpu_kernels
 from distinfer.worker.executor import defaults_for, pick_dtype
@@ -211,6 +212,7 @@ def markdown(report: dict) -> str:
     if "entries" not in report:  # --coordination-only or --data-plane-only
         parts = [coordination.markdown(report["coordination"])] if "coordination" in report else []
         parts += [data_plane.markdown(report["data_plane"])] if "data_plane" in report else []
+        parts += [fleet.markdown(report["fleet"])] if "fleet" in report else []
         return "\n".join(parts) + f"\n{footer}\n"
     lines = [
         "| way of running | rows/s | vs plain loop (same dtype and kernels) | vs stock plain loop (same dtype) "
@@ -252,6 +254,8 @@ def markdown(report: dict) -> str:
         lines += ["", coordination.markdown(report["coordination"]).rstrip("\n")]
     if "data_plane" in report:
         lines += ["", data_plane.markdown(report["data_plane"]).rstrip("\n")]
+    if "fleet" in report:
+        lines += ["", fleet.markdown(report["fleet"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -265,9 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parts.add_argument("--skip-coordination", action="store_true", help="leave out the model-free benchmark")
     parts.add_argument("--coordination-only", action="store_true", help="only the model-free benchmark")
     parts.add_argument("--data-plane-only", action="store_true", help="only the data path benchmark")
+    parts.add_argument("--fleet-only", action="store_true", help="only the fleet benchmark")
     parser.add_argument("--echo-rows", type=int, default=None, help="rows of the echo run (default 1,000,000)")
     parser.add_argument("--skip-generate", action="store_true", help="leave out the generate benchmark")
     parser.add_argument("--skip-data-plane", action="store_true", help="leave out the data path benchmark")
+    parser.add_argument("--skip-fleet", action="store_true", help="leave out the fleet benchmark")
+    parser.add_argument(
+        "--fleet-daemons", type=int, default=None, help=f"simulated daemons of the fleet (default {fleet.DAEMONS})"
+    )
     parser.add_argument(
         "--data-plane-rows", type=int, default=None, help="rows of the data path benchmark (default 100,000)"
     )
@@ -276,15 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     report = {"machine": machine(args.device)}
-    models = not (args.coordination_only or args.data_plane_only)
+    only = args.coordination_only or args.data_plane_only or args.fleet_only
+    models = not only
     if models:
         report.update(model_benchmark(args))
     if models and not args.skip_generate:
         report["generate"] = generation.run(load_texts(48 if args.quick else 96), model_path())
-    if not args.skip_coordination and not args.data_plane_only:
+    if not args.skip_coordination and (args.coordination_only or not only):
         report["coordination"] = coordination.run(quick=args.quick, echo_row_count=args.echo_rows)
-    if not args.skip_data_plane and not args.coordination_only:
+    if not args.skip_data_plane and (args.data_plane_only or not only):
         report["data_plane"] = data_plane.run(quick=args.quick, rows=args.data_plane_rows)
+    if not args.skip_fleet and (args.fleet_only or not only):
+        report["fleet"] = fleet.run(daemons=args.fleet_daemons, quick=args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
