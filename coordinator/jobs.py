@@ -280,23 +280,33 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
             )
         if attempt.units is None:
             attempt.units = WorkUnits(job.job_id, attempt.number, done_before=job.status.rows_done)
+        if request.committed_only:
+            committed = await self.db(attempt.units.committed_of_copied, self.store, request.replica)
+            return workers_pb2.FetchWorkResponse(committed=committed)
 
         async def take() -> workers_pb2.FetchWorkResponse:
+            units = attempt.units
             for wait in (True, False):
                 changed, uploading = job.changed, job.status.uploading  # both read before the rows are
-                open_rows = job.status.num_rows - attempt.units.done_before
+                open_rows = job.status.num_rows - units.done_before
                 replicas = len(attempt.placements) // max(1, request.replica_ranks)
-                rows = await self.db(attempt.units.take, self.store, request.max_rows or UNIT_ROWS, open_rows, replicas)
-                if rows or not uploading or not wait:
+                asked = request.max_rows or UNIT_ROWS
+                rows, done = await self.db(
+                    units.next_unit, self.store, request.replica, asked, open_rows, replicas, uploading
+                )
+                if rows or done or not wait:
                     break
-                # Every row uploaded so far is handed out: wait a moment for more before saying so.
+                # Nothing to hand out now: wait a moment for rows uploaded or committed before saying so.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
                 self._current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
             if rows:
                 job.status.attempts[-1].ranks[request.rank].rows_handed += len(rows)
             return workers_pb2.FetchWorkResponse(
-                indices=[i for i, _ in rows], texts=[t for _, t in rows], done=not rows and not uploading
+                indices=[i for i, _ in rows],
+                texts=[t for _, t in rows],
+                done=done,
+                committed=await self.db(units.committed_of_copied, self.store, request.replica),
             )
 
         return await attempt.units.unit_for(request.replica, request.unit, request.replica_ranks, take)
@@ -370,6 +380,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
                 event.info.dtype,
                 event.info.compute_lanes,
             )
+            finished.rows_skipped = event.info.rows_skipped
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.status.num_rows - job.status.rows_done
                 if missing == 0:

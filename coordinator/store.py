@@ -278,6 +278,19 @@ class Store(OldStoreUpgrades):
         ]
         return np.concatenate(committed) if committed else np.empty(0, np.int64)
 
+    def uncommitted(self, job_id: str, first: int, last: int) -> np.ndarray:
+        """The indices from first to last (included) that no attempt has committed, in order."""
+        span = np.arange(first, last + 1)
+        return span[~np.isin(span, self._committed(job_id, first, last + 1, other_than_attempt=-1))]
+
+    def texts_of(self, job_id: str, indices: np.ndarray) -> list[str]:
+        """The texts of these rows (indices in order)."""
+        texts: list[str] = []
+        for first, chunk in self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1):
+            mine = indices[(indices >= first) & (indices < first + len(chunk))]
+            texts += chunk.texts(mine - first)
+        return texts
+
     def count_results(self, job_id: str) -> int:
         (n,) = self._db.execute("SELECT TOTAL(count) FROM result_batches WHERE job_id = ?", (job_id,)).fetchone()
         return int(n)

@@ -6,11 +6,23 @@ half speed, ran at 0.94x the fast rank alone, each holding half the rows from th
 Rows are handed in index order, each once per attempt (a failed attempt's rows that were not committed are
 open again for the next). The ranks of a tensor-parallel replica must compute the same rows: they ask for
 the same unit numbers, and the first to ask takes the rows that the others then get too.
+
+The tail: once every row is handed out, a rank that asks for more may be handed the rows not yet committed
+of a unit another rank has held for much longer than units take (speculative re-execution). The first
+result of a row is kept (the store is idempotent by index), and the slow rank is told, when it next asks,
+which of its rows are committed, so that it skips the batches it has not computed yet: the job's end is
+then bounded by the fast ranks. A rank is told "done" only once every row is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
 
 from distinfer.coordinator.store import SHARD_BATCH_CHARS, ShardCursor, Store
 
@@ -21,6 +33,20 @@ MIN_UNIT_ROWS = 8  # the smallest unit, but for the last rows
 # them. With 4, a unit early in a job is an eighth of it for 2 ranks.
 SHARE_DIVISOR = 4
 WAIT_FOR_ROWS_S = 1.0  # a rank that has every row uploaded so far waits this long for more before being told
+# A unit is copied to an idle rank once it has been held SLOWER_THAN times as long as units take to be
+# committed (their median), and at least SPECULATE_AFTER_S.
+SLOWER_THAN, SPECULATE_AFTER_S = 3.0, 1.0
+
+
+@dataclass
+class HeldUnit:
+    """A unit handed out and not known to be committed yet."""
+
+    replica: int
+    first: int
+    last: int
+    handed_at: float
+    copied: bool = False
 
 
 class WorkUnits:
@@ -33,8 +59,28 @@ class WorkUnits:
         self._reader = None  # the store's reader of open rows, kept between asks
         self._left: list[tuple[int, str]] = []  # rows the reader gave that no unit has taken yet
         self.rows_handed = 0
+        self.held: deque[HeldUnit] = deque()  # in the order handed out
+        self._took_s: list[float] = []  # how long units were held until seen committed
+        self.copied_from: dict[int, list[tuple[int, int]]] = {}  # replica -> (first, last) of rows copied
         # (replica, unit) -> [the unit's rows (a task), asks still to come from the replica's other ranks]
         self.handed: dict[tuple[int, int], list] = {}
+
+    def next_unit(
+        self, store: Store, replica: int, max_rows: int, open_rows: int, replicas: int, uploading: bool
+    ) -> tuple[list[tuple[int, str]], bool]:
+        """(rows, done) for a replica that asks: rows not handed out yet; once there are none (and the upload is
+        whole), a copy of a slow unit's rows, or none; done once every row is committed."""
+        rows = self.take(store, max_rows, open_rows, replicas)
+        if rows:
+            self.held.append(HeldUnit(replica, rows[0][0], rows[-1][0], time.monotonic()))
+            self.settle(store)
+            return rows, False
+        if uploading:
+            return [], False
+        self.settle(store, everything=True)
+        if not self.held:
+            return [], True
+        return self.copy_of_a_slow_unit(store, replica), False
 
     def take(self, store: Store, max_rows: int, open_rows: int, replicas: int) -> list[tuple[int, str]]:
         """Up to max_rows rows not handed out yet (fewer once every row uploaded so far is), and at most a
@@ -59,6 +105,42 @@ class WorkUnits:
         unit, self._left = self._left[:end], self._left[end:]
         self.rows_handed += len(unit)
         return unit
+
+    def settle(self, store: Store, everything: bool = False) -> None:
+        """Forget held units whose rows are all committed: the two held longest (the cost spread over the
+        asks; one still computing goes to the back), or every one (once every row is handed out)."""
+        for _ in range(len(self.held) if everything else min(2, len(self.held))):
+            held = self.held.popleft()
+            if len(store.uncommitted(self._job_id, held.first, held.last)):
+                self.held.append(held)
+            else:
+                self._took_s.append(time.monotonic() - held.handed_at)
+
+    def copy_of_a_slow_unit(self, store: Store, replica: int) -> list[tuple[int, str]]:
+        """The uncommitted rows of the unit another replica has held longest, if that is much longer than units
+        take; they are then held by two replicas (each unit is copied once)."""
+        now = time.monotonic()
+        typical = statistics.median(self._took_s[-64:]) if self._took_s else 0.0
+        for held in sorted(self.held, key=lambda h: h.handed_at):
+            if held.replica == replica or held.copied:
+                continue
+            if now - held.handed_at < max(SPECULATE_AFTER_S, SLOWER_THAN * typical):
+                return []  # the oldest other unit is not late yet: nor are those handed after it
+            rows = store.uncommitted(self._job_id, held.first, held.last)
+            if len(rows):
+                held.copied = True
+                self.copied_from.setdefault(held.replica, []).append((int(rows[0]), int(rows[-1])))
+                self.held.append(HeldUnit(replica, int(rows[0]), int(rows[-1]), now, copied=True))
+                return list(zip(rows.tolist(), store.texts_of(self._job_id, rows)))
+        return []
+
+    def committed_of_copied(self, store: Store, replica: int) -> list[int]:
+        """Rows copied from this replica's units to another that are committed: it need not compute them."""
+        out: list[int] = []
+        for first, last in self.copied_from.get(replica, ()):
+            span = np.arange(first, last + 1)
+            out += span[~np.isin(span, store.uncommitted(self._job_id, first, last))].tolist()
+        return out
 
     def unit_for(self, replica: int, unit: int, replica_ranks: int, take) -> asyncio.Future:
         """The rows of a replica's unit: taken (by `take()`, a coroutine) for the first of its ranks to ask,

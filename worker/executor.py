@@ -221,6 +221,7 @@ class Executor:
         sender = ResultSender(self.stub, self._reports(a, task), self.metadata) if a.rank == 0 else None
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl", idle=batches.starved)
+        batches.slow_rank = lambda: outbox.behind or outbox.others_waiting
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
         # batch woke the queue's feeder thread every batch, which took the GIL from this thread.
         batch_metrics, metrics_sent = [], time.monotonic()
@@ -251,7 +252,7 @@ class Executor:
             started = time.monotonic()
             sender.close()  # the tail: results still on their way to the coordinator
             timings.stream_s += time.monotonic() - started
-        info = jobs_pb2.RankInfo(rank=a.rank, timings=timings, compute_lanes=lanes)
+        info = jobs_pb2.RankInfo(rank=a.rank, timings=timings, compute_lanes=lanes, rows_skipped=batches.skipped_rows)
         if model is not None:
             info.parameters_local, info.parameters_total = parameter_counts(model)
             info.dtype = str(model.dtype).removeprefix("torch.")

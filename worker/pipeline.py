@@ -26,6 +26,7 @@ FIRST_WINDOW_ROWS = 64
 WINDOW_GROWTH = 4
 MAX_WINDOW_ROWS = 8192
 PREFETCH_BATCHES = 8
+POLL_COMMITTED_S = 0.5  # how often a rank busy with the rows it holds asks which of them are done elsewhere
 
 
 def start_helper_thread(target, name: str) -> threading.Thread:
@@ -101,7 +102,8 @@ class Outbox:
         # for this rank's rounds. Rounds are collective, so a slower rank that sent a round per several
         # batches capped a faster one at MAX_ROWS_PER_ROUND a round (measured: a rank at half speed then
         # added 0.44 of its own speed to a job). Behind, a rank takes part in a round per batch.
-        self._behind = False
+        self.behind = False
+        self.others_waiting = False
         self._thread = None
         if gatherer is not None and not inline:
             self._thread = start_helper_thread(self._gather_in_background, "gather")
@@ -113,7 +115,7 @@ class Outbox:
         if self._gatherer is None:
             return
         self._group.append((payload, [r.index for r in batch], [r.truncated for r in batch]))
-        if len(self._group) < self._per_round and more_ready and not self._behind:
+        if len(self._group) < self._per_round and more_ready and not self.behind:
             return
         group, self._group = self._group, []
         self._per_round = min(self._per_round * 2, self.MAX_BATCHES_PER_ROUND)
@@ -207,7 +209,10 @@ class Outbox:
         truncated = [t for _, _, batch_truncated in batches for t in batch_truncated]
         started = time.monotonic()
         gathered = self._gatherer.round(payload, indices, truncated)
-        self._behind = max(self._gatherer.last_counts, default=0) > len(indices)
+        counts = self._gatherer.last_counts
+        self.behind = max(counts, default=0) > len(indices)
+        # Another rank took part with no rows (it waits for work, or has finished) while this one had some.
+        self.others_waiting = bool(indices) and min(counts, default=1) <= 0
         self._deliver(gathered, started)
 
     def _drain(self) -> None:
@@ -260,6 +265,14 @@ class Prefetcher:
         self._computing = computing or contextlib.nullcontext()
         self._metadata = metadata
         self._shard = shard or (a.rank, a.world_size)
+        # Rows of this rank's that another has committed (coordinator/work_units.py: the tail): batches of
+        # them are skipped. Not by the ranks of a tensor-parallel replica, which must all run each batch.
+        self._may_skip = self._shard[1] == a.world_size
+        self._committed_elsewhere: set[int] = set()
+        self._poll_committed = None  # asks the coordinator which (set for rows asked of it)
+        self._polled_at = 0.0
+        self.slow_rank = lambda: False  # whether others wait on this rank: set by the executor
+        self.skipped_rows = 0
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
         # Rows tokenised at a time, growing from a small first window (the first batch starts soon) to big
         # ones (sorting by length packs batches better); a rank asks for its rows a window at a time.
@@ -286,7 +299,7 @@ class Prefetcher:
                     encoded = task.encode(indices[:rows], texts[:rows])
                     self.encode_s += time.monotonic() - started
                 for batch in token_budget_batches(encoded, max_tokens, max_rows, task.positions_added):
-                    self._queue.put(batch)
+                    self._put(batch)
                 del indices[:rows], texts[:rows]
 
             for shard_indices, shard_texts in self._rows(stub, a, request):
@@ -304,6 +317,22 @@ class Prefetcher:
         finally:
             self._queue.put(None)
 
+    def _put(self, batch) -> None:
+        """Queue a batch for the model. While others wait on this rank (slow_rank(): Outbox.behind or
+        others_waiting) and it is busy with the rows it holds, ask now and then which of them a faster rank
+        has committed, so that it skips those. (A fleet of ranks of one speed does not ask at all.)"""
+        while True:
+            try:
+                self._queue.put(batch, timeout=POLL_COMMITTED_S / 4)
+                return
+            except queue.Full:
+                pass
+            finally:
+                now = time.monotonic()
+                if self._poll_committed and self.slow_rank() and now - self._polled_at >= POLL_COMMITTED_S:
+                    self._polled_at = now
+                    self._committed_elsewhere.update(self._poll_committed().committed)
+
     def _rows(self, stub, a: workers_pb2.Assignment, request):
         """(indices, texts) of the rank's rows as it needs them: units of rows asked of the coordinator a
         window at a time (a faster rank asks more often: coordinator/work_units.py), or the rank's splits of
@@ -320,9 +349,16 @@ class Prefetcher:
             replica=self._shard[0],
             replica_ranks=a.world_size // self._shard[1],
         )
+        if self._may_skip:
+            poll = workers_pb2.FetchWorkRequest()
+            poll.CopyFrom(ask)
+            poll.committed_only = True
+            self._poll_committed = lambda: stub.FetchWork(poll, metadata=self._metadata)
         for unit in itertools.count():
             ask.unit, ask.max_rows = unit, self._window
             work = stub.FetchWork(ask, metadata=self._metadata)
+            if work.committed and self._may_skip:
+                self._committed_elsewhere.update(work.committed)
             if work.done:
                 return
             yield work.indices, work.texts
@@ -334,6 +370,9 @@ class Prefetcher:
             self._consumer_blocked = False
             if batch is None:
                 break
+            if self._committed_elsewhere and all(row.index in self._committed_elsewhere for row in batch):
+                self.skipped_rows += len(batch)
+                continue  # a faster rank was given a copy of these rows and has committed them
             yield batch
         self.check()
 

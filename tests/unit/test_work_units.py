@@ -75,3 +75,34 @@ def test_the_ranks_of_a_replica_get_the_same_unit_and_other_replicas_others():
 
     first, second, other = asyncio.run(scenario())
     assert first == second and other != first
+
+
+def test_once_every_row_is_handed_out_a_late_unit_is_copied_and_its_holder_told_what_is_committed(store, monkeypatch):
+    from distinfer.coordinator import work_units
+
+    add_job_with_rows(store, "j", 40)
+    units = WorkUnits("j", 1, done_before=0)
+    slow, _ = units.next_unit(store, 1, 20, open_rows=40, replicas=1, uploading=False)
+    while fast := units.next_unit(store, 0, 20, open_rows=40, replicas=1, uploading=False)[0]:
+        commit(store, "j", 1, [result_blob(i) for i, _ in fast])
+    assert units.next_unit(store, 0, 20, 40, 1, uploading=False) == ([], False)  # the slow unit is not late yet
+    monkeypatch.setattr(work_units, "SPECULATE_AFTER_S", 0.0)
+    commit(store, "j", 1, [result_blob(slow[0][0])])  # the slow rank has done its first row
+    copy, done = units.next_unit(store, 0, 20, 40, 1, uploading=False)
+    assert copy == slow[1:] and not done  # the rows of the slow unit not committed yet
+    assert units.next_unit(store, 0, 20, 40, 1, uploading=False) == ([], False)  # a unit is copied once
+    assert units.committed_of_copied(store, 1) == []
+    commit(store, "j", 1, [result_blob(i) for i, _ in copy])
+    assert units.committed_of_copied(store, 1) == [i for i, _ in copy]  # the slow rank skips them
+    assert units.next_unit(store, 1, 20, 40, 1, uploading=False) == ([], True)  # every row committed: done
+
+
+def test_no_rank_is_done_while_rows_it_was_not_handed_are_still_computing(store):
+    add_job_with_rows(store, "j", 10)
+    units = WorkUnits("j", 1, done_before=0)
+    held, _ = units.next_unit(store, 1, 100, open_rows=10, replicas=1, uploading=False)
+    while units.next_unit(store, 1, 100, 10, 1, uploading=False)[0]:
+        pass
+    assert units.next_unit(store, 0, 100, 10, 1, uploading=False) == ([], False)
+    commit(store, "j", 1, [result_blob(i) for i in range(10)])
+    assert units.next_unit(store, 0, 100, 10, 1, uploading=False) == ([], True)

@@ -688,6 +688,7 @@ class RankInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     COMPUTE_LANES_FIELD_NUMBER: _builtins.int
     ROWS_HANDED_FIELD_NUMBER: _builtins.int
+    ROWS_SKIPPED_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -708,6 +709,10 @@ class RankInfo(_message.Message):
     """Batches this rank computed at once: on a CPU, one per thread for tasks whose batch is one forward pass."""
     rows_handed: _builtins.int
     """Rows handed to this rank (its replica, under tensor parallelism) so far: a faster rank asks for more."""
+    rows_skipped: _builtins.int
+    """Rows handed to this rank that it skipped: another rank was given a copy as this one was slow, and
+    committed them first.
+    """
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Filled in when the rank finishes."""
@@ -729,10 +734,11 @@ class RankInfo(_message.Message):
         dtype: _builtins.str = ...,
         compute_lanes: _builtins.int = ...,
         rows_handed: _builtins.int = ...,
+        rows_skipped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "rows_handed", b"rows_handed", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "rows_handed", b"rows_handed", "rows_skipped", b"rows_skipped", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -455,6 +455,7 @@ class FetchWorkRequest(_message.Message):
     REPLICA_RANKS_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
     MAX_ROWS_FIELD_NUMBER: _builtins.int
+    COMMITTED_ONLY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     rank: _builtins.int
@@ -465,6 +466,10 @@ class FetchWorkRequest(_message.Message):
     unit: _builtins.int
     """0, 1, 2, ...: the replica's units in the order it asks for them"""
     max_rows: _builtins.int
+    committed_only: _builtins.bool
+    """No rows: only which of this rank's rows others have committed (FetchWorkResponse.committed), asked
+    while the rank is busy with the rows it holds. Takes no unit number.
+    """
     def __init__(
         self,
         *,
@@ -475,10 +480,11 @@ class FetchWorkRequest(_message.Message):
         replica_ranks: _builtins.int = ...,
         unit: _builtins.int = ...,
         max_rows: _builtins.int = ...,
+        committed_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "max_rows", b"max_rows", "rank", b"rank", "replica", b"replica", "replica_ranks", b"replica_ranks", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "committed_only", b"committed_only", "job_id", b"job_id", "max_rows", b"max_rows", "rank", b"rank", "replica", b"replica", "replica_ranks", b"replica_ranks", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,8 +492,8 @@ Global___FetchWorkRequest: _TypeAlias = FetchWorkRequest  # noqa: Y015
 
 @_typing.final
 class FetchWorkResponse(_message.Message):
-    """Rows with their global indices; none and not done: every row uploaded so far is handed out, so compute
-    what you hold, then ask again.
+    """Rows with their global indices; none and not done: nothing to hand out now (every row uploaded so far is
+    handed out, or rows handed to others are not committed yet), so compute what you hold, then ask again.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -495,22 +501,30 @@ class FetchWorkResponse(_message.Message):
     INDICES_FIELD_NUMBER: _builtins.int
     TEXTS_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
     done: _builtins.bool
-    """no rows are left for this attempt"""
+    """every row of the job is committed: finish"""
     @_builtins.property
     def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def committed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Rows handed to this rank that another rank, given a copy of them as this one was slow, has committed:
+        skip those not computed yet.
+        """
+
     def __init__(
         self,
         *,
         indices: _abc.Iterable[_builtins.int] | None = ...,
         texts: _abc.Iterable[_builtins.str] | None = ...,
         done: _builtins.bool = ...,
+        committed: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "indices", b"indices", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "done", b"done", "indices", b"indices", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
