@@ -260,7 +260,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
     # --- worker side ----------------------------------------------------------------------------------
 
     async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
-        """A rank's splits of a dataset read in place."""
+        """A rank's splits of a dataset read in place (rank 0 of a world of 1: every open split)."""
         job = self._current_attempt(request.job_id, request.attempt)
         if not in_place.reads_in_place(job.status.spec):
             raise FailedPrecondition(f"job {job.job_id} reads no dataset in place: its ranks ask for rows (FetchWork)")
@@ -286,6 +286,10 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
 
         async def take() -> workers_pb2.FetchWorkResponse:
             units = attempt.units
+            if in_place.reads_in_place(job.status.spec):
+                splits = await self.db(units.next_split, self.store)
+                job.status.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
+                return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
             for wait in (True, False):
                 changed, uploading = job.changed, job.status.uploading  # both read before the rows are
                 open_rows = job.status.num_rows - units.done_before

@@ -61,6 +61,7 @@ class WorkUnits:
         self.rows_handed = 0
         self.held: deque[HeldUnit] = deque()  # in the order handed out
         self._took_s: list[float] = []  # how long units were held until seen committed
+        self._splits: deque | None = None  # a dataset read in place: its open splits not handed out yet
         self.copied_from: dict[int, list[tuple[int, int]]] = {}  # replica -> (first, last) of rows copied
         # (replica, unit) -> [the unit's rows (a task), asks still to come from the replica's other ranks]
         self.handed: dict[tuple[int, int], list] = {}
@@ -81,6 +82,13 @@ class WorkUnits:
         if not self.held:
             return [], True
         return self.copy_of_a_slow_unit(store, replica), False
+
+    def next_split(self, store: Store) -> list:
+        """A dataset read in place: the next open split (a Parquet row group or a JSONL byte range, thousands of
+        rows), one an ask. (No copies of slow ones: a split's part is written whole by rank 0.)"""
+        if self._splits is None:
+            self._splits = deque(store.splits.open(self._job_id, self._attempt, 0, 1))
+        return [self._splits.popleft()] if self._splits else []
 
     def take(self, store: Store, max_rows: int, open_rows: int, replicas: int) -> list[tuple[int, str]]:
         """Up to max_rows rows not handed out yet (fewer once every row uploaded so far is), and at most a

@@ -286,9 +286,6 @@ class Prefetcher:
     def _produce(self) -> None:
         stub, a, task, max_tokens, max_rows = self._args
         try:
-            request = workers_pb2.FetchShardRequest(
-                job_id=a.job_id, attempt=a.attempt, rank=self._shard[0], world_size=self._shard[1]
-            )
             indices: list[int] = []
             texts: list[str] = []
             pulled = not a.spec.dataset.input  # rows asked for a unit at a time (not splits read in place)
@@ -302,7 +299,7 @@ class Prefetcher:
                     self._put(batch)
                 del indices[:rows], texts[:rows]
 
-            for shard_indices, shard_texts in self._rows(stub, a, request):
+            for shard_indices, shard_texts in self._rows(stub, a):
                 indices.extend(shard_indices)
                 texts.extend(shard_texts)
                 # A unit of rows (at most a window: what was asked) is tokenised whole, so that a rank holds
@@ -333,15 +330,10 @@ class Prefetcher:
                     self._polled_at = now
                     self._committed_elsewhere.update(self._poll_committed().committed)
 
-    def _rows(self, stub, a: workers_pb2.Assignment, request):
+    def _rows(self, stub, a: workers_pb2.Assignment):
         """(indices, texts) of the rank's rows as it needs them: units of rows asked of the coordinator a
-        window at a time (a faster rank asks more often: coordinator/work_units.py), or the rank's splits of
-        a dataset read in place, read here. No rows: every row uploaded so far is handed out."""
-        if a.spec.dataset.input:
-            for shard_batch in stub.FetchShard(request, metadata=self._metadata):
-                for split in shard_batch.splits:
-                    yield split_texts(a.spec.dataset, split)
-            return
+        window at a time, or the splits of a dataset read in place, read here, a split at a time (a faster
+        rank asks more often: coordinator/work_units.py). No rows: nothing to hand out for now."""
         ask = workers_pb2.FetchWorkRequest(
             job_id=a.job_id,
             attempt=a.attempt,
@@ -349,7 +341,7 @@ class Prefetcher:
             replica=self._shard[0],
             replica_ranks=a.world_size // self._shard[1],
         )
-        if self._may_skip:
+        if self._may_skip and not a.spec.dataset.input:
             poll = workers_pb2.FetchWorkRequest()
             poll.CopyFrom(ask)
             poll.committed_only = True
@@ -361,7 +353,10 @@ class Prefetcher:
                 self._committed_elsewhere.update(work.committed)
             if work.done:
                 return
-            yield work.indices, work.texts
+            for split in work.splits:
+                yield split_texts(a.spec.dataset, split)
+            if not work.splits:
+                yield work.indices, work.texts
 
     def __iter__(self):
         while True:

@@ -59,3 +59,29 @@ def test_the_rows_of_a_much_slower_rank_are_copied_to_a_fast_one_and_it_skips_th
     assert fast.rows_handed + slow.rows_handed > len(texts)  # a copy was handed out
     assert slow.rows_skipped > 0, (fast, slow)
     assert f"({slow.rows_skipped} skipped: a faster rank did them)" in format_status(job.status())
+
+
+def test_a_faster_rank_reads_more_splits_of_a_dataset_read_in_place(client, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distinfer.client.api import InPlace
+    from distinfer.common.dataset_parts import output_parts
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    data.mkdir()
+    texts = [f"row {i}" for i in range(1600)]
+    pq.write_table(pa.table({"text": texts, "n": range(1600)}), data / "rows.parquet", row_group_size=100)
+    job = client.submit(
+        InPlace(str(data), str(out)),
+        model="",
+        task="simulate",
+        workers=2,
+        batch_size=8,
+        simulated_rank_batch_ms=[4, 16],
+    )
+    job.wait()
+    got = pa.concat_tables(pq.read_table(out / name) for name in output_parts(str(out)))
+    assert got.column("index").to_pylist() == list(range(1600)) and got.column("n").to_pylist() == list(range(1600))
+    fast, slow = job.status().attempts[-1].ranks
+    assert fast.rows_handed + slow.rows_handed == 1600 and fast.rows_handed > 2 * slow.rows_handed, (fast, slow)

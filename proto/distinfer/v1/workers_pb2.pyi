@@ -441,8 +441,8 @@ Global___ShardBatch: _TypeAlias = ShardBatch  # noqa: Y015
 class FetchWorkRequest(_message.Message):
     """A piece of a dataset read in place (common/datasets.py's Split): a Parquet row group, or the JSONL lines
     that start in a byte range. Its rows are first_index, first_index + 1, ... of the dataset.
-    A rank asks for its next unit of rows as it needs them (rows uploaded to the coordinator; a dataset read in
-    place comes over FetchShard), so a faster rank computes more of them. The ranks of a tensor-parallel
+    A rank asks for its next unit of rows as it needs them (rows uploaded to the coordinator, or a split of a
+    dataset read in place), so a faster rank computes more of them. The ranks of a tensor-parallel
     replica ask for the same unit numbers, and get the same rows.
     """
 
@@ -502,6 +502,7 @@ class FetchWorkResponse(_message.Message):
     TEXTS_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
     done: _builtins.bool
     """every row of the job is committed: finish"""
     @_builtins.property
@@ -514,6 +515,10 @@ class FetchWorkResponse(_message.Message):
         skip those not computed yet.
         """
 
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSplit]:
+        """A dataset read in place: the next split, which the rank reads itself (no indices nor texts then)."""
+
     def __init__(
         self,
         *,
@@ -521,10 +526,11 @@ class FetchWorkResponse(_message.Message):
         texts: _abc.Iterable[_builtins.str] | None = ...,
         done: _builtins.bool = ...,
         committed: _abc.Iterable[_builtins.int] | None = ...,
+        splits: _abc.Iterable[Global___DatasetSplit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "done", b"done", "indices", b"indices", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "done", b"done", "indices", b"indices", "splits", b"splits", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

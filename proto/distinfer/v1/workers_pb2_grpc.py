@@ -79,14 +79,15 @@ class WorkersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchShard(self, request, context):
-        """The splits of one rank's shard of an attempt whose dataset is read in place.
+        """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
+        every open split, which rank 0 writes the parts of).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchWork(self, request, context):
-        """A rank's next unit of uploaded rows.
+        """A rank's next unit of rows, or split.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,9 +37,11 @@ class WorkersStub:
     The coordinator takes a closed stream as the worker's death.
     """
     FetchShard: _grpc.UnaryStreamMultiCallable[_workers_pb2.FetchShardRequest, _workers_pb2.ShardBatch]
-    """The splits of one rank's shard of an attempt whose dataset is read in place."""
+    """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
+    every open split, which rank 0 writes the parts of).
+    """
     FetchWork: _grpc.UnaryUnaryMultiCallable[_workers_pb2.FetchWorkRequest, _workers_pb2.FetchWorkResponse]
-    """A rank's next unit of uploaded rows."""
+    """A rank's next unit of rows, or split."""
     ReportResults: _grpc.StreamUnaryMultiCallable[_workers_pb2.ReportResultsRequest, _workers_pb2.ReportResultsResponse]
     """Rank 0 streams the gathered results of its group; commits are idempotent by row index."""
 
@@ -52,9 +54,11 @@ class WorkersAsyncStub(WorkersStub):
     The coordinator takes a closed stream as the worker's death.
     """
     FetchShard: _aio.UnaryStreamMultiCallable[_workers_pb2.FetchShardRequest, _workers_pb2.ShardBatch]  # type: ignore[assignment]
-    """The splits of one rank's shard of an attempt whose dataset is read in place."""
+    """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
+    every open split, which rank 0 writes the parts of).
+    """
     FetchWork: _aio.UnaryUnaryMultiCallable[_workers_pb2.FetchWorkRequest, _workers_pb2.FetchWorkResponse]  # type: ignore[assignment]
-    """A rank's next unit of uploaded rows."""
+    """A rank's next unit of rows, or split."""
     ReportResults: _aio.StreamUnaryMultiCallable[_workers_pb2.ReportResultsRequest, _workers_pb2.ReportResultsResponse]  # type: ignore[assignment]
     """Rank 0 streams the gathered results of its group; commits are idempotent by row index."""
 
@@ -82,7 +86,9 @@ class WorkersServicer(metaclass=_abc_1.ABCMeta):
         request: _workers_pb2.FetchShardRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_workers_pb2.ShardBatch], _abc.AsyncIterator[_workers_pb2.ShardBatch]]:
-        """The splits of one rank's shard of an attempt whose dataset is read in place."""
+        """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
+        every open split, which rank 0 writes the parts of).
+        """
 
     @_abc_1.abstractmethod
     def FetchWork(
@@ -90,7 +96,7 @@ class WorkersServicer(metaclass=_abc_1.ABCMeta):
         request: _workers_pb2.FetchWorkRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workers_pb2.FetchWorkResponse, _abc.Awaitable[_workers_pb2.FetchWorkResponse]]:
-        """A rank's next unit of uploaded rows."""
+        """A rank's next unit of rows, or split."""
 
     @_abc_1.abstractmethod
     def ReportResults(
