@@ -10,7 +10,6 @@ streams.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,7 +38,7 @@ from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.result_streams import ResultStreams
 from distinfer.coordinator.store import Store
 from distinfer.coordinator.watchdog import ProgressWatchdog
-from distinfer.coordinator.work_units import UNIT_ROWS, WAIT_FOR_ROWS_S, WorkUnits
+from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
@@ -51,10 +50,9 @@ UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dro
 COORDINATOR_RESTARTED = "coordinator restarted"
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
 MESSAGE_LIMIT = 2000
-SPLITS_PER_MESSAGE = 1024
 
 
-class JobManager(Placing, ProgressWatchdog, ResultStreams):
+class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
     def __init__(
         self,
         store: Store,
@@ -258,62 +256,6 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams):
         log.info("job_deleted", job_id=job_id)
 
     # --- worker side ----------------------------------------------------------------------------------
-
-    async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
-        """A rank's splits of a dataset read in place (rank 0 of a world of 1: every open split)."""
-        job = self._current_attempt(request.job_id, request.attempt)
-        if not in_place.reads_in_place(job.status.spec):
-            raise FailedPrecondition(f"job {job.job_id} reads no dataset in place: its ranks ask for rows (FetchWork)")
-        splits = await self.db(
-            self.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
-        )
-        for i in range(0, len(splits), SPLITS_PER_MESSAGE):
-            yield workers_pb2.ShardBatch(splits=splits[i : i + SPLITS_PER_MESSAGE])
-
-    async def fetch_work(self, request: workers_pb2.FetchWorkRequest) -> workers_pb2.FetchWorkResponse:
-        """A rank's next unit of rows (work_units.py); while the job is uploading, rows uploaded later."""
-        job = self._current_attempt(request.job_id, request.attempt)
-        attempt = job.attempt
-        if request.rank >= len(attempt.placements):
-            raise InvalidArgument(
-                f"rank {request.rank} is outside attempt {attempt.number}'s {len(attempt.placements)}"
-            )
-        if attempt.units is None:
-            attempt.units = WorkUnits(job.job_id, attempt.number, done_before=job.status.rows_done)
-        if request.committed_only:
-            committed = await self.db(attempt.units.committed_of_copied, self.store, request.replica)
-            return workers_pb2.FetchWorkResponse(committed=committed)
-
-        async def take() -> workers_pb2.FetchWorkResponse:
-            units = attempt.units
-            if in_place.reads_in_place(job.status.spec):
-                splits = await self.db(units.next_split, self.store)
-                job.status.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
-                return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
-            for wait in (True, False):
-                changed, uploading = job.changed, job.status.uploading  # both read before the rows are
-                open_rows = job.status.num_rows - units.done_before
-                replicas = len(attempt.placements) // max(1, request.replica_ranks)
-                asked = request.max_rows or UNIT_ROWS
-                rows, done = await self.db(
-                    units.next_unit, self.store, request.replica, asked, open_rows, replicas, uploading
-                )
-                if rows or done or not wait:
-                    break
-                # Nothing to hand out now: wait a moment for rows uploaded or committed before saying so.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
-                self._current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
-            if rows:
-                job.status.attempts[-1].ranks[request.rank].rows_handed += len(rows)
-            return workers_pb2.FetchWorkResponse(
-                indices=[i for i, _ in rows],
-                texts=[t for _, t in rows],
-                done=done,
-                committed=await self.db(units.committed_of_copied, self.store, request.replica),
-            )
-
-        return await attempt.units.unit_for(request.replica, request.unit, request.replica_ranks, take)
 
     async def commit(self, job_id: str, attempt: int, arrow: bytes) -> int:
         """Store a rank 0 report: an Arrow IPC stream of result rows, kept as rank 0 built it."""
