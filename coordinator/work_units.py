@@ -50,7 +50,8 @@ class HeldUnit:
 
 
 class WorkUnits:
-    """The open rows of one attempt, as handed out so far. take() runs in the store's thread."""
+    """The open rows of one attempt, as handed out so far. Every method but unit_for runs in the store's
+    thread (JobManager.db), one call at a time."""
 
     def __init__(self, job_id: str, attempt: int, done_before: int):
         self._job_id, self._attempt = job_id, attempt
@@ -60,7 +61,7 @@ class WorkUnits:
         self._left: list[tuple[int, str]] = []  # rows the reader gave that no unit has taken yet
         self.rows_handed = 0
         self.held: deque[HeldUnit] = deque()  # in the order handed out
-        self._took_s: list[float] = []  # how long units were held until seen committed
+        self._took_s: deque[float] = deque(maxlen=64)  # how long the last units were held until seen committed
         self._splits: deque | None = None  # a dataset read in place: its open splits not handed out yet
         self.copied_from: dict[int, list[tuple[int, int]]] = {}  # replica -> (first, last) of rows copied
         # (replica, unit) -> [the unit's rows (a task), asks still to come from the replica's other ranks]
@@ -128,7 +129,7 @@ class WorkUnits:
         """The uncommitted rows of the unit another replica has held longest, if that is much longer than units
         take; they are then held by two replicas (each unit is copied once)."""
         now = time.monotonic()
-        typical = statistics.median(self._took_s[-64:]) if self._took_s else 0.0
+        typical = statistics.median(self._took_s) if self._took_s else 0.0
         for held in sorted(self.held, key=lambda h: h.handed_at):
             if held.replica == replica or held.copied:
                 continue
