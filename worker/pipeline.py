@@ -98,8 +98,8 @@ class Outbox:
         self._waiting: queue.Queue = queue.Queue(maxsize=self.MAX_WAITING_GROUPS)
         self._error: BaseException | None = None
         self._idle = idle
-        # Whether another rank had more rows than this one in the last round: it is faster, and its rows wait
-        # for this rank's rounds. Rounds are collective, so a slower rank that sent a round per several
+        # Whether another rank had clearly more rows than this one in the last round: it is faster, and its
+        # rows wait for this rank's rounds. Rounds are collective, so a slower rank that sent a round per several
         # batches capped a faster one at MAX_ROWS_PER_ROUND a round (measured: a rank at half speed then
         # added 0.44 of its own speed to a job). Behind, a rank takes part in a round per batch.
         self.behind = False
@@ -209,8 +209,12 @@ class Outbox:
         truncated = [t for _, _, batch_truncated in batches for t in batch_truncated]
         started = time.monotonic()
         gathered = self._gatherer.round(payload, indices, truncated)
-        counts = self._gatherer.last_counts
-        self.behind = max(counts, default=0) > len(indices)
+        counts, mine = self._gatherer.last_counts, len(indices)
+        most = max(counts, default=0)
+        # Ranks of one speed differ a little from round to round: only a clear lead, or another rank at the
+        # round's cap (it has more waiting), says this one is behind. (Smaller rounds cost every rank a
+        # collective, and the coordinator a commit, per batch.)
+        self.behind = 2 * most > 3 * mine or (most >= self.MAX_ROWS_PER_ROUND > mine)
         # Another rank took part with no rows (it waits for work, or has finished) while this one had some.
         self.others_waiting = bool(indices) and min(counts, default=1) <= 0
         self._deliver(gathered, started)
