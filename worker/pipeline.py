@@ -350,13 +350,23 @@ class Prefetcher:
             poll.CopyFrom(ask)
             poll.committed_only = True
             self._poll_committed = lambda: stub.FetchWork(poll, metadata=self._metadata)
-        for unit in itertools.count():
-            ask.unit, ask.max_rows = unit, self._window
-            work = stub.FetchWork(ask, metadata=self._metadata)
+
+        def asked(unit: int):
+            request = workers_pb2.FetchWorkRequest(unit=unit, max_rows=self._window)
+            request.MergeFrom(ask)
+            return stub.FetchWork.future(request, metadata=self._metadata)
+
+        # The next unit is asked for as soon as one comes, so that it is here by the time the rank needs it:
+        # asked only then, a rank waited for the answer (behind the coordinator's commits and reads) while
+        # the model emptied its queue.
+        coming = asked(0)
+        for unit in itertools.count(1):
+            work = coming.result()
             if work.committed and self._may_skip:
                 self._committed_elsewhere.update(work.committed)
             if work.done:
                 return
+            coming = asked(unit)
             for split in work.splits:
                 yield split_texts(a.spec.dataset, split)
             if not work.splits:

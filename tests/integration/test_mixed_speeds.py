@@ -21,8 +21,9 @@ def test_a_faster_rank_computes_more_rows_and_every_row_comes_once_in_order(clie
     assert [r["index"] for r in results] == list(range(ROWS))
     assert [r["chars"] for r in results] == [len(t) for t in texts]
     ranks = job.status().attempts[-1].ranks
-    assert sum(r.rows_handed for r in ranks) == ROWS
-    assert ranks[0].rows_handed > 2 * ranks[1].rows_handed, [r.rows_handed for r in ranks]
+    computed = [r.rows_handed - r.rows_skipped for r in ranks]  # rows of the slow rank's may have been copied
+    assert sum(r.rows_handed for r in ranks) >= ROWS
+    assert computed[0] > 2 * computed[1], [(r.rows_handed, r.rows_skipped) for r in ranks]
     assert f"on 127.0.0.1: {ranks[1].rows_handed} rows" in format_status(job.status())  # `distinfer status`
 
 

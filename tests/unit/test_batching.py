@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -286,14 +287,29 @@ def test_padded_real_batch_matches_the_tokenizers_own_padding(tokenizer):
 # --- Prefetcher: batch cuts -----------------------------------------------------------------------------
 
 
+class _Call:
+    """A stand-in for a unary gRPC method: called, or called as a future."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def __call__(self, request, metadata=()):
+        return self.answer(request)
+
+    def future(self, request, metadata=()):
+        response = self.answer(request)
+        return types.SimpleNamespace(result=lambda: response)
+
+
 class _WorkUnits:
     """A stand-in for the coordinator's FetchWork: units of 10 of the rows, with an empty "caught up" answer
     in place of the units numbered in `markers` (where the upload had not yet sent more)."""
 
     def __init__(self, rows: int, markers: set[int]):
         self.rows, self.markers, self.next_row = rows, markers, 0
+        self.FetchWork = _Call(self.fetch_work)
 
-    def FetchWork(self, request, metadata=()):
+    def fetch_work(self, request):
         if request.unit in self.markers:
             return workers_pb2.FetchWorkResponse()
         if self.next_row >= self.rows:
