@@ -305,8 +305,8 @@ class _WorkUnits:
     """A stand-in for the coordinator's FetchWork: units of 10 of the rows, with an empty "caught up" answer
     in place of the units numbered in `markers` (where the upload had not yet sent more)."""
 
-    def __init__(self, rows: int, markers: set[int]):
-        self.rows, self.markers, self.next_row = rows, markers, 0
+    def __init__(self, rows: int, markers: set[int], committed: list[int] = ()):
+        self.rows, self.markers, self.next_row, self.committed = rows, markers, 0, committed
         self.FetchWork = _Call(self.fetch_work)
 
     def fetch_work(self, request):
@@ -316,7 +316,8 @@ class _WorkUnits:
             return workers_pb2.FetchWorkResponse(done=True)
         indices = list(range(self.next_row, min(self.next_row + 10, self.rows)))
         self.next_row += 10
-        return workers_pb2.FetchWorkResponse(indices=indices, texts=["x" * (1 + i % 37) for i in indices])
+        texts = ["x" * (1 + i % 37) for i in indices]
+        return workers_pb2.FetchWorkResponse(indices=indices, texts=texts, committed=self.committed)
 
 
 def batch_cuts(markers: set[int]) -> list[list[int]]:
@@ -332,6 +333,17 @@ def test_batches_are_cut_from_the_units_rows_alone_wherever_caught_up_answers_fa
     cuts = [batch_cuts(markers) for markers in (set(), {0}, {2, 3}, {1, 7, 12}, set(range(20)))]
     assert all(cut == cuts[0] for cut in cuts), cuts
     assert sorted(i for batch in cuts[0] for i in batch) == list(range(200))
+
+
+def test_a_rank_skips_the_batches_of_rows_committed_elsewhere():
+    """Rows a faster rank was given a copy of and committed (FetchWorkResponse.committed): a batch all of
+    such rows is not computed; one that has some is, whole."""
+    assignment = workers_pb2.Assignment(job_id="j", attempt=1, rank=0, world_size=1)
+    units = _WorkUnits(60, set(), committed=list(range(0, 25)))
+    batches = Prefetcher(units, assignment, EchoTask(), 10_000, 16)
+    computed = [[row.index for row in batch] for batch in batches]
+    assert [i for batch in computed for i in batch] == list(range(20, 60))  # rows 20-24 share a unit with 25-29
+    assert batches.skipped_rows == 20
 
 
 def test_bfloat16_on_a_cpu_gets_the_larger_token_budget_it_was_measured_to_want():
