@@ -69,7 +69,10 @@ class WorkHandout:
                 indices=[i for i, _ in rows],
                 texts=[t for _, t in rows],
                 done=done,
-                committed=await self.db(units.committed_of_copied, self.store, request.replica),
+                # Only once a unit was copied is there anything to tell (no store call per ask before that).
+                committed=await self.db(units.committed_of_copied, self.store, request.replica)
+                if units.copied_from
+                else [],
             )
 
         return await attempt.units.unit_for(request.replica, request.unit, request.replica_ranks, take)

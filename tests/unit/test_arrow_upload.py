@@ -16,13 +16,6 @@ from distinfer.coordinator.store import MAX_CHUNK_ROWS, Store
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "state.db")
-    yield s
-    s.close()
-
-
 def arrow_rows(table: pa.Table, text_column: str = "text") -> jobs_pb2.RowBatch:
     return jobs_pb2.RowBatch(arrow=to_ipc(table), text_column=text_column)
 

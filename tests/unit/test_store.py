@@ -13,14 +13,6 @@ from store_rows import add_job_with_rows, batch, commit, job, read, result_blob,
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, ShardCursor, Store
 from distinfer.v1 import jobs_pb2
 
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "state.db")
-    yield s
-    s.close()
-
-
 # --- jobs ---------------------------------------------------------------------------------------------
 
 

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from store_rows import add_job_with_rows, batch, commit, job, result_blob, rows
 
-from distinfer.coordinator.store import SHARD_BATCH_CHARS, Store
+from distinfer.coordinator.store import SHARD_BATCH_CHARS
 from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, WorkUnits
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "state.db")
-    yield s
-    s.close()
 
 
 def test_every_row_is_handed_once_in_order_in_units_that_shrink_towards_the_end(store):
