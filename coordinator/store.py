@@ -225,45 +225,52 @@ class Store(OldStoreUpgrades):
         indices = results.column(INDEX).to_numpy()
         if not len(indices):
             return 0
+        # Rank 0 reports in index order (each block's rows are then one slice); others' rows are sorted once.
+        if (indices[1:] < indices[:-1]).any():  # (not np.diff: indices may be unsigned)
+            order = np.argsort(indices, kind="stable")
+            results, indices = results.take(order), indices[order]
+        new_row = np.ones(len(indices), dtype=bool)
+        new_row[1:] = indices[1:] != indices[:-1]  # a row repeated within the commit counts once
         blocks = indices // RESULT_BLOCK_ROWS
-        order = np.argsort(blocks, kind="stable")  # each block's rows together, in commit order
-        starts = np.flatnonzero(np.diff(blocks[order])) + 1  # where the next block's rows begin
-        added = 0
-        for rows in np.split(order, starts):
-            block = int(blocks[rows[0]])
-            offsets = (indices[rows] % RESULT_BLOCK_ROWS).astype(np.uint16)
-            seq, stored = 0, []
+        starts = np.flatnonzero(np.diff(blocks)) + 1
+        pieces, added = [], 0
+        for begin, end in zip([0, *starts], [*starts, len(indices)]):  # each block's rows: a slice
+            block = int(blocks[begin])
+            offsets = (indices[begin:end] % RESULT_BLOCK_ROWS).astype("<u2")
+            keep, seq = new_row[begin:end].copy(), 0
+            stored = np.zeros(RESULT_BLOCK_ROWS, dtype=bool)
             for last_seq, packed_offsets in self._db.execute(
                 "SELECT seq, offsets FROM result_batches WHERE job_id = ? AND block = ?", (job_id, block)
             ):
-                stored.append(np.frombuffer(packed_offsets, "<u2"))
+                stored[np.frombuffer(packed_offsets, "<u2")] = True
                 seq = last_seq + 1
-            _, first = np.unique(offsets, return_index=True)  # a row repeated within the commit counts once
-            keep = np.zeros(len(rows), dtype=bool)
-            keep[first] = True
-            if stored:
-                keep &= ~np.isin(offsets, np.concatenate(stored))
+            keep &= ~stored[offsets]
             if not keep.any():
                 continue
-            kept = rows[keep]
-            data = to_ipc(results.take(kept))
-            position = self._result_files.append(job_id, data)  # in the file before its row commits
-            self._db.execute(
-                "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
-                "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    block,
-                    seq,
-                    attempt,
-                    len(kept),
-                    int(offsets[keep].max()),
-                    offsets[keep].astype("<u2").tobytes(),
-                    position,
-                    len(data),
-                ),
-            )
-            added += len(kept)
+            rows = results.slice(begin, end - begin)
+            if not keep.all():
+                rows, offsets = rows.filter(pa.array(keep)), offsets[keep]
+            pieces.append((block, seq, offsets, to_ipc(rows)))
+            added += len(offsets)
+        if pieces:  # one write, in the file before its rows commit
+            position = self._result_files.append(job_id, b"".join(data for *_, data in pieces))
+            for block, seq, offsets, data in pieces:
+                self._db.execute(
+                    "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
+                    "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        block,
+                        seq,
+                        attempt,
+                        len(offsets),
+                        int(offsets.max()),
+                        offsets.tobytes(),
+                        position,
+                        len(data),
+                    ),
+                )
+                position += len(data)
         return added
 
     def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> np.ndarray:
