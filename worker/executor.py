@@ -273,7 +273,7 @@ class Executor:
             return PartWriter(a, splits, to_table).reports
 
         def results(gathered):
-            for part in gathered.parts(STREAM_MESSAGE_BYTES):
+            for part in gathered.in_index_order().parts(STREAM_MESSAGE_BYTES):
                 yield workers_pb2.ReportResultsRequest(job_id=a.job_id, attempt=a.attempt, arrow=to_ipc(to_table(part)))
 
         return results

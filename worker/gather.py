@@ -30,6 +30,24 @@ class Gathered:
     def __len__(self) -> int:
         return len(self.indices)
 
+    @staticmethod
+    def joined(rounds: list[Gathered]) -> Gathered:
+        """Several rounds as one (their rows have the job's one width)."""
+        rounds = [r for r in rounds if len(r)] or rounds[:1]
+        if len(rounds) == 1:
+            return rounds[0]
+        return Gathered(
+            np.concatenate([r.indices for r in rounds]),
+            np.concatenate([r.truncated for r in rounds]),
+            torch.cat([r.rows for r in rounds]),
+        )
+
+    def in_index_order(self) -> Gathered:
+        """The rows sorted by index: the coordinator stores a report's rows of each block of indices as one
+        slice then (batches are sorted by length, so a round's indices are scattered)."""
+        order = np.argsort(self.indices, kind="stable")
+        return Gathered(self.indices[order], self.truncated[order], self.rows[torch.from_numpy(order)])
+
     def parts(self, max_bytes: int) -> list[Gathered]:
         """The round cut into parts of about max_bytes of rows at most (at least a row each): a GPU round of
         wide rows (16 KiB a row for a 4,096-wide embedding) can hold far more than one gRPC message takes."""

@@ -27,6 +27,9 @@ WINDOW_GROWTH = 4
 MAX_WINDOW_ROWS = 8192
 PREFETCH_BATCHES = 8
 POLL_COMMITTED_S = 0.5  # how often a rank busy with the rows it holds asks which of them are done elsewhere
+# Rank 0 reports its gathered rounds together, up to these many rows or this long after the first one held:
+# each report costs the coordinator a transaction and a wake-up of every reader, whatever its size.
+REPORT_ROWS, REPORT_AFTER_S = 4096, 0.2
 
 
 def start_helper_thread(target, name: str) -> threading.Thread:
@@ -413,7 +416,20 @@ class ResultSender:
     def _messages(self):
         try:
             while (gathered := self._queue.get()) is not None:
-                yield from self._reports(gathered)
+                held, ending = [gathered], False
+                flush_at = time.monotonic() + REPORT_AFTER_S
+                while sum(map(len, held)) < REPORT_ROWS and (left := flush_at - time.monotonic()) > 0:
+                    try:
+                        gathered = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if gathered is None:
+                        ending = True
+                        break
+                    held.append(gathered)
+                yield from self._reports(Gathered.joined(held))
+                if ending:
+                    return
         except BaseException as exc:  # gRPC would only say "Exception iterating requests!" (UNKNOWN)
             self._error = exc
             raise

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -225,3 +226,29 @@ def test_result_sender_fails_instead_of_blocking_when_its_stream_failed_with_a_f
     thread.join(timeout=10)
     assert not thread.is_alive(), "rank 0 blocked on the full queue of a failed results stream"
     assert raised and "the coordinator went away" in str(raised[0]), raised
+
+
+class _RecordingResultsStub:
+    def __init__(self):
+        self.reports = []
+
+    def ReportResults(self, requests, metadata=()):
+        self.reports += list(requests)
+
+
+def test_rank_zero_joins_the_rounds_that_come_within_a_moment_into_one_report_in_index_order():
+    from distinfer.worker.gather import Gathered
+    from distinfer.worker.pipeline import REPORT_AFTER_S, ResultSender
+
+    stub = _RecordingResultsStub()
+    sender = ResultSender(stub, lambda gathered: [gathered.in_index_order()])
+    for first in (30, 0, 20, 10):  # rounds of length-sorted batches: indices scattered
+        indices = np.array([first + 3, first, first + 1])
+        sender.send(Gathered(indices, np.zeros(3, np.int64), torch.tensor(indices, dtype=torch.float32)[:, None]))
+    time.sleep(REPORT_AFTER_S * 3)  # the next round comes too late to wait for: a report of its own
+    sender.send(Gathered(np.array([40]), np.zeros(1, np.int64), torch.tensor([[40.0]])))
+    sender.close()
+    first, late = stub.reports
+    assert first.indices.tolist() == sorted([f + d for f in (0, 10, 20, 30) for d in (0, 1, 3)])
+    assert first.rows[:, 0].tolist() == first.indices.tolist()  # each row stays with its index
+    assert late.indices.tolist() == [40]
