@@ -35,6 +35,7 @@ ROW_GROUP_ROWS = 5_000  # in place: a split per row group
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHORT_CHARS = 48
 IDLE_S, SETTLE_S = 5.0, 3.0
+NO_MODEL = "streamed, Parquet out, no model (384 floats a row)"
 
 
 def tiny_encoder(folder: Path) -> str:
@@ -169,15 +170,18 @@ def run(quick: bool = False, rows: int | None = None) -> dict:
                 run_cli(["submit", "--coordinator", cluster.address, *common, *one_row_args])[1] for _ in range(3)
             )
             idle = idle_cpu_per_s(cluster.coordinator.pid)
+            # The last: the same rows and 384-float vectors at the plumbing's own rate, with no model (simulate).
+            no_model = ["--task", "simulate", "--simulated-vector-width", "384", "--workers", str(RANKS)]
             for name, args, output in (
-                ("streamed, Parquet out", ["--input", str(data_jsonl)], tmp / "out.parquet"),
-                ("streamed, JSONL out", ["--input", str(data_jsonl)], tmp / "out.jsonl"),
-                ("in place, Parquet in and out", ["--in-place", "--input", str(data_parquet)], tmp / "out"),
+                ("streamed, Parquet out", [*common, "--input", str(data_jsonl)], tmp / "out.parquet"),
+                ("streamed, JSONL out", [*common, "--input", str(data_jsonl)], tmp / "out.jsonl"),
+                ("in place, Parquet in and out", [*common, "--in-place", "--input", str(data_parquet)], tmp / "out"),
+                (NO_MODEL, [*no_model, "--input", str(data_jsonl)], tmp / "out.parquet"),
             ):
-                entries.append(distinfer_run(cluster, name, [*common, *args], output, rows, idle, start_up))
+                entries.append(distinfer_run(cluster, name, args, output, rows, idle, start_up))
                 (shutil.rmtree if output.is_dir() else Path.unlink)(output)
     for entry in entries:
-        entry["vs_plain"] = entry["rows_per_s"] / (rows / plain_s)
+        entry["vs_plain"] = None if entry["name"] == NO_MODEL else entry["rows_per_s"] / (rows / plain_s)
     return {
         "rows": rows,
         "ranks": RANKS,
@@ -198,8 +202,9 @@ def markdown(section: dict) -> str:
         f"| plain single-process loop | {section['plain_rows_per_s']:,.0f} | 1.00 | - | - | - | - | - |",
     ]
     for e in section["entries"]:
+        vs_plain = "-" if e["vs_plain"] is None else f"{e['vs_plain']:.2f}"
         lines.append(
-            f"| distinfer, {e['name']} | {e['rows_per_s']:,.0f} | {e['vs_plain']:.2f} "
+            f"| distinfer, {e['name']} | {e['rows_per_s']:,.0f} | {vs_plain} "
             f"| {e['coordinator_us_per_row']:.2f} / {e['coordinator_rows_us_per_row']:.2f} "
             f"| {e['coordinator_core_fraction']:.3f} "
             f"| {e['client_us_per_row']:.1f} / {e['client_rows_us_per_row']:.1f} | {e['workers_us_per_row']:.1f} "

@@ -110,6 +110,7 @@ class Client:
         vector_dtype: str = "",
         simulated_batch_ms: int = 0,
         simulated_rank_batch_ms: Iterable[int] = (),
+        simulated_vector_width: int = 0,
         generate: dict | None = None,
         tp_size: int = 0,
         queue_timeout_s: float = 0.0,
@@ -133,6 +134,7 @@ class Client:
             vector_dtype=vector_dtype,
             simulated_batch_ms=simulated_batch_ms,
             simulated_rank_batch_ms=simulated_rank_batch_ms,
+            simulated_vector_width=simulated_vector_width,
         )
         if generate is not None:  # e.g. {"max_new_tokens": 32, "temperature": 0.7, "seed": 1, "stop": ["\n"]}
             options.generate.CopyFrom(jobs_pb2.GenerateOptions(**generate))

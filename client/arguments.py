@@ -66,6 +66,12 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--simulated-batch-ms", type=int, default=0, help="simulate: how long each batch's stand-in compute sleeps"
     )
+    p.add_argument(
+        "--simulated-vector-width",
+        type=int,
+        default=0,
+        help="simulate: also return an embedding of this many floats a row (the data path with real-size vectors)",
+    )
     gen = p.add_argument_group("generate")
     gen.add_argument("--max-new-tokens", type=int, default=0, help="tokens to add at most (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")

@@ -192,6 +192,7 @@ def _job_keywords(args, model: str, workers: int) -> dict:
         stall_timeout_s=args.stall_timeout,
         generate=_generate_options(args),
         simulated_batch_ms=args.simulated_batch_ms,
+        simulated_vector_width=args.simulated_vector_width,
         tp_size=args.tp_size,
     )
 

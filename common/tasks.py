@@ -15,6 +15,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 MAX_LENGTH_LIMIT = 1_000_000
 MAX_NEW_TOKENS_LIMIT = 32_768
+MAX_SIMULATED_VECTOR_WIDTH = 65_536  # a model's widest hidden size, with room
 # The states a job can be in, by name (JOB_STATE_UNSPECIFIED is none of them): what ListJobs filters on.
 JOB_STATES = tuple(name for name in jobs_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED")
 
@@ -44,8 +45,15 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument("dataset options need dataset.input, the dataset the workers read in place")
     if spec.options.vector_dtype not in VECTOR_DTYPES:
         raise InvalidArgument(f"unknown vector_dtype {shown(spec.options.vector_dtype)}: choose float32 or float16")
-    if (spec.options.simulated_batch_ms or spec.options.simulated_rank_batch_ms) and spec.task != "simulate":
-        raise InvalidArgument("simulated_batch_ms and simulated_rank_batch_ms apply to the simulate task only")
+    simulated = spec.options.simulated_batch_ms or spec.options.simulated_rank_batch_ms
+    if (simulated or spec.options.simulated_vector_width) and spec.task != "simulate":
+        raise InvalidArgument(
+            "simulated_batch_ms, simulated_rank_batch_ms and simulated_vector_width apply to the simulate task only"
+        )
+    if spec.options.simulated_vector_width > MAX_SIMULATED_VECTOR_WIDTH:
+        raise InvalidArgument(
+            f"simulated_vector_width {spec.options.simulated_vector_width} is more than {MAX_SIMULATED_VECTOR_WIDTH}"
+        )
     g = spec.options.generate
     if spec.options.HasField("generate") and spec.task != "generate":
         raise InvalidArgument("generate options apply to the generate task only")

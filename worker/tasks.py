@@ -217,10 +217,32 @@ class EchoTask(Task):
 
 
 class SimulateTask(EchoTask):
-    """Echo with a fixed compute time per batch: a stand-in model for measuring coordination and scaling."""
+    """Echo with a fixed compute time per batch, and vectors of a set width if asked: a stand-in model for
+    measuring coordination, scaling and the data path."""
 
     name = "simulate"
     default_max_rows = 64
+
+    def __init__(self):
+        self.width = 1
+
+    def start_job(self, options):
+        self.width = 1 + options.simulated_vector_width  # the length, then the vector
+
+    def inputs(self, batch):
+        chars = super().inputs(batch)["chars"]
+        if self.width == 1:
+            return {"chars": chars}
+        # Values that differ by row and position, so that files of them are as big as real vectors' are.
+        index = torch.tensor([r.index for r in batch], dtype=torch.float64)[:, None]
+        vector = torch.sin(index * torch.arange(1, self.width, dtype=torch.float64)).float()
+        return {"chars": torch.cat([chars, vector], dim=1)}
+
+    def columns(self, gathered, options):
+        columns = super().columns(gathered, options)
+        if self.width > 1:
+            columns["embedding"] = vectors(gathered.rows[:, 1:].numpy(), options.vector_dtype)
+        return columns
 
     def forward(self, inputs, options):
         time.sleep(options.simulated_batch_ms / 1000)

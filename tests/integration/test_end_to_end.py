@@ -287,6 +287,16 @@ def test_echo_task_runs_the_whole_path_without_a_model(client, sample_rows):
     assert [(r["index"], r["chars"]) for r in job.results()] == [(i, len(t)) for i, t in enumerate(texts)]
 
 
+def test_simulate_returns_vectors_of_the_width_asked_for_without_a_model(client, sample_rows):
+    texts = [r["text"] for r in sample_rows]
+    job = client.submit(texts, model="", task="simulate", workers=2, simulated_vector_width=384)
+    got = np.concatenate([batch["embedding"] for batch in job.arrays()])
+    assert got.shape == (len(texts), 384) and got.dtype == np.float32
+    expected = np.sin(np.arange(len(texts), dtype=np.float64)[:, None] * np.arange(1, 385)).astype(np.float32)
+    np.testing.assert_array_equal(got, expected)
+    assert [r["chars"] for r in job.results()] == [len(t) for t in texts]
+
+
 def test_an_arrow_table_uploads_as_it_is_and_its_other_columns_come_back_typed(client, cluster, sample_rows):
     texts = [r["text"] for r in sample_rows]
     table = pa.table({"id": pa.array(range(len(texts)), pa.int32()), "text": texts, "score": [0.5] * len(texts)})

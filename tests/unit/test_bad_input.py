@@ -167,6 +167,13 @@ def test_missing_model_and_contradictory_options_are_invalid_argument(coordinato
         coordinator.address,
         [jobs_pb2.SubmitJobRequest(spec=spec(options=jobs_pb2.TaskOptions(vector_dtype="bfloat16"))), rows("a")],
     )
+    expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "simulated_vector_width apply to the simulate task only",
+        raw_submit,
+        coordinator.address,
+        [jobs_pb2.SubmitJobRequest(spec=spec(options=jobs_pb2.TaskOptions(simulated_vector_width=8))), rows("a")],
+    )
 
 
 def test_first_message_must_be_the_spec(coordinator):

@@ -185,6 +185,7 @@ class TaskOptions(_message.Message):
     GENERATE_FIELD_NUMBER: _builtins.int
     VECTOR_DTYPE_FIELD_NUMBER: _builtins.int
     SIMULATED_RANK_BATCH_MS_FIELD_NUMBER: _builtins.int
+    SIMULATED_VECTOR_WIDTH_FIELD_NUMBER: _builtins.int
     normalize: _builtins.bool
     """embed: L2-normalise the pooled embedding. Unset means true (what sentence-transformers models expect)."""
     return_logits: _builtins.bool
@@ -208,6 +209,10 @@ class TaskOptions(_message.Message):
     """embed, and classify's logits: the dtype vectors travel in and are written in: "float32" (the default) or
     "float16" (half the bytes; about three significant digits, enough for cosine similarity).
     """
+    simulated_vector_width: _builtins.int
+    """simulate: also return an embedding of this many float32 values per row (value j of row i: sin(i * (j + 1))),
+    to measure the data path with real-size vectors and no model.
+    """
     @_builtins.property
     def generate(self) -> Global___GenerateOptions: ...
     @_builtins.property
@@ -229,10 +234,11 @@ class TaskOptions(_message.Message):
         generate: Global___GenerateOptions | None = ...,
         vector_dtype: _builtins.str = ...,
         simulated_rank_batch_ms: _abc.Iterable[_builtins.int] | None = ...,
+        simulated_vector_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "generate", b"generate", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms", "simulated_rank_batch_ms", b"simulated_rank_batch_ms", "vector_dtype", b"vector_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "batch_size", b"batch_size", "dtype", b"dtype", "generate", b"generate", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "normalize", b"normalize", "return_logits", b"return_logits", "simulated_batch_ms", b"simulated_batch_ms", "simulated_rank_batch_ms", b"simulated_rank_batch_ms", "simulated_vector_width", b"simulated_vector_width", "vector_dtype", b"vector_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
