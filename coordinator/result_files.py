@@ -31,8 +31,9 @@ class ResultFiles:
     def _path(self, job_id: str) -> Path:
         return self._folder / f"{job_id}.arrows"
 
-    def append(self, job_id: str, data: bytes) -> int:
-        """Append a batch; returns its position. In the OS's hands (it survives our crash) when this returns."""
+    def append(self, job_id: str, data: bytes | memoryview) -> int:
+        """Append batches (bytes or any buffer, a pyarrow.Buffer too); returns their position. In the OS's hands
+        (it survives our crash) when this returns."""
         fd = self._fd(job_id)
         position = os.lseek(fd, 0, os.SEEK_END)
         view = memoryview(data)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
-from distinfer.common.result_columns import INDEX, from_ipc, to_ipc, with_passthrough
+from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
 from distinfer.coordinator import input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.coordinator.result_files import ResultFiles
@@ -234,6 +234,7 @@ class Store(OldStoreUpgrades):
         blocks = indices // RESULT_BLOCK_ROWS
         starts = np.flatnonzero(np.diff(blocks)) + 1
         pieces, added = [], 0
+        sink = pa.BufferOutputStream()  # every block's rows as an IPC stream of its own, one after the other
         for begin, end in zip([0, *starts], [*starts, len(indices)]):  # each block's rows: a slice
             block = int(blocks[begin])
             offsets = (indices[begin:end] % RESULT_BLOCK_ROWS).astype("<u2")
@@ -250,11 +251,14 @@ class Store(OldStoreUpgrades):
             rows = results.slice(begin, end - begin)
             if not keep.all():
                 rows, offsets = rows.filter(pa.array(keep)), offsets[keep]
-            pieces.append((block, seq, offsets, to_ipc(rows)))
+            start = sink.tell()
+            with pa.ipc.new_stream(sink, rows.schema) as writer:
+                writer.write(rows)
+            pieces.append((block, seq, offsets, start, sink.tell() - start))
             added += len(offsets)
-        if pieces:  # one write, in the file before its rows commit
-            position = self._result_files.append(job_id, b"".join(data for *_, data in pieces))
-            for block, seq, offsets, data in pieces:
+        if pieces:  # one write (no copy to Python bytes), in the file before its rows commit
+            position = self._result_files.append(job_id, sink.getvalue())
+            for block, seq, offsets, start, size in pieces:
                 self._db.execute(
                     "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
                     "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -266,11 +270,10 @@ class Store(OldStoreUpgrades):
                         len(offsets),
                         int(offsets.max()),
                         offsets.tobytes(),
-                        position,
-                        len(data),
+                        position + start,
+                        size,
                     ),
                 )
-                position += len(data)
         return added
 
     def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> np.ndarray:
