@@ -14,7 +14,25 @@ from distinfer.coordinator.scheduler import Placement
 from distinfer.coordinator.work_units import WorkUnits
 from distinfer.v1 import jobs_pb2
 
-TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
+S = jobs_pb2
+UPLOADING = S.JOB_STATE_UNSPECIFIED  # first rows not in yet: not in the job list, dropped if the coordinator restarts
+TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+# The job state machine (docs/ARCHITECTURE.md, "Job states"): every change of state goes through Job.move_to.
+# Back to QUEUED: an attempt failed, or the coordinator restarted; SUCCEEDED from QUEUED or SCHEDULED: every row
+# was committed before the attempt that was to compute them ended.
+TRANSITIONS = {
+    UPLOADING: {S.QUEUED},
+    S.QUEUED: {S.SCHEDULED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
+    S.SCHEDULED: {S.RUNNING, S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
+    S.RUNNING: {S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
+    **{state: set() for state in TERMINAL},
+}
+# Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
+MESSAGE_LIMIT = 2000
+
+
+class IllegalTransition(RuntimeError):
+    """A change of state the job state machine does not have: a bug in the coordinator."""
 
 
 @dataclass
@@ -48,6 +66,15 @@ class Job:
     # The columns of its first result report this run: every later one must have the same (a store reads a
     # job's batches as one table).
     result_schema: pa.Schema | None = None
+
+    def move_to(self, state: int, message: str, error_code: str = "") -> None:
+        """The one place a job's state changes; an ended job also gets its end time and error code."""
+        if state not in TRANSITIONS[self.status.state]:
+            name = S.JobState.Name
+            raise IllegalTransition(f"job {self.job_id}: no transition from {name(self.status.state)} to {name(state)}")
+        self.status.state, self.status.message = state, message[:MESSAGE_LIMIT]
+        if state in TERMINAL:
+            self.status.error_code, self.status.finished_at = error_code, time.time()
 
     def notify(self) -> None:
         old, self.changed = self.changed, asyncio.Event()

@@ -29,7 +29,7 @@ from distinfer.common.errors import (
 from distinfer.common.result_columns import INDEX, check_results, from_ipc
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS, validate_spec
 from distinfer.coordinator import in_place, input_chunks
-from distinfer.coordinator.job import TERMINAL, Job, job_ended
+from distinfer.coordinator.job import MESSAGE_LIMIT, TERMINAL, UPLOADING, Job, job_ended
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
@@ -44,12 +44,9 @@ from distinfer.v1 import jobs_pb2, workers_pb2
 log = structlog.get_logger(__name__)
 
 S = jobs_pb2
-UPLOADING = S.JOB_STATE_UNSPECIFIED  # rows still arriving: not schedulable, dropped if the coordinator restarts
 # How an attempt that a coordinator's stop or crash cut short is ended when the coordinator starts again. Such
 # an attempt is not counted against the job's max_attempts: it was not the job's fault, nor the workers'.
 COORDINATOR_RESTARTED = "coordinator restarted"
-# Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
-MESSAGE_LIMIT = 2000
 
 
 class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
@@ -99,14 +96,13 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
                 status.splits_done, status.rows_done = await self.db(self.store.splits.progress, status.job_id)
             else:
                 status.rows_done = await self.db(self.store.count_results, status.job_id)
+            job = self.jobs[status.job_id] = Job(status)
             if status.state not in TERMINAL and status.state != S.QUEUED:
                 if status.attempts and not status.attempts[-1].ended_at:
                     status.attempts[-1].end_reason = COORDINATOR_RESTARTED
                     status.attempts[-1].ended_at = time.time()
-                status.state = S.QUEUED
-                status.message = "coordinator restarted: waiting for workers"
+                job.move_to(S.QUEUED, "coordinator restarted: waiting for workers")
                 await self.db(self.store.save_job, status)
-            job = self.jobs[status.job_id] = Job(status)
             if status.state == S.QUEUED and status.rows_done == status.num_rows:
                 # Every row was committed before the stop (its ranks' last reports were lost with it): nothing
                 # is left to compute, so no attempt, nor a model load, for it.
@@ -156,8 +152,9 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
                 if caught_up and job is not None and job.attempt is not None:
                     job.attempt.moved_on()  # its ranks had no rows left: their time waiting was no stall
                 if job is None:  # schedulable from its first rows on: it runs while the rest arrives
-                    status.state, status.uploading, status.message = S.QUEUED, True, "waiting for slots"
+                    status.uploading = True
                     job = self.jobs[status.job_id] = Job(status)
+                    job.move_to(S.QUEUED, "waiting for slots")
                     self._uploads_without_rows -= 1
                     self.wake()
                     if accepted is not None:
@@ -178,8 +175,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
             if job is not None:  # nothing of a failed upload is accepted, even rows already computed
                 del self.jobs[status.job_id]
                 await self._end_attempt(job, "its upload failed", requeue=False)
-                status.state, status.message = S.FAILED, "its upload failed"  # for streams already open
-                job.notify()
+                await self._finish(job, S.FAILED, "its upload failed")  # for streams already open
             await self.db(self.store.delete_job, status.job_id)
             raise
         log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
@@ -312,8 +308,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
             if len(attempt.joined) == len(attempt.placements):
                 attempt.moved_on()
                 record.running_at = time.time()
-                job.status.state = S.RUNNING
-                job.status.message = f"running on {len(attempt.placements)} ranks"
+                job.move_to(S.RUNNING, f"running on {len(attempt.placements)} ranks")
                 job.status.started_at = job.status.started_at or time.time()
                 await self._save(job)
         elif event.kind == workers_pb2.SlotEvent.FINISHED:
@@ -390,23 +385,19 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
             if counted >= max_attempts:
                 await self._finish(job, S.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED")
             else:
-                job.status.state = S.QUEUED
-                job.status.message = f"attempt {attempt.number} failed ({reason}); waiting to retry"
+                job.move_to(S.QUEUED, f"attempt {attempt.number} failed ({reason}); waiting to retry")
                 await self._save(job)
         self.wake()
 
     async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+        job.move_to(state, message, error_code)  # before any await: a cancel meanwhile finds the job ended
         self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
-        job.status.state = state  # before any await: a cancel meanwhile finds the job ended
-        job.status.error_code = error_code
-        job.status.finished_at = time.time()
         if state == S.SUCCEEDED and in_place.reads_in_place(job.status.spec):
             numbers = await self.db(self.store.splits.numbers, job.job_id)
             try:
                 await in_place.finish(job.job_id, job.status.spec.dataset, numbers, job.status.num_rows)
             except (OSError, ValueError) as exc:  # the parts are all there; only the marker file is missing
-                message += f" (but _SUCCESS.json could not be written: {exc})"
-        job.status.message = message[:MESSAGE_LIMIT]
+                job.status.message = f"{message} (but _SUCCESS.json could not be written: {exc})"[:MESSAGE_LIMIT]
         await self._save(job)
         log.info("job_finished", job_id=job.job_id, state=S.JobState.Name(state), message=message)
 

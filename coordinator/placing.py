@@ -92,8 +92,7 @@ class Placing:
             record.ranks.add(rank=p.rank, worker_id=p.worker_id, host=p.host, slot=p.slot, device=p.device)
             self.registry.assign(p.worker_id, p.slot, job.job_id, number)
         job.attempt = attempt
-        job.status.state = S.SCHEDULED
-        job.status.message = f"attempt {number}: forming a group of {len(placements)} ranks"
+        job.move_to(S.SCHEDULED, f"attempt {number}: forming a group of {len(placements)} ranks")
         await self._save(job)
         if job.attempt is not attempt:
             return  # ended while it was saved (cancelled, a worker lost, the upload failed): tell no one to start

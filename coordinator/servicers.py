@@ -9,7 +9,8 @@ import structlog
 
 from distinfer.common.errors import JOB_ID_KEY, DistinferError, InvalidArgument, grpc_errors
 from distinfer.coordinator import input_chunks
-from distinfer.coordinator.jobs import MESSAGE_LIMIT, JobManager
+from distinfer.coordinator.job import MESSAGE_LIMIT
+from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.listing import list_page
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
