@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from distinfer.client.conversions import table_rows, vector_array
 from distinfer.common.result_columns import INDEX, META, json_default, parquet_options
+from distinfer.common.tasks import TASK_KINDS
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy"}
 
@@ -37,7 +38,7 @@ def output_format(path: Path, asked: str | None = None, task: str | None = None)
             f"--output {path}: cannot tell the format from {path.suffix or 'a name without an extension'}; "
             f"name it {known}, or pass --output-format jsonl|parquet|npy"
         )
-    if fmt == "npy" and task not in (None, "embed"):
+    if fmt == "npy" and task in TASK_KINDS and "embedding" not in TASK_KINDS[task].columns:
         raise OutputError(
             f"--output {path}: .npy holds embeddings only; the {task} task's results need .parquet or .jsonl"
         )

@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from distinfer.common.errors import InvalidArgument, shown
 from distinfer.v1 import jobs_pb2
 
-TASKS = ("embed", "classify", "generate", "echo", "simulate")
-# Tasks that measure and test the system's plumbing without a model.
-MODEL_FREE_TASKS = ("echo", "simulate")
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What every part knows of a task: the coordinator validates jobs by it, the client picks flags and output
+    formats by it, and a worker maps its name to the code that computes it (worker/tasks.py)."""
+
+    name: str
+    needs_model: bool
+    # Options only this task takes (TaskOptions fields, and JobSpec.tp_size): set for another task, refused.
+    options: tuple[str, ...]
+    # Its result columns (common/result_columns.py has their Arrow types), besides index and truncated_tokens.
+    columns: tuple[str, ...]
+
+
+TASK_KINDS = {
+    kind.name: kind
+    for kind in (
+        TaskKind("embed", True, (), ("embedding",)),
+        TaskKind("classify", True, ("return_logits",), ("label", "score", "logits")),
+        TaskKind(
+            "generate", True, ("generate", "tp_size"), ("text", "prompt_tokens", "generated_tokens", "finish_reason")
+        ),
+        # No model: the plumbing measured and tested on its own.
+        TaskKind("echo", False, (), ("chars",)),
+        TaskKind(
+            "simulate",
+            False,
+            ("simulated_batch_ms", "simulated_rank_batch_ms", "simulated_vector_width"),
+            ("chars", "embedding"),
+        ),
+    )
+}
+TASKS = tuple(TASK_KINDS)
 DTYPES = ("", "auto", "float32", "bfloat16", "float16")
 VECTOR_DTYPES = ("", "float32", "float16")  # Arrow, Parquet and NumPy have no bfloat16
 DEFAULT_MAX_ATTEMPTS = 3
@@ -22,7 +54,7 @@ JOB_STATES = tuple(name for name in jobs_pb2.JobState.keys() if name != "JOB_STA
 
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:
     """Raise InvalidArgument with a sentence the user can act on."""
-    if not spec.model.strip() and spec.task not in MODEL_FREE_TASKS:
+    if not spec.model.strip() and TASK_KINDS.get(spec.task, TASK_KINDS["embed"]).needs_model:
         raise InvalidArgument(
             "the job names no model: give one (--model; spec.model in the protocol), a local model directory or "
             "a cached name"
@@ -45,30 +77,31 @@ def validate_spec(spec: jobs_pb2.JobSpec) -> None:
         raise InvalidArgument("dataset options need dataset.input, the dataset the workers read in place")
     if spec.options.vector_dtype not in VECTOR_DTYPES:
         raise InvalidArgument(f"unknown vector_dtype {shown(spec.options.vector_dtype)}: choose float32 or float16")
-    simulated = spec.options.simulated_batch_ms or spec.options.simulated_rank_batch_ms
-    if (simulated or spec.options.simulated_vector_width) and spec.task != "simulate":
-        raise InvalidArgument(
-            "simulated_batch_ms, simulated_rank_batch_ms and simulated_vector_width apply to the simulate task only"
-        )
+    for kind in TASK_KINDS.values():
+        for option in kind.options:
+            if kind.name != spec.task and _is_set(spec, option):
+                raise InvalidArgument(f"{option} applies to the {kind.name} task only, not {spec.task}")
     if spec.options.simulated_vector_width > MAX_SIMULATED_VECTOR_WIDTH:
         raise InvalidArgument(
             f"simulated_vector_width {spec.options.simulated_vector_width} is more than {MAX_SIMULATED_VECTOR_WIDTH}"
         )
     g = spec.options.generate
-    if spec.options.HasField("generate") and spec.task != "generate":
-        raise InvalidArgument("generate options apply to the generate task only")
     if g.temperature < 0 or not 0 <= g.top_p <= 1:
         raise InvalidArgument(f"temperature must be >= 0 and top_p within [0, 1] (got {g.temperature}, {g.top_p})")
     if g.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise InvalidArgument(f"max_new_tokens {g.max_new_tokens} is more than {MAX_NEW_TOKENS_LIMIT}")
     if spec.tp_size > 1:
-        if spec.task != "generate":
-            raise InvalidArgument(f"tp_size applies to the generate task only, not {spec.task}")
         for name in ("min_workers", "max_workers"):
             if getattr(spec, name) % spec.tp_size:
                 raise InvalidArgument(
                     f"{name} ({getattr(spec, name)}) must be a multiple of tp_size ({spec.tp_size}): "
                     "workers counts ranks, and each replica of the model takes tp_size of them"
                 )
-    if spec.options.return_logits and spec.task != "classify":
-        raise InvalidArgument("return_logits applies to the classify task only")
+
+
+def _is_set(spec: jobs_pb2.JobSpec, option: str) -> bool:
+    if option == "tp_size":
+        return spec.tp_size > 1  # 1: no tensor parallelism, as 0
+    if option == "generate":
+        return spec.options.HasField("generate")
+    return bool(getattr(spec.options, option))

@@ -30,6 +30,7 @@ from distinfer.common.channels import STREAM_MESSAGE_BYTES, ChannelSecurity, ope
 from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.common.result_columns import result_batch, to_ipc
+from distinfer.common.tasks import TASK_KINDS
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
@@ -284,7 +285,7 @@ class Executor:
         task_class = TASKS.get(spec.task)
         if task_class is None:
             raise BadModel(f"this worker does not know the task {spec.task!r}")
-        if not task_class.needs_model:
+        if not TASK_KINDS[spec.task].needs_model:
             task = task_class()
         else:
             path = self.policy.resolve(spec.model)

@@ -34,8 +34,7 @@ from distinfer.worker.parallel import Layout, check_splittable, tensor_parallel_
 
 
 class Task:
-    name = ""
-    needs_model = True
+    name = ""  # its TaskKind in common/tasks.py: whether it needs a model, its options and result columns
     # Most rows in a batch when the job does not say; None: the device's default.
     default_max_rows: int | None = None
     # A batch is one forward pass of large ops (not many small steps, nor a sleep): on a CPU it may be
@@ -198,7 +197,6 @@ class EchoTask(Task):
     """No model: each row's length in characters. Tests and measures everything around the model."""
 
     name = "echo"
-    needs_model = False
     default_max_rows = 4096
     width = 1
 

@@ -169,7 +169,7 @@ def test_missing_model_and_contradictory_options_are_invalid_argument(coordinato
     )
     expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
-        "simulated_vector_width apply to the simulate task only",
+        "simulated_vector_width applies to the simulate task only, not embed",
         raw_submit,
         coordinator.address,
         [jobs_pb2.SubmitJobRequest(spec=spec(options=jobs_pb2.TaskOptions(simulated_vector_width=8))), rows("a")],
