@@ -5,17 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import wait_until
 
 from distinfer.client.api import JobFailed
 from distinfer.v1 import jobs_pb2
-
-
-def wait_until(predicate, timeout_s: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def test_jobs_share_the_cluster_on_disjoint_slots_and_cancel_frees_them(client, sample_rows):

@@ -12,6 +12,8 @@ import os
 import signal
 import time
 
+from helpers import wait_for_rows
+
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 from distinfer.v1 import jobs_pb2
@@ -34,14 +36,6 @@ def counted(status: jobs_pb2.JobStatus) -> list[jobs_pb2.Attempt]:
     """The attempts that count: not those that met a rendezvous port held by another program (here, the
     test cluster of another test, on the same default port range)."""
     return [a for a in status.attempts if not a.port_taken]
-
-
-def wait_for_rows(client, job_id: str, rows: int, timeout_s: float = 60.0) -> jobs_pb2.JobStatus:
-    deadline = time.monotonic() + timeout_s
-    while (status := client.job(job_id).status()).rows_done < rows:
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
-    return status
 
 
 def test_a_frozen_rank_is_taken_for_hung_and_the_job_retried(client):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import grpc
 import pyarrow as pa
 import pytest
+from helpers import run_cli
 
 from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
@@ -246,12 +245,6 @@ def test_client_rejects_a_dict_row_without_the_text_field_before_anything_is_acc
     with pytest.raises(ValueError, match="row 1 has no 'text' field"):
         client.submit([{"text": "fine"}, {"body": "no text"}], model="all-MiniLM-L6-v2")
     assert client.jobs() == []
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def test_cli_reports_a_malformed_jsonl_line_with_its_number_and_submits_nothing(coordinator, client, tmp_path):

@@ -5,17 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 
 from distinfer.v1 import jobs_pb2
-
-
-def run_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def submit(address: str, data, output, *extra) -> subprocess.CompletedProcess:

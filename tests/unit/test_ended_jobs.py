@@ -3,11 +3,9 @@ record, rows and results leave the coordinator (a live job is refused)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import grpc
 import pytest
+from helpers import run_cli
 from store_rows import commit
 
 from distinfer.client.api import Client, JobFailed
@@ -17,12 +15,6 @@ from distinfer.v1 import jobs_pb2
 def delete(address: str, job_id: str) -> None:
     with Client(address) as client:
         client.job(job_id).delete()
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def test_a_queued_job_is_refused_and_an_ended_one_is_forgotten_with_its_rows(coordinator):

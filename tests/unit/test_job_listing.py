@@ -11,6 +11,7 @@ import types
 
 import grpc
 import pytest
+from helpers import run_cli
 from store_rows import commit
 
 from distinfer.client.api import Client
@@ -99,12 +100,6 @@ def test_a_page_token_it_never_gave_is_a_clear_invalid_argument(token):
 def test_an_unknown_state_is_a_clear_invalid_argument(state):
     with pytest.raises(InvalidArgument, match="states are QUEUED, SCHEDULED, RUNNING"):
         list_page(statuses(3), S.ListJobsRequest(states=[state]))
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def test_the_client_and_the_cli_list_the_newest_jobs_by_state(coordinator, client):

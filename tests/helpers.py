@@ -1,0 +1,32 @@
+"""Helpers shared by the unit and integration tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+
+def run_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The `distinfer` command as a user runs it, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_until(predicate, timeout_s: float = 120.0, what: str = "condition", step_s: float = 0.05):
+    """predicate()'s first true value; fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step_s)
+    return value
+
+
+def wait_for_rows(client, job_id: str, rows: int, timeout_s: float = 60.0):
+    """The job's status once at least `rows` rows are committed."""
+    return wait_until(
+        lambda: (status := client.job(job_id).status()).rows_done >= rows and status,
+        timeout_s,
+        f"{rows} rows of job {job_id} committed",
+    )
