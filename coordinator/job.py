@@ -10,7 +10,7 @@ import grpc
 import pyarrow as pa
 
 from distinfer.common.errors import JOB_ENDED_KEY, DistinferError, status_code_by_name
-from distinfer.coordinator.scheduler import Placement
+from distinfer.coordinator.placement import Placement
 from distinfer.coordinator.work_units import WorkUnits
 from distinfer.v1 import jobs_pb2
 

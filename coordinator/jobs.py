@@ -1,10 +1,10 @@
-"""The job state machine: QUEUED -> SCHEDULED(attempt n) -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
+"""`JobManager`: every job's status and its changes (the state table: job.py), uploads, commits, what the slots
+report, and the end of attempts. The parts above it take it as their one dependency: the scheduler
+(scheduler.py), the progress watchdog (watchdog.py), the result streams (result_streams.py) and the work
+handout (work_handout.py); server.py wires them.
 
-`JobManager` owns every job's status, forms attempts from free slots (its `Placing` part, placing.py), reacts
-to what the slots report, ends attempts that stop moving on (its `ProgressWatchdog` part, watchdog.py),
-commits results, and streams them to clients (its `ResultStreams` part, result_streams.py). It runs on the
-coordinator's event loop; the store is driven from one thread of its own, so SQLite never blocks heartbeats or
-streams.
+It runs on the coordinator's event loop; the store is driven from one thread of its own, so SQLite never
+blocks heartbeats or streams.
 """
 
 from __future__ import annotations
@@ -33,12 +33,8 @@ from distinfer.coordinator.job import MESSAGE_LIMIT, TERMINAL, UPLOADING, Job, j
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.model_check import check_tensor_parallel
-from distinfer.coordinator.placing import Placing
 from distinfer.coordinator.registry import Registry
-from distinfer.coordinator.result_streams import ResultStreams
 from distinfer.coordinator.store import Store
-from distinfer.coordinator.watchdog import ProgressWatchdog
-from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
@@ -49,7 +45,7 @@ S = jobs_pb2
 COORDINATOR_RESTARTED = "coordinator restarted"
 
 
-class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
+class JobManager:
     def __init__(
         self,
         store: Store,
@@ -67,11 +63,16 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
         self.rendezvous_timeout_s = rendezvous_timeout_s
         self.jobs: dict[str, Job] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._wake = asyncio.Event()
+        # Set when the queue or the free slots change: the scheduler (scheduler.py) waits on it.
+        self.queue_changed = asyncio.Event()
         # Set when the coordinator stops: the workers' streams then close, which is no sign that they died.
         self.stopping = False
         # Uploads whose job has no rows yet, so is not in `jobs`: they count against --max-queued-jobs too.
         self._uploads_without_rows = 0
+
+    def wake(self) -> None:
+        """Have the scheduler look at the queue now: a job or a slot has changed."""
+        self.queue_changed.set()
 
     async def db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -106,7 +107,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
             if status.state == S.QUEUED and status.rows_done == status.num_rows:
                 # Every row was committed before the stop (its ranks' last reports were lost with it): nothing
                 # is left to compute, so no attempt, nor a model load, for it.
-                await self._finish(job, S.SUCCEEDED, f"{status.num_rows} rows done (before the coordinator restarted)")
+                await self.finish(job, S.SUCCEEDED, f"{status.num_rows} rows done (before the coordinator restarted)")
         log.info("jobs_recovered", jobs=len(self.jobs))
 
     # --- client side ----------------------------------------------------------------------------------
@@ -170,16 +171,16 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
                 # It ended while uploading (failed, cancelled), so the client may well stop sending: the job
                 # stays on record as it ended.
                 status.uploading = False
-                await self._save(job)
+                await self.save(job)
                 raise
             if job is not None:  # nothing of a failed upload is accepted, even rows already computed
                 del self.jobs[status.job_id]
-                await self._end_attempt(job, "its upload failed", requeue=False)
-                await self._finish(job, S.FAILED, "its upload failed")  # for streams already open
+                await self.end_attempt(job, "its upload failed", requeue=False)
+                await self.finish(job, S.FAILED, "its upload failed")  # for streams already open
             await self.db(self.store.delete_job, status.job_id)
             raise
         log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
-        await asyncio.shield(self._save(job))  # saved even if the client goes now, having sent its end
+        await asyncio.shield(self.save(job))  # saved even if the client goes now, having sent its end
         return status
 
     async def _submit_in_place(self, spec, batches, accepted) -> jobs_pb2.JobStatus:
@@ -235,8 +236,8 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
         job = self.job(job_id)
         if job.status.state in TERMINAL:
             raise FailedPrecondition(f"job {job_id} has already ended ({S.JobState.Name(job.status.state)})")
-        await self._end_attempt(job, "job cancelled", requeue=False)
-        await self._finish(job, S.CANCELLED, "cancelled by the user")
+        await self.end_attempt(job, "job cancelled", requeue=False)
+        await self.finish(job, S.CANCELLED, "cancelled by the user")
         return job.status
 
     async def delete(self, job_id: str) -> None:
@@ -255,7 +256,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
 
     async def commit(self, job_id: str, attempt: int, arrow: bytes) -> int:
         """Store a rank 0 report: an Arrow IPC stream of result rows, kept as rank 0 built it."""
-        job = self._current_attempt(job_id, attempt)
+        job = self.current_attempt(job_id, attempt)
         try:
             results = from_ipc(arrow)
             check_results(results)
@@ -273,7 +274,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
 
     async def commit_splits(self, job_id: str, attempt: int, numbers: list[int]) -> int:
         """Record splits whose output part rank 0 has written whole; returns the rows they add."""
-        job = self._current_attempt(job_id, attempt)
+        job = self.current_attempt(job_id, attempt)
         try:
             splits, rows = await self.db(self.store.splits.mark_written, job_id, attempt, numbers)
         except ValueError as exc:
@@ -310,7 +311,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
                 record.running_at = time.time()
                 job.move_to(S.RUNNING, f"running on {len(attempt.placements)} ranks")
                 job.status.started_at = job.status.started_at or time.time()
-                await self._save(job)
+                await self.save(job)
         elif event.kind == workers_pb2.SlotEvent.FINISHED:
             attempt.finished.add(event.rank)
             finished = record.ranks[event.rank]
@@ -327,32 +328,32 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
                 if missing == 0:
                     job.status.timings.CopyFrom(record.ranks[0].timings)
                     job.status.timings.queued_s = job.status.attempts[0].started_at - job.status.created_at
-                    await self._end_attempt(job, "", requeue=False)
-                    await self._finish(job, S.SUCCEEDED, f"{job.status.num_rows} rows done")
+                    await self.end_attempt(job, "", requeue=False)
+                    await self.finish(job, S.SUCCEEDED, f"{job.status.num_rows} rows done")
                 else:
-                    await self._end_attempt(job, f"every rank finished but {missing} rows were not committed")
+                    await self.end_attempt(job, f"every rank finished but {missing} rows were not committed")
         elif event.kind == workers_pb2.SlotEvent.FAILED:
             reason = f"rank {event.rank} on {worker_id} failed: {event.error[:MESSAGE_LIMIT]}"
             if event.port_taken:  # not the job's fault, nor the workers': try another port, at no cost
                 self.registry.get(worker_id).port_taken(event.port_taken)
                 record.port_taken = True
-                await self._end_attempt(job, reason)
+                await self.end_attempt(job, reason)
             elif event.permanent:
-                await self._end_attempt(job, reason, requeue=False)
-                await self._finish(job, S.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION")
+                await self.end_attempt(job, reason, requeue=False)
+                await self.finish(job, S.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION")
             else:
-                await self._end_attempt(job, reason)
+                await self.end_attempt(job, reason)
 
     async def worker_lost(self, worker_id: str, reason: str) -> None:
         if self.stopping:
             return  # its attempts stay as they are on record, and are ended uncounted when the coordinator restarts
         for job in list(self.jobs.values()):
             if job.attempt and any(p.worker_id == worker_id for p in job.attempt.placements):
-                await self._end_attempt(job, f"worker {worker_id} lost: {reason}")
+                await self.end_attempt(job, f"worker {worker_id} lost: {reason}")
         self.registry.remove(worker_id)
         self.wake()
 
-    async def _end_attempt(self, job: Job, reason: str, requeue: bool = True) -> None:
+    async def end_attempt(self, job: Job, reason: str, requeue: bool = True) -> None:
         """Close the running attempt (if any): abort its ranks, free its slots and port, maybe queue again."""
         attempt, job.attempt = job.attempt, None
         if attempt is None:
@@ -374,7 +375,7 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
         if reason:
             log.warning("attempt_ended", job_id=job.job_id, attempt=attempt.number, reason=reason)
         if requeue and job.status.rows_done == job.status.num_rows and not job.status.uploading:
-            await self._finish(
+            await self.finish(
                 job,
                 S.SUCCEEDED,
                 f"{job.status.num_rows} rows done (attempt {attempt.number} ended after its last commit: {reason})",
@@ -383,13 +384,13 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
             max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
             counted = sum(not a.port_taken and a.end_reason != COORDINATOR_RESTARTED for a in job.status.attempts)
             if counted >= max_attempts:
-                await self._finish(job, S.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED")
+                await self.finish(job, S.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED")
             else:
                 job.move_to(S.QUEUED, f"attempt {attempt.number} failed ({reason}); waiting to retry")
-                await self._save(job)
+                await self.save(job)
         self.wake()
 
-    async def _finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+    async def finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
         job.move_to(state, message, error_code)  # before any await: a cancel meanwhile finds the job ended
         self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
         if state == S.SUCCEEDED and in_place.reads_in_place(job.status.spec):
@@ -398,19 +399,19 @@ class JobManager(Placing, ProgressWatchdog, ResultStreams, WorkHandout):
                 await in_place.finish(job.job_id, job.status.spec.dataset, numbers, job.status.num_rows)
             except (OSError, ValueError) as exc:  # the parts are all there; only the marker file is missing
                 job.status.message = f"{message} (but _SUCCESS.json could not be written: {exc})"[:MESSAGE_LIMIT]
-        await self._save(job)
+        await self.save(job)
         log.info("job_finished", job_id=job.job_id, state=S.JobState.Name(state), message=message)
 
-    async def _set_message(self, job: Job, message: str) -> None:
+    async def set_message(self, job: Job, message: str) -> None:
         if job.status.message != message:
             job.status.message = message
-            await self._save(job)
+            await self.save(job)
 
-    async def _save(self, job: Job) -> None:
+    async def save(self, job: Job) -> None:
         await self.db(self.store.save_job, job.status)
         job.notify()
 
-    def _current_attempt(self, job_id: str, attempt: int) -> Job:
+    def current_attempt(self, job_id: str, attempt: int) -> Job:
         job = self.job(job_id)
         if job.attempt is None or job.attempt.number != attempt:
             raise FailedPrecondition(f"attempt {attempt} of job {job_id} is not running any more")

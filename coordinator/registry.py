@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from distinfer.coordinator.scheduler import FreeSlot
+from distinfer.coordinator.placement import FreeSlot
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 PORT_TAKEN_S = 300.0  # how long a port another program held is left alone

@@ -1,4 +1,4 @@
-"""The client's read side of `JobManager`: a job's results in index order, as they are committed.
+"""The clients' read side: a job's results in index order, as they are committed.
 
 A stream follows its job: it waits for new commits, ends when the job has succeeded and every row was read,
 and for a failed or cancelled job passes over the rows never computed before it ends with the job's reason.
@@ -16,6 +16,7 @@ from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from distinfer.common.result_columns import INDEX, META, add_to_results, passthrough_names, to_ipc
 from distinfer.coordinator.input_chunks import as_meta
 from distinfer.coordinator.job import TERMINAL, Job, job_ended
+from distinfer.coordinator.jobs import JobManager
 from distinfer.v1 import jobs_pb2
 
 S = jobs_pb2
@@ -25,10 +26,13 @@ RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
 
 
 class ResultStreams:
-    async def stream_results(
+    def __init__(self, manager: JobManager):
+        self._manager = manager
+
+    async def stream(
         self, job_id: str, start: int, result_format: int = S.RESULT_FORMAT_ROWS
     ) -> AsyncIterator[jobs_pb2.ResultBatch]:
-        job = self.job(job_id)
+        job = self._manager.job(job_id)
         if result_format not in (S.RESULT_FORMAT_ROWS, S.RESULT_FORMAT_ARROW):
             raise InvalidArgument(
                 f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
@@ -53,13 +57,18 @@ class ResultStreams:
     async def _results_of(self, job: Job, start: int) -> AsyncIterator[pa.Table]:
         job_id, next_index = job.job_id, start
         while True:
-            if self.jobs.get(job_id) is not job:
+            if self._manager.jobs.get(job_id) is not job:
                 raise NotFound(f"job {job_id} was deleted while its results were read")
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
             ended = job.status.state in (S.FAILED, S.CANCELLED)
-            table = await self.db(
-                self.store.results_from, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
+            table = await self._manager.db(
+                self._manager.store.results_from,
+                job_id,
+                next_index,
+                RESULTS_PER_MESSAGE,
+                RESULT_BYTES_PER_MESSAGE,
+                ended,
             )
             if table is not None:
                 next_index = table.column(INDEX)[-1].as_py() + 1

@@ -1,92 +1,123 @@
-"""Placement: which free slots a job gets, which rank each one plays, and which rendezvous port it uses.
-
-Pure functions over plain values, so the rules are easy to test: slots of one host get consecutive ranks
-(collectives inside a host are cheap, and tensor-parallel groups must stay on one host), rank 0 sits on
-the host with the most slots taken, and a port is never handed out twice while a group holds it.
-"""
+"""The scheduler: places queued jobs on free slots (the rules: placement.py) and starts their attempts."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+import asyncio
+import time
+
+import structlog
+
+from distinfer.coordinator.job import ActiveAttempt, Job
+from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.placement import Placement, backend_for, pick_port, place
+from distinfer.v1 import jobs_pb2, workers_pb2
+
+log = structlog.get_logger(__name__)
+
+S = jobs_pb2
 
 
-@dataclass(frozen=True)
-class FreeSlot:
-    worker_id: str
-    host: str
-    slot: int
-    device: str
+class Scheduler:
+    def __init__(self, manager: JobManager):
+        self._manager = manager
 
+    async def run(self, tick_s: float = 1.0) -> None:
+        """Place queued jobs whenever the manager says the queue or the slots changed (and every tick, for queue
+        time-outs)."""
+        changed = self._manager.queue_changed
+        while True:
+            try:
+                await asyncio.wait_for(changed.wait(), tick_s)
+            except TimeoutError:
+                pass
+            changed.clear()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("schedule_failed")
 
-@dataclass(frozen=True)
-class Placement:
-    rank: int
-    local_rank: int
-    local_world_size: int
-    worker_id: str
-    host: str
-    slot: int
-    device: str
+    async def tick(self) -> None:
+        """One pass over the queue."""
+        # Oldest first; a job that cannot start does not hold back a smaller one behind it.
+        for job in [j for j in self._manager.jobs.values() if j.status.state == S.QUEUED]:
+            if self._manager.jobs.get(job.job_id) is not job or job.status.state != S.QUEUED:
+                continue  # cancelled, failed or dropped while an earlier job of this pass waited on the store
+            spec = job.status.spec
+            group = max(1, spec.tp_size)
+            min_slots = max(group, spec.min_workers)
+            placements = place(self._manager.registry.free_slots(), min_slots, spec.max_workers, group)
+            if placements is None:
+                await self._still_waiting(job, min_slots)
+                continue
+            master = placements[0]
+            worker = self._manager.registry.get(master.worker_id)
+            port = pick_port(worker.port_lo, worker.port_hi, worker.unavailable_ports(), after=worker.last_port)
+            if port is None:
+                await self._manager.set_message(job, f"waiting for a free rendezvous port on {worker.advertise_host}")
+                continue
+            await self._start_attempt(job, placements, port)
 
-
-def place(free: list[FreeSlot], min_slots: int, max_slots: int, group: int = 1) -> list[Placement] | None:
-    """Choose between min_slots and max_slots (0: no upper bound) of the free slots, or None if too few.
-
-    Hosts with more free slots come first, so a job spans as few hosts as it can; ties keep the order in
-    which the slots were given (registration order), which makes placement deterministic. With group > 1
-    (tensor parallelism) a host gives a multiple of `group` slots, so no group straddles two hosts.
-    """
-    if min_slots < 1:
-        raise ValueError(f"a job needs at least one slot, not {min_slots}")
-    if group < 1 or min_slots % group or max_slots % group:
-        raise ValueError(f"{min_slots}-{max_slots or 'all'} slots cannot be cut into groups of {group}")
-    by_host: dict[str, list[FreeSlot]] = defaultdict(list)
-    for slot in free:
-        by_host[slot.host].append(slot)
-    usable = {host: len(slots) - len(slots) % group for host, slots in by_host.items()}
-    if sum(usable.values()) < min_slots:
-        return None
-    hosts = sorted(by_host, key=lambda host: -usable[host])  # stable: ties keep registration order
-    wanted = sum(usable.values()) if max_slots == 0 else min(max_slots, sum(usable.values()))
-    chosen: list[list[FreeSlot]] = []
-    for host in hosts:
-        room = wanted - sum(len(c) for c in chosen)
-        take = by_host[host][: min(usable[host], room - room % group)]
-        if take:
-            chosen.append(sorted(take, key=lambda s: (s.worker_id, s.slot)))
-    placements = []
-    for host_slots in chosen:
-        for local_rank, slot in enumerate(host_slots):
-            placements.append(
-                Placement(
-                    rank=len(placements),
-                    local_rank=local_rank,
-                    local_world_size=len(host_slots),
-                    worker_id=slot.worker_id,
-                    host=slot.host,
-                    slot=slot.slot,
-                    device=slot.device,
-                )
+    async def _still_waiting(self, job: Job, min_slots: int) -> None:
+        free, total = len(self._manager.registry.free_slots()), self._manager.registry.total_slots()
+        message = f"waiting for {min_slots} free slots: {free} free of {total} registered"
+        timeout = job.status.spec.queue_timeout_s
+        if timeout and not job.status.attempts and time.time() - job.status.created_at > timeout:
+            await self._manager.finish(
+                job, S.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
             )
-    return placements
+        else:
+            await self._manager.set_message(job, message)
 
-
-def backend_for(placements: list[Placement]) -> str:
-    """NCCL when every rank has a CUDA device, gloo otherwise (NCCL cannot serve a CPU rank)."""
-    return "nccl" if placements and all(p.device.startswith("cuda") for p in placements) else "gloo"
-
-
-def pick_port(port_lo: int, port_hi: int, in_use: set[int], after: int = 0) -> int | None:
-    """The first port after `after` (wrapping round [port_lo, port_hi]) that no live group holds, or None.
-
-    Going round the range rather than always taking the lowest port keeps a just-released port (whose
-    killed rendezvous store may still be closing) from being handed straight to the next attempt.
-    """
-    size = port_hi - port_lo + 1
-    start = after + 1 - port_lo if port_lo <= after <= port_hi else 0
-    for offset in range(size):
-        port = port_lo + (start + offset) % size
-        if port not in in_use:
-            return port
-    return None
+    async def _start_attempt(self, job: Job, placements: list[Placement], port: int) -> None:
+        number = len(job.status.attempts) + 1
+        self._manager.metrics.attempts.labels("started").inc()
+        if number == 1:
+            self._manager.metrics.queue_seconds.observe(time.time() - job.status.created_at)
+        master_worker = self._manager.registry.get(placements[0].worker_id)
+        master_worker.ports_in_use.add(port)
+        master_worker.last_port = port
+        attempt = ActiveAttempt(number, placements, master_worker.worker_id, port)
+        backend = backend_for(placements)
+        record = job.status.attempts.add(
+            number=number,
+            world_size=len(placements),
+            master_addr=master_worker.advertise_host,
+            master_port=port,
+            backend=backend,
+            started_at=attempt.started_at,
+        )
+        for p in placements:
+            record.ranks.add(rank=p.rank, worker_id=p.worker_id, host=p.host, slot=p.slot, device=p.device)
+            self._manager.registry.assign(p.worker_id, p.slot, job.job_id, number)
+        job.attempt = attempt
+        job.move_to(S.SCHEDULED, f"attempt {number}: forming a group of {len(placements)} ranks")
+        await self._manager.save(job)
+        if job.attempt is not attempt:
+            return  # ended while it was saved (cancelled, a worker lost, the upload failed): tell no one to start
+        log.info(
+            "attempt_scheduled",
+            job_id=job.job_id,
+            attempt=number,
+            world_size=len(placements),
+            master=f"{master_worker.advertise_host}:{port}",
+            backend=backend,
+        )
+        for p in placements:
+            assignment = workers_pb2.Assignment(
+                job_id=job.job_id,
+                attempt=number,
+                spec=job.status.spec,
+                slot=p.slot,
+                rank=p.rank,
+                world_size=len(placements),
+                local_rank=p.local_rank,
+                local_world_size=p.local_world_size,
+                master_addr=master_worker.advertise_host,
+                master_port=port,
+                backend=backend,
+                rendezvous_timeout_s=self._manager.rendezvous_timeout_s,
+                tp_size=max(1, job.status.spec.tp_size),
+            )
+            if not self._manager.registry.send(p.worker_id, workers_pb2.CoordinatorMessage(assignment=assignment)):
+                await self._manager.end_attempt(job, f"worker {p.worker_id} went away before its assignment")
+                return

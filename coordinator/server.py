@@ -21,9 +21,13 @@ from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.result_streams import ResultStreams
+from distinfer.coordinator.scheduler import Scheduler
 from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
 from distinfer.coordinator.state_lock import lock_state_dir
 from distinfer.coordinator.store import Store
+from distinfer.coordinator.watchdog import ProgressWatchdog
+from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -134,15 +138,18 @@ class Coordinator:
             port = serve_metrics(metrics.registry, self.config.metrics_listen)
             log.info("metrics_serving", port=port)
         await self.manager.recover()
-        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager), self.server)
+        # The parts above the manager, each with the manager as its one dependency.
+        scheduler, watchdog = Scheduler(self.manager), ProgressWatchdog(self.manager)
+        streams, handout = ResultStreams(self.manager), WorkHandout(self.manager)
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager, streams), self.server)
         workers_pb2_grpc.add_WorkersServicer_to_server(
-            WorkersServicer(self.manager, self.config.heartbeat_interval_s), self.server
+            WorkersServicer(self.manager, handout, watchdog, self.config.heartbeat_interval_s), self.server
         )
         await self.server.start()
         self._tasks = [
-            asyncio.create_task(self.manager.run_scheduler()),
+            asyncio.create_task(scheduler.run()),
+            asyncio.create_task(watchdog.run()),
             asyncio.create_task(self._watch_heartbeats()),
-            asyncio.create_task(self._watch_progress()),
         ]
         if self.config.keep_ended_jobs_s:
             self._tasks.append(asyncio.create_task(self._delete_old_jobs()))
@@ -156,14 +163,6 @@ class Coordinator:
             for worker in self.manager.registry.stale(self.config.heartbeat_timeout_s):
                 log.warning("worker_heartbeats_missed", worker_id=worker.worker_id)
                 worker.disconnect("missed heartbeats")
-
-    async def _watch_progress(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await self.manager.end_stalled_attempts()
-            except Exception:
-                log.exception("progress_check_failed")
 
     async def _delete_old_jobs(self) -> None:
         keep_s = self.config.keep_ended_jobs_s

@@ -1,4 +1,4 @@
-"""Thin gRPC servicers: validate the request's shape, delegate to the JobManager, convert at the edge."""
+"""Thin gRPC servicers: validate the request's shape, delegate to the coordinator's parts, convert at the edge."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ from distinfer.coordinator import input_chunks
 from distinfer.coordinator.job import MESSAGE_LIMIT
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.listing import list_page
+from distinfer.coordinator.result_streams import ResultStreams
+from distinfer.coordinator.watchdog import ProgressWatchdog
+from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
-    def __init__(self, manager: JobManager):
+    def __init__(self, manager: JobManager, streams: ResultStreams):
         self.manager = manager
+        self.streams = streams
 
     @grpc_errors
     async def SubmitJob(self, request_iterator, context):
@@ -65,7 +69,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @grpc_errors
     async def StreamResults(self, request, context):
-        async for batch in self.manager.stream_results(request.job_id, request.start_index, request.format):
+        async for batch in self.streams.stream(request.job_id, request.start_index, request.format):
             yield batch
 
     @grpc_errors
@@ -91,8 +95,12 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
 
 class WorkersServicer(workers_pb2_grpc.WorkersServicer):
-    def __init__(self, manager: JobManager, heartbeat_interval_s: float):
+    def __init__(
+        self, manager: JobManager, handout: WorkHandout, watchdog: ProgressWatchdog, heartbeat_interval_s: float
+    ):
         self.manager = manager
+        self.handout = handout
+        self.watchdog = watchdog
         self.registry = manager.registry
         self.heartbeat_interval_s = heartbeat_interval_s
 
@@ -160,7 +168,7 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
             # a second while a job waited: only a slot that became (un)healthy is news to it.
             if self.registry.heartbeat(worker, message.heartbeat):
                 self.manager.wake()
-            self.manager.note_progress(worker.worker_id, message.heartbeat.progress)
+            self.watchdog.note_progress(worker.worker_id, message.heartbeat.progress)
         elif kind == "event":
             await self.manager.slot_event(worker.worker_id, message.event)
 
@@ -168,12 +176,12 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
     async def FetchShard(self, request, context):
         if request.world_size < 1 or request.rank >= request.world_size:
             raise InvalidArgument(f"rank {request.rank} is outside a world of {request.world_size}")
-        async for batch in self.manager.shard(request):
+        async for batch in self.handout.shard(request):
             yield batch
 
     @grpc_errors
     async def FetchWork(self, request, context):
-        return await self.manager.fetch_work(request)
+        return await self.handout.fetch_work(request)
 
     @grpc_errors
     async def ReportResults(self, request_iterator, context):

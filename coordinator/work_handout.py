@@ -1,4 +1,4 @@
-"""The workers' read side of `JobManager`: a rank's next unit of rows (or split) as it asks, over FetchWork,
+"""The workers' read side: a rank's next unit of rows (or split) as it asks, over FetchWork,
 and the open splits of a dataset read in place, over FetchShard. What is handed out, and when a unit is
 copied to another rank: work_units.py.
 """
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from distinfer.common.errors import FailedPrecondition, InvalidArgument
 from distinfer.coordinator import in_place
+from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.work_units import UNIT_ROWS, WAIT_FOR_ROWS_S, WorkUnits
 from distinfer.v1 import workers_pb2
 
@@ -18,20 +19,23 @@ SPLITS_PER_MESSAGE = 1024
 
 
 class WorkHandout:
+    def __init__(self, manager: JobManager):
+        self._manager = manager
+
     async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
         """A rank's splits of a dataset read in place (rank 0 of a world of 1: every open split)."""
-        job = self._current_attempt(request.job_id, request.attempt)
+        job = self._manager.current_attempt(request.job_id, request.attempt)
         if not in_place.reads_in_place(job.status.spec):
             raise FailedPrecondition(f"job {job.job_id} reads no dataset in place: its ranks ask for rows (FetchWork)")
-        splits = await self.db(
-            self.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
+        splits = await self._manager.db(
+            self._manager.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
         )
         for i in range(0, len(splits), SPLITS_PER_MESSAGE):
             yield workers_pb2.ShardBatch(splits=splits[i : i + SPLITS_PER_MESSAGE])
 
     async def fetch_work(self, request: workers_pb2.FetchWorkRequest) -> workers_pb2.FetchWorkResponse:
         """A rank's next unit of rows (work_units.py); while the job is uploading, rows uploaded later."""
-        job = self._current_attempt(request.job_id, request.attempt)
+        job = self._manager.current_attempt(request.job_id, request.attempt)
         attempt = job.attempt
         if request.rank >= len(attempt.placements):
             raise InvalidArgument(
@@ -40,13 +44,13 @@ class WorkHandout:
         if attempt.units is None:
             attempt.units = WorkUnits(job.job_id, attempt.number, done_before=job.status.rows_done)
         if request.committed_only:
-            committed = await self.db(attempt.units.committed_of_copied, self.store, request.replica)
+            committed = await self._manager.db(attempt.units.committed_of_copied, self._manager.store, request.replica)
             return workers_pb2.FetchWorkResponse(committed=committed)
 
         async def take() -> workers_pb2.FetchWorkResponse:
             units = attempt.units
             if in_place.reads_in_place(job.status.spec):
-                splits = await self.db(units.next_split, self.store)
+                splits = await self._manager.db(units.next_split, self._manager.store)
                 job.status.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
                 return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
             for wait in (True, False):
@@ -54,15 +58,15 @@ class WorkHandout:
                 open_rows = job.status.num_rows - units.done_before
                 replicas = len(attempt.placements) // max(1, request.replica_ranks)
                 asked = request.max_rows or UNIT_ROWS
-                rows, done = await self.db(
-                    units.next_unit, self.store, request.replica, asked, open_rows, replicas, uploading
+                rows, done = await self._manager.db(
+                    units.next_unit, self._manager.store, request.replica, asked, open_rows, replicas, uploading
                 )
                 if rows or done or not wait:
                     break
                 # Nothing to hand out now: wait a moment for rows uploaded or committed before saying so.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
-                self._current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
+                self._manager.current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
             if rows:
                 job.status.attempts[-1].ranks[request.rank].rows_handed += len(rows)
             return workers_pb2.FetchWorkResponse(
@@ -70,7 +74,7 @@ class WorkHandout:
                 texts=[t for _, t in rows],
                 done=done,
                 # Only once a unit was copied is there anything to tell (no store call per ask before that).
-                committed=await self.db(units.committed_of_copied, self.store, request.replica)
+                committed=await self._manager.db(units.committed_of_copied, self._manager.store, request.replica)
                 if units.copied_from
                 else [],
             )

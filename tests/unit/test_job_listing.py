@@ -20,6 +20,7 @@ from distinfer.coordinator.job import Job
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.listing import MAX_PAGE_BYTES, MAX_PAGE_SIZE, list_page
 from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.result_streams import ResultStreams
 from distinfer.coordinator.server import Coordinator
 from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2
@@ -182,7 +183,7 @@ def test_an_ended_job_is_not_deleted_for_its_age_while_its_results_are_read(tmp_
     async def scenario():
         manager = JobManager(Store(tmp_path / "state.sqlite"), Registry())
         ended_job(manager, "j-read", rows=10_000)
-        stream = manager.stream_results("j-read", 0)
+        stream = ResultStreams(manager).stream("j-read", 0)
         read = len((await anext(stream)).results)
         assert read < 10_000 and manager.ended_before(time.time()) == []
         read += sum([len(batch.results) async for batch in stream])

@@ -8,6 +8,7 @@ import asyncio
 from distinfer.common.result_columns import from_results, to_ipc
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.registry import Registry
+from distinfer.coordinator.scheduler import Scheduler
 from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2, workers_pb2
 
@@ -54,7 +55,7 @@ def test_a_job_cancelled_while_the_scheduler_waits_on_an_earlier_one_is_not_star
         worker = add_worker(jobs)
         too_big = await submit(jobs, min_workers=5)  # never placed on one slot: the scheduler saves its message
         small = await submit(jobs)
-        scheduling = asyncio.create_task(jobs._schedule_once())
+        scheduling = asyncio.create_task(Scheduler(jobs).tick())
         await asyncio.sleep(0)  # the scheduler waits on the store, about the first job
         await jobs.cancel(small)
         await scheduling
@@ -72,7 +73,7 @@ def test_an_attempt_ended_while_it_is_saved_sends_no_assignment(tmp_path):
         jobs = manager(tmp_path)
         worker = add_worker(jobs)
         job_id = await submit(jobs)
-        scheduling = asyncio.create_task(jobs._schedule_once())
+        scheduling = asyncio.create_task(Scheduler(jobs).tick())
         await asyncio.sleep(0)  # the attempt is formed and being saved
         assert jobs.jobs[job_id].attempt is not None
         await jobs.cancel(job_id)
@@ -92,7 +93,7 @@ def test_workers_lost_as_the_coordinator_stops_fail_no_attempt(tmp_path):
         jobs = manager(tmp_path)
         worker = add_worker(jobs)
         job_id = await submit(jobs, max_attempts=1)
-        await jobs._schedule_once()
+        await Scheduler(jobs).tick()
         jobs.stopping = True
         await jobs.worker_lost(worker.worker_id, "control stream closed")
         assert jobs.jobs[job_id].status.state == S.SCHEDULED
@@ -104,7 +105,7 @@ def test_workers_lost_as_the_coordinator_stops_fail_no_attempt(tmp_path):
         await jobs.recover()
         assert jobs.jobs[job_id].status.state == S.QUEUED
         worker = add_worker(jobs)
-        await jobs._schedule_once()
+        await Scheduler(jobs).tick()
         attempt = jobs.jobs[job_id].attempt
         assert attempt is not None and attempt.number == 2  # the restart cost the job none of its one attempt
         await jobs.slot_event(
@@ -151,7 +152,7 @@ def test_a_job_whose_rows_were_all_committed_before_a_restart_ends_at_the_restar
         jobs = manager(tmp_path)
         add_worker(jobs)
         job_id = await submit(jobs, rows=3)
-        await jobs._schedule_once()
+        await Scheduler(jobs).tick()
         results = [S.Result(index=i, echo=S.Echo(chars=2)) for i in range(3)]
         await jobs.commit(job_id, 1, to_ipc(from_results(results)))
         jobs.stopping = True

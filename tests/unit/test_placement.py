@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distinfer.coordinator.scheduler import FreeSlot, Placement, backend_for, pick_port, place
+from distinfer.coordinator.placement import FreeSlot, Placement, backend_for, pick_port, place
 
 
 def slots(host: str, n: int, worker_id: str | None = None, device: str = "cpu") -> list[FreeSlot]:
