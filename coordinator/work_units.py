@@ -1,5 +1,5 @@
 """Work pulled, not shards pushed: an attempt's open rows go to its ranks a unit at a time, as each asks for
-more (worker/pipeline.py asks when its window of rows runs low), so a rank twice as fast computes about
+more (worker/prefetcher.py asks when its window of rows runs low), so a rank twice as fast computes about
 twice the rows and the slowest rank no longer sets the end of the job. Measured before: two ranks, one at
 half speed, ran at 0.94x the fast rank alone, each holding half the rows from the start.
 

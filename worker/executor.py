@@ -35,9 +35,11 @@ from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
 from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, ModelPolicy
+from distinfer.worker.outbox import Outbox
 from distinfer.worker.parallel import Layout, parameter_counts
 from distinfer.worker.parts import PartWriter
-from distinfer.worker.pipeline import Outbox, Prefetcher, ResultSender
+from distinfer.worker.prefetcher import Prefetcher
+from distinfer.worker.result_sender import ResultSender
 from distinfer.worker.tasks import TASKS, Task
 
 log = structlog.get_logger(__name__)
@@ -167,7 +169,7 @@ class Executor:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
             torch.set_num_threads(max(1, usable_cpus() // max(1, a.local_world_size)))
             # torch takes a thread's OpenMP count from the last set_num_threads on first use: use it here,
-            # before the helper threads (pipeline.start_helper_thread) set theirs to 1.
+            # before the helper threads (stage.start_helper_thread) set theirs to 1.
             torch.get_num_threads()
         timings = jobs_pb2.Timings()
         layout = Layout.of(a)

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad, token_budget_batches
-from distinfer.worker.pipeline import Prefetcher
+from distinfer.worker.prefetcher import Prefetcher
 from distinfer.worker.tasks import EchoTask
 
 SHORT = "The quick brown fox jumps over the lazy dog."

@@ -41,7 +41,7 @@ class CollectingSender:
 
 def _rank(rank: int, port: int, out_dir: str, inline: bool, dying_rank: int | None) -> None:
     from distinfer.worker.gather import Gatherer
-    from distinfer.worker.pipeline import Outbox
+    from distinfer.worker.outbox import Outbox
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=30)
@@ -125,7 +125,7 @@ def test_a_peer_dying_mid_job_fails_the_others_instead_of_hanging(tmp_path):
 
 def test_helper_threads_run_torch_on_one_thread_and_leave_the_models_threads_alone():
     """Without this, libgomp sees more OpenMP threads than cores and the model's threads stop spinning."""
-    from distinfer.worker.pipeline import start_helper_thread
+    from distinfer.worker.stage import start_helper_thread
 
     torch.set_num_threads(2)
     torch.get_num_threads()  # as the executor does, before its helpers start
@@ -139,7 +139,7 @@ def _held_back_rows(_rank: int, port: int, out_path: str) -> None:
     """One rank: a first batch (a round of its own), then a second. Which rows reach rank 0's sender before
     the rank finishes, with the next batch ready and with none."""
     from distinfer.worker.gather import Gatherer
-    from distinfer.worker.pipeline import Outbox
+    from distinfer.worker.outbox import Outbox
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     delivered = {}
@@ -170,7 +170,7 @@ def _uneven_rounds(rank: int, port: int, out_dir: str) -> None:
     """Rank 0 hands over two groups, rank 1 one and then waits for input: rank 0's second group needs a
     second round from rank 1, which only an idle round gives."""
     from distinfer.worker.gather import Gatherer
-    from distinfer.worker.pipeline import Outbox
+    from distinfer.worker.outbox import Outbox
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     sender = CollectingSender() if rank == 0 else None
@@ -207,7 +207,7 @@ def test_result_sender_fails_instead_of_blocking_when_its_stream_failed_with_a_f
     import threading
 
     from distinfer.worker.gather import Gathered
-    from distinfer.worker.pipeline import ResultSender
+    from distinfer.worker.result_sender import ResultSender
 
     sender = ResultSender(_FailingResultsStub(), lambda gathered: iter(()))
     raised: list[BaseException] = []
@@ -215,7 +215,7 @@ def test_result_sender_fails_instead_of_blocking_when_its_stream_failed_with_a_f
     def rank_zero():
         try:
             # Closing: exactly as many rounds as the queue holds, then the end marker finds it full.
-            for i in range(sender._queue.maxsize if then_close else 1000):
+            for i in range(sender._stage.queue.maxsize if then_close else 1000):
                 sender.send(Gathered([i], [0], torch.zeros(1, WIDTH)))
             sender.close()
         except RuntimeError as exc:
@@ -238,7 +238,7 @@ class _RecordingResultsStub:
 
 def test_rank_zero_joins_the_rounds_that_come_within_a_moment_into_one_report_in_index_order():
     from distinfer.worker.gather import Gathered
-    from distinfer.worker.pipeline import REPORT_AFTER_S, ResultSender
+    from distinfer.worker.result_sender import REPORT_AFTER_S, ResultSender
 
     stub = _RecordingResultsStub()
     sender = ResultSender(stub, lambda gathered: [gathered.in_index_order()])

@@ -1,0 +1,57 @@
+"""Rank 0's results streamed to the coordinator (ReportResults) in a thread, while the group computes on."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+from distinfer.worker.gather import Gathered
+from distinfer.worker.stage import END, Stage
+
+# Rank 0 reports its gathered rounds together, up to these many rows or this long after the first one held:
+# each report costs the coordinator a transaction and a wake-up of every reader, whatever its size.
+REPORT_ROWS, REPORT_AFTER_S = 4096, 0.2
+
+
+class ResultSender:
+    """Rank 0 turns gathered rows into reports (Arrow batches of results, or the output parts written for a
+    dataset read in place) and streams them to the coordinator in a thread, while the group runs the next
+    batch (the other ranks never wait for rank 0's bookkeeping)."""
+
+    def __init__(self, stub, reports, metadata=()):
+        """reports(gathered): the ReportResultsRequests of a gathered round."""
+        self._reports = reports
+        self._stage = Stage("results", "streaming results to the coordinator", 64)
+        self._stage.start(lambda: stub.ReportResults(self._messages(), metadata=metadata))
+
+    def _messages(self):
+        queue_ = self._stage.queue
+        try:
+            while (gathered := queue_.get()) is not END:
+                held, ending = [gathered], False
+                flush_at = time.monotonic() + REPORT_AFTER_S
+                while sum(map(len, held)) < REPORT_ROWS and (left := flush_at - time.monotonic()) > 0:
+                    try:
+                        gathered = queue_.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if gathered is END:
+                        ending = True
+                        break
+                    held.append(gathered)
+                yield from self._reports(Gathered.joined(held))
+                if ending:
+                    return
+        except BaseException as exc:  # gRPC would only say "Exception iterating requests!" (UNKNOWN)
+            self._stage.fail(exc)
+            raise
+
+    def send(self, gathered: Gathered) -> None:
+        if gathered:
+            self._stage.put(gathered)
+        else:
+            self._stage.check()
+
+    def close(self) -> None:
+        self._stage.end()
+        self._stage.join()
