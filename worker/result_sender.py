@@ -8,8 +8,9 @@ import time
 from distinfer.worker.gather import Gathered
 from distinfer.worker.stage import END, Stage
 
-# Rank 0 reports its gathered rounds together, up to these many rows or this long after the first one held:
-# each report costs the coordinator a transaction and a wake-up of every reader, whatever its size.
+# Rank 0 reports the rounds gathered within this long of its last report together, up to these many rows: each
+# report costs the coordinator a transaction and a wake-up of every reader, whatever its size. A round after a
+# quiet spell (the job's first) is reported at once.
 REPORT_ROWS, REPORT_AFTER_S = 4096, 0.2
 
 
@@ -25,11 +26,11 @@ class ResultSender:
         self._stage.start(lambda: stub.ReportResults(self._messages(), metadata=metadata))
 
     def _messages(self):
-        queue_ = self._stage.queue
+        queue_, sent_at = self._stage.queue, -REPORT_AFTER_S
         try:
             while (gathered := queue_.get()) is not END:
                 held, ending = [gathered], False
-                flush_at = time.monotonic() + REPORT_AFTER_S
+                flush_at = sent_at + REPORT_AFTER_S  # a round after a quiet spell (the first) goes at once
                 while sum(map(len, held)) < REPORT_ROWS and (left := flush_at - time.monotonic()) > 0:
                     try:
                         gathered = queue_.get(timeout=left)
@@ -40,6 +41,7 @@ class ResultSender:
                         break
                     held.append(gathered)
                 yield from self._reports(Gathered.joined(held))
+                sent_at = time.monotonic()
                 if ending:
                     return
         except BaseException as exc:  # gRPC would only say "Exception iterating requests!" (UNKNOWN)

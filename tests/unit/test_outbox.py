@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import wait_until
 from ports import free_port
 
 WORLD_SIZE = 3
@@ -233,22 +234,29 @@ class _RecordingResultsStub:
         self.reports = []
 
     def ReportResults(self, requests, metadata=()):
-        self.reports += list(requests)
+        for request in requests:  # as they come
+            self.reports.append(request)
 
 
-def test_rank_zero_joins_the_rounds_that_come_within_a_moment_into_one_report_in_index_order():
+def test_rank_zero_reports_a_first_round_at_once_and_joins_the_next_ones_in_index_order():
     from distinfer.worker.gather import Gathered
     from distinfer.worker.result_sender import REPORT_AFTER_S, ResultSender
 
+    def round_of(*indices):
+        indices = np.array(indices)
+        return Gathered(indices, np.zeros(len(indices), np.int64), torch.tensor(indices, dtype=torch.float32)[:, None])
+
     stub = _RecordingResultsStub()
     sender = ResultSender(stub, lambda gathered: [gathered.in_index_order()])
+    sender.send(round_of(5, 4))
+    wait_until(lambda: stub.reports, 10, "the first round reported")  # at once, not after REPORT_AFTER_S
     for first in (30, 0, 20, 10):  # rounds of length-sorted batches: indices scattered
-        indices = np.array([first + 3, first, first + 1])
-        sender.send(Gathered(indices, np.zeros(3, np.int64), torch.tensor(indices, dtype=torch.float32)[:, None]))
-    time.sleep(REPORT_AFTER_S * 3)  # the next round comes too late to wait for: a report of its own
-    sender.send(Gathered(np.array([40]), np.zeros(1, np.int64), torch.tensor([[40.0]])))
+        sender.send(round_of(first + 3, first, first + 1))
+    time.sleep(REPORT_AFTER_S * 3)  # a quiet spell: the next round is reported at once
+    sender.send(round_of(40))
     sender.close()
-    first, late = stub.reports
-    assert first.indices.tolist() == sorted([f + d for f in (0, 10, 20, 30) for d in (0, 1, 3)])
-    assert first.rows[:, 0].tolist() == first.indices.tolist()  # each row stays with its index
+    first, joined, late = stub.reports
+    assert first.indices.tolist() == [4, 5]
+    assert joined.indices.tolist() == sorted([f + d for f in (0, 10, 20, 30) for d in (0, 1, 3)])
+    assert joined.rows[:, 0].tolist() == joined.indices.tolist()  # each row stays with its index
     assert late.indices.tolist() == [40]
