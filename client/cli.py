@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import grpc
-from tqdm import tqdm
 
 from distinfer.client.api import Client, InPlace, Job, JobFailed
 from distinfer.client.arguments import build_parser
 from distinfer.client.dataset_tables import DatasetTables
-from distinfer.client.display import format_status, print_table, to_json
+from distinfer.client.display import format_status, print_table, row_progress, to_json
 from distinfer.client.local import ClusterError
 from distinfer.client.outputs import OutputError, ResultFile, output_format
 from distinfer.client.rows import InputError
@@ -214,8 +213,8 @@ def _run_in_place(client: Client, args, model: str, workers: int, local: bool) -
     if getattr(args, "detach", False):
         return 0
     try:
-        with tqdm(total=job.num_rows, unit="row", desc=job.id, disable=None) as bar:
-            status = job.wait(on_status=lambda s: bar.update(s.rows_done - bar.n))
+        with row_progress(job.id, job.num_rows) as progress:
+            status = job.wait(on_status=lambda s: progress(s.rows_done))
     except KeyboardInterrupt:
         if local:
             with contextlib.suppress(grpc.RpcError):
@@ -263,25 +262,12 @@ def _write_results(job: Job, out: ResultFile, start: int, total: int | None, pro
     written so far."""
     progress = progress if progress is not None else [0]
     written = 0
-    with (
-        out,
-        tqdm(
-            total=total,
-            initial=start,
-            unit="row",
-            desc=job.id,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=None,  # no bar when stderr is not a terminal
-        ) as bar,
-    ):
+    with out, row_progress(job.id, total, start) as shown:
         for table in job.result_batches(start):
             out.write(table)
             written += table.num_rows
             progress[0] = written
-            if bar.total is None and job.num_rows is not None:  # the upload has ended: the total is known
-                bar.total = job.num_rows
-            bar.update(table.num_rows)
+            shown(start + written, job.num_rows)  # (the total is known once the upload has ended)
     return written
 
 

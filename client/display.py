@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from distinfer.v1 import jobs_pb2
@@ -76,3 +77,26 @@ def to_json(message) -> str:
     from google.protobuf.json_format import MessageToJson
 
     return MessageToJson(message)
+
+
+@contextlib.contextmanager
+def row_progress(job_id: str, total: int | None, done: int = 0):
+    """A progress bar of rows on stderr (none when stderr is not a terminal); yields update(done, total=None)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not sys.stderr.isatty(),
+    ) as progress:
+        task = progress.add_task(job_id, total=total, completed=done)
+
+        def update(done: int, total: int | None = None) -> None:
+            progress.update(task, completed=done, **({"total": total} if total is not None else {}))
+
+        yield update
