@@ -13,18 +13,27 @@ from distinfer.common.errors import JOB_ENDED_KEY, DistinferError, status_code_b
 from distinfer.coordinator.placement import Placement
 from distinfer.coordinator.work_units import WorkUnits
 from distinfer.v1 import jobs_pb2
+from distinfer.v1.jobs_pb2 import (
+    CANCELLED,
+    FAILED,
+    JOB_STATE_UNSPECIFIED,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+)
 
-S = jobs_pb2
-UPLOADING = S.JOB_STATE_UNSPECIFIED  # first rows not in yet: not in the job list, dropped if the coordinator restarts
-TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+# First rows not in yet: not in the job list, dropped if the coordinator restarts.
+UPLOADING = JOB_STATE_UNSPECIFIED
+TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
 # The job state machine (docs/ARCHITECTURE.md, "Job states"): every change of state goes through Job.move_to.
 # Back to QUEUED: an attempt failed, or the coordinator restarted; SUCCEEDED from QUEUED or SCHEDULED: every row
 # was committed before the attempt that was to compute them ended.
 TRANSITIONS = {
-    UPLOADING: {S.QUEUED},
-    S.QUEUED: {S.SCHEDULED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
-    S.SCHEDULED: {S.RUNNING, S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
-    S.RUNNING: {S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
+    UPLOADING: {QUEUED},
+    QUEUED: {SCHEDULED, SUCCEEDED, FAILED, CANCELLED},
+    SCHEDULED: {RUNNING, QUEUED, SUCCEEDED, FAILED, CANCELLED},
+    RUNNING: {QUEUED, SUCCEEDED, FAILED, CANCELLED},
     **{state: set() for state in TERMINAL},
 }
 # Status messages travel in a gRPC trailer (16 KiB at most) when a result stream ends: keep them short.
@@ -70,7 +79,7 @@ class Job:
     def move_to(self, state: int, message: str, error_code: str = "") -> None:
         """The one place a job's state changes; an ended job also gets its end time and error code."""
         if state not in TRANSITIONS[self.status.state]:
-            name = S.JobState.Name
+            name = jobs_pb2.JobState.Name
             raise IllegalTransition(f"job {self.job_id}: no transition from {name(self.status.state)} to {name(state)}")
         self.status.state, self.status.message = state, message[:MESSAGE_LIMIT]
         if state in TERMINAL:

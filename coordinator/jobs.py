@@ -39,7 +39,6 @@ from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
 
-S = jobs_pb2
 # How an attempt that a coordinator's stop or crash cut short is ended when the coordinator starts again. Such
 # an attempt is not counted against the job's max_attempts: it was not the job's fault, nor the workers'.
 COORDINATOR_RESTARTED = "coordinator restarted"
@@ -98,16 +97,18 @@ class JobManager:
             else:
                 status.rows_done = await self.db(self.store.count_results, status.job_id)
             job = self.jobs[status.job_id] = Job(status)
-            if status.state not in TERMINAL and status.state != S.QUEUED:
+            if status.state not in TERMINAL and status.state != jobs_pb2.QUEUED:
                 if status.attempts and not status.attempts[-1].ended_at:
                     status.attempts[-1].end_reason = COORDINATOR_RESTARTED
                     status.attempts[-1].ended_at = time.time()
-                job.move_to(S.QUEUED, "coordinator restarted: waiting for workers")
+                job.move_to(jobs_pb2.QUEUED, "coordinator restarted: waiting for workers")
                 await self.db(self.store.save_job, status)
-            if status.state == S.QUEUED and status.rows_done == status.num_rows:
+            if status.state == jobs_pb2.QUEUED and status.rows_done == status.num_rows:
                 # Every row was committed before the stop (its ranks' last reports were lost with it): nothing
                 # is left to compute, so no attempt, nor a model load, for it.
-                await self.finish(job, S.SUCCEEDED, f"{status.num_rows} rows done (before the coordinator restarted)")
+                await self.finish(
+                    job, jobs_pb2.SUCCEEDED, f"{status.num_rows} rows done (before the coordinator restarted)"
+                )
         log.info("jobs_recovered", jobs=len(self.jobs))
 
     # --- client side ----------------------------------------------------------------------------------
@@ -126,7 +127,9 @@ class JobManager:
         if in_place.reads_in_place(spec):
             return await self._submit_in_place(spec, batches, accepted)
         self._check_queue_room()
-        status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time())
+        status = jobs_pb2.JobStatus(
+            job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time()
+        )
         self._uploads_without_rows += 1  # counted from here, before any await lets another submit check the limit
         job = None
         try:
@@ -155,7 +158,7 @@ class JobManager:
                 if job is None:  # schedulable from its first rows on: it runs while the rest arrives
                     status.uploading = True
                     job = self.jobs[status.job_id] = Job(status)
-                    job.move_to(S.QUEUED, "waiting for slots")
+                    job.move_to(jobs_pb2.QUEUED, "waiting for slots")
                     self._uploads_without_rows -= 1
                     self.wake()
                     if accepted is not None:
@@ -176,7 +179,7 @@ class JobManager:
             if job is not None:  # nothing of a failed upload is accepted, even rows already computed
                 del self.jobs[status.job_id]
                 await self.end_attempt(job, "its upload failed", requeue=False)
-                await self.finish(job, S.FAILED, "its upload failed")  # for streams already open
+                await self.finish(job, jobs_pb2.FAILED, "its upload failed")  # for streams already open
             await self.db(self.store.delete_job, status.job_id)
             raise
         log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
@@ -191,7 +194,9 @@ class JobManager:
             if batch.rows:
                 raise InvalidArgument("a job that reads its dataset in place takes no rows: send the spec, then end")
         self._check_queue_room()
-        status = S.JobStatus(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=S.QUEUED, created_at=time.time())
+        status = jobs_pb2.JobStatus(
+            job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=jobs_pb2.QUEUED, created_at=time.time()
+        )
         self._uploads_without_rows += 1  # the manifest takes a while: counted against the limit meanwhile
         try:
             splits = await in_place.plan(status.job_id, spec.dataset)
@@ -235,16 +240,16 @@ class JobManager:
     async def cancel(self, job_id: str) -> jobs_pb2.JobStatus:
         job = self.job(job_id)
         if job.status.state in TERMINAL:
-            raise FailedPrecondition(f"job {job_id} has already ended ({S.JobState.Name(job.status.state)})")
+            raise FailedPrecondition(f"job {job_id} has already ended ({jobs_pb2.JobState.Name(job.status.state)})")
         await self.end_attempt(job, "job cancelled", requeue=False)
-        await self.finish(job, S.CANCELLED, "cancelled by the user")
+        await self.finish(job, jobs_pb2.CANCELLED, "cancelled by the user")
         return job.status
 
     async def delete(self, job_id: str) -> None:
         job = self.job(job_id)
         if job.status.state not in TERMINAL:
             raise FailedPrecondition(
-                f"job {job_id} is {S.JobState.Name(job.status.state)}: cancel it first (`distinfer cancel`), "
+                f"job {job_id} is {jobs_pb2.JobState.Name(job.status.state)}: cancel it first (`distinfer cancel`), "
                 "then delete it"
             )
         del self.jobs[job_id]
@@ -309,7 +314,7 @@ class JobManager:
             if len(attempt.joined) == len(attempt.placements):
                 attempt.moved_on()
                 record.running_at = time.time()
-                job.move_to(S.RUNNING, f"running on {len(attempt.placements)} ranks")
+                job.move_to(jobs_pb2.RUNNING, f"running on {len(attempt.placements)} ranks")
                 job.status.started_at = job.status.started_at or time.time()
                 await self.save(job)
         elif event.kind == workers_pb2.SlotEvent.FINISHED:
@@ -329,7 +334,7 @@ class JobManager:
                     job.status.timings.CopyFrom(record.ranks[0].timings)
                     job.status.timings.queued_s = job.status.attempts[0].started_at - job.status.created_at
                     await self.end_attempt(job, "", requeue=False)
-                    await self.finish(job, S.SUCCEEDED, f"{job.status.num_rows} rows done")
+                    await self.finish(job, jobs_pb2.SUCCEEDED, f"{job.status.num_rows} rows done")
                 else:
                     await self.end_attempt(job, f"every rank finished but {missing} rows were not committed")
         elif event.kind == workers_pb2.SlotEvent.FAILED:
@@ -340,7 +345,9 @@ class JobManager:
                 await self.end_attempt(job, reason)
             elif event.permanent:
                 await self.end_attempt(job, reason, requeue=False)
-                await self.finish(job, S.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION")
+                await self.finish(
+                    job, jobs_pb2.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION"
+                )
             else:
                 await self.end_attempt(job, reason)
 
@@ -377,30 +384,32 @@ class JobManager:
         if requeue and job.status.rows_done == job.status.num_rows and not job.status.uploading:
             await self.finish(
                 job,
-                S.SUCCEEDED,
+                jobs_pb2.SUCCEEDED,
                 f"{job.status.num_rows} rows done (attempt {attempt.number} ended after its last commit: {reason})",
             )
         elif requeue:
             max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
             counted = sum(not a.port_taken and a.end_reason != COORDINATOR_RESTARTED for a in job.status.attempts)
             if counted >= max_attempts:
-                await self.finish(job, S.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED")
+                await self.finish(
+                    job, jobs_pb2.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED"
+                )
             else:
-                job.move_to(S.QUEUED, f"attempt {attempt.number} failed ({reason}); waiting to retry")
+                job.move_to(jobs_pb2.QUEUED, f"attempt {attempt.number} failed ({reason}); waiting to retry")
                 await self.save(job)
         self.wake()
 
     async def finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
         job.move_to(state, message, error_code)  # before any await: a cancel meanwhile finds the job ended
-        self.metrics.jobs_finished.labels(S.JobState.Name(state).lower()).inc()
-        if state == S.SUCCEEDED and in_place.reads_in_place(job.status.spec):
+        self.metrics.jobs_finished.labels(jobs_pb2.JobState.Name(state).lower()).inc()
+        if state == jobs_pb2.SUCCEEDED and in_place.reads_in_place(job.status.spec):
             numbers = await self.db(self.store.splits.numbers, job.job_id)
             try:
                 await in_place.finish(job.job_id, job.status.spec.dataset, numbers, job.status.num_rows)
             except (OSError, ValueError) as exc:  # the parts are all there; only the marker file is missing
                 job.status.message = f"{message} (but _SUCCESS.json could not be written: {exc})"[:MESSAGE_LIMIT]
         await self.save(job)
-        log.info("job_finished", job_id=job.job_id, state=S.JobState.Name(state), message=message)
+        log.info("job_finished", job_id=job.job_id, state=jobs_pb2.JobState.Name(state), message=message)
 
     async def set_message(self, job: Job, message: str) -> None:
         if job.status.message != message:

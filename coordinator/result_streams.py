@@ -19,7 +19,6 @@ from distinfer.coordinator.job import TERMINAL, Job, job_ended
 from distinfer.coordinator.jobs import JobManager
 from distinfer.v1 import jobs_pb2
 
-S = jobs_pb2
 # A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
 # or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit.
 RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
@@ -30,10 +29,10 @@ class ResultStreams:
         self._manager = manager
 
     async def stream(
-        self, job_id: str, start: int, result_format: int = S.RESULT_FORMAT_ROWS
+        self, job_id: str, start: int, result_format: int = jobs_pb2.RESULT_FORMAT_ROWS
     ) -> AsyncIterator[jobs_pb2.ResultBatch]:
         job = self._manager.job(job_id)
-        if result_format not in (S.RESULT_FORMAT_ROWS, S.RESULT_FORMAT_ARROW):
+        if result_format not in (jobs_pb2.RESULT_FORMAT_ROWS, jobs_pb2.RESULT_FORMAT_ARROW):
             raise InvalidArgument(
                 f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
             )
@@ -47,8 +46,8 @@ class ResultStreams:
         job.readers += 1
         try:
             async for table in self._results_of(job, start):
-                if result_format == S.RESULT_FORMAT_ARROW:
-                    yield S.ResultBatch(arrow=to_ipc(table))
+                if result_format == jobs_pb2.RESULT_FORMAT_ARROW:
+                    yield jobs_pb2.ResultBatch(arrow=to_ipc(table))
                 else:  # a message per row, for grpcurl and plain gRPC clients: built off the event loop
                     yield await asyncio.to_thread(_rows_message, table)
         finally:
@@ -61,7 +60,7 @@ class ResultStreams:
                 raise NotFound(f"job {job_id} was deleted while its results were read")
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
-            ended = job.status.state in (S.FAILED, S.CANCELLED)
+            ended = job.status.state in (jobs_pb2.FAILED, jobs_pb2.CANCELLED)
             table = await self._manager.db(
                 self._manager.store.results_from,
                 job_id,
@@ -76,7 +75,7 @@ class ResultStreams:
                 continue
             if next_index >= job.status.num_rows and job.status.state in TERMINAL:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
-            if job.status.state in (S.FAILED, S.CANCELLED):
+            if job.status.state in (jobs_pb2.FAILED, jobs_pb2.CANCELLED):
                 if not ended:
                     continue  # it ended since the read: read again, through the gaps
                 raise job_ended(job)
@@ -86,6 +85,6 @@ class ResultStreams:
 def _rows_message(table: pa.Table) -> jobs_pb2.ResultBatch:
     if names := passthrough_names(table):  # a Result carries its row's fields as meta_json
         table = table.drop_columns(names).append_column(META, as_meta(table.select(names)).column(META))
-    batch = S.ResultBatch()
+    batch = jobs_pb2.ResultBatch()
     add_to_results(table, batch.results)
     return batch

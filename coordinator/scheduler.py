@@ -14,8 +14,6 @@ from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
 
-S = jobs_pb2
-
 
 class Scheduler:
     def __init__(self, manager: JobManager):
@@ -39,8 +37,8 @@ class Scheduler:
     async def tick(self) -> None:
         """One pass over the queue."""
         # Oldest first; a job that cannot start does not hold back a smaller one behind it.
-        for job in [j for j in self._manager.jobs.values() if j.status.state == S.QUEUED]:
-            if self._manager.jobs.get(job.job_id) is not job or job.status.state != S.QUEUED:
+        for job in [j for j in self._manager.jobs.values() if j.status.state == jobs_pb2.QUEUED]:
+            if self._manager.jobs.get(job.job_id) is not job or job.status.state != jobs_pb2.QUEUED:
                 continue  # cancelled, failed or dropped while an earlier job of this pass waited on the store
             spec = job.status.spec
             group = max(1, spec.tp_size)
@@ -63,7 +61,7 @@ class Scheduler:
         timeout = job.status.spec.queue_timeout_s
         if timeout and not job.status.attempts and time.time() - job.status.created_at > timeout:
             await self._manager.finish(
-                job, S.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
+                job, jobs_pb2.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
             )
         else:
             await self._manager.set_message(job, message)
@@ -90,7 +88,7 @@ class Scheduler:
             record.ranks.add(rank=p.rank, worker_id=p.worker_id, host=p.host, slot=p.slot, device=p.device)
             self._manager.registry.assign(p.worker_id, p.slot, job.job_id, number)
         job.attempt = attempt
-        job.move_to(S.SCHEDULED, f"attempt {number}: forming a group of {len(placements)} ranks")
+        job.move_to(jobs_pb2.SCHEDULED, f"attempt {number}: forming a group of {len(placements)} ranks")
         await self._manager.save(job)
         if job.attempt is not attempt:
             return  # ended while it was saved (cancelled, a worker lost, the upload failed): tell no one to start

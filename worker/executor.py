@@ -34,7 +34,7 @@ from distinfer.common.tasks import TASK_KINDS
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
-from distinfer.worker.models import BadModel, JobError, ModelCache, ModelKey, ModelPolicy
+from distinfer.worker.models import JobError, ModelCache, ModelKey, ModelPolicy, UnknownTask
 from distinfer.worker.outbox import Outbox
 from distinfer.worker.parallel import Layout, parameter_counts
 from distinfer.worker.parts import PartWriter
@@ -286,7 +286,7 @@ class Executor:
         A tensor-parallel model lives on the job's group, which ends with the job: it is never cached."""
         task_class = TASKS.get(spec.task)
         if task_class is None:
-            raise BadModel(f"this worker does not know the task {spec.task!r}")
+            raise UnknownTask(f"this worker does not know the task {spec.task!r}: upgrade it")
         if not TASK_KINDS[spec.task].needs_model:
             task = task_class()
         else:

@@ -28,6 +28,12 @@ class BadModel(JobError):
     code = "INVALID_ARGUMENT"
 
 
+class UnknownTask(JobError):
+    """A task this worker has no code for (a coordinator newer than the worker)."""
+
+    code = "INVALID_ARGUMENT"
+
+
 class ModelNotAllowed(JobError):
     code = "PERMISSION_DENIED"
 
