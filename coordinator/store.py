@@ -28,7 +28,7 @@ from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, W
 from distinfer.coordinator.result_files import ResultFiles
 from distinfer.coordinator.split_store import SplitStore
 from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA
-from distinfer.coordinator.store_upgrades import OldStoreUpgrades
+from distinfer.coordinator.store_upgrades import OldStoreUpgrade
 from distinfer.v1 import jobs_pb2
 
 # A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
@@ -45,7 +45,7 @@ class ShardCursor:
     position: int = 0  # open rows scanned so far: the k-th belongs to rank k % world_size
 
 
-class Store(OldStoreUpgrades):
+class Store:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -56,7 +56,7 @@ class Store(OldStoreUpgrades):
         self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES_KEPT}")
         self._db.executescript(SCHEMA)
         self._result_files = ResultFiles(Path(f"{self.path}.results"))
-        self._upgrade_old_store()
+        OldStoreUpgrade(self._db, self._transaction, self._insert_chunk, self._add_results).run()
         self._drop_results_a_power_loss_cut()
         self._checkpointer = WalCheckpointer(self.path)
         self.splits = SplitStore(self._db, self._transaction)

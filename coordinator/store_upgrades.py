@@ -14,10 +14,14 @@ def _arrow(blobs) -> pa.Table:
     return pa.Table.from_batches([from_results([jobs_pb2.Result.FromString(blob) for blob in blobs])])
 
 
-class OldStoreUpgrades:
-    """Store's part that upgrades old state files: it uses the store's connection and its chunk writers."""
+class OldStoreUpgrade:
+    """The upgrade of an old state file, through the store's connection, transactions and writers."""
 
-    def _upgrade_old_store(self) -> None:
+    def __init__(self, db, transaction, insert_chunk, add_results):
+        self._db, self._transaction = db, transaction
+        self._insert_chunk, self._add_results = insert_chunk, add_results
+
+    def run(self) -> None:
         self._rebuild_chunk_tables_of_old_stores()
         self._chunk_rows_of_old_stores()
         self._chunk_results_of_old_stores()
