@@ -21,6 +21,7 @@ from distinfer.common.channels import ChannelSecurity, open_aio_channel
 from distinfer.common.metrics import serve_metrics
 from distinfer.v1 import workers_pb2, workers_pb2_grpc
 from distinfer.worker.executor import executor_main
+from distinfer.worker.executor_messages import BatchesDone, ExecutorMessage, Ready
 from distinfer.worker.metrics import WorkerMetrics
 from distinfer.worker.models import ModelPolicy
 
@@ -160,21 +161,21 @@ class WorkerDaemon:
                 item = events.get(timeout=0.5)
             except Exception:  # noqa: BLE001 - queue.Empty, or the queue closing at shutdown
                 continue
-            self._loop.call_soon_threadsafe(self._on_executor_event, *item)
+            self._loop.call_soon_threadsafe(self._on_executor_message, item)
 
-    def _on_executor_event(self, kind: str, slot: int, blob: bytes) -> None:
-        handle = self.executors[slot]
-        if kind == "ready":
+    def _on_executor_message(self, message: ExecutorMessage) -> None:
+        handle = self.executors[message.slot]
+        if isinstance(message, Ready):
             handle.ready = True
             self._send_heartbeat()
             return
-        if kind == "batches":
-            handle.count_batches(len(blob))
-            for seconds, rows in blob:
+        if isinstance(message, BatchesDone):
+            handle.count_batches(len(message.batches))
+            for seconds, rows in message.batches:
                 self.metrics.batch_seconds.observe(seconds)
                 self.metrics.rows.inc(rows)
             return
-        event = workers_pb2.SlotEvent.FromString(blob)
+        event = workers_pb2.SlotEvent.FromString(message.event)
         running = handle.running()
         if running is None or _key(running) != _key(event):
             return  # a late word from an executor that was replaced: its attempt is over

@@ -32,6 +32,7 @@ from distinfer.common.log import configure_logging
 from distinfer.common.result_columns import result_batch, to_ipc
 from distinfer.common.tasks import TASK_KINDS
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
+from distinfer.worker.executor_messages import BatchesDone, Ready, SlotEventOut
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
 from distinfer.worker.models import JobError, ModelCache, ModelKey, ModelPolicy, UnknownTask
@@ -90,7 +91,7 @@ def executor_main(
     transformers.utils.logging.disable_progress_bar()  # a progress bar per load clutters the worker's log
     freeze_startup_objects()
     executor = Executor(slot, device, coordinator, events, policy, security)
-    events.put(("ready", slot, b""))
+    events.put(Ready(slot))
     while (blob := inbox.get()) is not None:
         keep_going = executor.run(workers_pb2.Assignment.FromString(blob))
         if not keep_going:
@@ -130,7 +131,7 @@ class Executor:
 
     def emit(self, a: workers_pb2.Assignment, kind, **fields) -> None:
         event = workers_pb2.SlotEvent(job_id=a.job_id, attempt=a.attempt, slot=a.slot, rank=a.rank, kind=kind, **fields)
-        self.events.put(("event", self.slot, event.SerializeToString()))
+        self.events.put(SlotEventOut(self.slot, event.SerializeToString()))
 
     def run(self, a: workers_pb2.Assignment) -> bool:
         """Run one rank of one attempt; returns whether this process may serve another job."""
@@ -240,11 +241,11 @@ class Executor:
                     outbox.add(payload, batch, more_ready=batches.ready())
                     batch_metrics.append((seconds, len(batch)))
                     if (now := time.monotonic()) - metrics_sent >= METRICS_EVERY_S:
-                        self.events.put(("batches", self.slot, batch_metrics))
+                        self.events.put(BatchesDone(self.slot, batch_metrics))
                         batch_metrics, metrics_sent = [], now
                 outbox.finish()
             if batch_metrics:
-                self.events.put(("batches", self.slot, batch_metrics))
+                self.events.put(BatchesDone(self.slot, batch_metrics))
         except BaseException:
             outbox.abandon()
             raise
