@@ -25,6 +25,7 @@ import structlog
 import torch
 import torch.distributed as dist
 import transformers
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES, ChannelSecurity, open_channel
 from distinfer.common.heap import freeze_startup_objects
@@ -356,16 +357,17 @@ def connect_to_store(a: workers_pb2.Assignment, timeout: timedelta) -> dist.TCPS
     on the port. A broken exchange with it is retried, and a store without the key is never used: waiting
     for the key, this rank neither joins another group's store nor fails before rank 0 has said why."""
     deadline = time.monotonic() + timeout.total_seconds()
-    while True:
-        wait_for_listener(a.master_addr, a.master_port, deadline - time.monotonic())
-        try:
+    for attempt in Retrying(
+        retry=retry_if_exception_type(dist.DistNetworkError),
+        stop=stop_after_delay(timeout.total_seconds()),
+        wait=wait_fixed(0.1),
+        reraise=True,
+    ):
+        with attempt:
+            wait_for_listener(a.master_addr, a.master_port, deadline - time.monotonic())
             store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
             store.wait([attempt_key(a)])
             return store
-        except dist.DistNetworkError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 class PortTaken(Exception):
@@ -380,13 +382,12 @@ def wait_for_listener(host: str, port: int, timeout_s: float) -> None:
     """Wait until rank 0's rendezvous store accepts connections. torch's own client backs off 250-750 ms
     after a refused connect, so a rank that arrives first would otherwise idle half a second (measured: a
     4-rank group formed in ~0.6 s without this, ~0.2 s with it). On time-out, init_process_group reports."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.01)
+    with contextlib.suppress(RetryError):  # (not listening yet at the deadline)
+        for attempt in Retrying(
+            retry=retry_if_exception_type(OSError), stop=stop_after_delay(max(0.0, timeout_s)), wait=wait_fixed(0.01)
+        ):
+            with attempt:
+                socket.create_connection((host, port), timeout=1).close()
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
