@@ -26,6 +26,7 @@ from distinfer.coordinator.scheduler import Scheduler
 from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
 from distinfer.coordinator.state_lock import lock_state_dir
 from distinfer.coordinator.store import Store
+from distinfer.coordinator.uploads import Uploads
 from distinfer.coordinator.watchdog import ProgressWatchdog
 from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -140,8 +141,8 @@ class Coordinator:
         await self.manager.recover()
         # The parts above the manager, each with the manager as its one dependency.
         scheduler, watchdog = Scheduler(self.manager), ProgressWatchdog(self.manager)
-        streams, handout = ResultStreams(self.manager), WorkHandout(self.manager)
-        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager, streams), self.server)
+        uploads, streams, handout = Uploads(self.manager), ResultStreams(self.manager), WorkHandout(self.manager)
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.manager, uploads, streams), self.server)
         workers_pb2_grpc.add_WorkersServicer_to_server(
             WorkersServicer(self.manager, handout, watchdog, self.config.heartbeat_interval_s), self.server
         )

@@ -13,6 +13,7 @@ from distinfer.coordinator.job import MESSAGE_LIMIT
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.listing import list_page
 from distinfer.coordinator.result_streams import ResultStreams
+from distinfer.coordinator.uploads import Uploads
 from distinfer.coordinator.watchdog import ProgressWatchdog
 from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -21,8 +22,9 @@ log = structlog.get_logger(__name__)
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
-    def __init__(self, manager: JobManager, streams: ResultStreams):
+    def __init__(self, manager: JobManager, uploads: Uploads, streams: ResultStreams):
         self.manager = manager
+        self.uploads = uploads
         self.streams = streams
 
     @grpc_errors
@@ -64,7 +66,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         async def accepted(job_id: str) -> None:
             await context.send_initial_metadata(((JOB_ID_KEY, job_id),))
 
-        status = await self.manager.submit(first.spec, row_batches(), accepted)
+        status = await self.uploads.submit(first.spec, row_batches(), accepted)
         return jobs_pb2.SubmitJobResponse(job_id=status.job_id, num_rows=status.num_rows)
 
     @grpc_errors

@@ -10,6 +10,7 @@ from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.scheduler import Scheduler
 from distinfer.coordinator.store import Store
+from distinfer.coordinator.uploads import Uploads
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 S = jobs_pb2
@@ -38,7 +39,7 @@ async def submit(jobs: JobManager, rows: int = 3, **spec) -> str:
     async def batches():
         yield S.RowBatch(rows=[S.InputRow(text=f"t{i}") for i in range(rows)])
 
-    return (await jobs.submit(S.JobSpec(task="echo", **spec), batches())).job_id
+    return (await Uploads(jobs).submit(S.JobSpec(task="echo", **spec), batches())).job_id
 
 
 def sent(worker) -> list[str]:
@@ -129,13 +130,14 @@ def test_uploads_that_start_together_count_against_the_queue_limit(tmp_path):
 
     async def scenario():
         jobs = JobManager(Store(tmp_path / "state.db"), Registry(), limits=Limits(max_queued_jobs=2))
+        uploads = Uploads(jobs)
 
         async def slow_rows():
             await asyncio.sleep(0.05)  # every upload is open before any row arrives
             yield S.RowBatch(rows=[S.InputRow(text="t")])
 
         outcomes = await asyncio.gather(
-            *(jobs.submit(S.JobSpec(task="echo"), slow_rows()) for _ in range(5)), return_exceptions=True
+            *(uploads.submit(S.JobSpec(task="echo"), slow_rows()) for _ in range(5)), return_exceptions=True
         )
         assert sum(isinstance(o, S.JobStatus) for o in outcomes) == 2
         assert sum(isinstance(o, ResourceExhausted) for o in outcomes) == 3
