@@ -38,7 +38,8 @@ from transformers import AutoModel, AutoTokenizer
 from benchmarks import coordination, data_plane, fleet, generation
 from benchmarks.coordination import proc_status_mb
 from distinfer.worker.cpu_kernels import use_cpu_kernels
-from distinfer.worker.executor import defaults_for, pick_dtype
+from distinfer.worker.devices import pick_dtype
+from distinfer.worker.executor import defaults_for
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.jsonl"
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -10,22 +10,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-from datetime import timedelta
 
 import pyarrow as pa
 import structlog
 import torch
 import torch.distributed as dist
 import transformers
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES, ChannelSecurity, open_channel
 from distinfer.common.heap import freeze_startup_objects
@@ -33,6 +29,7 @@ from distinfer.common.log import configure_logging
 from distinfer.common.result_columns import result_batch, to_ipc
 from distinfer.common.tasks import TASK_KINDS
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
+from distinfer.worker.devices import pick_dtype, usable_cpus
 from distinfer.worker.executor_messages import BatchesDone, Ready, SlotEventOut
 from distinfer.worker.gather import Gatherer
 from distinfer.worker.lanes import computed, lanes_for
@@ -41,6 +38,7 @@ from distinfer.worker.outbox import Outbox
 from distinfer.worker.parallel import Layout, parameter_counts
 from distinfer.worker.parts import PartWriter
 from distinfer.worker.prefetcher import Prefetcher
+from distinfer.worker.rendezvous import PortTaken, join_group
 from distinfer.worker.result_sender import ResultSender
 from distinfer.worker.tasks import TASKS, Task
 
@@ -301,119 +299,3 @@ class Executor:
                 task = self.models.get(key, lambda: task_class(path, device, dtype, self.policy))
         task.start_job(spec.options)
         return task
-
-
-def join_group(a: workers_pb2.Assignment) -> None:
-    """Join the attempt's process group at the rendezvous the coordinator assigned.
-
-    Rank 0 opens the rendezvous store on the advertised address only, not on every interface: torch's TCPStore
-    is unauthenticated, so it must not be reachable from networks other than the cluster's private one.
-    """
-    timeout = timedelta(seconds=a.rendezvous_timeout_s)  # the store's: how long the group may take to form
-    if a.rank == 0:
-        try:
-            listener = socket.create_server((a.master_addr, a.master_port), backlog=max(128, 2 * a.world_size))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortTaken(a.master_addr, a.master_port) from exc
-            raise
-        store = dist.TCPStore(
-            a.master_addr,
-            a.master_port,
-            a.world_size,
-            is_master=True,
-            timeout=timeout,
-            wait_for_workers=False,
-            master_listen_fd=listener.detach(),  # the store owns (and closes) the socket from here on
-        )
-        store.set(attempt_key(a), b"")
-    else:
-        store = connect_to_store(a, timeout)
-    dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=collective_timeout(a))
-
-
-# gloo and NCCL time out every collective after the group's time-out. A rank that is done, or ahead, waits in a
-# round's collective while a slower one computes its next batches (a slow model, a slow core, a long
-# generation): that wait is no fault. The coordinator's stall watchdog ends a group that really hangs, so the
-# group's own time-out only needs to outlast it.
-MIN_COLLECTIVE_TIMEOUT_S = 30 * 60.0
-
-
-def collective_timeout(a: workers_pb2.Assignment) -> timedelta:
-    """The process group's time-out for each collective: longer than the stall time-out the coordinator's
-    watchdog enforces (the job's own, or at least half an hour where the job leaves it to the coordinator)."""
-    return timedelta(seconds=max(a.spec.stall_timeout_s, MIN_COLLECTIVE_TIMEOUT_S) + a.rendezvous_timeout_s)
-
-
-def attempt_key(a: workers_pb2.Assignment) -> str:
-    return f"distinfer/{a.job_id}/{a.attempt}"
-
-
-def connect_to_store(a: workers_pb2.Assignment, timeout: timedelta) -> dist.TCPStore:
-    """The client of rank 0's rendezvous store, once it holds the attempt's key.
-
-    What answers on the port may be something else: another program (a torchrun job's store), which rank 0,
-    failing to bind, reports as the attempt's cause; or, for a moment, the store of a group that just ended
-    on the port. A broken exchange with it is retried, and a store without the key is never used: waiting
-    for the key, this rank neither joins another group's store nor fails before rank 0 has said why."""
-    deadline = time.monotonic() + timeout.total_seconds()
-    for attempt in Retrying(
-        retry=retry_if_exception_type(dist.DistNetworkError),
-        stop=stop_after_delay(timeout.total_seconds()),
-        wait=wait_fixed(0.1),
-        reraise=True,
-    ):
-        with attempt:
-            wait_for_listener(a.master_addr, a.master_port, deadline - time.monotonic())
-            store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
-            store.wait([attempt_key(a)])
-            return store
-
-
-class PortTaken(Exception):
-    """Another program listens on the attempt's rendezvous port."""
-
-    def __init__(self, host: str, port: int):
-        super().__init__(f"the rendezvous port {host}:{port} is taken by another program")
-        self.port = port
-
-
-def wait_for_listener(host: str, port: int, timeout_s: float) -> None:
-    """Wait until rank 0's rendezvous store accepts connections. torch's own client backs off 250-750 ms
-    after a refused connect, so a rank that arrives first would otherwise idle half a second (measured: a
-    4-rank group formed in ~0.6 s without this, ~0.2 s with it). On time-out, init_process_group reports."""
-    with contextlib.suppress(RetryError):  # (not listening yet at the deadline)
-        for attempt in Retrying(
-            retry=retry_if_exception_type(OSError), stop=stop_after_delay(max(0.0, timeout_s)), wait=wait_fixed(0.01)
-        ):
-            with attempt:
-                socket.create_connection((host, port), timeout=1).close()
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The requested dtype, or for "auto" the fastest one that keeps results sound on the device.
-
-    CUDA: bfloat16 where the GPU has it (Ampere and later), else float16. CPU: bfloat16 where the cores
-    have AMX tiles (Sapphire Rapids and later), on which oneDNN runs it far faster than float32 (measured
-    here: all-MiniLM-L6-v2 on the 1,000 sample rows, 373 vs 170 rows/s, cosine to float32 above 0.9999);
-    elsewhere bfloat16 is emulated and slower, so float32.
-    """
-    if requested and requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cuda":
-        # Emulated bfloat16 (pre-Ampere) counts as supported by default, and is slow: ask for the real thing.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.bfloat16 if cpu_has_amx() else torch.float32
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on: its affinity mask (taskset, a Slurm or Kubernetes cpuset), not the
-    host's count, which would oversubscribe the cores it has."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
-
-
-def cpu_has_amx() -> bool:
-    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so not in every torch
-    return bool(is_supported and is_supported())

@@ -259,7 +259,7 @@ def assert_cosines_above(got, expected, floor: float) -> None:
 
 
 def test_auto_dtype_is_the_fastest_sound_one_for_the_cpu_and_is_reported(client, sample_rows, reference_embeddings):
-    from distinfer.worker.executor import cpu_has_amx
+    from distinfer.worker.devices import cpu_has_amx
 
     auto = client.submit(sample_rows, model="all-MiniLM-L6-v2", workers=2)
     results = [r["embedding"] for r in auto.results()]

@@ -25,7 +25,7 @@ def form_group_and_look(port: int, results) -> None:
     import torch.distributed as dist
 
     from distinfer.v1 import workers_pb2
-    from distinfer.worker.executor import join_group
+    from distinfer.worker.rendezvous import join_group
 
     a = workers_pb2.Assignment(
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=port, backend="gloo", rendezvous_timeout_s=10
