@@ -1,5 +1,5 @@
-"""Read a dataset file as Arrow tables, uploaded as they are: no Python object per row on the way (reading
-a file row by row as dicts cost the client 5.6 us a row, more than half of what it spent on a job).
+"""Read a dataset file as Arrow tables, uploaded as they are: no Python object per row on the way (a dict per
+row was more than half of what the client spent on a job).
 
 - Parquet: its record batches, the columns' types kept.
 - JSONL: blocks of whole lines (from a pipe, those that have come), each parsed by Arrow's JSON reader

@@ -10,7 +10,7 @@ def freeze_startup_objects() -> None:
     transformers are in) to a generation the collector never walks.
 
     Rows cross these processes as short-lived objects, and each collection of the old generation used to walk
-    the whole import graph again: on an executor, building a batch's rows took 4.4 us a row instead of 0.9.
+    the whole import graph again: building a batch's rows on an executor took five times as long.
     Objects frozen here still go when nothing refers to them; only those caught in reference cycles stay
     (modules and their classes, which live as long as the process anyway).
     """

@@ -3,9 +3,8 @@
 SQLite checkpoints a WAL database from inside the commit that crosses `wal_autocheckpoint` pages, and a
 checkpoint syncs the log and the database file to disk: with results of embedding width that was over half
 of a commit's time, on the thread every commit waits for. Here the checkpoints run beside the commits (a
-passive checkpoint takes no lock a writer needs), so commits only append to the log: 384-float results,
-committed and read back in order, went from 36-37k to 59-63k rows/s. Durability is unchanged: a commit is
-in the log either way, and a checkpoint syncs what it copies.
+passive checkpoint takes no lock a writer needs), so commits only append to the log. Durability is
+unchanged: a commit is in the log either way, and a checkpoint syncs what it copies.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ log = structlog.get_logger(__name__)
 # the log holds a second of input chunks and bookkeeping at most; at 0.2 s the syncs cost a running job 2 ms a second.
 CHECKPOINT_EVERY_S = 1.0
 # The commit connection still checkpoints by itself past this many pages (4 KiB each: 256 MiB), should this
-# thread fall far behind; any lower and it did so at 100 MB/s of commits, costing a third of the gain. The log
+# thread fall far behind (any lower and it did so under a fast upload). The log
 # file is cut back to WAL_BYTES_KEPT once copied.
 BACKSTOP_PAGES = 65536
 WAL_BYTES_KEPT = 64 << 20

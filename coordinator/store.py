@@ -3,7 +3,7 @@
 Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory), each upload
 message as one chunk: a SQLite row for every input row was the biggest part of the coordinator's per-row
 cost. Results are kept the same way, as the Arrow batches rank 0 sends, one per commit and block of
-RESULT_BLOCK_ROWS row indices (a SQLite row per result cost 5 us a row to insert), their bytes in a file per
+RESULT_BLOCK_ROWS row indices (a SQLite row per result cost more than the rest of a commit), their bytes in a file per
 job (result_files.py); the block bounds what a read in index order looks at, however scattered a commit's
 indices are. Commits are idempotent by row index,
 so a repeated or late result never duplicates a row. Rows move as whole Arrow columns (sorted, sliced,

@@ -1,7 +1,7 @@
 """Work pulled, not shards pushed: an attempt's open rows go to its ranks a unit at a time, as each asks for
 more (worker/prefetcher.py asks when its window of rows runs low), so a rank twice as fast computes about
-twice the rows and the slowest rank no longer sets the end of the job. Measured before: two ranks, one at
-half speed, ran at 0.94x the fast rank alone, each holding half the rows from the start.
+twice the rows and the slowest rank no longer sets the end of the job (benchmarks/coordination.py measures
+mixed speeds).
 
 Rows are handed in index order, each once per attempt (a failed attempt's rows that were not committed are
 open again for the next). The ranks of a tensor-parallel replica must compute the same rows: they ask for

@@ -57,9 +57,8 @@ class DeviceDefaults:
         return self.max_generate_positions if task.positions_added else self.max_batch_tokens
 
 
-# Measured on a 2-core CPU: a 1,024-token budget beat 4,096-8,192 by 20-35% in float32. bfloat16 on AMX wants
-# twice that: 2,048 gave 1.12x the rows/s of 1,024 end to end (all-MiniLM-L6-v2, 1 rank, 6 interleaved passes)
-# and 1.06x in a plain loop, where 4,096 gave 1.01x and 1.11x. GPUs want far larger batches.
+# A CPU computes small batches best (larger ones spill its caches); bfloat16 on AMX wants twice the tokens.
+# GPUs want far larger batches.
 CPU_DEFAULTS = DeviceDefaults(max_batch_tokens=1024, max_rows=128, max_generate_positions=16384)
 CPU_BFLOAT16_DEFAULTS = dataclasses.replace(CPU_DEFAULTS, max_batch_tokens=2048)
 CUDA_DEFAULTS = DeviceDefaults(max_batch_tokens=65536, max_rows=1024, max_generate_positions=65536)

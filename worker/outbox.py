@@ -20,10 +20,10 @@ class Outbox:
 
     A round is collective: it waits for the slowest rank of the group. So rounds run in a thread of their
     own while the model computes the next batches, and a rank that is a little behind holds up only the
-    rounds, not the other ranks' compute (with rounds inline, 8 ranks on 2 cores spent 3.5 ms of every 25 ms
-    batch waiting). The first round goes out after one batch (results stream early), then rounds carry
-    twice as many batches each time, up to MAX_BATCHES_PER_ROUND, plus whatever else is already waiting,
-    up to MAX_ROWS_PER_ROUND (bigger rounds would commit, stream and lose to a failure in coarser steps).
+    rounds, not the other ranks' compute. The first round goes out after one batch (results stream early),
+    then rounds carry twice as many batches each time, up to MAX_BATCHES_PER_ROUND, plus whatever else is
+    already waiting, up to MAX_ROWS_PER_ROUND (bigger rounds would commit, stream and lose to a failure in
+    coarser steps).
     Ranks need not agree on round sizes: the n-th round of one rank meets the n-th round of the others.
 
     Batches are handed over a round's worth at a time, so the round thread wakes once a round, not once a
@@ -56,8 +56,8 @@ class Outbox:
         self._idle = idle
         # Whether another rank had clearly more rows than this one in the last round: it is faster, and its
         # rows wait for this rank's rounds. Rounds are collective, so a slower rank that sent a round per several
-        # batches capped a faster one at MAX_ROWS_PER_ROUND a round (measured: a rank at half speed then
-        # added 0.44 of its own speed to a job). Behind, a rank takes part in a round per batch.
+        # batches capped a faster one at MAX_ROWS_PER_ROUND a round. Behind, a rank takes part in a round per
+        # batch.
         self.behind = False
         self.others_waiting = False
         self._inline = inline or gatherer is None
