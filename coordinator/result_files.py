@@ -53,6 +53,10 @@ class ResultFiles:
         self._open.move_to_end(job_id)
         return fd
 
+    def job_ids(self) -> set[str]:
+        """The jobs that have a results file."""
+        return {path.name.removesuffix(".arrows") for path in self._folder.glob("*.arrows")}
+
     def size(self, job_id: str) -> int:
         try:
             return self._path(job_id).stat().st_size

@@ -58,6 +58,7 @@ class Store:
         self._result_files = ResultFiles(Path(f"{self.path}.results"))
         OldStoreUpgrade(self._db, self._transaction, self._insert_chunk, self._add_results).run()
         self._drop_results_a_power_loss_cut()
+        self._delete_result_files_of_deleted_jobs()
         self._checkpointer = WalCheckpointer(self.path)
         self.splits = SplitStore(self._db, self._transaction)
 
@@ -73,6 +74,12 @@ class Store:
         for job_id, end in ends:
             if end > (size := self._result_files.size(job_id)):
                 self._db.execute("DELETE FROM result_batches WHERE job_id = ? AND position + size > ?", (job_id, size))
+
+    def _delete_result_files_of_deleted_jobs(self) -> None:
+        """A job's rows go first and its results file after (delete_job): a crash between the two left the file."""
+        known = {job_id for (job_id,) in self._db.execute("SELECT job_id FROM jobs")}
+        for job_id in self._result_files.job_ids() - known:
+            self._result_files.delete(job_id)
 
     # --- jobs -------------------------------------------------------------------------------------------
 

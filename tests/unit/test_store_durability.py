@@ -325,3 +325,20 @@ def test_a_store_keeps_few_result_files_open_however_many_jobs_it_holds(tmp_path
     for n in range(8):  # each job's results still read back, its file reopened as needed
         assert [r.index for r in read(store, f"j{n}", 0, 10).results] == [0, 1, 2, 3]
     store.close()
+
+
+def test_a_results_file_left_by_a_crash_between_a_jobs_delete_and_its_unlink_goes_when_the_store_opens(tmp_path):
+    store = Store(tmp_path / "state.db")
+    for job_id in ("gone", "kept"):
+        add_job_with_rows(store, job_id, 10)
+        commit(store, job_id, 1, [result_blob(i) for i in range(10)])
+    store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:  # the delete's transaction, and no unlink after it
+        for table in ("jobs", "input_chunks", "result_batches"):
+            db.execute(f"DELETE FROM {table} WHERE job_id = 'gone'")
+    reopened = Store(tmp_path / "state.db")
+    try:
+        assert not (tmp_path / "state.db.results" / "gone.arrows").exists()
+        assert [r.index for r in read(reopened, "kept", 0, 100).results] == list(range(10))
+    finally:
+        reopened.close()
