@@ -1,7 +1,7 @@
-"""`JobManager`: every job's status and its changes (the state table: job.py), uploads, commits, what the slots
-report, and the end of attempts. The parts above it take it as their one dependency: the scheduler
-(scheduler.py), the progress watchdog (watchdog.py), the result streams (result_streams.py) and the work
-handout (work_handout.py); server.py wires them.
+"""`JobManager`: every job's status and its changes (the state table: job.py), commits, what the slots report,
+and the end of attempts. The parts above it take it as their one dependency: the uploads (uploads.py), the
+scheduler (scheduler.py), the progress watchdog (watchdog.py), the result streams (result_streams.py) and the
+work handout (work_handout.py); server.py wires them.
 
 It runs on the coordinator's event loop; the store is driven from one thread of its own, so SQLite never
 blocks heartbeats or streams.
