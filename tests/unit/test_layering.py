@@ -24,3 +24,32 @@ def test_no_torch_on_the_head_node_or_in_the_client(module):
 def test_coordinator_and_worker_do_not_import_each_other():
     assert not any(m.startswith("distinfer.worker") for m in imported_after("distinfer.coordinator.main"))
     assert not any(m.startswith("distinfer.coordinator") for m in imported_after("distinfer.worker.main"))
+
+
+COORDINATOR_PARTS = ("uploads", "scheduler", "watchdog", "result_streams", "work_handout")
+
+
+def coordinator_imports(module: str) -> set[str]:
+    """The distinfer.coordinator modules a coordinator module imports (read from its source, not run)."""
+    import ast
+    from pathlib import Path
+
+    import distinfer.coordinator
+
+    source = Path(distinfer.coordinator.__path__[0], f"{module}.py").read_text()
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distinfer.coordinator."):
+            names.add(node.module.rsplit(".", 1)[1])
+    return names
+
+
+@pytest.mark.parametrize("part", COORDINATOR_PARTS)
+def test_the_coordinators_parts_stand_on_the_job_manager_and_not_on_each_other(part):
+    imported = coordinator_imports(part)
+    assert "jobs" in imported  # the one dependency: the manager
+    assert not imported & set(COORDINATOR_PARTS), f"{part} imports another part: {imported & set(COORDINATOR_PARTS)}"
+
+
+def test_the_job_manager_knows_none_of_the_parts_above_it():
+    assert not coordinator_imports("jobs") & set(COORDINATOR_PARTS)
