@@ -54,7 +54,8 @@ JOB_STATES = tuple(name for name in jobs_pb2.JobState.keys() if name != "JOB_STA
 
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:
     """Raise InvalidArgument with a sentence the user can act on."""
-    if not spec.model.strip() and TASK_KINDS.get(spec.task, TASK_KINDS["embed"]).needs_model:
+    # (an unknown task is named as such below, once a model is given)
+    if not spec.model.strip() and (spec.task not in TASK_KINDS or TASK_KINDS[spec.task].needs_model):
         raise InvalidArgument(
             "the job names no model: give one (--model; spec.model in the protocol), a local model directory or "
             "a cached name"

@@ -61,13 +61,9 @@ class ResultStreams:
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
             ended = job.status.state in (jobs_pb2.FAILED, jobs_pb2.CANCELLED)
+            read = self._manager.store.results_from
             table = await self._manager.db(
-                self._manager.store.results_from,
-                job_id,
-                next_index,
-                RESULTS_PER_MESSAGE,
-                RESULT_BYTES_PER_MESSAGE,
-                ended,
+                read, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
             )
             if table is not None:
                 next_index = table.column(INDEX)[-1].as_py() + 1

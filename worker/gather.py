@@ -32,8 +32,7 @@ class Gathered:
 
     @staticmethod
     def joined(rounds: list[Gathered]) -> Gathered:
-        """Several rounds as one (their rows have the job's one width)."""
-        rounds = [r for r in rounds if len(r)] or rounds[:1]
+        """Several rounds, none empty (ResultSender.send queues none), as one: their rows have the job's width."""
         if len(rounds) == 1:
             return rounds[0]
         return Gathered(

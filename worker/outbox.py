@@ -23,8 +23,8 @@ class Outbox:
     rounds, not the other ranks' compute. The first round goes out after one batch (results stream early),
     then rounds carry twice as many batches each time, up to MAX_BATCHES_PER_ROUND, plus whatever else is
     already waiting, up to MAX_ROWS_PER_ROUND (bigger rounds would commit, stream and lose to a failure in
-    coarser steps).
-    Ranks need not agree on round sizes: the n-th round of one rank meets the n-th round of the others.
+    coarser steps). Ranks need not agree on round sizes: the n-th round of one rank meets the n-th round of
+    the others.
 
     Batches are handed over a round's worth at a time, so the round thread wakes once a round, not once a
     batch: every wake-up takes the GIL from the model's thread, whose OpenMP threads then wait.
