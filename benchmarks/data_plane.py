@@ -25,9 +25,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from distinfer.client.local import LocalCluster
+from distinfer.worker.devices import pick_dtype
 
 ROWS, QUICK_ROWS = 100_000, 20_000
 RANKS = 2
@@ -36,6 +37,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHORT_CHARS = 48
 IDLE_S, SETTLE_S = 5.0, 3.0
 NO_MODEL = "streamed, Parquet out, no model (384 floats a row)"
+MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
 
 
 def tiny_encoder(folder: Path) -> str:
@@ -133,17 +135,22 @@ def distinfer_run(
     }
 
 
-def run(quick: bool = False, rows: int | None = None) -> dict:
-    from benchmarks.run import load_texts, plain_loop  # run.py imports this module: not at the top
+def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model: str = "tiny") -> dict:
+    """model: "tiny" (the 1-layer encoder: what the plumbing costs) or "bundled" (all-MiniLM-L6-v2: what a
+    real small model gives end to end). On CUDA a rank is a GPU, in bfloat16 (distinfer's auto there)."""
+    from benchmarks.run import load_texts, model_path, plain_loop  # run.py imports this module: not at the top
 
     rows = rows or (QUICK_ROWS if quick else ROWS)
+    on_cuda = device == "cuda"
+    ranks = torch.cuda.device_count() if on_cuda else RANKS
+    dtype = str(pick_dtype("auto", torch.device(device))).removeprefix("torch.") if on_cuda else "float32"
     # Short texts (a title, a search query: the sample's texts cut to their first SHORT_CHARS characters), so
     # that the tiny model's compute stays small next to the data path.
     sample = [text[:SHORT_CHARS] for text in load_texts(None)]
     texts = [sample[i % len(sample)] for i in range(rows)]
     with tempfile.TemporaryDirectory(prefix="distinfer-data-plane-") as tmp:
         tmp = Path(tmp)
-        model = tiny_encoder(tmp / "model")
+        model_dir = tiny_encoder(tmp / "model") if model == "tiny" else model_path()
         data_jsonl, data_parquet = tmp / "rows.jsonl", tmp / "in"
         table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts})
         data_parquet.mkdir()
@@ -152,14 +159,17 @@ def run(quick: bool = False, rows: int | None = None) -> dict:
         warm_up = tmp / "warm-up.jsonl"
         warm_up.write_text("".join(json.dumps({"text": text}) + "\n" for text in sample))
 
-        encoder = BertModel.from_pretrained(model).eval()
+        encoder = AutoModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        plain_loop(encoder, tokenizer, texts[: len(sample)])  # the untimed pass: CUDA's kernels load
         started = time.perf_counter()
-        plain_loop(encoder, AutoTokenizer.from_pretrained(model), texts)
+        plain_loop(encoder, tokenizer, texts)
         plain_s = time.perf_counter() - started
+        del encoder
 
-        common = ["--model", model, "--workers", str(RANKS), "--dtype", "float32"]
+        common = ["--model", model_dir, "--workers", str(ranks), "--dtype", dtype]
         entries = []
-        with LocalCluster(slots=RANKS, model_roots=(str(tmp),)) as cluster:
+        with LocalCluster(slots=ranks, device=device, model_roots=(str(tmp),)) as cluster:
             # The executors load the model in a first job, and keep it for the next ones.
             warm_up_args = ["--input", str(warm_up), "--output", str(tmp / "w.jsonl")]
             run_cli(["submit", "--coordinator", cluster.address, *common, *warm_up_args])
@@ -171,7 +181,7 @@ def run(quick: bool = False, rows: int | None = None) -> dict:
             )
             idle = idle_cpu_per_s(cluster.coordinator.pid)
             # The last: the same rows and 384-float vectors at the plumbing's own rate, with no model (simulate).
-            no_model = ["--task", "simulate", "--simulated-vector-width", "384", "--workers", str(RANKS)]
+            no_model = ["--task", "simulate", "--simulated-vector-width", "384", "--workers", str(ranks)]
             for name, args, output in (
                 ("streamed, Parquet out", [*common, "--input", str(data_jsonl)], tmp / "out.parquet"),
                 ("streamed, JSONL out", [*common, "--input", str(data_jsonl)], tmp / "out.jsonl"),
@@ -184,7 +194,9 @@ def run(quick: bool = False, rows: int | None = None) -> dict:
         entry["vs_plain"] = None if entry["name"] == NO_MODEL else entry["rows_per_s"] / (rows / plain_s)
     return {
         "rows": rows,
-        "ranks": RANKS,
+        "ranks": ranks,
+        "model": MODELS[model],
+        "device": f"{ranks} GPU(s), {dtype}" if on_cuda else f"CPU, {dtype}",
         "plain_rows_per_s": rows / plain_s,
         "coordinator_idle_cpu_per_s": idle,
         "client_start_up_cpu_s": start_up,
@@ -194,7 +206,8 @@ def run(quick: bool = False, rows: int | None = None) -> dict:
 
 def markdown(section: dict) -> str:
     lines = [
-        f"| data path: 1-layer 384-wide encoder, {section['rows']:,} rows, {section['ranks']} ranks | rows/s "
+        f"| data path: {section['model']}, {section['device']}, {section['rows']:,} rows, {section['ranks']} ranks "
+        "| rows/s "
         "| vs plain loop | coordinator us/row (all / above idle) | coordinator, of a core "
         "| client us/row (all / above start-up) "
         "| workers us/row | output bytes/row |",

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --out bench-report [--rows N | --quick] [--skip-naive]
         [--skip-coordination | --coordination-only | --data-plane-only] [--echo-rows N] [--skip-data-plane]
         [--data-plane-rows N] [--fleet-only | --skip-fleet] [--fleet-daemons N]
-        [--device cpu|cuda]
+        [--data-plane-model tiny|bundled] [--device cpu|cuda]
 
 Every entry embeds the same rows of examples/sample.jsonl with the bundled all-MiniLM-L6-v2 on the CPU
 (or, with --device cuda, the GPUs: distinfer's groups then use NCCL). The
@@ -62,9 +62,11 @@ def model_path() -> str:
 
 
 def load_texts(rows: int | None) -> list[str]:
+    """The sample's texts: all of them, the first `rows`, or repeated to `rows` past its end (a GPU needs more
+    rows than the sample has to run long enough to time)."""
     with SAMPLE.open() as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
-    return texts[:rows] if rows else texts
+    return [texts[i % len(texts)] for i in range(rows)] if rows else texts
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -263,7 +265,9 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-report", help="folder for report.json and report.md")
-    parser.add_argument("--rows", type=int, default=None, help="rows of the sample to use (default: all 1,000)")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="rows of the sample to use (default: all 1,000; more repeat it)"
+    )
     parser.add_argument("--quick", action="store_true", help="200 rows, for a smoke run")
     parser.add_argument("--skip-naive", action="store_true", help="leave out the slow per-item loop")
     parts = parser.add_mutually_exclusive_group()
@@ -282,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data-plane-rows", type=int, default=None, help="rows of the data path benchmark (default 100,000)"
     )
     parser.add_argument(
+        "--data-plane-model",
+        choices=("tiny", "bundled"),
+        default="tiny",
+        help="the data path's model: the 1-layer encoder (tiny: the plumbing's cost), or all-MiniLM-L6-v2",
+    )
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the model entries run (cuda: NCCL groups)"
     )
     args = parser.parse_args(argv)
@@ -295,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_coordination and (args.coordination_only or not only):
         report["coordination"] = coordination.run(quick=args.quick, echo_row_count=args.echo_rows)
     if not args.skip_data_plane and (args.data_plane_only or not only):
-        report["data_plane"] = data_plane.run(quick=args.quick, rows=args.data_plane_rows)
+        report["data_plane"] = data_plane.run(
+            quick=args.quick, rows=args.data_plane_rows, device=args.device, model=args.data_plane_model
+        )
     if not args.skip_fleet and (args.fleet_only or not only):
         report["fleet"] = fleet.run(daemons=args.fleet_daemons, quick=args.quick)
     out = Path(args.out)
