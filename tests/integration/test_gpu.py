@@ -47,7 +47,7 @@ def gpu_reference(sample_rows, bundled_model_path) -> np.ndarray:
 
 
 def test_float32_embeddings_on_a_gpu_equal_sentence_transformers_there(gpu_client, sample_rows, gpu_reference):
-    job = gpu_client.submit(sample_rows, task="embed", dtype="float32")
+    job = gpu_client.submit(sample_rows, "all-MiniLM-L6-v2", dtype="float32")
     got = embeddings_of(job)
     on_nccl(job, "float32")
     # Batched differently from sentence-transformers, so the GPU's kernels sum in another order.
@@ -55,7 +55,7 @@ def test_float32_embeddings_on_a_gpu_equal_sentence_transformers_there(gpu_clien
 
 
 def test_auto_computes_in_bfloat16_on_a_gpu_and_stays_close(gpu_client, sample_rows, gpu_reference):
-    job = gpu_client.submit(sample_rows, task="embed")
+    job = gpu_client.submit(sample_rows, "all-MiniLM-L6-v2")
     got = embeddings_of(job)
     on_nccl(job, "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16")
     cosines = (got * gpu_reference).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(gpu_reference, axis=1)

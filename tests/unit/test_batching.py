@@ -284,6 +284,19 @@ def test_padded_real_batch_matches_the_tokenizers_own_padding(tokenizer):
         assert torch.equal(inputs[key], expected[key]), key
 
 
+def test_left_padding_puts_each_rows_ids_at_the_end(tokenizer):
+    texts = [LONG, SHORT, "hi"]
+    encoded = Encoder(tokenizer, 48).encode([0, 1, 2], texts)
+    inputs = pad(encoded, pad_id=tokenizer.pad_token_id, with_token_types=False, left=True)
+    tokenizer.padding_side = "left"
+    try:
+        expected = tokenizer(texts, truncation=True, max_length=48, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(inputs[key], expected[key]), key
+
+
 # --- Prefetcher: batch cuts -----------------------------------------------------------------------------
 
 
