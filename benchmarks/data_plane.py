@@ -40,15 +40,16 @@ NO_MODEL = "streamed, Parquet out, no model (384 floats a row)"
 MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
 
 
-def tiny_encoder(folder: Path) -> str:
-    """A 1-layer BERT of all-MiniLM-L6-v2's width and tokenizer, random weights: compute nearly free."""
+def tiny_encoder(folder: Path, layers: int = 1) -> str:
+    """A BERT of all-MiniLM-L6-v2's width and tokenizer with 1 layer (or `layers`), random weights: compute
+    nearly free."""
     from benchmarks.run import model_path  # run.py imports this module: not at the top
 
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=384,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=12,
         intermediate_size=1536,
         max_position_embeddings=512,

@@ -17,21 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertModel
 
+from benchmarks.data_plane import tiny_encoder
 from benchmarks.run import load_texts, model_path, plain_loop
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 
 PROFILED_S = 10
-
-
-def empty_encoder(folder: Path) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=384, num_hidden_layers=0, num_attention_heads=12)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def one_job(client: Client, texts: list[str], model: str) -> tuple[float, list[str], object]:
@@ -67,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     texts = load_texts(args.rows)
     with tempfile.TemporaryDirectory(prefix="distinfer-rank-profile-") as tmp:
-        model = model_path() if args.model == "bundled" else empty_encoder(Path(tmp) / "model")
+        model = model_path() if args.model == "bundled" else tiny_encoder(Path(tmp) / "model", layers=0)
         reference = BertModel.from_pretrained(model).to(args.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model)
         plain_loop(reference, tokenizer, texts)  # the untimed pass
