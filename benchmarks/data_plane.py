@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from benchmarks.loops import load_texts, model_path, plain_loop
 from distinfer.client.local import LocalCluster
 from distinfer.worker.devices import pick_dtype
 
@@ -43,8 +44,6 @@ MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
 def tiny_encoder(folder: Path, layers: int = 1) -> str:
     """A BERT of all-MiniLM-L6-v2's width and tokenizer with 1 layer (or `layers`), random weights: compute
     nearly free."""
-    from benchmarks.run import model_path  # run.py imports this module: not at the top
-
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
@@ -139,8 +138,6 @@ def distinfer_run(
 def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model: str = "tiny") -> dict:
     """model: "tiny" (the 1-layer encoder: what the plumbing costs) or "bundled" (all-MiniLM-L6-v2: what a
     real small model gives end to end). On CUDA a rank is a GPU, in bfloat16 (distinfer's auto there)."""
-    from benchmarks.run import load_texts, model_path, plain_loop  # run.py imports this module: not at the top
-
     rows = rows or (QUICK_ROWS if quick else ROWS)
     on_cuda = device == "cuda"
     ranks = torch.cuda.device_count() if on_cuda else RANKS

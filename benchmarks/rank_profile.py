@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, BertModel
 
 from benchmarks.data_plane import tiny_encoder
-from benchmarks.run import load_texts, model_path, plain_loop
+from benchmarks.loops import load_texts, model_path, plain_loop
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 
