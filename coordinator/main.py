@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from distinfer.common.config import apply_config
-from distinfer.common.heap import freeze_startup_objects
+from distinfer.common.heap import freeze_startup_objects, keep_big_buffers_in_heap
 from distinfer.common.log import configure_logging
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.server import Coordinator, CoordinatorConfig
@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     except ValueError as exc:
         sys.exit(f"distinfer-coordinator: {exc}")
     freeze_startup_objects()
+    keep_big_buffers_in_heap()
     try:
         asyncio.run(serve(config, args.port_file))
     except StateDirInUse as exc:
