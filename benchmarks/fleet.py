@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
+from distinfer.common import work_rows
 from distinfer.common.channels import CHANNEL_OPTIONS
 from distinfer.common.result_columns import result_batch, to_ipc
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
@@ -124,14 +125,15 @@ class SimulatedDaemon:
             ask.unit += 1
             if work.done:
                 break
-            if not work.indices:
+            indices, texts = work_rows.decode(work.arrow)
+            if not indices:
                 await asyncio.sleep(0.05)  # every row uploaded so far is handed out
                 continue
-            chars = pa.array(np.fromiter(map(len, work.texts), np.uint64, len(work.texts)))
-            batch = result_batch(work.indices, np.zeros(len(work.indices)), {"chars": chars})
+            chars = pa.array(np.fromiter(map(len, texts), np.uint64, len(texts)))
+            batch = result_batch(indices, np.zeros(len(indices)), {"chars": chars})
             report = workers_pb2.ReportResultsRequest(job_id=a.job_id, attempt=a.attempt, arrow=to_ipc(batch))
             await self.stub.ReportResults(iter([report]))
-            rows += len(work.indices)
+            rows += len(indices)
             progress.batches_done += 1
         self.busy.pop(a.slot, None)
         self._event(a, workers_pb2.SlotEvent.FINISHED, info=jobs_pb2.RankInfo(rank=a.rank))

@@ -88,9 +88,9 @@ class MessageRows:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def texts(self, positions: np.ndarray) -> list[str]:
+    def texts(self, positions: np.ndarray) -> pa.Array:
         rows = self._rows
-        return [rows[p].text for p in positions.tolist()]
+        return pa.array([rows[p].text for p in positions.tolist()], pa.string())
 
     def passthrough(self, positions: np.ndarray) -> pa.Table:
         rows = self._rows
@@ -104,8 +104,13 @@ class ArrowRows:
     def __len__(self) -> int:
         return self._table.num_rows
 
-    def texts(self, positions: np.ndarray) -> list[str]:
-        return self._table.column(0).take(positions).to_pylist()
+    def texts(self, positions: np.ndarray) -> pa.Array:
+        texts = self._table.column(0)
+        if len(positions) and positions[-1] - positions[0] == len(positions) - 1:  # a run of rows (the usual)
+            texts = texts.slice(int(positions[0]), len(positions))
+        else:
+            texts = texts.take(positions)
+        return texts.combine_chunks()
 
     def passthrough(self, positions: np.ndarray) -> pa.Table:
         return self._table.drop_columns([self._table.column_names[0]]).take(positions)

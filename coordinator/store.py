@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from distinfer.common.channels import STREAM_MESSAGE_CHARS
+from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
 from distinfer.coordinator import input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
@@ -33,16 +33,12 @@ from distinfer.v1 import jobs_pb2
 
 # A bigger upload message (grpcurl can send 64 MiB) is split: reading a row's meta_json parses its whole chunk.
 MAX_CHUNK_ROWS = 2048
-# A shard streams in messages of many rows (gRPC's cost is per message), but of at most a few MiB of text:
-# long documents must stay far below the 64 MiB a message may hold.
-SHARD_BATCH_ROWS, SHARD_BATCH_CHARS = 4096, STREAM_MESSAGE_CHARS
 CHUNKS_PER_READ = 4  # input chunks read at once (each up to MAX_CHUNK_ROWS rows)
 
 
 @dataclass
-class ShardCursor:
+class RowCursor:
     after: int = -1  # the last row index scanned
-    position: int = 0  # open rows scanned so far: the k-th belongs to rank k % world_size
 
 
 class Store:
@@ -145,56 +141,19 @@ class Store:
             ),
         )
 
-    def shard(
-        self,
-        job_id: str,
-        attempt: int,
-        rank: int,
-        world_size: int,
-        batch: int = SHARD_BATCH_ROWS,
-        cursor: ShardCursor | None = None,
-        batch_chars: int = SHARD_BATCH_CHARS,
-    ) -> Iterator[list[tuple[int, str]]]:
-        """The rows of one rank, in batches of `batch` rows or `batch_chars` characters (the last row may pass
-        them): every world_size-th row among those open when the attempt began.
-
-        Rows committed by this same attempt still count as open, so the cut stays the same however late a
-        rank asks for its shard. cursor: where an earlier call stopped (rows still uploading arrive later,
-        with higher indices); it is moved along as rows are scanned.
-        """
-        cursor = cursor or ShardCursor()
-        indices: list[int] = []
-        texts: list[str] = []
-        chars = 0
+    def open_rows(self, job_id: str, attempt: int, cursor: RowCursor) -> Iterator[pa.Table]:
+        """The rows after the cursor that an attempt is to compute, a chunk at a time, as work_rows tables:
+        every row for a first attempt; for a later one, those no earlier attempt committed (rows committed by
+        this same attempt still count as open, so what it is handed does not depend on when it asks). The
+        cursor moves along as rows are scanned: rows still uploading arrive later, after it."""
         for first, chunk in self._chunks(job_id, cursor.after + 1):
-            begin = max(first, cursor.after + 1)
-            end = first + len(chunk)
-            if attempt == 1:
-                # No other attempt has committed a row, so every row is open and the k-th open row is row k.
-                picked = np.arange(begin + (rank - begin) % world_size, end, world_size)
-            else:
-                scanned = np.arange(begin, end)
-                open_rows = scanned[~np.isin(scanned, self._committed(job_id, begin, end, other_than_attempt=attempt))]
-                picked = open_rows[(cursor.position + np.arange(len(open_rows))) % world_size == rank]
-                cursor.position += len(open_rows)
+            begin, end = max(first, cursor.after + 1), first + len(chunk)
+            picked = np.arange(begin, end)
+            if attempt > 1:
+                picked = picked[~np.isin(picked, self._committed(job_id, begin, end, other_than_attempt=attempt))]
             cursor.after = end - 1
-            picked_texts = chunk.texts(picked - first)
-            lengths = np.fromiter(map(len, picked_texts), np.int64, len(picked_texts))
-            start = 0
-            while start < len(picked_texts):  # cut into batches: to `batch` rows, or past `batch_chars`
-                room = batch - len(texts)
-                reached = chars + np.cumsum(lengths[start : start + room])
-                over = np.flatnonzero(reached >= batch_chars)
-                stop = start + (int(over[0]) + 1 if len(over) else len(reached))
-                indices += picked[start:stop].tolist()
-                texts += picked_texts[start:stop]
-                chars = int(reached[stop - start - 1])
-                start = stop
-                if len(texts) >= batch or chars >= batch_chars:
-                    yield list(zip(indices, texts))
-                    indices, texts, chars = [], [], 0
-        if texts:
-            yield list(zip(indices, texts))
+            if len(picked):
+                yield work_rows.table(picked, chunk.texts(picked - first))
 
     def _chunks(self, job_id: str, start: int, end: int | None = None, with_meta: bool = False):
         """(first index, input_chunks' rows) of the chunks holding rows from `start` (to `end`, excluded), in order.
@@ -300,13 +259,13 @@ class Store:
         span = np.arange(first, last + 1)
         return span[~np.isin(span, self._committed(job_id, first, last + 1, other_than_attempt=-1))]
 
-    def texts_of(self, job_id: str, indices: np.ndarray) -> list[str]:
-        """The texts of these rows (indices in order)."""
-        texts: list[str] = []
+    def rows_of(self, job_id: str, indices: np.ndarray) -> pa.Table:
+        """These rows (indices in order) as a work_rows table."""
+        pieces = []
         for first, chunk in self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1):
             mine = indices[(indices >= first) & (indices < first + len(chunk))]
-            texts += chunk.texts(mine - first)
-        return texts
+            pieces.append(work_rows.table(mine, chunk.texts(mine - first)))
+        return pa.concat_tables(pieces) if pieces else work_rows.EMPTY
 
     def count_results(self, job_id: str) -> int:
         (n,) = self._db.execute("SELECT TOTAL(count) FROM result_batches WHERE job_id = ?", (job_id,)).fetchone()

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from distinfer.common import work_rows
 from distinfer.common.errors import FailedPrecondition, InvalidArgument
 from distinfer.coordinator import in_place
 from distinfer.coordinator.jobs import JobManager
@@ -61,17 +62,15 @@ class WorkHandout:
                 rows, done = await self._manager.db(
                     units.next_unit, self._manager.store, request.replica, asked, open_rows, replicas, uploading
                 )
-                if rows or done or not wait:
+                if rows.num_rows or done or not wait:
                     break
                 # Nothing to hand out now: wait a moment for rows uploaded or committed before saying so.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
                 self._manager.current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
-            if rows:
-                job.status.attempts[-1].ranks[request.rank].rows_handed += len(rows)
+            job.status.attempts[-1].ranks[request.rank].rows_handed += rows.num_rows
             return workers_pb2.FetchWorkResponse(
-                indices=[i for i, _ in rows],
-                texts=[t for _, t in rows],
+                arrow=work_rows.encode(rows),
                 done=done,
                 # Only once a unit was copied is there anything to tell (no store call per ask before that).
                 committed=await self._manager.db(units.committed_of_copied, self._manager.store, request.replica)

@@ -23,10 +23,17 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from distinfer.coordinator.store import SHARD_BATCH_CHARS, ShardCursor, Store
+from distinfer.common import work_rows
+from distinfer.common.channels import STREAM_MESSAGE_CHARS
+from distinfer.common.result_columns import INDEX
+from distinfer.coordinator.store import RowCursor, Store
 
 UNIT_ROWS = 1024  # rows a unit holds when a rank does not say how many it wants
+# ...and at most a few MiB of text: long documents stay far below the 64 MiB a message may hold.
+UNIT_CHARS = STREAM_MESSAGE_CHARS
 MIN_UNIT_ROWS = 8  # the smallest unit, but for the last rows
 # A unit is at most 1/(SHARE_DIVISOR * replicas) of the rows left: 2 is guided self-scheduling's classic, for
 # ranks of one speed; a rank at a quarter of the others' speed would then take a unit it finishes long after
@@ -56,9 +63,9 @@ class WorkUnits:
     def __init__(self, job_id: str, attempt: int, done_before: int):
         self._job_id, self._attempt = job_id, attempt
         self.done_before = done_before  # the job's rows committed before the attempt began
-        self._cursor = ShardCursor()
+        self._cursor = RowCursor()
         self._reader = None  # the store's reader of open rows, kept between asks
-        self._left: list[tuple[int, str]] = []  # rows the reader gave that no unit has taken yet
+        self._left = work_rows.EMPTY  # rows the reader gave that no unit has taken yet
         self.rows_handed = 0
         self.held: deque[HeldUnit] = deque()  # in the order handed out
         self._took_s: deque[float] = deque(maxlen=64)  # how long the last units were held until seen committed
@@ -69,19 +76,20 @@ class WorkUnits:
 
     def next_unit(
         self, store: Store, replica: int, max_rows: int, open_rows: int, replicas: int, uploading: bool
-    ) -> tuple[list[tuple[int, str]], bool]:
-        """(rows, done) for a replica that asks: rows not handed out yet; once there are none (and the upload is
-        whole), a copy of a slow unit's rows, or none; done once every row is committed."""
+    ) -> tuple[pa.Table, bool]:
+        """(rows, done) for a replica that asks: rows not handed out yet (a work_rows table); once there are none
+        (and the upload is whole), a copy of a slow unit's rows, or none; done once every row is committed."""
         rows = self.take(store, max_rows, open_rows, replicas)
-        if rows:
-            self.held.append(HeldUnit(replica, rows[0][0], rows[-1][0], time.monotonic()))
+        if rows.num_rows:
+            indices = rows.column(INDEX)
+            self.held.append(HeldUnit(replica, indices[0].as_py(), indices[-1].as_py(), time.monotonic()))
             self.settle(store)
             return rows, False
         if uploading:
-            return [], False
+            return rows, False
         self.settle(store, everything=True)
         if not self.held:
-            return [], True
+            return rows, True
         return self.copy_of_a_slow_unit(store, replica), False
 
     def next_split(self, store: Store) -> list:
@@ -91,28 +99,26 @@ class WorkUnits:
             self._splits = deque(store.splits.open(self._job_id, self._attempt, 0, 1))
         return [self._splits.popleft()] if self._splits else []
 
-    def take(self, store: Store, max_rows: int, open_rows: int, replicas: int) -> list[tuple[int, str]]:
+    def take(self, store: Store, max_rows: int, open_rows: int, replicas: int) -> pa.Table:
         """Up to max_rows rows not handed out yet (fewer once every row uploaded so far is), and at most a
         share of those still open (open_rows: the job's rows not committed when the attempt began): units
         shrink towards the end of the job (guided self-scheduling), so that a small job runs on every rank,
         and the ranks end near together rather than one late with a big last unit."""
         share = -(-(open_rows - self.rows_handed) // (SHARE_DIVISOR * max(1, replicas)))
         max_rows = max(1, min(max_rows, max(MIN_UNIT_ROWS, share)))
-        while len(self._left) < max_rows:  # (long rows: the reader's batches are cut at SHARD_BATCH_CHARS)
+        while self._left.num_rows < max_rows:
             if self._reader is None:  # rows uploaded since the last reader ended come after its cursor
-                self._reader = store.shard(self._job_id, self._attempt, 0, 1, cursor=self._cursor)
-            batch = next(self._reader, None)
-            if batch is None:
+                self._reader = store.open_rows(self._job_id, self._attempt, self._cursor)
+            rows = next(self._reader, None)
+            if rows is None:
                 self._reader = None
                 break
-            self._left += batch
-        end, chars = 0, 0
-        for _, text in self._left[:max_rows]:  # long rows: a unit holds at most a message's worth of text
-            end, chars = end + 1, chars + len(text)
-            if chars >= SHARD_BATCH_CHARS:
-                break
-        unit, self._left = self._left[:end], self._left[end:]
-        self.rows_handed += len(unit)
+            self._left = pa.concat_tables([self._left, rows])
+        # Long rows: a unit holds at most UNIT_CHARS of text (and at least one row).
+        chars = np.cumsum(pc.binary_length(self._left.column(work_rows.TEXT).slice(0, max_rows)).to_numpy())
+        end = min(len(chars), int(np.searchsorted(chars, UNIT_CHARS)) + 1)
+        unit, self._left = self._left.slice(0, end), self._left.slice(end)
+        self.rows_handed += unit.num_rows
         return unit
 
     def settle(self, store: Store, everything: bool = False) -> None:
@@ -125,7 +131,7 @@ class WorkUnits:
             else:
                 self._took_s.append(time.monotonic() - held.handed_at)
 
-    def copy_of_a_slow_unit(self, store: Store, replica: int) -> list[tuple[int, str]]:
+    def copy_of_a_slow_unit(self, store: Store, replica: int) -> pa.Table:
         """The uncommitted rows of the unit another replica has held longest, if that is much longer than units
         take; they are then held by two replicas (each unit is copied once)."""
         now = time.monotonic()
@@ -134,14 +140,14 @@ class WorkUnits:
             if held.replica == replica or held.copied:
                 continue
             if now - held.handed_at < max(SPECULATE_AFTER_S, SLOWER_THAN * typical):
-                return []  # the oldest other unit is not late yet: nor are those handed after it
+                return work_rows.EMPTY  # the oldest other unit is not late yet: nor are those handed after it
             rows = store.uncommitted(self._job_id, held.first, held.last)
             if len(rows):
                 held.copied = True
                 self.copied_from.setdefault(held.replica, []).append((int(rows[0]), int(rows[-1])))
                 self.held.append(HeldUnit(replica, int(rows[0]), int(rows[-1]), now, copied=True))
-                return list(zip(rows.tolist(), store.texts_of(self._job_id, rows)))
-        return []
+                return store.rows_of(self._job_id, rows)
+        return work_rows.EMPTY
 
     def committed_of_copied(self, store: Store, replica: int) -> list[int]:
         """Rows copied from this replica's units to another that are committed: it need not compute them."""

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 
 from distinfer.common.result_columns import add_to_results, from_results
-from distinfer.coordinator.store import Store
+from distinfer.coordinator.store import RowCursor, Store
 from distinfer.v1 import jobs_pb2
 
 
@@ -51,5 +51,11 @@ def add_job_with_rows(store: Store, job_id: str, n: int) -> None:
     store.add_rows(job_id, 0, batch(rows(*(f"t{i}" for i in range(n)))))
 
 
-def shard_indices(store: Store, job_id: str, attempt: int, rank: int, world_size: int, batch: int = 1024):
-    return [idx for b in store.shard(job_id, attempt, rank, world_size, batch) for idx, _ in b]
+def open_rows(store: Store, job_id: str, attempt: int = 1, cursor: RowCursor | None = None) -> list[tuple[int, str]]:
+    """(index, text) of the rows store.open_rows gives an attempt."""
+    tables = store.open_rows(job_id, attempt, cursor or RowCursor())
+    return [(row["index"], row["text"]) for table in tables for row in table.to_pylist()]
+
+
+def open_indices(store: Store, job_id: str, attempt: int = 1) -> list[int]:
+    return [index for index, _ in open_rows(store, job_id, attempt)]

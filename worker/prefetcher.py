@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import time
 
+from distinfer.common import work_rows
 from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import token_budget_batches
 from distinfer.worker.parts import split_texts
@@ -145,8 +146,8 @@ class Prefetcher:
             coming = asked(unit)
             for split in work.splits:
                 yield split_texts(a.spec.dataset, split)
-            if not work.splits:
-                yield work.indices, work.texts
+            if work.arrow:
+                yield work_rows.decode(work.arrow)
 
     def __iter__(self):
         while True:

@@ -8,7 +8,7 @@ import json
 import grpc
 import pyarrow as pa
 import pytest
-from store_rows import batch, commit, job, read, result_blob, rows, shard_indices
+from store_rows import batch, commit, job, open_rows, read, result_blob, rows
 
 from distinfer.common.result_columns import META, passthrough_names, to_ipc
 from distinfer.coordinator.input_chunks import upload_table
@@ -25,22 +25,18 @@ def add_arrow_job(store: Store, job_id: str, table: pa.Table, text_column: str =
     store.add_rows(job_id, 0, upload_table(arrow_rows(table, text_column), 0))
 
 
-def test_arrow_rows_shard_like_message_rows(store):
+def test_arrow_rows_are_handed_out_like_message_rows(store):
     n = MAX_CHUNK_ROWS + 100  # kept in two chunks
     add_arrow_job(store, "a", pa.table({"text": [f"t{i}" for i in range(n)]}))
     store.create_job(job("m", num_rows=n))
     store.add_rows("m", 0, batch(rows(*(f"t{i}" for i in range(n)))))
-    for rank in range(3):
-        assert shard_indices(store, "a", 1, rank, 3) == shard_indices(store, "m", 1, rank, 3)
-    texts = [text for b in store.shard("a", 1, 1, 3) for _, text in b]
-    assert texts == [f"t{i}" for i in range(1, n, 3)]
+    assert open_rows(store, "a") == open_rows(store, "m") == [(i, f"t{i}") for i in range(n)]
 
 
-def test_a_later_attempts_shard_of_arrow_rows_leaves_out_committed_rows(store):
+def test_a_later_attempts_open_arrow_rows_leave_out_committed_rows(store):
     add_arrow_job(store, "a", pa.table({"text": [f"t{i}" for i in range(10)]}))
     commit(store, "a", 1, [result_blob(i) for i in (0, 1, 2, 7)])
-    assert sorted(shard_indices(store, "a", 2, 0, 2) + shard_indices(store, "a", 2, 1, 2)) == [3, 4, 5, 6, 8, 9]
-    assert shard_indices(store, "a", 2, 0, 2) == [3, 5, 8]
+    assert open_rows(store, "a", 2) == [(i, f"t{i}") for i in (3, 4, 5, 6, 8, 9)]
 
 
 def test_other_columns_come_back_with_the_results_with_their_types(store):

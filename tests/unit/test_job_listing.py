@@ -12,7 +12,7 @@ import types
 import grpc
 import pytest
 from helpers import run_cli
-from store_rows import commit
+from store_rows import commit, open_rows
 
 from distinfer.client.api import Client
 from distinfer.common.errors import InvalidArgument
@@ -146,7 +146,7 @@ def test_ended_jobs_are_deleted_once_kept_long_enough_and_live_ones_never(coordi
                 time.sleep(0.1)
             assert time.time() - finished_at >= 1.0, "the ended job was deleted before its time"
             store = server.coordinator.manager.store
-            assert list(store.shard(ended.id, 1, 0, 1)) == []  # its rows left the state file too
+            assert open_rows(store, ended.id) == []  # its rows left the state file too
             time.sleep(1.5)  # a live job is never too old
             assert [j.job_id for j in client.jobs()] == [queued.id]
     finally:

@@ -3,6 +3,8 @@ it had already ended (failed or cancelled while uploading): that one is kept as 
 
 from __future__ import annotations
 
+from store_rows import open_rows
+
 from distinfer.client.api import Client
 from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2
@@ -35,13 +37,13 @@ def test_restart_keeps_accepted_jobs_and_drops_unfinished_uploads(tmp_path, coor
             assert failed.state == jobs_pb2.FAILED and not failed.uploading
             status = client.job(job.id).status()
             assert status.state == jobs_pb2.QUEUED and status.num_rows == 1500
-        shard = list(second.coordinator.manager.store.shard(job.id, 1, 0, 1))
-        assert [text for batch in shard for _, text in batch] == [f"row {i}" for i in range(1500)]
+        texts = [text for _, text in open_rows(second.coordinator.manager.store, job.id)]
+        assert texts == [f"row {i}" for i in range(1500)]
     finally:
         second.stop()
     reopened = Store(state / "distinfer.sqlite")
     assert [s.job_id for s in reopened.load_jobs()] == [job.id, "j-failed"]
-    assert list(reopened.shard("j-halfway", 1, 0, 1)) == []  # its rows are gone too
+    assert open_rows(reopened, "j-halfway") == []  # its rows are gone too
 
 
 def test_a_second_coordinator_on_the_same_state_folder_refuses_to_start(tmp_path, coordinator_class):

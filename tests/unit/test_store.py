@@ -1,5 +1,5 @@
-"""The coordinator's SQLite store: jobs, rows, shard cuts and idempotent commits (durability and shutdown:
-test_store_durability.py)."""
+"""The coordinator's SQLite store: jobs, rows, the rows open to an attempt and idempotent commits (durability
+and shutdown: test_store_durability.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import json
 import random
 import sqlite3
 
+import numpy as np
+import pyarrow as pa
 import pytest
-from store_rows import add_job_with_rows, batch, commit, job, read, result_blob, rows, shard_indices
+from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
 
-from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, ShardCursor, Store
+from distinfer.common.result_columns import to_ipc
+from distinfer.coordinator.input_chunks import upload_table
+from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
 
 # --- jobs ---------------------------------------------------------------------------------------------
@@ -52,9 +56,9 @@ def test_delete_job_removes_job_rows_and_results_only_of_that_job(store):
     store.delete_job("j-gone")
     assert [s.job_id for s in store.load_jobs()] == ["j-kept"]
     assert store.count_results("j-gone") == 0
-    assert shard_indices(store, "j-gone", 1, 0, 1) == []
+    assert open_indices(store, "j-gone") == []
     assert store.count_results("j-kept") == 1
-    assert shard_indices(store, "j-kept", 2, 0, 1) == [1, 2]
+    assert open_indices(store, "j-kept", 2) == [1, 2]
 
 
 # --- rows ---------------------------------------------------------------------------------------------
@@ -64,15 +68,14 @@ def test_add_rows_returns_count_and_numbers_rows_from_first_index(store):
     store.create_job(job("j"))
     assert store.add_rows("j", 0, batch(rows("a", "b", "c"))) == 3
     assert store.add_rows("j", 3, batch(rows("d", "e"))) == 2
-    shard = [r for b in store.shard("j", 1, 0, 1) for r in b]
-    assert shard == [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]
+    assert open_rows(store, "j") == [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]
 
 
 def test_an_empty_upload_message_adds_no_rows(store):
     store.create_job(job("j"))
     assert store.add_rows("j", 0, batch([])) == 0
     assert store.add_rows("j", 0, batch(rows("a"))) == 1
-    assert shard_indices(store, "j", 1, 0, 1) == [0]
+    assert open_indices(store, "j") == [0]
 
 
 def test_a_big_upload_message_is_kept_in_several_chunks_and_read_back_whole(store):
@@ -82,7 +85,7 @@ def test_a_big_upload_message_is_kept_in_several_chunks_and_read_back_whole(stor
     store.add_rows("j", 3, batch(rows(*texts[3:], meta={"k": 1})))
     (chunks,) = store._db.execute("SELECT COUNT(*) FROM input_chunks").fetchone()
     assert chunks == 1 + 3
-    assert [text for b in store.shard("j", 1, 0, 1) for _, text in b] == texts
+    assert [text for _, text in open_rows(store, "j")] == texts
     commit(store, "j", 1, [result_blob(i) for i in range(len(texts))])
     got = read(store, "j", MAX_CHUNK_ROWS - 2, 10).results
     assert [r.index for r in got] == list(range(MAX_CHUNK_ROWS - 2, MAX_CHUNK_ROWS + 8))
@@ -93,107 +96,63 @@ def test_add_rows_with_an_overlapping_index_adds_nothing(store):
     add_job_with_rows(store, "j", 2)
     with pytest.raises(ValueError, match="overlap"):
         store.add_rows("j", 1, batch(rows("x", "y")))
-    assert shard_indices(store, "j", 1, 0, 1) == [0, 1]  # the failed batch was rolled back whole
+    assert open_indices(store, "j") == [0, 1]  # the failed batch was rolled back whole
 
 
-# --- shards -------------------------------------------------------------------------------------------
+# --- open rows --------------------------------------------------------------------------------------
 
 
-def test_shard_takes_every_world_size_th_open_row(store):
-    add_job_with_rows(store, "j", 10)
-    assert shard_indices(store, "j", 1, 0, 3) == [0, 3, 6, 9]
-    assert shard_indices(store, "j", 1, 1, 3) == [1, 4, 7]
-    assert shard_indices(store, "j", 1, 2, 3) == [2, 5, 8]
-
-
-def test_shard_carries_the_row_text(store):
-    store.create_job(job("j"))
-    store.add_rows("j", 0, batch(rows("zero", "one", "two")))
-    assert [r for b in store.shard("j", 1, 1, 2) for r in b] == [(1, "one")]
-
-
-def test_shard_batches_hold_at_most_batch_rows(store):
-    add_job_with_rows(store, "j", 11)
-    batches = list(store.shard("j", 1, 0, 1, batch=4))
-    assert [len(b) for b in batches] == [4, 4, 3]
-    assert [idx for b in batches for idx, _ in b] == list(range(11))
-
-
-def test_shard_batches_of_long_rows_are_cut_by_characters(store):
-    store.create_job(job("j"))
-    store.add_rows("j", 0, batch(rows(*["x" * 400_000] * 5)))
-    assert [len(b) for b in store.shard("j", 1, 0, 1, batch_chars=1_000_000)] == [3, 2]
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
-def test_shards_of_all_ranks_are_disjoint_and_cover_every_open_row(store, world_size):
-    add_job_with_rows(store, "j", 23)
-    commit(store, "j", 1, [result_blob(i) for i in (0, 5, 6, 17)])
-    open_rows = [i for i in range(23) if i not in (0, 5, 6, 17)]
-    per_rank = [shard_indices(store, "j", 2, rank, world_size) for rank in range(world_size)]
-    union = [i for s in per_rank for i in s]
-    assert sorted(union) == open_rows
-    assert len(union) == len(set(union))
-
-
-def test_shard_excludes_rows_committed_by_an_earlier_attempt(store):
+def test_open_rows_of_a_later_attempt_are_those_no_earlier_attempt_committed(store):
     add_job_with_rows(store, "j", 8)
     commit(store, "j", 1, [result_blob(i) for i in (1, 2, 5)])
-    # open rows for attempt 2: 0, 3, 4, 6, 7
-    assert shard_indices(store, "j", 2, 0, 2) == [0, 4, 7]
-    assert shard_indices(store, "j", 2, 1, 2) == [3, 6]
+    assert open_rows(store, "j", 2) == [(0, "t0"), (3, "t3"), (4, "t4"), (6, "t6"), (7, "t7")]
 
 
-def test_shard_is_stable_after_the_same_attempt_commits_some_rows(store):
-    add_job_with_rows(store, "j", 9)
-    before = [shard_indices(store, "j", 1, rank, 3) for rank in range(3)]
-    # rank 0 finishes its rows before rank 2 asks for its shard
-    commit(store, "j", 1, [result_blob(i) for i in before[0]])
-    commit(store, "j", 1, [result_blob(before[1][0])])
-    after = [shard_indices(store, "j", 1, rank, 3) for rank in range(3)]
-    assert after == before
-
-
-def test_shard_of_a_later_attempt_is_cut_over_rows_still_open(store):
+def test_open_rows_do_not_change_as_the_same_attempt_commits(store):
     add_job_with_rows(store, "j", 6)
     commit(store, "j", 1, [result_blob(i) for i in (0, 2, 4)])
     commit(store, "j", 2, [result_blob(1)])
     # for attempt 2 its own commit still counts as open: rows 1, 3, 5
-    assert shard_indices(store, "j", 2, 0, 1) == [1, 3, 5]
+    assert open_indices(store, "j", 2) == [1, 3, 5]
     # attempt 3 starts after attempts 1 and 2 committed: only 3 and 5 are left
-    assert shard_indices(store, "j", 3, 0, 2) == [3]
-    assert shard_indices(store, "j", 3, 1, 2) == [5]
+    assert open_indices(store, "j", 3) == [3, 5]
 
 
-@pytest.mark.parametrize("attempt", [1, 2])  # 1: every row is open, picked by index; 2: cut over open rows
-def test_a_shard_resumed_with_its_cursor_while_rows_upload_gets_each_row_once(store, attempt):
+@pytest.mark.parametrize("attempt", [1, 2])  # 1: every row is open; 2: rows committed by attempt 1 are not
+def test_open_rows_resumed_with_their_cursor_while_rows_upload_give_each_row_once(store, attempt):
     store.create_job(job("j"))
-    cursors = [ShardCursor() for _ in range(3)]
-    got: list[list[int]] = [[], [], []]
+    cursor, got = RowCursor(), []
     for first, count in ((0, 4), (4, 1), (5, 0), (5, 9)):
         store.add_rows("j", first, batch(rows(*(f"t{i}" for i in range(first, first + count)))))
-        for rank in range(3):
-            for b in store.shard("j", attempt, rank, 3, batch=2, cursor=cursors[rank]):
-                got[rank].extend(idx for idx, _ in b)
-    assert got == [list(range(rank, 14, 3)) for rank in range(3)]
-    assert got == [shard_indices(store, "j", attempt, rank, 3) for rank in range(3)]
+        if first == 5 and count == 9:
+            commit(store, "j", 1, [result_blob(6)])
+        got += open_rows(store, "j", attempt, cursor)
+    expected = [i for i in range(14) if attempt == 1 or i != 6]
+    assert [index for index, _ in got] == expected
+    assert got == open_rows(store, "j", attempt)
 
 
-def test_shard_of_a_finished_job_is_empty(store):
+def test_open_rows_of_rows_taken_from_arrow_and_message_chunks_alike(store):
+    store.create_job(job("j"))
+    store.add_rows("j", 0, batch(rows("zero", "one")))
+    store.add_rows("j", 2, upload_table(jobs_pb2.RowBatch(arrow=to_ipc(pa.table({"text": ["two", "three"]}))), 2))
+    assert open_rows(store, "j") == [(0, "zero"), (1, "one"), (2, "two"), (3, "three")]
+    assert store.rows_of("j", np.array([1, 3])).to_pylist() == [
+        {"index": 1, "text": "one"},
+        {"index": 3, "text": "three"},
+    ]
+
+
+def test_open_rows_of_a_finished_job_are_none(store):
     add_job_with_rows(store, "j", 4)
     commit(store, "j", 1, [result_blob(i) for i in range(4)])
-    assert list(store.shard("j", 2, 0, 1)) == []
+    assert open_rows(store, "j", 2) == []
 
 
-def test_shard_only_sees_rows_of_its_job(store):
+def test_open_rows_are_only_those_of_their_job(store):
     add_job_with_rows(store, "j-a", 3)
     add_job_with_rows(store, "j-b", 5)
-    assert shard_indices(store, "j-a", 1, 0, 1) == [0, 1, 2]
-
-
-def test_rank_beyond_open_rows_gets_an_empty_shard(store):
-    add_job_with_rows(store, "j", 2)
-    assert list(store.shard("j", 1, 3, 4)) == []
+    assert open_indices(store, "j-a") == [0, 1, 2]
 
 
 # --- results ------------------------------------------------------------------------------------------

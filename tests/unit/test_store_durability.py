@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from store_rows import add_job_with_rows, batch, commit, job, read, result_blob, rows, shard_indices
+from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
 
-from distinfer.coordinator.store import Store
+from distinfer.coordinator.store import MAX_CHUNK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
 
 # --- durability ---------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def test_jobs_rows_and_results_survive_closing_and_reopening(tmp_path):
             (0, 5.0, {"k": 1}),
             (1, 6.0, {"k": 1}),
         ]
-        assert [r for b in second.shard("j-1", 2, 0, 1) for r in b] == [(2, "c"), (3, "d")]
+        assert open_rows(second, "j-1", 2) == [(2, "c"), (3, "d")]
         # commits stay idempotent across the restart
         assert commit(second, "j-1", 2, [result_blob(1), result_blob(2)]) == 1
     finally:
@@ -57,7 +57,7 @@ def test_a_store_with_a_sqlite_row_per_input_row_is_moved_to_chunks_on_opening(t
     old.close()
     store = Store(path)
     try:
-        assert [r for b in store.shard("j", 1, 0, 1) for r in b] == [(i, f"t{i}") for i in range(1000)]
+        assert open_rows(store, "j") == [(i, f"t{i}") for i in range(1000)]
         commit(store, "k", 1, [result_blob(0)])
         assert json.loads(read(store, "k", 0, 1).results[0].meta_json) == {"id": 7}
         assert store.add_rows("j", 1000, batch(rows("new"))) == 1
@@ -92,7 +92,7 @@ def test_a_store_with_a_sqlite_row_per_result_is_moved_to_result_chunks_on_openi
         assert store.count_results("j") == len(committed)
         assert [(r.index, r.embedding.values[0]) for r in read(store, "j", 1498, 10).results] == [(1498, 1.0)]
         assert [(r.index, r.embedding.values[0]) for r in read(store, "j", 1500, 10).results] == [(1500, 2.0)]
-        assert shard_indices(store, "j", 3, 0, 1) == [i for i in range(2000) if i % 2 or i >= 1800]
+        assert open_indices(store, "j", 3) == [i for i in range(2000) if i % 2 or i >= 1800]
         assert commit(store, "j", 3, [result_blob(i) for i in range(4)]) == 2
     finally:
         store.close()
@@ -140,7 +140,7 @@ def test_a_store_of_the_first_chunk_tables_is_copied_over_on_opening(tmp_path):
         assert [r.index for r in read(store, "j", 1024, 10).results] == [1024]
         assert commit(store, "j", 3, [result_blob(i) for i in range(7)]) == 2
         assert [r.index for r in read(store, "j", 3, 10).results] == [3, 4, 5, 6]
-        assert shard_indices(store, "j", 4, 0, 1) == list(range(7, 1024)) + list(range(1025, 2000))
+        assert open_indices(store, "j", 4) == list(range(7, 1024)) + list(range(1025, 2000))
         assert store.add_rows("j", 2000, batch(rows("new"))) == 1
     finally:
         store.close()
@@ -181,7 +181,7 @@ def test_deleted_job_stays_deleted_after_reopening(tmp_path):
     try:
         assert second.load_jobs() == []
         assert second.count_results("j") == 0
-        assert list(second.shard("j", 1, 0, 1)) == []
+        assert open_rows(second, "j") == []
     finally:
         second.close()
 
@@ -196,7 +196,7 @@ def test_committed_results_are_visible_to_a_new_store_without_closing_the_old_on
     try:
         assert [s.job_id for s in restarted.load_jobs()] == ["j"]
         assert restarted.count_results("j") == 2
-        assert shard_indices(restarted, "j", 2, 0, 1) == [1]
+        assert open_indices(restarted, "j", 2) == [1]
     finally:
         restarted.close()
         crashed.close()
@@ -268,17 +268,17 @@ def test_commits_reach_the_database_file_without_waiting_for_the_store_to_close(
 
 
 def test_commits_reach_the_database_file_while_a_shard_is_read_part_way(tmp_path):
-    """A FetchShard stream holds its shard's reader open for as long as its worker takes the rows: a statement
-    left open in it would stop every checkpoint, and the log would grow with every job's commits."""
+    """An attempt's reader of open rows stays open between its ranks' asks (work_units.py): a statement left
+    open in it would stop every checkpoint, and the log would grow with every job's commits."""
     path = tmp_path / "state.db"
     store = Store(path)
     try:
         add_job_with_rows(store, "j", 40_000)
-        shard = store.shard("j", 1, 0, 1, batch=100)
-        next(shard)  # a worker part-way through its shard
+        reader = store.open_rows("j", 1, RowCursor())
+        next(reader)  # ranks part-way through the job's rows
         commit(store, "j", 1, [result_blob(i) for i in range(100)])
         wait_for_the_database_file(path, 100)
-        assert len(next(shard)) == 100  # and the shard reads on
+        assert next(reader).num_rows == MAX_CHUNK_ROWS  # and the reader reads on
     finally:
         store.close()
 

@@ -6,15 +6,27 @@ import asyncio
 
 from store_rows import add_job_with_rows, batch, commit, job, result_blob, rows
 
-from distinfer.coordinator.store import SHARD_BATCH_CHARS
-from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, WorkUnits
+from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, UNIT_CHARS, WorkUnits
+
+
+def as_rows(table) -> list[tuple[int, str]]:
+    return [(row["index"], row["text"]) for row in table.to_pylist()]
+
+
+def take(units: WorkUnits, *args, **kwargs) -> list[tuple[int, str]]:
+    return as_rows(units.take(*args, **kwargs))
+
+
+def next_unit(units: WorkUnits, *args, **kwargs) -> tuple[list[tuple[int, str]], bool]:
+    rows, done = units.next_unit(*args, **kwargs)
+    return as_rows(rows), done
 
 
 def test_every_row_is_handed_once_in_order_in_units_that_shrink_towards_the_end(store):
     add_job_with_rows(store, "j", 1000)
     units = WorkUnits("j", 1, done_before=0)
     sizes, handed = [], []
-    while unit := units.take(store, 256, open_rows=1000, replicas=2):
+    while unit := take(units, store, 256, open_rows=1000, replicas=2):
         sizes.append(len(unit))
         handed += [index for index, _ in unit]
     assert handed == list(range(1000))
@@ -26,27 +38,27 @@ def test_rows_uploaded_after_the_last_unit_are_handed_next(store):
     add_job_with_rows(store, "j", 10)
     units = WorkUnits("j", 1, done_before=0)
     handed = []
-    while unit := units.take(store, 100, open_rows=10, replicas=1):
+    while unit := take(units, store, 100, open_rows=10, replicas=1):
         handed += [i for i, _ in unit]
     assert handed == list(range(10))  # and then none: every row uploaded so far is handed out
     store.add_rows("j", 10, batch(rows("late", "later")))
-    assert units.take(store, 100, open_rows=12, replicas=1) == [(10, "late"), (11, "later")]
+    assert take(units, store, 100, open_rows=12, replicas=1) == [(10, "late"), (11, "later")]
 
 
 def test_a_later_attempt_is_handed_only_rows_no_attempt_committed(store):
     add_job_with_rows(store, "j", 20)
     commit(store, "j", 1, [result_blob(i) for i in range(0, 20, 2)])
     units = WorkUnits("j", 2, done_before=10)
-    handed = [i for i, _ in units.take(store, 100, open_rows=10, replicas=1)]
-    handed += [i for i, _ in units.take(store, 100, open_rows=10, replicas=1)]
+    handed = [i for i, _ in take(units, store, 100, open_rows=10, replicas=1)]
+    handed += [i for i, _ in take(units, store, 100, open_rows=10, replicas=1)]
     assert sorted(handed) == list(range(1, 20, 2))
 
 
 def test_a_unit_of_long_rows_holds_about_a_message_of_text(store):
     store.create_job(job("j", num_rows=4))
-    store.add_rows("j", 0, batch(rows(*["x" * (SHARD_BATCH_CHARS // 2)] * 4)))
+    store.add_rows("j", 0, batch(rows(*["x" * (UNIT_CHARS // 2)] * 4)))
     units = WorkUnits("j", 1, done_before=0)
-    assert len(units.take(store, 100, open_rows=4, replicas=1)) == 2
+    assert len(take(units, store, 100, open_rows=4, replicas=1)) == 2
 
 
 def test_the_ranks_of_a_replica_get_the_same_unit_and_other_replicas_others():
@@ -74,27 +86,27 @@ def test_once_every_row_is_handed_out_a_late_unit_is_copied_and_its_holder_told_
 
     add_job_with_rows(store, "j", 40)
     units = WorkUnits("j", 1, done_before=0)
-    slow, _ = units.next_unit(store, 1, 20, open_rows=40, replicas=1, uploading=False)
-    while fast := units.next_unit(store, 0, 20, open_rows=40, replicas=1, uploading=False)[0]:
+    slow, _ = next_unit(units, store, 1, 20, open_rows=40, replicas=1, uploading=False)
+    while fast := next_unit(units, store, 0, 20, open_rows=40, replicas=1, uploading=False)[0]:
         commit(store, "j", 1, [result_blob(i) for i, _ in fast])
-    assert units.next_unit(store, 0, 20, 40, 1, uploading=False) == ([], False)  # the slow unit is not late yet
+    assert next_unit(units, store, 0, 20, 40, 1, uploading=False) == ([], False)  # the slow unit is not late yet
     monkeypatch.setattr(work_units, "SPECULATE_AFTER_S", 0.0)
     commit(store, "j", 1, [result_blob(slow[0][0])])  # the slow rank has done its first row
-    copy, done = units.next_unit(store, 0, 20, 40, 1, uploading=False)
+    copy, done = next_unit(units, store, 0, 20, 40, 1, uploading=False)
     assert copy == slow[1:] and not done  # the rows of the slow unit not committed yet
-    assert units.next_unit(store, 0, 20, 40, 1, uploading=False) == ([], False)  # a unit is copied once
+    assert next_unit(units, store, 0, 20, 40, 1, uploading=False) == ([], False)  # a unit is copied once
     assert units.committed_of_copied(store, 1) == []
     commit(store, "j", 1, [result_blob(i) for i, _ in copy])
     assert units.committed_of_copied(store, 1) == [i for i, _ in copy]  # the slow rank skips them
-    assert units.next_unit(store, 1, 20, 40, 1, uploading=False) == ([], True)  # every row committed: done
+    assert next_unit(units, store, 1, 20, 40, 1, uploading=False) == ([], True)  # every row committed: done
 
 
 def test_no_rank_is_done_while_rows_it_was_not_handed_are_still_computing(store):
     add_job_with_rows(store, "j", 10)
     units = WorkUnits("j", 1, done_before=0)
-    held, _ = units.next_unit(store, 1, 100, open_rows=10, replicas=1, uploading=False)
-    while units.next_unit(store, 1, 100, 10, 1, uploading=False)[0]:
+    held, _ = next_unit(units, store, 1, 100, open_rows=10, replicas=1, uploading=False)
+    while next_unit(units, store, 1, 100, 10, 1, uploading=False)[0]:
         pass
-    assert units.next_unit(store, 0, 100, 10, 1, uploading=False) == ([], False)
+    assert next_unit(units, store, 0, 100, 10, 1, uploading=False) == ([], False)
     commit(store, "j", 1, [result_blob(i) for i in range(10)])
-    assert units.next_unit(store, 0, 100, 10, 1, uploading=False) == ([], True)
+    assert next_unit(units, store, 0, 100, 10, 1, uploading=False) == ([], True)

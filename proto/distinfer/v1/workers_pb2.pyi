@@ -498,17 +498,14 @@ class FetchWorkResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    INDICES_FIELD_NUMBER: _builtins.int
-    TEXTS_FIELD_NUMBER: _builtins.int
+    ARROW_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     COMMITTED_FIELD_NUMBER: _builtins.int
     SPLITS_FIELD_NUMBER: _builtins.int
+    arrow: _builtins.bytes
+    """The rows: an Arrow IPC stream of an index (uint64) and a text (string) column (common/work_rows.py)."""
     done: _builtins.bool
     """every row of the job is committed: finish"""
-    @_builtins.property
-    def indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def committed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Rows handed to this rank that another rank, given a copy of them as this one was slow, has committed:
@@ -517,20 +514,19 @@ class FetchWorkResponse(_message.Message):
 
     @_builtins.property
     def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSplit]:
-        """A dataset read in place: the next split, which the rank reads itself (no indices nor texts then)."""
+        """A dataset read in place: the next split, which the rank reads itself (no rows then)."""
 
     def __init__(
         self,
         *,
-        indices: _abc.Iterable[_builtins.int] | None = ...,
-        texts: _abc.Iterable[_builtins.str] | None = ...,
+        arrow: _builtins.bytes = ...,
         done: _builtins.bool = ...,
         committed: _abc.Iterable[_builtins.int] | None = ...,
         splits: _abc.Iterable[Global___DatasetSplit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "done", b"done", "indices", b"indices", "splits", b"splits", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow", b"arrow", "committed", b"committed", "done", b"done", "splits", b"splits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
