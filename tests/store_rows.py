@@ -51,10 +51,14 @@ def add_job_with_rows(store: Store, job_id: str, n: int) -> None:
     store.add_rows(job_id, 0, batch(rows(*(f"t{i}" for i in range(n)))))
 
 
+def pairs(table: pa.Table) -> list[tuple[int, str]]:
+    """(index, text) of each row of a work_rows table."""
+    return [(row["index"], row["text"]) for row in table.to_pylist()]
+
+
 def open_rows(store: Store, job_id: str, attempt: int = 1, cursor: RowCursor | None = None) -> list[tuple[int, str]]:
     """(index, text) of the rows store.open_rows gives an attempt."""
-    tables = store.open_rows(job_id, attempt, cursor or RowCursor())
-    return [(row["index"], row["text"]) for table in tables for row in table.to_pylist()]
+    return [row for table in store.open_rows(job_id, attempt, cursor or RowCursor()) for row in pairs(table)]
 
 
 def open_indices(store: Store, job_id: str, attempt: int = 1) -> list[int]:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from store_rows import add_job_with_rows, batch, commit, job, result_blob, rows
+from store_rows import add_job_with_rows, batch, commit, job, pairs, result_blob, rows
 
 from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, UNIT_CHARS, WorkUnits
 
 
-def as_rows(table) -> list[tuple[int, str]]:
-    return [(row["index"], row["text"]) for row in table.to_pylist()]
-
-
 def take(units: WorkUnits, *args, **kwargs) -> list[tuple[int, str]]:
-    return as_rows(units.take(*args, **kwargs))
+    return pairs(units.take(*args, **kwargs))
 
 
 def next_unit(units: WorkUnits, *args, **kwargs) -> tuple[list[tuple[int, str]], bool]:
     rows, done = units.next_unit(*args, **kwargs)
-    return as_rows(rows), done
+    return pairs(rows), done
 
 
 def test_every_row_is_handed_once_in_order_in_units_that_shrink_towards_the_end(store):
