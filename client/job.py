@@ -14,6 +14,7 @@ import pyarrow as pa
 import structlog
 
 from distinfer.client.conversions import table_rows, vector_array
+from distinfer.client.resume import resumed
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.common.result_columns import INDEX, from_ipc
 from distinfer.v1 import jobs_pb2
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CALL_DEADLINE_S = 30.0
-# How long a result stream keeps trying to resume while the coordinator is unreachable.
-RESUME_TIMEOUT_S = 120.0
 # How long a failed job's result stream waits for its still-open upload to say why it broke.
 UPLOAD_ERROR_WAIT_S = 5.0
 TERMINAL_STATES = (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
@@ -187,16 +186,29 @@ class Job:
             jobs_pb2.DeleteJobRequest(job_id=self.id), timeout=CALL_DEADLINE_S, metadata=self.client.metadata
         )
 
-    def wait(self, poll_s: float = 0.5, timeout_s: float | None = None, on_status=None) -> jobs_pb2.JobStatus:
-        """The job's status once it has ended; on_status(status) is called with each one polled."""
+    def wait(self, timeout_s: float | None = None, on_status=None) -> jobs_pb2.JobStatus:
+        """The job's status once it has ended; on_status(status) is called with each change before that, as the
+        coordinator sends them (WatchJob: at most twice a second, nothing while nothing changes). TimeoutError
+        after timeout_s; a dropped watch (coordinator restart, network blip) is opened again by itself."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (status := self.status()).state not in TERMINAL_STATES:
-            if on_status is not None:
-                on_status(status)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {self.id} still {jobs_pb2.JobState.Name(status.state)} after {timeout_s} s")
-            time.sleep(poll_s)
-        return status
+        status = None
+
+        def watch():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            request = jobs_pb2.GetJobRequest(job_id=self.id)
+            return self.client.stub.WatchJob(request, timeout=left, metadata=self.client.metadata)
+
+        try:
+            for status in resumed(watch, "job_watch", job_id=self.id):
+                if status.state in TERMINAL_STATES:
+                    return status
+                if on_status is not None:
+                    on_status(status)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        state = "not yet seen" if status is None else jobs_pb2.JobState.Name(status.state)
+        raise TimeoutError(f"job {self.id} still {state} after {timeout_s} s")
 
     def result_batches(self, start: int = 0) -> Iterator[pa.Table]:
         """Arrow tables of results in input order from `start`, as they are committed: `index`, the task's
@@ -205,38 +217,30 @@ class Job:
         ResultBatch.arrow lists them all). Nothing is converted row by row.
 
         A dropped stream (coordinator restart, network blip) is resumed at the next index by itself, with
-        exponential backoff, for up to RESUME_TIMEOUT_S; a failed job raises JobFailed after its last result.
+        exponential backoff, for up to resume.RESUME_TIMEOUT_S; a failed job raises JobFailed after its last result.
         """
         next_index = start
-        failing_since = None
-        delay = 0.2
-        while True:
-            try:
-                request = jobs_pb2.StreamResultsRequest(
-                    job_id=self.id, start_index=next_index, format=jobs_pb2.RESULT_FORMAT_ARROW
-                )
-                for batch in self.client.stub.StreamResults(request, metadata=self.client.metadata):
-                    failing_since, delay = None, 0.2
-                    table = from_ipc(batch.arrow)
-                    if table.num_rows:
-                        next_index = table.column(INDEX)[-1].as_py() + 1
-                        yield table
-                break
-            except grpc.RpcError as exc:
-                ended = bool(dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY))
-                if self._upload is not None and (ended or exc.code() == grpc.StatusCode.NOT_FOUND):
-                    # A broken upload fails (and removes) its job: its own error says more.
-                    self._upload.raise_if_failed(wait_s=UPLOAD_ERROR_WAIT_S)
-                if ended:
-                    raise JobFailed(exc.details(), self._status_or_none()) from None
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > RESUME_TIMEOUT_S:
-                    raise
-                log.info("result_stream_resuming", job_id=self.id, next_index=next_index, delay_s=round(delay, 2))
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        def stream_from_next():
+            request = jobs_pb2.StreamResultsRequest(
+                job_id=self.id, start_index=next_index, format=jobs_pb2.RESULT_FORMAT_ARROW
+            )
+            return self.client.stub.StreamResults(request, metadata=self.client.metadata)
+
+        try:
+            for batch in resumed(stream_from_next, "result_stream", job_id=self.id):
+                table = from_ipc(batch.arrow)
+                if table.num_rows:
+                    next_index = table.column(INDEX)[-1].as_py() + 1
+                    yield table
+        except grpc.RpcError as exc:
+            ended = bool(dict(exc.trailing_metadata() or ()).get(JOB_ENDED_KEY))
+            if self._upload is not None and (ended or exc.code() == grpc.StatusCode.NOT_FOUND):
+                # A broken upload fails (and removes) its job: its own error says more.
+                self._upload.raise_if_failed(wait_s=UPLOAD_ERROR_WAIT_S)
+            if ended:
+                raise JobFailed(exc.details(), self._status_or_none()) from None
+            raise
         if self._upload is not None:
             self.wait_for_upload()  # the job ended, so its upload has too: take the response
 

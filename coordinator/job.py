@@ -84,6 +84,7 @@ class Job:
         self.status.state, self.status.message = state, message[:MESSAGE_LIMIT]
         if state in TERMINAL:
             self.status.error_code, self.status.finished_at = error_code, time.time()
+        self.notify()
 
     def notify(self) -> None:
         old, self.changed = self.changed, asyncio.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -38,6 +39,8 @@ log = structlog.get_logger(__name__)
 # How an attempt that a coordinator's stop or crash cut short is ended when the coordinator starts again. Such
 # an attempt is not counted against the job's max_attempts: it was not the job's fault, nor the workers'.
 COORDINATOR_RESTARTED = "coordinator restarted"
+# A watcher hears of a job's changes at most this often: a message a split or a report, not one a row.
+WATCH_EVERY_S = 0.5
 
 
 class JobManager:
@@ -112,6 +115,21 @@ class JobManager:
         if job is None:
             raise NotFound(f"no job {shown(job_id)}: `distinfer jobs` lists the jobs this coordinator knows")
         return job
+
+    async def watch(self, job_id: str) -> AsyncIterator[jobs_pb2.JobStatus]:
+        """The job's status now, then each time it changes (at most every WATCH_EVERY_S), until it has ended."""
+        job, sent = self.job(job_id), None
+        while True:  # (a job is deleted only once ended, and the watch ends with it)
+            changed = job.changed  # taken before reading, so no change can slip between read and wait
+            if job.status == sent:
+                await changed.wait()
+                continue
+            sent = jobs_pb2.JobStatus()
+            sent.CopyFrom(job.status)
+            yield sent
+            if sent.state in TERMINAL:
+                return
+            await asyncio.sleep(WATCH_EVERY_S)  # what changes meanwhile goes in one message, after it
 
     def list_jobs(self) -> list[jobs_pb2.JobStatus]:
         return [job.status for job in self.jobs.values()]

@@ -79,6 +79,11 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return self.manager.job(request.job_id).status
 
     @grpc_errors
+    async def WatchJob(self, request, context):
+        async for status in self.manager.watch(request.job_id):
+            yield status
+
+    @grpc_errors
     async def ListJobs(self, request, context):
         return list_page(self.manager.list_jobs(), request)
 

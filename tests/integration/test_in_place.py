@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -183,11 +184,15 @@ def test_a_coordinator_killed_mid_job_resumes_it_from_its_state_and_every_row_is
     bucket, cluster = s3
     with Client(cluster.address) as client:
         job, _ = start_slow_job(client, f"{bucket}/restart", 240, splits_done=2)
-    cluster.coordinator.send_signal(signal.SIGKILL)
-    cluster.coordinator.wait()
-    cluster.start_coordinator()  # same port and state: the workers reconnect, the job is queued again
-    with Client(cluster.address) as client:
-        status = client.job(job.id).wait(timeout_s=180)
+        # A client waiting on the job follows it through the restart (its watch is opened again).
+        waited = []
+        waiting = threading.Thread(target=lambda: waited.append(job.wait(timeout_s=180)))
+        waiting.start()
+        cluster.coordinator.send_signal(signal.SIGKILL)
+        cluster.coordinator.wait()
+        cluster.start_coordinator()  # same port and state: the workers reconnect, the job is queued again
+        waiting.join(200)
+    (status,) = waited
     assert status.state == jobs_pb2.SUCCEEDED, status.message
     assert (status.splits_done, status.rows_done) == (15, 240)
     assert status.attempts[0].end_reason == "coordinator restarted"  # it was cut mid-job, and resumed

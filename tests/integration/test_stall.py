@@ -50,7 +50,7 @@ def test_a_frozen_rank_is_taken_for_hung_and_the_job_retried(client):
     )
     pid = wait_for_rows(client, job.id, 1).attempts[-1].ranks[0].pid
     with frozen(pid):
-        job.wait(poll_s=0.2, timeout_s=60)  # without the watchdog: for ever
+        job.wait(timeout_s=60)  # without the watchdog: for ever
         results = list(job.results())
     assert [r["index"] for r in results] == list(range(ROWS))
     status = job.status()
@@ -74,7 +74,7 @@ def test_a_rank_frozen_before_its_group_forms_is_taken_for_hung(tmp_path):
             # More attempts than the default: the retry may reach the slot before its replaced executor is up,
             # and on a busy machine that start can take longer than this test's short time-outs.
             job = client.submit(["a", "b"], model="", task="echo", workers=1, stall_timeout_s=1, max_attempts=5)
-            job.wait(poll_s=0.2, timeout_s=60)  # without the watchdog: for ever
+            job.wait(timeout_s=60)  # without the watchdog: for ever
         assert [r["index"] for r in job.results()] == [0, 1]
         status = job.status()
         assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) >= 2, status

@@ -58,7 +58,7 @@ def test_a_rank_waiting_in_a_collective_longer_than_the_rendezvous_timeout_is_no
         job = client.submit(
             ["a", "b", "c"], model="", task="simulate", workers=2, batch_size=1, simulated_batch_ms=3500
         )
-        job.wait(poll_s=0.2, timeout_s=120)
+        job.wait(timeout_s=120)
         assert sorted(r["index"] for r in job.results()) == [0, 1, 2]
         status = job.status()
         assert status.state == jobs_pb2.SUCCEEDED and len(status.attempts) == 1, status.attempts[0].end_reason

@@ -58,7 +58,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_job_is_submitted
 
 def test_jobs_table_shows_brackets_in_models_and_messages_as_text(coordinator, client):
     job = client.submit(["one"], model="/tmp/[/tmp]/[bold]m", workers=2, queue_timeout_s=0.2)
-    job.wait(poll_s=0.1, timeout_s=30)
+    job.wait(timeout_s=30)
     result = run_cli("jobs", "--coordinator", coordinator.address)
     assert result.returncode == 0, result.stderr
     assert "/tmp/[/tmp]/[bold]m" in result.stdout

@@ -49,6 +49,11 @@ class JobsStub:
                 request_serializer=distinfer_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=distinfer_dot_v1_dot_jobs__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/distinfer.v1.Jobs/WatchJob',
+                request_serializer=distinfer_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=distinfer_dot_v1_dot_jobs__pb2.JobStatus.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/distinfer.v1.Jobs/ListJobs',
                 request_serializer=distinfer_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
@@ -96,6 +101,14 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchJob(self, request, context):
+        """The job's status now, then again each time it changes (state, rows done, attempts), at most twice a second;
+        ends after the status that says the job ended. What `distinfer submit` follows instead of polling GetJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -137,6 +150,11 @@ def add_JobsServicer_to_server(servicer, server):
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
+                    request_deserializer=distinfer_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
+                    response_serializer=distinfer_dot_v1_dot_jobs__pb2.JobStatus.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
                     request_deserializer=distinfer_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
                     response_serializer=distinfer_dot_v1_dot_jobs__pb2.JobStatus.SerializeToString,
             ),
@@ -240,6 +258,33 @@ class Jobs:
             request,
             target,
             '/distinfer.v1.Jobs/GetJob',
+            distinfer_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+            distinfer_dot_v1_dot_jobs__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/distinfer.v1.Jobs/WatchJob',
             distinfer_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
             distinfer_dot_v1_dot_jobs__pb2.JobStatus.FromString,
             options,

@@ -41,6 +41,10 @@ class JobsStub:
     StreamResults: _grpc.UnaryStreamMultiCallable[_jobs_pb2.StreamResultsRequest, _jobs_pb2.ResultBatch]
     """Results in input order from start_index, as they are committed; ends when the job has ended."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]
+    WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]
+    """The job's status now, then again each time it changes (state, rows done, attempts), at most twice a second;
+    ends after the status that says the job ended. What `distinfer submit` follows instead of polling GetJob.
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.JobStatus]
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
@@ -60,6 +64,10 @@ class JobsAsyncStub(JobsStub):
     StreamResults: _aio.UnaryStreamMultiCallable[_jobs_pb2.StreamResultsRequest, _jobs_pb2.ResultBatch]  # type: ignore[assignment]
     """Results in input order from start_index, as they are committed; ends when the job has ended."""
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]  # type: ignore[assignment]
+    WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.JobStatus]  # type: ignore[assignment]
+    """The job's status now, then again each time it changes (state, rows done, attempts), at most twice a second;
+    ends after the status that says the job ended. What `distinfer submit` follows instead of polling GetJob.
+    """
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.JobStatus]  # type: ignore[assignment]
     DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
@@ -94,6 +102,16 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.JobStatus, _abc.Awaitable[_jobs_pb2.JobStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _jobs_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.JobStatus], _abc.AsyncIterator[_jobs_pb2.JobStatus]]:
+        """The job's status now, then again each time it changes (state, rows done, attempts), at most twice a second;
+        ends after the status that says the job ended. What `distinfer submit` follows instead of polling GetJob.
+        """
 
     @_abc_1.abstractmethod
     def ListJobs(
