@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distinfer.client.rows import FORMATS
 from distinfer.common.channels import add_security_flags
-from distinfer.common.config import apply_config
+from distinfer.common.config import ConfiguredParser, Settings
 from distinfer.common.tasks import BUNDLED_MODEL_NAMES, JOB_STATES, TASKS
 
 DEFAULT_MODEL = BUNDLED_MODEL_NAMES[0]
@@ -104,7 +104,10 @@ def _coordinator_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distinfer", description="Run Hugging Face models over a dataset on many workers.")
+    settings = Settings(argv, "client", "distinfer")
+    p = ConfiguredParser(
+        prog="distinfer", description="Run Hugging Face models over a dataset on many workers.", settings=settings
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start a coordinator and workers on this machine, run one job, stop them")
@@ -165,5 +168,5 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         help="only jobs in this state (repeat it for several)",
     )
     jobs.add_argument("--limit", type=int, default=50, help="most jobs listed (default %(default)s; 0: all)")
-    apply_config(list(sub.choices.values()), argv, "client")
+    settings.refuse_unknown(p)
     return p

@@ -1,13 +1,17 @@
-"""Every option of every program as a flag, an environment variable and a TOML setting; flags win.
+"""Every option of every program as a flag, an environment variable and a TOML setting, declared once (as the
+flag); flags win.
 
 Precedence: command line > DISTINFER_<FLAG> environment variable > the TOML file's section for the program
 (--config FILE or $DISTINFER_CONFIG) > the built-in default. The variable's name comes from the long flag:
 --heartbeat-timeout is DISTINFER_HEARTBEAT_TIMEOUT, and the TOML key is heartbeat-timeout (or _timeout).
+A program builds its parser as a `ConfiguredParser`, which gives each flag, as it is added, the default the
+environment or the file sets (only argparse's public API: what add_argument is given, never its actions).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -16,90 +20,112 @@ TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
 
-def env_name(action: argparse.Action) -> str | None:
-    longs = [o for o in action.option_strings if o.startswith("--")]
-    return f"DISTINFER_{longs[0][2:].upper().replace('-', '_')}" if longs else None
+class Settings:
+    """The environment and the config file's [section] table, read once for all of a program's parsers."""
 
+    def __init__(self, argv: list[str] | None, section: str, program: str):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", type=Path, default=os.environ.get("DISTINFER_CONFIG"))
+        self.file = pre.parse_known_args(argv)[0].config
+        self.section, self.program = section, program
+        self.table = _read_toml(self.file, section, program) if self.file else {}
+        self.used: set[str] = set()  # the table's keys some flag took
 
-def apply_config(parsers: list[argparse.ArgumentParser], argv: list[str] | None, section: str) -> None:
-    """Set the parsers' defaults from the environment and the TOML file's table, and say so in --help.
-
-    Several parsers (a CLI's subcommands) may share one table: a key is unknown only if none of them has it.
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=os.environ.get("DISTINFER_CONFIG"))
-    known, _ = pre.parse_known_args(argv)
-    program = parsers[0].prog.split()[0]  # "distinfer", not the first of its subcommands
-    settings = _read_toml(known.config, section, program) if known.config else {}
-    used: set[str] = set()
-    for parser in parsers:
-        used |= _apply(parser, settings, section, str(known.config))
-    if unknown := sorted(set(settings) - used):
-        _refuse(parsers[0], f"{known.config}: unknown settings in [{section}]: {', '.join(unknown)}")
-
-
-def _apply(parser: argparse.ArgumentParser, settings: dict, section: str, source: str) -> set[str]:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help=f"TOML file whose [{section}] table sets defaults (env DISTINFER_CONFIG)",
-    )
-    used = set()
-    for action in parser._actions:
-        name = env_name(action)
-        if name is None or action.dest in ("help", "config"):
-            continue
-        if action.help and action.help != argparse.SUPPRESS:
-            action.help += f" [env {name}]"
-        flag = action.option_strings[-1][2:]
-        for key in (flag, flag.replace("-", "_")):
-            if key in settings:
-                used.add(key)
-                _set_default(parser, action, settings[key], f"{source} [{section}] {key}")
+    def flag_arguments(self, parser: argparse.ArgumentParser, flags: tuple[str, ...], kwargs: dict) -> dict:
+        """add_argument's keywords for `flags`, with the default the environment or the file gives (which
+        then also satisfies a required flag), and --help naming the variable."""
+        longs = [f for f in flags if f.startswith("--")]
+        if not longs or longs[0] in ("--help", "--config"):
+            return kwargs
+        key = longs[0][2:]
+        name = f"DISTINFER_{key.upper().replace('-', '_')}"
+        kwargs = dict(kwargs)
+        if kwargs.get("help") and kwargs["help"] != argparse.SUPPRESS:
+            kwargs["help"] += f" [env {name}]"
+        found = [(k, self.table[k]) for k in (key, key.replace("-", "_")) if k in self.table]
+        self.used.update(k for k, _ in found)
         if name in os.environ:
-            _set_default(parser, action, os.environ[name], name)
-    return used
+            value, source = os.environ[name], name
+        elif found:
+            value, source = found[-1][1], f"{self.file} [{self.section}] {found[-1][0]}"
+        else:
+            return kwargs
+        kwargs["default"] = self._typed(parser, kwargs, value, source)
+        kwargs["required"] = False
+        if kwargs.get("action") == "append":
+            kwargs["action"] = _AppendOverDefault
+        return kwargs
+
+    def _typed(self, parser, kwargs: dict, value, source: str):
+        action, convert, choices = kwargs.get("action"), kwargs.get("type"), kwargs.get("choices")
+        if action in ("store_true", "store_false"):
+            if isinstance(value, str):
+                if value.lower() not in TRUE | FALSE:
+                    _refuse(parser, f"{source}: expected true or false, not {value!r}")
+                value = value.lower() in TRUE
+            return value if action == "store_true" else not value
+        values = value if action == "append" else [value]
+        if action == "append" and isinstance(value, str):
+            values = [v for v in value.split(os.pathsep) if v]
+        typed = []
+        for v in values:
+            if isinstance(v, str) and convert is not None:
+                try:
+                    v = convert(v)
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    _refuse(parser, f"{source}: {exc}")
+            if choices is not None and v not in choices:
+                _refuse(parser, f"{source}: {v!r} is not one of {', '.join(map(str, choices))}")
+            typed.append(v)
+        return typed if action == "append" else typed[0]
+
+    def refuse_unknown(self, parser: argparse.ArgumentParser) -> None:
+        """Once every parser is built: a key of the table no flag has is a mistake worth stopping for."""
+        if unknown := sorted(set(self.table) - self.used):
+            _refuse(parser, f"{self.file}: unknown settings in [{self.section}]: {', '.join(unknown)}")
 
 
-def _set_default(parser, action: argparse.Action, value, source: str) -> None:
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if isinstance(value, str):
-            if value.lower() not in TRUE | FALSE:
-                _refuse(parser, f"{source}: expected true or false, not {value!r}")
-            value = value.lower() in TRUE
-        value = value if isinstance(action, argparse._StoreTrueAction) else not value
-    elif isinstance(action, argparse._AppendAction):
-        value = value.split(os.pathsep) if isinstance(value, str) else list(value)
-        value = [action.type(v) if action.type else v for v in value if v]
-        if action.choices is not None and (wrong := [v for v in value if v not in action.choices]):
-            _refuse(parser, f"{source}: {wrong[0]!r} is not one of {', '.join(map(str, action.choices))}")
-        action.__class__ = _AppendOverDefault
-    elif isinstance(value, str) and action.type is not None:
-        try:
-            value = action.type(value)
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            _refuse(parser, f"{source}: {exc}")
-    if action.choices is not None and not isinstance(value, list) and value not in action.choices:
-        _refuse(parser, f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}")
-    action.default = value
-    action.required = False  # given by the environment or the file
+class ConfiguredParser(argparse.ArgumentParser):
+    """An ArgumentParser whose flags (its groups' and its subcommands' too) take their defaults from `settings`,
+    and which offers --config."""
+
+    def __init__(self, *args, settings: Settings, **kwargs):
+        self.settings = settings  # before ArgumentParser adds --help through add_argument
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help=f"TOML file whose [{settings.section}] table sets defaults (env DISTINFER_CONFIG)",
+        )
+
+    def add_argument(self, *flags, **kwargs):
+        return super().add_argument(*flags, **self.settings.flag_arguments(self, flags, kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *flags, **kw: add(*flags, **self.settings.flag_arguments(self, flags, kw))
+        return group
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", functools.partial(ConfiguredParser, settings=self.settings))
+        return super().add_subparsers(**kwargs)
+
+
+class _AppendOverDefault(argparse.Action):
+    """A repeatable flag whose default came from the environment or the file: given on the command line, its
+    values replace that default (flags win) instead of adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*([] if current is self.default or current is None else current), values])
 
 
 def _refuse(parser: argparse.ArgumentParser, message: str) -> None:
     """A bad setting from the environment or the file: its source says where it is, so no usage text (which
     would be a subcommand's that the user may not have run)."""
     parser.exit(2, f"{parser.prog.split()[0]}: error: {message}\n")
-
-
-class _AppendOverDefault(argparse._AppendAction):
-    """A repeatable flag whose default came from the environment or the file: given on the command line, its
-    values replace that default (flags win) instead of adding to it."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, self.dest, None) is self.default:
-            setattr(namespace, self.dest, [])
-        super().__call__(parser, namespace, values, option_string)
 
 
 def _read_toml(path: Path, section: str, program: str) -> dict:

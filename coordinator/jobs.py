@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 # How an attempt that a coordinator's stop or crash cut short is ended when the coordinator starts again. Such
 # an attempt is not counted against the job's max_attempts: it was not the job's fault, nor the workers'.
 COORDINATOR_RESTARTED = "coordinator restarted"
+# How long an attempt's ranks may take to form their group, and go without progress, unless configured.
+RENDEZVOUS_TIMEOUT_S, STALL_TIMEOUT_S = 120.0, 600.0
 # A watcher hears of a job's changes at most this often: a message a split or a report, not one a row.
 WATCH_EVERY_S = 0.5
 
@@ -48,10 +50,10 @@ class JobManager:
         self,
         store: Store,
         registry: Registry,
-        rendezvous_timeout_s: float = 120.0,
+        rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S,
         limits: Limits | None = None,
         metrics: CoordinatorMetrics | None = None,
-        stall_timeout_s: float = 600.0,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
     ):
         self.limits = limits or Limits()
         self.stall_timeout_s = stall_timeout_s

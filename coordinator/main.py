@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from distinfer.common.config import apply_config
+from distinfer.common.config import ConfiguredParser, Settings
 from distinfer.common.heap import freeze_startup_objects, keep_big_buffers_in_heap
 from distinfer.common.log import configure_logging
 from distinfer.coordinator.limits import Limits
@@ -21,35 +21,43 @@ log = structlog.get_logger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    settings = Settings(argv, "coordinator", "distinfer-coordinator")
+    p = ConfiguredParser(
         prog="distinfer-coordinator",
         description="Accept jobs, place them on registered workers, keep their state in --state-dir.",
+        settings=settings,
     )
-    p.add_argument("--listen", default="0.0.0.0:50051", help="host:port to serve gRPC on (default %(default)s)")
+    defaults = CoordinatorConfig  # each default once: the config's
+    p.add_argument("--listen", default=defaults.listen, help="host:port to serve gRPC on (default %(default)s)")
     p.add_argument(
         "--state-dir",
         type=Path,
-        default=Path("distinfer-state"),
+        default=defaults.state_dir,
         help="folder of the SQLite state; a restart with the same folder resumes every job (default %(default)s)",
     )
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=defaults.heartbeat_interval_s,
+        help="seconds between worker heartbeats",
+    )
     p.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=3.0,
+        default=defaults.heartbeat_timeout_s,
         help="seconds of silence after which a worker is taken for dead (default %(default)s); "
         "a closed connection is noticed at once",
     )
     p.add_argument(
         "--rendezvous-timeout",
         type=float,
-        default=120.0,
+        default=defaults.rendezvous_timeout_s,
         help="seconds the ranks of an attempt may take to form their group",
     )
     p.add_argument(
         "--stall-timeout",
         type=float,
-        default=600.0,
+        default=defaults.stall_timeout_s,
         help="seconds a running attempt may go without computing a batch or committing a result (or, plus the "
         "rendezvous time-out, take to form its group) before it is taken for hung and retried (default "
         "%(default)s; 0: never); longer than the slowest batch and model load",
@@ -73,14 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--keep-ended-jobs",
         type=float,
-        default=0.0,
+        default=defaults.keep_ended_jobs_s,
         help="seconds an ended job stays on record, with its rows and results, before it is deleted "
         "(default: until `distinfer delete`)",
     )
     p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for --listen :0)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
-    apply_config([p], argv, "coordinator")
+    settings.refuse_unknown(p)
     return p.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import SERVER_OPTIONS
 from distinfer.common.errors import NotFound, UnparsableRequests
 from distinfer.common.metrics import serve_metrics
-from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.jobs import RENDEZVOUS_TIMEOUT_S, STALL_TIMEOUT_S, JobManager
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
@@ -36,16 +36,16 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    listen: str = "127.0.0.1:0"
+    listen: str = "0.0.0.0:50051"
     state_dir: Path = Path("distinfer-state")
     heartbeat_interval_s: float = 1.0
     # A worker silent this long is taken for dead and its attempts are re-formed without it.
     heartbeat_timeout_s: float = 3.0
     # How long ranks may take to form a group before the attempt fails.
-    rendezvous_timeout_s: float = 120.0
+    rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S
     # How long a running attempt may make no progress before it is taken for hung and retried (0: never);
     # a job's own stall_timeout_s overrides it.
-    stall_timeout_s: float = 600.0
+    stall_timeout_s: float = STALL_TIMEOUT_S
     limits: Limits = Limits()
     # TLS: the server's certificate and key; a client CA makes it mutual TLS (clients must present a cert).
     tls_cert: str = ""

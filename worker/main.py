@@ -10,7 +10,7 @@ import grpc
 import structlog
 
 from distinfer.common.channels import add_security_flags, security_from_args
-from distinfer.common.config import apply_config
+from distinfer.common.config import ConfiguredParser, Settings
 from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.worker.daemon import WorkerConfig, WorkerDaemon
@@ -45,9 +45,11 @@ def devices_for(device: str, slots: int | None) -> tuple[str, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    settings = Settings(argv, "worker", "distinfer-worker")
+    p = ConfiguredParser(
         prog="distinfer-worker",
         description="Offer this host's devices to a distinfer coordinator and run the jobs it assigns.",
+        settings=settings,
     )
     p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
     p.add_argument("--slots", type=int, help="executors to run: default one per GPU on cuda, 1 on cpu")
@@ -91,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_security_flags(p, "--join-token")
     p.add_argument("--metrics-listen", default="", help="host:port for Prometheus metrics at /metrics (default: off)")
     p.add_argument("--log-level", default=None, help="debug, info, warning or error")
-    apply_config([p], argv, "worker")
+    settings.refuse_unknown(p)
     args = p.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         p.error("--slots must be at least 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,25 @@ def test_help_names_each_variable(capsys):
         worker_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "[env DISTINFER_MODEL_ROOT]" in text and "[env DISTINFER_JOIN_TOKEN]" in text
+
+
+def test_flags_in_a_group_and_in_every_subcommand_read_the_environment(monkeypatch):
+    monkeypatch.setenv("DISTINFER_MAX_NEW_TOKENS", "12")  # a flag of the "generate" group
+    monkeypatch.setenv("DISTINFER_COORDINATOR", "head:50051")
+    args = build_parser(["submit"]).parse_args(["submit", "--input", "rows.jsonl", "--task", "generate"])
+    assert args.max_new_tokens == 12 and args.coordinator == "head:50051"
+    assert build_parser(["run"]).parse_args(["run", "--input", "rows.jsonl"]).max_new_tokens == 12
+
+
+def test_no_program_reaches_into_argparse_internals():
+    """Options are configured through what add_argument is given (common/config.py), never through argparse's
+    private actions, which change between Python versions."""
+    root = Path(__file__).resolve().parents[2]
+    offending = [
+        f"{path.relative_to(root)}: {needle}"
+        for package in ("client", "common", "coordinator", "worker")
+        for path in (root / package).rglob("*.py")
+        for needle in ("argparse._", "._actions", ".__class__ =")
+        if needle in path.read_text()
+    ]
+    assert offending == []
