@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
 import pyarrow as pa
 import pytest
-from helpers import run_cli
 
 from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
@@ -245,49 +243,6 @@ def test_client_rejects_a_dict_row_without_the_text_field_before_anything_is_acc
     with pytest.raises(ValueError, match="row 1 has no 'text' field"):
         client.submit([{"text": "fine"}, {"body": "no text"}], model="all-MiniLM-L6-v2")
     assert client.jobs() == []
-
-
-def test_cli_reports_a_malformed_jsonl_line_with_its_number_and_submits_nothing(coordinator, client, tmp_path):
-    data = tmp_path / "in.jsonl"
-    data.write_text(json.dumps({"text": "good"}) + "\n" + '{"text": "broken\n')
-    result = run_cli(
-        "submit",
-        "--coordinator",
-        coordinator.address,
-        "--model",
-        "m",
-        "--input",
-        str(data),
-        "--output",
-        str(tmp_path / "out.jsonl"),
-    )
-    assert result.returncode == 2
-    assert f"{data}:2: not valid JSON" in result.stderr
-    assert client.jobs() == []
-
-
-def test_cli_reports_a_row_without_the_text_field(coordinator, tmp_path):
-    data = tmp_path / "in.jsonl"
-    data.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    result = run_cli(
-        "submit",
-        "--coordinator",
-        coordinator.address,
-        "--model",
-        "m",
-        "--input",
-        str(data),
-        "--output",
-        str(tmp_path / "out.jsonl"),
-    )
-    assert result.returncode == 2
-    assert f"{data}:2: no 'text' field" in result.stderr and "--text-field" in result.stderr
-
-
-def test_cli_reports_an_unknown_job_as_not_found(coordinator):
-    result = run_cli("status", "j-missing", "--coordinator", coordinator.address)
-    assert result.returncode == 1
-    assert "NOT_FOUND: no job 'j-missing'" in result.stderr
 
 
 @pytest.fixture

@@ -149,3 +149,26 @@ def test_a_bad_setting_in_the_config_file_names_the_program_not_a_subcommand(tmp
     result = run_cli("jobs", "--config", str(config))
     assert result.returncode == 2
     assert result.stderr == f"distinfer: error: {config}: unknown settings in [client]: bogus\n"
+
+
+def test_a_malformed_jsonl_line_is_reported_with_its_number_and_nothing_is_submitted(coordinator, client, tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": "good"}) + "\n" + '{"text": "broken\n')
+    result = submit(coordinator.address, data, tmp_path / "out.jsonl")
+    assert result.returncode == 2
+    assert f"{data}:2: not valid JSON" in result.stderr
+    assert client.jobs() == []
+
+
+def test_a_row_without_the_text_field_is_reported_with_its_line(coordinator, tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": "good"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    result = submit(coordinator.address, data, tmp_path / "out.jsonl")
+    assert result.returncode == 2
+    assert f"{data}:2: no 'text' field" in result.stderr and "--text-field" in result.stderr
+
+
+def test_an_unknown_job_is_reported_as_not_found(coordinator):
+    result = run_cli("status", "j-missing", "--coordinator", coordinator.address)
+    assert result.returncode == 1
+    assert "NOT_FOUND: no job 'j-missing'" in result.stderr
