@@ -48,6 +48,7 @@ ALLOWED = {
     "StreamResults": {C.OK, C.NOT_FOUND, C.INVALID_ARGUMENT, C.CANCELLED, C.DEADLINE_EXCEEDED, C.ABORTED}
     | {getattr(C, name) for name in WORKER_ERROR_CODES},
     "GetJob": {C.OK, C.NOT_FOUND},
+    "WatchJob": {C.OK, C.NOT_FOUND, C.DEADLINE_EXCEEDED},  # a live job's watch runs until the call's deadline
     "ListJobs": {C.OK, C.INVALID_ARGUMENT},  # a page token or state it never gave
     "CancelJob": {C.OK, C.NOT_FOUND, C.FAILED_PRECONDITION},
     "ListWorkers": {C.OK},
@@ -55,6 +56,7 @@ ALLOWED = {
     # FAILED_PRECONDITION: a second control stream for a worker that has one.
     "Connect": {C.OK, C.NOT_FOUND, C.DEADLINE_EXCEEDED, C.FAILED_PRECONDITION},
     "FetchShard": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION},
+    "FetchWork": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION},
     "ReportResults": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION},
 }
 AUTH_CODES = {C.UNAUTHENTICATED, C.PERMISSION_DENIED}
@@ -62,21 +64,33 @@ REQUEST_TYPES = {
     "SubmitJob": "SubmitJobRequest",
     "StreamResults": "StreamResultsRequest",
     "GetJob": "GetJobRequest",
+    "WatchJob": "GetJobRequest",
     "ListJobs": "ListJobsRequest",
     "CancelJob": "CancelJobRequest",
     "ListWorkers": "ListWorkersRequest",
     "RegisterWorker": "RegisterWorkerRequest",
     "Connect": "WorkerMessage",
     "FetchShard": "FetchShardRequest",
+    "FetchWork": "FetchWorkRequest",
     "ReportResults": "ReportResultsRequest",
 }
-JOBS_RPCS = ("SubmitJob", "StreamResults", "GetJob", "ListJobs", "CancelJob", "ListWorkers")
-WORKERS_RPCS = ("RegisterWorker", "Connect", "FetchShard", "ReportResults")
+JOBS_RPCS = ("SubmitJob", "StreamResults", "GetJob", "WatchJob", "ListJobs", "CancelJob", "ListWorkers")
+WORKERS_RPCS = ("RegisterWorker", "Connect", "FetchShard", "FetchWork", "ReportResults")
 PATHS = {
     **{rpc: f"/distinfer.v1.Jobs/{rpc}" for rpc in JOBS_RPCS},
     **{rpc: f"/distinfer.v1.Workers/{rpc}" for rpc in WORKERS_RPCS},
 }
-UNARY_REQUEST = ("GetJob", "ListJobs", "CancelJob", "ListWorkers", "RegisterWorker", "StreamResults", "FetchShard")
+UNARY_REQUEST = (
+    "GetJob",
+    "WatchJob",
+    "ListJobs",
+    "CancelJob",
+    "ListWorkers",
+    "RegisterWorker",
+    "StreamResults",
+    "FetchShard",
+    "FetchWork",
+)
 TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
 
 # Statuses seen, per RPC (and per kind of input), printed at the end of the module (pytest -s shows them).

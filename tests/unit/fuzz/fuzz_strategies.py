@@ -393,6 +393,7 @@ def raw_payloads(valid_messages):
 
 RAW_VALID = {
     "GetJob": st.builds(jobs_pb2.GetJobRequest, job_id=echoed_strings),
+    "WatchJob": st.builds(jobs_pb2.GetJobRequest, job_id=echoed_strings),
     "ListJobs": st.just(jobs_pb2.ListJobsRequest()),
     "CancelJob": st.builds(jobs_pb2.CancelJobRequest, job_id=echoed_strings),
     "ListWorkers": st.just(jobs_pb2.ListWorkersRequest()),
@@ -400,6 +401,15 @@ RAW_VALID = {
     "RegisterWorker": register_requests,
     "FetchShard": st.builds(
         workers_pb2.FetchShardRequest, job_id=echoed_strings, attempt=uint32s, rank=uint32s, world_size=uint32s
+    ),
+    "FetchWork": st.builds(
+        workers_pb2.FetchWorkRequest,
+        job_id=echoed_strings,
+        attempt=uint32s,
+        rank=uint32s,
+        unit=uint32s,
+        max_rows=uint32s,
+        committed_only=st.booleans(),
     ),
     "SubmitJob": submit_messages,
     "ReportResults": st.builds(

@@ -37,12 +37,14 @@ def minimal_call(stubs: Stubs, rpc: str, metadata):
         ),
         "StreamResults": lambda: list(jobs.StreamResults(jobs_pb2.StreamResultsRequest(job_id="j-none"), **kw)),
         "GetJob": lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id="j-none"), **kw),
+        "WatchJob": lambda: list(jobs.WatchJob(jobs_pb2.GetJobRequest(job_id="j-none"), **kw)),
         "ListJobs": lambda: jobs.ListJobs(jobs_pb2.ListJobsRequest(), **kw),
         "CancelJob": lambda: jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id="j-none"), **kw),
         "ListWorkers": lambda: jobs.ListWorkers(jobs_pb2.ListWorkersRequest(), **kw),
         "RegisterWorker": lambda: workers.RegisterWorker(workers_pb2.RegisterWorkerRequest(), **kw),
         "Connect": lambda: list(workers.Connect(iter([workers_pb2.WorkerMessage(worker_id="w-none")]), **kw)),
         "FetchShard": lambda: list(workers.FetchShard(workers_pb2.FetchShardRequest(world_size=1), **kw)),
+        "FetchWork": lambda: workers.FetchWork(workers_pb2.FetchWorkRequest(job_id="j-none"), **kw),
         "ReportResults": lambda: workers.ReportResults(iter([workers_pb2.ReportResultsRequest(job_id="j-none")]), **kw),
     }[rpc]
 

@@ -17,7 +17,7 @@ from distinfer.v1 import jobs_pb2, workers_pb2
 @pytest.mark.parametrize("rpc", UNARY_REQUEST)
 def test_fuzz_raw_bytes_unary_request(fuzzed, rpc):
     with open_channel(fuzzed.address) as channel:
-        if rpc in ("StreamResults", "FetchShard"):
+        if rpc in ("StreamResults", "WatchJob", "FetchShard"):
             call = channel.unary_stream(PATHS[rpc], request_serializer=None, response_deserializer=None)
             invoke = lambda payload: list(call(payload, timeout=TIMEOUT_S))  # noqa: E731
         else:
