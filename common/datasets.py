@@ -29,6 +29,10 @@ EXTENSIONS = {".parquet": PARQUET, ".pq": PARQUET, ".jsonl": JSONL, ".ndjson": J
 # A folder is read for these only: a plain .json in a folder is more often a config or a manifest than rows.
 FOLDER_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
 _BLOCK = 16 << 20
+# A Parquet row group of more rows is cut into row ranges of this many: its rows are shared among the ranks
+# (a file written as one big row group still runs on all of them), and a split's results, which rank 0 keeps
+# until its part is written, stay a bounded size. Each range reads its row group's columns and keeps its rows.
+SPLIT_ROWS = 65_536
 # Blank lines hold only JSON whitespace. Given whole lines, one is blank where a newline is followed by
 # whitespace and another newline; the region's first line (no newline before it there) is _LEADING_BLANK.
 _BLANK = re.compile(rb"\n[ \t\r]*(?=\n)")
@@ -38,25 +42,33 @@ _NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 
 @dataclass(frozen=True)
 class Split:
-    """A piece of a dataset one worker reads: a Parquet row group, or the JSONL lines starting in [start, end)."""
+    """A piece of a dataset one worker reads: a Parquet row group or rows of one, or the JSONL lines starting in
+    [start, end)."""
 
     path: str  # inside the filesystem of the dataset's location
     format: str  # "parquet" or "jsonl"
     row_group: int  # parquet: its number in the file; -1 for jsonl
-    start: int  # jsonl: byte range [start, end), both line starts (or the file's end); 0, 0 for parquet
+    # jsonl: byte range [start, end), both line starts (or the file's end); parquet: the rows [start, end) of
+    # the row group, or all of them when end is 0
+    start: int
     end: int
     num_rows: int  # jsonl: the non-blank lines starting in the range
     first_index: int  # the position of its first row in the whole dataset (files in sorted path order)
 
 
 def build_manifest(
-    location: str, text_field: str = "text", fmt: str | None = None, split_bytes: int = 64 << 20
+    location: str,
+    text_field: str = "text",
+    fmt: str | None = None,
+    split_bytes: int = 64 << 20,
+    split_rows: int = SPLIT_ROWS,
 ) -> list[Split]:
-    """The splits of a file, a folder (recursively) or a glob, from Parquet footers or one pass over JSONL."""
+    """The splits of a file, a folder (recursively) or a glob, from Parquet footers (row groups, those over
+    split_rows cut into row ranges) or one pass over JSONL (byte ranges of about split_bytes)."""
     if fmt not in (None, PARQUET, JSONL):
         raise DatasetError(f"{location} cannot be read in place as {fmt}; only parquet and jsonl datasets can")
-    if split_bytes <= 0:
-        raise ValueError(f"split_bytes must be positive, not {split_bytes}")
+    if split_bytes <= 0 or split_rows <= 0:
+        raise ValueError(f"split_bytes and split_rows must be positive, not {split_bytes} and {split_rows}")
     fs, root = filesystem(location)
     with translated(location):
         paths = _find_files(fs, root, location)
@@ -75,7 +87,7 @@ def build_manifest(
         for path in paths:
             first = splits[-1].first_index + splits[-1].num_rows if splits else 0
             if formats[path] == PARQUET:
-                splits += _parquet_splits(fs, path, display_path(location, path), text_field, first)
+                splits += _parquet_splits(fs, path, display_path(location, path), text_field, first, split_rows)
             else:
                 found, check = _jsonl_splits(fs, path, display_path(location, path), check, split_bytes, first)
                 splits += found
@@ -94,6 +106,10 @@ def read_split(location: str, split: Split, columns: list[str] | None = None) ->
                 if split.row_group >= parquet.num_row_groups:
                     raise _changed(shown, f"it has {parquet.num_row_groups} row groups, not {split.row_group + 1}+")
                 table = parquet.read_row_group(split.row_group, columns=columns)
+            if split.end:  # rows of the group
+                if table.num_rows < split.end:
+                    raise _changed(shown, f"row group {split.row_group} now holds {table.num_rows} rows")
+                table = table.slice(split.start, split.end - split.start)
         else:
             with fs.open_input_file(split.path) as f:
                 data = f.read_at(split.end - split.start, split.start)
@@ -162,7 +178,9 @@ def _format_of(location: str, path: str) -> str:
 # Manifests.
 
 
-def _parquet_splits(fs: pafs.FileSystem, path: str, shown: str, text_field: str, first: int) -> list[Split]:
+def _parquet_splits(
+    fs: pafs.FileSystem, path: str, shown: str, text_field: str, first: int, split_rows: int
+) -> list[Split]:
     with fs.open_input_file(path) as f:
         try:
             metadata = pq.read_metadata(f)  # the footer only: no row is read
@@ -174,9 +192,13 @@ def _parquet_splits(fs: pafs.FileSystem, path: str, shown: str, text_field: str,
     splits = []
     for group in range(metadata.num_row_groups):
         rows = metadata.row_group(group).num_rows
-        if rows:
+        if 0 < rows <= split_rows:
             splits.append(Split(path, PARQUET, group, 0, 0, rows, first))
-            first += rows
+        elif rows:
+            for start in range(0, rows, split_rows):
+                end = min(start + split_rows, rows)
+                splits.append(Split(path, PARQUET, group, start, end, end - start, first + start))
+        first += rows
     return splits
 
 

@@ -16,10 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from s3server import s3_server, use_s3
+from helpers import wait_until
 
 from distinfer.client.api import Client, InPlace
 from distinfer.client.local import LocalCluster
 from distinfer.common.dataset_parts import output_parts, part_name
+from distinfer.common.datasets import SPLIT_ROWS
 from distinfer.common.filesystems import filesystem
 from distinfer.v1 import jobs_pb2
 
@@ -155,11 +157,14 @@ def start_slow_job(client: Client, location: str, count: int, splits_done: int) 
         workers=2,
         max_attempts=5,
     )
-    deadline = time.monotonic() + 120
-    while (status := job.status()).splits_done < splits_done:
-        assert time.monotonic() < deadline and status.state != jobs_pb2.FAILED, status.message
-        time.sleep(0.05)
-    return job, status
+
+    def progressed():
+        status = job.status()
+        done = status.splits_done >= splits_done
+        assert done or status.state != jobs_pb2.FAILED, status.message
+        return done and status
+
+    return job, wait_until(progressed, 120, f"{splits_done} splits of the job written")
 
 
 def assert_every_row_once(location: str, count: int) -> None:
@@ -167,6 +172,26 @@ def assert_every_row_once(location: str, count: int) -> None:
     assert got.column("index").to_pylist() == list(range(count))
     assert got.column("id").to_pylist() == list(range(count))
     assert got.column("chars").to_pylist() == [1 + i % 7 for i in range(count)]
+
+
+def test_a_file_of_one_big_row_group_is_cut_into_row_ranges_that_every_rank_shares(s3, tmp_path):
+    _, cluster = s3
+    rows = 2 * SPLIT_ROWS + 5  # one row group, as some writers make a whole file
+    (tmp_path / "in").mkdir()
+    table = pa.table({"id": np.arange(rows), "text": [f"row {i % 97}" for i in range(rows)]})
+    pq.write_table(table, tmp_path / "in" / "one.parquet", row_group_size=rows)
+    assert pq.ParquetFile(tmp_path / "in" / "one.parquet").num_row_groups == 1
+    with Client(cluster.address) as client:
+        job = client.submit(InPlace(str(tmp_path / "in"), str(tmp_path / "out")), model="", task="echo", workers=2)
+        status = job.wait(timeout_s=300)
+    assert status.state == jobs_pb2.SUCCEEDED, status.message
+    assert (status.splits, status.splits_done, status.rows_done) == (3, 3, rows)
+    assert all(rank.rows_handed > 0 for rank in status.attempts[-1].ranks)  # not one rank for the whole file
+    assert output_parts(str(tmp_path / "out")) == [part_name(n) for n in range(3)]
+    got = read_parts(str(tmp_path / "out"))
+    assert got.column("index").to_pylist() == list(range(rows))  # every row once, in input order
+    assert got.column("id").to_pylist() == list(range(rows))
+    assert got.column("chars").to_pylist() == [len(f"row {i % 97}") for i in range(rows)]
 
 
 def test_a_worker_killed_mid_job_leaves_every_row_exactly_once_in_the_output(s3):

@@ -76,6 +76,21 @@ def test_parquet_folder_has_a_split_per_row_group_in_path_order(tmp_path):
     assert read_all(str(tmp_path), splits, ["text"]).column_names == ["text"]
 
 
+def test_a_row_group_over_split_rows_is_cut_into_row_ranges_read_in_order(tmp_path):
+    write_parquet(tmp_path / "a.parquet", 0, 10, row_group_size=10)  # one group of 10 rows: 4 + 4 + 2
+    write_parquet(tmp_path / "b.parquet", 10, 3, row_group_size=3)  # one group within the limit: whole
+    splits = build_manifest(str(tmp_path), split_rows=4)
+    assert [(s.row_group, s.start, s.end, s.num_rows, s.first_index) for s in splits] == [
+        (0, 0, 4, 4, 0),
+        (0, 4, 8, 4, 4),
+        (0, 8, 10, 2, 8),
+        (0, 0, 0, 3, 10),
+    ]
+    assert_contiguous(splits)
+    assert read_all(str(tmp_path), splits).column("id").to_pylist() == list(range(13))
+    assert read_split(str(tmp_path), splits[1], ["text"]).num_rows == 4
+
+
 def test_parquet_row_groups_without_rows_are_skipped(tmp_path):
     path = tmp_path / "gaps.parquet"
     schema = pa.schema([("text", pa.string())])

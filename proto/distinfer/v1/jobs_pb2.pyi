@@ -145,7 +145,7 @@ class Dataset(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     input: _builtins.str
     """One file, a folder (its .parquet or .jsonl files, in path order) or a glob. Parquet is split by row
-    groups, JSONL by byte ranges at line boundaries.
+    groups (a big one into row ranges), JSONL by byte ranges at line boundaries.
     """
     format: _builtins.str
     """"parquet" or "jsonl"; empty: from the files' extensions."""

@@ -534,6 +534,10 @@ Global___FetchWorkResponse: _TypeAlias = FetchWorkResponse  # noqa: Y015
 
 @_typing.final
 class DatasetSplit(_message.Message):
+    """common/datasets.py's Split: a Parquet row group (start and end: rows of it, or 0, 0 for all), or the
+    JSONL lines starting in the byte range [start, end).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUMBER_FIELD_NUMBER: _builtins.int
