@@ -116,6 +116,21 @@ class ArrowRows:
         return self._table.drop_columns([self._table.column_names[0]]).take(positions)
 
 
+def passthrough_of(chunks, indices: np.ndarray) -> pa.Table | None:
+    """The passed-through fields of these rows (indices in order) from `chunks`, (first index, rows) of the
+    chunks with passed-through fields among those holding them, in order; None if none of the rows has any."""
+    pieces, where = [], []
+    first, end = int(indices[0]), int(indices[-1]) + 1
+    for chunk_first, chunk in chunks:
+        wanted = np.arange(max(chunk_first, first), min(chunk_first + len(chunk), end))
+        positions = np.searchsorted(indices, wanted)
+        found = indices[np.minimum(positions, len(indices) - 1)] == wanted
+        if found.any():
+            pieces.append(chunk.passthrough(wanted[found] - chunk_first))
+            where.append(positions[found])
+    return joined(pieces, np.concatenate(where), len(indices)) if pieces else None
+
+
 def joined(pieces: list[pa.Table], where: np.ndarray, rows: int) -> pa.Table:
     """The passed-through fields of `rows` result rows from the pieces' (row where[k] is the pieces' k-th, the
     others have none): Arrow columns when the pieces agree on their types, else a meta_json string per row

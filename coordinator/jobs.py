@@ -28,10 +28,10 @@ from distinfer.common.result_columns import INDEX, check_results, from_ipc
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS
 from distinfer.coordinator import in_place
 from distinfer.coordinator.job import MESSAGE_LIMIT, TERMINAL, UPLOADING, Job
+from distinfer.coordinator.job_store import JobStore
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
-from distinfer.coordinator.store import Store
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 log = structlog.get_logger(__name__)
@@ -48,7 +48,7 @@ WATCH_EVERY_S = 0.5
 class JobManager:
     def __init__(
         self,
-        store: Store,
+        store: JobStore,
         registry: Registry,
         rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S,
         limits: Limits | None = None,

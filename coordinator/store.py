@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
 from distinfer.coordinator import input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
+from distinfer.coordinator.job_store import RowCursor
 from distinfer.coordinator.result_files import ResultFiles
 from distinfer.coordinator.split_store import SplitStore
 from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA
@@ -36,12 +36,9 @@ MAX_CHUNK_ROWS = 2048
 CHUNKS_PER_READ = 4  # input chunks read at once (each up to MAX_CHUNK_ROWS rows)
 
 
-@dataclass
-class RowCursor:
-    after: int = -1  # the last row index scanned
-
-
 class Store:
+    """The JobStore (job_store.py) the coordinator runs on."""
+
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -80,7 +77,12 @@ class Store:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def create_job(self, status: jobs_pb2.JobStatus) -> None:
-        self._db.execute("INSERT INTO jobs (job_id, status) VALUES (?, ?)", (status.job_id, status.SerializeToString()))
+        try:
+            self._db.execute(
+                "INSERT INTO jobs (job_id, status) VALUES (?, ?)", (status.job_id, status.SerializeToString())
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"job {status.job_id} already exists") from None
 
     def create_in_place_job(self, status: jobs_pb2.JobStatus, splits: list) -> None:
         """A job and its dataset's splits, in one transaction: a crash between the two would leave a job that
@@ -294,21 +296,10 @@ class Store:
         if not pieces:
             return None
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")
-        passthrough = self._passthrough(job_id, table.column(INDEX).to_numpy())
+        indices = table.column(INDEX).to_numpy()
+        chunks = self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1, with_meta=True)
+        passthrough = input_chunks.passthrough_of(chunks, indices)
         return table if passthrough is None else with_passthrough(table, passthrough)
-
-    def _passthrough(self, job_id: str, indices: np.ndarray) -> pa.Table | None:
-        """The passed-through fields of these rows (indices in order), or None if none of them has any."""
-        pieces, where = [], []
-        first, end = int(indices[0]), int(indices[-1]) + 1
-        for chunk_first, chunk in self._chunks(job_id, first, end, with_meta=True):
-            wanted = np.arange(max(chunk_first, first), min(chunk_first + len(chunk), end))
-            positions = np.searchsorted(indices, wanted)
-            found = indices[np.minimum(positions, len(indices) - 1)] == wanted
-            if found.any():
-                pieces.append(chunk.passthrough(wanted[found] - chunk_first))
-                where.append(positions[found])
-        return input_chunks.joined(pieces, np.concatenate(where), len(indices)) if pieces else None
 
     def _results_in_order(self, job_id: str, start: int, through_gaps: bool) -> Iterator[pa.Table]:
         """Tables of committed rows from index `start` on, in order, a block at a time, up to the first index

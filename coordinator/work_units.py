@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from distinfer.common import work_rows
 from distinfer.common.channels import STREAM_MESSAGE_CHARS
 from distinfer.common.result_columns import INDEX
-from distinfer.coordinator.store import RowCursor, Store
+from distinfer.coordinator.job_store import JobStore, RowCursor
 
 UNIT_ROWS = 1024  # rows a unit holds when a rank does not say how many it wants
 # ...and at most a few MiB of text: long documents stay far below the 64 MiB a message may hold.
@@ -75,7 +75,7 @@ class WorkUnits:
         self.handed: dict[tuple[int, int], list] = {}
 
     def next_unit(
-        self, store: Store, replica: int, max_rows: int, open_rows: int, replicas: int, uploading: bool
+        self, store: JobStore, replica: int, max_rows: int, open_rows: int, replicas: int, uploading: bool
     ) -> tuple[pa.Table, bool]:
         """(rows, done) for a replica that asks: rows not handed out yet (a work_rows table); once there are none
         (and the upload is whole), a copy of a slow unit's rows, or none; done once every row is committed."""
@@ -92,14 +92,14 @@ class WorkUnits:
             return rows, True
         return self.copy_of_a_slow_unit(store, replica), False
 
-    def next_split(self, store: Store) -> list:
+    def next_split(self, store: JobStore) -> list:
         """A dataset read in place: the next open split (a Parquet row group or a JSONL byte range, thousands of
         rows), one an ask. (No copies of slow ones: a split's part is written whole by rank 0.)"""
         if self._splits is None:
             self._splits = deque(store.splits.open(self._job_id, self._attempt, 0, 1))
         return [self._splits.popleft()] if self._splits else []
 
-    def take(self, store: Store, max_rows: int, open_rows: int, replicas: int) -> pa.Table:
+    def take(self, store: JobStore, max_rows: int, open_rows: int, replicas: int) -> pa.Table:
         """Up to max_rows rows not handed out yet (fewer once every row uploaded so far is), and at most a
         share of those still open (open_rows: the job's rows not committed when the attempt began): units
         shrink towards the end of the job (guided self-scheduling), so that a small job runs on every rank,
@@ -121,7 +121,7 @@ class WorkUnits:
         self.rows_handed += unit.num_rows
         return unit
 
-    def settle(self, store: Store, everything: bool = False) -> None:
+    def settle(self, store: JobStore, everything: bool = False) -> None:
         """Forget held units whose rows are all committed: the two held longest (the cost spread over the
         asks; one still computing goes to the back), or every one (once every row is handed out)."""
         for _ in range(len(self.held) if everything else min(2, len(self.held))):
@@ -131,7 +131,7 @@ class WorkUnits:
             else:
                 self._took_s.append(time.monotonic() - held.handed_at)
 
-    def copy_of_a_slow_unit(self, store: Store, replica: int) -> pa.Table:
+    def copy_of_a_slow_unit(self, store: JobStore, replica: int) -> pa.Table:
         """The uncommitted rows of the unit another replica has held longest, if that is much longer than units
         take; they are then held by two replicas (each unit is copied once)."""
         now = time.monotonic()
@@ -149,7 +149,7 @@ class WorkUnits:
                 return store.rows_of(self._job_id, rows)
         return work_rows.EMPTY
 
-    def committed_of_copied(self, store: Store, replica: int) -> list[int]:
+    def committed_of_copied(self, store: JobStore, replica: int) -> list[int]:
         """Rows copied from this replica's units to another that are committed: it need not compute them."""
         out: list[int] = []
         for first, last in self.copied_from.get(replica, ()):

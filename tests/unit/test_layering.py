@@ -53,3 +53,9 @@ def test_the_coordinators_parts_stand_on_the_job_manager_and_not_on_each_other(p
 
 def test_the_job_manager_knows_none_of_the_parts_above_it():
     assert not coordinator_imports("jobs") & set(COORDINATOR_PARTS)
+
+
+@pytest.mark.parametrize("module", ["jobs", "work_units", *COORDINATOR_PARTS])
+def test_the_manager_and_the_parts_know_a_job_store_not_which_one(module):
+    """They are given a JobStore (job_store.py): the SQLite store or the in-memory one, which server.py picks."""
+    assert not coordinator_imports(module) & {"store", "memory_store"}

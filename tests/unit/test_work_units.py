@@ -1,12 +1,18 @@
-"""An attempt's rows handed out in units as ranks ask (coordinator/work_units.py), over a real store."""
+"""An attempt's rows handed out in units as ranks ask (coordinator/work_units.py), over each JobStore."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from store_rows import add_job_with_rows, batch, commit, job, pairs, result_blob, rows
 
 from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, UNIT_CHARS, WorkUnits
+
+
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 def take(units: WorkUnits, *args, **kwargs) -> list[tuple[int, str]]:
