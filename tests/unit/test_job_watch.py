@@ -57,5 +57,7 @@ def test_wait_returns_the_ended_status_and_times_out_on_a_job_that_does_not_end(
         job.wait(timeout_s=1, on_status=seen.append)
     assert time.monotonic() - started < 5
     assert [s.state for s in seen] == [jobs_pb2.QUEUED]
-    threading.Timer(0.5, job.cancel).start()
+    canceller = threading.Timer(0.5, job.cancel)
+    canceller.start()
     assert job.wait(timeout_s=10).state == jobs_pb2.CANCELLED
+    canceller.join()  # its call may still be answering after the watch has told of the cancel
