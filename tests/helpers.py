@@ -15,10 +15,11 @@ def run_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def wait_until(predicate, timeout_s: float = 120.0, what: str = "condition", step_s: float = 0.05):
-    """predicate()'s first true value; fails the test after timeout_s."""
+    """predicate()'s first true value; fails the test after timeout_s. `what` may be a callable: a message worked
+    out only then (with the state that was waited on, say)."""
     deadline = time.monotonic() + timeout_s
     while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(step_s)
     return value
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
@@ -81,10 +82,12 @@ def parent_pid(pid: int) -> int:
 
 
 def wait_for_progress(client: Client, job_id: str, rows: int, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while client.job(job_id).status().rows_done < rows:
-        assert time.monotonic() < deadline, f"job {job_id} made no progress"
-        time.sleep(0.02)
+    wait_until(
+        lambda: client.job(job_id).status().rows_done >= rows,
+        timeout_s,
+        f"job {job_id} to make progress ({rows} rows done)",
+        step_s=0.02,
+    )
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
@@ -142,10 +145,12 @@ def test_every_row_exactly_once_whatever_dies(chaos_cluster, chaos_rows, chaos_r
         frozen = rng.choice(cluster.workers)
         frozen.send_signal(signal.SIGSTOP)
         try:  # only missed heartbeats can tell the coordinator: the frozen host's connections stay open
-            deadline = time.monotonic() + 30
-            while not client.job(job.id).status().attempts[0].ended_at:
-                assert time.monotonic() < deadline, "the frozen worker was never written off"
-                time.sleep(0.1)
+            wait_until(
+                lambda: client.job(job.id).status().attempts[0].ended_at,
+                30,
+                "the frozen worker to be written off",
+                step_s=0.1,
+            )
         finally:
             frozen.send_signal(signal.SIGCONT)
     elif kind == "freeze_executor":

@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
+from helpers import wait_until
 
 
 def alive(pids: set[int]) -> set[int]:
@@ -44,10 +44,13 @@ def test_a_terminated_run_stops_its_cluster_and_says_what_the_output_holds(tmp_p
             for i in range(5):
                 feed.write(json.dumps({"text": f"row {i}"}) + "\n")
             feed.flush()
-            deadline = time.monotonic() + 60
-            while not (out.exists() and out.read_text().count("\n") == 5):
-                assert time.monotonic() < deadline and run.poll() is None
-                time.sleep(0.1)
+
+            def five_rows_written():
+                done = out.exists() and out.read_text().count("\n") == 5
+                assert done or run.poll() is None, "the command exited"
+                return done
+
+            wait_until(five_rows_written, 60, "the five rows in the output", step_s=0.1)
             children = {p.pid for p in psutil.Process(run.pid).children(recursive=True)}
             assert len(children) >= 3  # coordinator, worker, executor
             run.send_signal(signum)
@@ -55,10 +58,12 @@ def test_a_terminated_run_stops_its_cluster_and_says_what_the_output_holds(tmp_p
         assert run.returncode == 128 + signum, stderr
         assert "Traceback" not in stderr
         assert f"{out} holds the first 5 rows only" in stderr
-        deadline = time.monotonic() + 5
-        while alive(children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not alive(children), [psutil.Process(p).cmdline() for p in alive(children)]
+        wait_until(
+            lambda: not alive(children),
+            5,
+            lambda: f"the cluster's processes to exit: {[psutil.Process(p).cmdline() for p in alive(children)]}",
+            step_s=0.1,
+        )
     finally:
         run.kill()
         for pid in alive(children):
@@ -75,10 +80,13 @@ def test_an_interrupted_run_cancels_its_job_so_the_next_run_does_not_finish_it(t
     data.write_text("".join(json.dumps({"text": f"row number {i}"}) + "\n" for i in range(total)))
     run = start_run(data, out, state, "--batch-size", "1")
     try:
-        deadline = time.monotonic() + 120
-        while not (out.exists() and out.read_text().count("\n") >= 1):  # the upload is whole, the job runs
-            assert time.monotonic() < deadline and run.poll() is None
-            time.sleep(0.05)
+
+        def a_row_written():  # the upload is whole, the job runs
+            done = out.exists() and out.read_text().count("\n") >= 1
+            assert done or run.poll() is None, "the command exited"
+            return done
+
+        wait_until(a_row_written, 120, "a first row in the output")
         run.send_signal(signal.SIGTERM)
         stderr = run.communicate(timeout=60)[1]
     finally:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import wait_until
+
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
@@ -112,17 +114,21 @@ def test_a_client_killed_mid_upload_leaves_no_job(cluster):
         client.stdin.write(json.dumps({"spec": {"task": "echo", "max_workers": 1}}) + "\n")
         client.stdin.write(json.dumps({"rows": {"rows": [{"text": f"row {i}"} for i in range(50)]}}) + "\n")
         client.stdin.flush()
-        deadline = time.monotonic() + 60
-        while not (started := [j for j in listed_jobs(cluster.address) if j["job_id"] not in before]):
-            assert time.monotonic() < deadline, "the job never appeared while its rows uploaded"
-            time.sleep(0.1)
+        started = wait_until(
+            lambda: [j for j in listed_jobs(cluster.address) if j["job_id"] not in before],
+            60,
+            "the job to appear while its rows uploaded",
+            step_s=0.1,
+        )
         assert started[0].get("uploading")
     finally:
         client.kill()
         client.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while {job["job_id"] for job in listed_jobs(cluster.address)} != before:
-        assert time.monotonic() < deadline, "the killed client's job is still there"
-        time.sleep(0.1)
+    wait_until(
+        lambda: {job["job_id"] for job in listed_jobs(cluster.address)} == before,
+        30,
+        "the killed client's job to go",
+        step_s=0.1,
+    )
     time.sleep(1)  # and it does not come back as a whole upload
     assert {job["job_id"] for job in listed_jobs(cluster.address)} == before

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3server import s3_server, use_s3
 from helpers import wait_until
+from s3server import s3_server, use_s3
 
 from distinfer.client.api import Client, InPlace
 from distinfer.client.local import LocalCluster

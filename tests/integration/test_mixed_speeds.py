@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+
+from helpers import wait_until
 
 from distinfer.client.display import format_status
 from distinfer.v1 import jobs_pb2
@@ -32,10 +33,14 @@ def test_a_rank_killed_holding_units_gives_back_only_the_rows_not_committed(clie
     job = client.submit(
         texts, model="", task="simulate", workers=2, batch_size=8, simulated_batch_ms=10, max_attempts=3
     )
-    deadline = time.monotonic() + 60
-    while (status := job.status()).rows_done < ROWS // 4:
-        assert time.monotonic() < deadline and not status.finished_at, status
-        time.sleep(0.05)
+
+    def a_quarter_done():
+        status = job.status()
+        done = status.rows_done >= ROWS // 4
+        assert done or not status.finished_at, status
+        return done and status
+
+    status = wait_until(a_quarter_done, 60, lambda: f"a quarter of the rows done: {job.status()}")
     first = status.attempts[0]
     os.kill(first.ranks[1].pid, signal.SIGKILL)  # it holds rows handed out and not computed yet
     results = list(job.results())

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
+from helpers import wait_until
 
 from distinfer.client.api import Client
 from distinfer.client.row_messages import ROWS_PER_MESSAGE
@@ -24,14 +24,12 @@ MORE_ROWS = 900
 
 def wait_for_a_running_upload(address: str) -> jobs_pb2.JobStatus:
     """The job that has committed results while its upload is still open (asked on a second connection)."""
-    deadline = time.monotonic() + 30
     with Client(address) as watcher:
-        while time.monotonic() < deadline:
-            for status in watcher.jobs():
-                if status.uploading and status.rows_done > 0:
-                    return status
-            time.sleep(0.05)
-    pytest.fail("no job committed results while its upload was still open")
+        return wait_until(
+            lambda: next((s for s in watcher.jobs() if s.uploading and s.rows_done > 0), None),
+            30,
+            "a job that committed results while its upload was still open",
+        )
 
 
 def start_submit(address: str, *args: str) -> subprocess.Popen:
@@ -45,11 +43,13 @@ def jsonl_lines(indices: range) -> list[str]:
 
 
 def wait_for_first_results(output, submit: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while not (output.exists() and output.stat().st_size > 0):
-        assert submit.poll() is None, submit.stderr.read()
-        assert time.monotonic() < deadline, "no result was written while the input was still open"
-        time.sleep(0.05)
+
+    def written():
+        done = output.exists() and output.stat().st_size > 0
+        assert done or submit.poll() is None, submit.stderr.read()
+        return done
+
+    wait_until(written, 60, "a result written while the input was still open")
 
 
 def test_a_job_runs_while_its_rows_are_still_uploading(client, cluster):
@@ -92,10 +92,12 @@ def test_an_upload_that_fails_after_the_job_started_leaves_nothing(client, clust
     with pytest.raises(ValueError, match="text"):
         client.submit(rows(), model="", task="echo", workers=2)
 
-    deadline = time.monotonic() + 30
-    while any(s.state != "idle" for w in client.workers() for s in w.slots):  # the attempt was aborted
-        assert time.monotonic() < deadline, client.workers()
-        time.sleep(0.1)
+    wait_until(
+        lambda: all(s.state == "idle" for w in client.workers() for s in w.slots),  # the attempt was aborted
+        30,
+        lambda: f"every slot idle: {client.workers()}",
+        step_s=0.1,
+    )
     assert not [s for s in client.jobs() if s.uploading or s.state == jobs_pb2.RUNNING]
     assert [r["index"] for r in client.submit(["after"], model="", task="echo").results()] == [0]
 
@@ -222,10 +224,12 @@ def test_ctrl_c_while_the_rows_upload_drops_the_job(cluster, client, tmp_path):
     assert submit.returncode == 130, stderr
     job_id = stdout.split()[0]
     assert f"job {job_id} is dropped" in stderr, stderr
-    deadline = time.monotonic() + 30
-    while job_id in {status.job_id for status in client.jobs()}:
-        assert time.monotonic() < deadline, "the interrupted upload's job is still there"
-        time.sleep(0.1)
+    wait_until(
+        lambda: job_id not in {status.job_id for status in client.jobs()},
+        30,
+        "the interrupted upload's job to go",
+        step_s=0.1,
+    )
 
 
 def test_ctrl_c_once_the_rows_are_in_leaves_the_job_running_and_says_how_to_follow_it(cluster, client, tmp_path):
@@ -239,10 +243,7 @@ def test_ctrl_c_once_the_rows_are_in_leaves_the_job_running_and_says_how_to_foll
     )
     try:
         job_id = submit.stdout.readline().strip()
-        deadline = time.monotonic() + 30
-        while client.job(job_id).status().uploading:
-            assert time.monotonic() < deadline, "the ten rows never finished uploading"
-            time.sleep(0.05)
+        wait_until(lambda: not client.job(job_id).status().uploading, 30, "the ten rows to finish uploading")
         submit.send_signal(signal.SIGINT)
         _, stderr = submit.communicate(timeout=60)
     finally:

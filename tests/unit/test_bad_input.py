@@ -7,6 +7,7 @@ import time
 import grpc
 import pyarrow as pa
 import pytest
+from helpers import wait_until
 
 from distinfer.client.api import Client, JobFailed
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc
@@ -306,10 +307,12 @@ def test_a_stopped_upload_either_drops_its_job_or_was_whole_and_keeps_it(client)
                 list(job.results())
             with pytest.raises(JobFailed, match="its upload was stopped"):
                 job.wait_for_upload()
-            deadline = time.monotonic() + 10
-            while job.id in {status.job_id for status in client.jobs()}:
-                assert time.monotonic() < deadline, "a cut upload's job is still there"
-                time.sleep(0.02)
+            wait_until(
+                lambda cut=job.id: cut not in {status.job_id for status in client.jobs()},
+                10,
+                "the cut upload's job to go",
+                step_s=0.02,
+            )
         else:
             seen.add("whole")
             status = job.status()
@@ -349,13 +352,8 @@ def test_job_failed_from_a_whole_upload_submit_carries_the_jobs_status(client):
     import threading
 
     def cancel_first_job():
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            jobs = client.jobs()
-            if jobs:
-                client.job(jobs[0].job_id).cancel()
-                return
-            time.sleep(0.02)
+        jobs = wait_until(client.jobs, 30, "a job to cancel", step_s=0.02)
+        client.job(jobs[0].job_id).cancel()
 
     canceller = threading.Thread(target=cancel_first_job)
     canceller.start()

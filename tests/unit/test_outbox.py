@@ -80,12 +80,13 @@ def run_group(out_dir: Path, inline: bool = False, dying_rank: int | None = None
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + 60
     try:
-        while any(p.is_alive() for p in context.processes):
-            if time.monotonic() > deadline:
-                pytest.fail("a rank of the outbox group hung for 60 s")
-            time.sleep(0.1)
+        wait_until(
+            lambda: not any(p.is_alive() for p in context.processes),
+            60,
+            "every rank of the outbox group to end (one hung for 60 s)",
+            step_s=0.1,
+        )
     finally:
         for process in context.processes:
             if process.is_alive():

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
 
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RowCursor, Store
@@ -209,7 +210,6 @@ def test_closing_the_job_manager_waits_for_the_store_call_in_flight(tmp_path):
     """A handler cancelled at shutdown leaves its store call running; closing under it crashed the process."""
     import asyncio
     import threading
-    import time
 
     from distinfer.coordinator.jobs import JobManager
     from distinfer.coordinator.registry import Registry
@@ -248,10 +248,11 @@ def committed_in_the_database_file(path) -> float:
 
 
 def wait_for_the_database_file(path, results: int) -> None:
-    deadline = time.monotonic() + 10
-    while committed_in_the_database_file(path) < results:
-        assert time.monotonic() < deadline, "the commits are still only in the write-ahead log"
-        time.sleep(0.05)
+    wait_until(
+        lambda: committed_in_the_database_file(path) >= results,
+        10,
+        "the commits to reach the database file (from the write-ahead log)",
+    )
 
 
 def test_commits_reach_the_database_file_without_waiting_for_the_store_to_close(tmp_path):

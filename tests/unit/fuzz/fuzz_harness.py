@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import wait_until
 from hypothesis import HealthCheck, settings
 
 from distinfer.common.channels import open_channel
@@ -167,10 +168,12 @@ class Stubs:
 
     def wait_worker_gone(self, worker_id: str, within_s: float = 5.0) -> None:
         """A closed control stream removes its worker (the coordinator takes it as the worker's death)."""
-        deadline = time.monotonic() + within_s
-        while worker_id in self.worker_ids():
-            assert time.monotonic() < deadline, f"worker {worker_id} still registered after its stream closed"
-            time.sleep(0.01)
+        wait_until(
+            lambda: worker_id not in self.worker_ids(),
+            within_s,
+            f"worker {worker_id} to be unregistered once its stream closed",
+            step_s=0.01,
+        )
 
 
 def rows_message(texts: list[str]) -> jobs_pb2.SubmitJobRequest:

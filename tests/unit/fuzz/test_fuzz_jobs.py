@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fuzz_harness import (
     END,
     FUZZ,
@@ -20,6 +18,7 @@ from fuzz_harness import (
     rows_message,
 )
 from fuzz_strategies import choice, job_ids_around, submit_sequences, uint64s
+from helpers import wait_until
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -133,10 +132,7 @@ def test_fuzz_stream_results(fuzzed, stubs):
     stubs.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=cancelled), timeout=TIMEOUT_S)
     # Fails (DEADLINE_EXCEEDED) once it has waited its queue_timeout_s without a worker.
     timed_out = stubs.submit(jobs_pb2.JobSpec(model="m", task="embed", queue_timeout_s=0.01), ["a"]).job_id
-    deadline = time.monotonic() + 10
-    while stubs.status(timed_out).state != jobs_pb2.FAILED:
-        assert time.monotonic() < deadline, "the queue time-out never failed the job"
-        time.sleep(0.05)
+    wait_until(lambda: stubs.status(timed_out).state == jobs_pb2.FAILED, 10, "the queue time-out to fail the job")
     rows = {queued: 3, cancelled: 2, timed_out: 1}
 
     @FUZZ

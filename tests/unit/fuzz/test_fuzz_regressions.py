@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fuzz_harness import NEVER, PATHS, TIMEOUT_S, C, LiveAttempt, Stubs, connect_worker, outcome
+from helpers import wait_until
 
 from distinfer.common.channels import open_channel
 from distinfer.v1 import jobs_pb2, workers_pb2
@@ -45,10 +44,12 @@ def fail_job_with_error_code(stubs: Stubs, error_code: str) -> str:
         )
         event.error_code = error_code
         stream.send(workers_pb2.WorkerMessage(worker_id=worker_id, event=event))
-        deadline = time.monotonic() + TIMEOUT_S
-        while stubs.status(job_id).state != jobs_pb2.FAILED:
-            assert time.monotonic() < deadline, "the permanent failure did not fail the job"
-            time.sleep(0.01)
+        wait_until(
+            lambda: stubs.status(job_id).state == jobs_pb2.FAILED,
+            TIMEOUT_S,
+            "the permanent failure to fail the job",
+            step_s=0.01,
+        )
     finally:
         stream.close()
     return job_id
