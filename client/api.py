@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
+from distinfer.client import job_options
 from distinfer.client.conversions import to_upload_row, upload_message
 from distinfer.client.dataset_tables import DatasetTables
 from distinfer.client.job import CALL_DEADLINE_S, Job, JobFailed, Upload
@@ -79,56 +80,26 @@ class Client:
         min_workers: int | None = None,
         max_workers: int | None = None,
         text_field: str = "text",
-        normalize: bool | None = None,
-        return_logits: bool = False,
-        batch_size: int = 0,
-        max_batch_tokens: int = 0,
-        max_length: int = 0,
-        dtype: str = "",
-        vector_dtype: str = "",
-        simulated_batch_ms: int = 0,
-        simulated_rank_batch_ms: Iterable[int] = (),
-        simulated_vector_width: int = 0,
-        generate: dict | None = None,
-        tp_size: int = 0,
-        queue_timeout_s: float = 0.0,
-        max_attempts: int = 0,
-        stall_timeout_s: float = 0.0,
         wait_for_upload: bool = True,
+        **options,
     ) -> Job:
         """Upload the rows and queue the job. `workers=N` asks for exactly N ranks (the job waits for them);
-        0 takes every free slot. Rows are streamed in batches, never held whole in memory.
+        0 takes every free slot. Rows are streamed in batches, never held whole in memory. `options`: the
+        job's options, as client/job_options.py lists them (batch_size, max_batch_tokens, max_length, dtype,
+        vector_dtype, normalize, return_logits, tp_size, queue_timeout_s, stall_timeout_s, max_attempts,
+        simulated_*), and `generate`, a dict of GenerateOptions' fields ({"max_new_tokens": 32, "seed": 1}).
 
         The job runs from its first rows on. wait_for_upload=False returns it then, while the rest uploads in
         the background, so its results can be read at once; an upload that fails later (a bad row, too many
         rows) is raised by job.results() or job.wait_for_upload(), and leaves no job behind. A job that fails or
         is cancelled while its rows upload ends the upload: JobFailed, and the rest of the rows are not read."""
-        options = jobs_pb2.TaskOptions(
-            return_logits=return_logits,
-            batch_size=batch_size,
-            max_batch_tokens=max_batch_tokens,
-            max_length=max_length,
-            dtype=dtype,
-            vector_dtype=vector_dtype,
-            simulated_batch_ms=simulated_batch_ms,
-            simulated_rank_batch_ms=simulated_rank_batch_ms,
-            simulated_vector_width=simulated_vector_width,
-        )
-        if generate is not None:  # e.g. {"max_new_tokens": 32, "temperature": 0.7, "seed": 1, "stop": ["\n"]}
-            options.generate.CopyFrom(jobs_pb2.GenerateOptions(**generate))
-        if normalize is not None:
-            options.normalize = normalize
         spec = jobs_pb2.JobSpec(
             model=model,
             task=task,
             min_workers=min_workers if min_workers is not None else workers,
             max_workers=max_workers if max_workers is not None else workers,
-            queue_timeout_s=queue_timeout_s,
-            max_attempts=max_attempts,
-            stall_timeout_s=stall_timeout_s,
-            options=options,
-            tp_size=tp_size,
         )
+        job_options.fill_spec(spec, options)
         if isinstance(rows, InPlace):
             spec.dataset.CopyFrom(
                 jobs_pb2.Dataset(input=rows.input, output=rows.output, format=rows.format, text_field=text_field)

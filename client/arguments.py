@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distinfer.client import job_options
 from distinfer.client.rows import FORMATS
 from distinfer.common.channels import add_security_flags
 from distinfer.common.config import ConfiguredParser, Settings
@@ -41,61 +42,7 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=TASKS, default="embed", help="what to compute per row (default %(default)s)")
     p.add_argument("--text-field", default="text", help="the field (column) holding each row's text")
     p.add_argument("--format", choices=FORMATS, help="input format, when the file name does not tell")
-    p.add_argument("--batch-size", type=int, default=0, help="most rows per forward pass (default: per device)")
-    p.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=0,
-        help="most padded tokens per batch; for generate, prompt + new tokens (default: per device)",
-    )
-    p.add_argument("--max-length", type=int, default=0, help="tokens kept per row (default: the model's limit)")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
-        help="weights' dtype: auto is bfloat16 (or float16) on CUDA, bfloat16 on CPUs with AMX, else float32",
-    )
-    p.add_argument(
-        "--vector-dtype",
-        choices=("float32", "float16"),
-        default="float32",
-        help="embeddings and logits as they travel and are written: float16 halves the bytes (about 3 digits)",
-    )
-    p.add_argument("--no-normalize", action="store_true", help="embed: keep embeddings unnormalised")
-    p.add_argument("--return-logits", action="store_true", help="classify: also write every class's logit")
-    p.add_argument(
-        "--simulated-batch-ms", type=int, default=0, help="simulate: how long each batch's stand-in compute sleeps"
-    )
-    p.add_argument(
-        "--simulated-vector-width",
-        type=int,
-        default=0,
-        help="simulate: also return an embedding of this many floats a row (the data path with real-size vectors)",
-    )
-    gen = p.add_argument_group("generate")
-    gen.add_argument("--max-new-tokens", type=int, default=0, help="tokens to add at most (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default: greedy)")
-    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (default: all)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: all)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed; row i uses seed + i, however it is sharded")
-    gen.add_argument("--stop", action="append", default=[], help="stop a row at this text (repeatable)")
-    gen.add_argument(
-        "--tp-size", type=int, default=0, help="split the model over this many GPUs of one host (tensor parallel)"
-    )
-    gen.add_argument("--chat-template", action="store_true", help="wrap each row in the model's chat template")
-    p.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=0.0,
-        help="fail if the job waits longer than this for its workers (default: wait)",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=0.0,
-        help="retry an attempt that computes no batch for this long, taken for hung; longer than the slowest "
-        "batch and model load (default: the coordinator's, 600 s)",
-    )
+    job_options.add_flags(p)
 
 
 def _coordinator_options(p: argparse.ArgumentParser) -> None:

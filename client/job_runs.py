@@ -14,6 +14,7 @@ import grpc
 from distinfer.client.api import Client, InPlace, Job, JobFailed
 from distinfer.client.dataset_tables import DatasetTables
 from distinfer.client.display import row_progress
+from distinfer.client.job_options import BY_NAME, keywords_from_flags
 from distinfer.client.outputs import OutputError, ResultFile, output_format
 from distinfer.common.filesystems import is_uri
 from distinfer.v1 import jobs_pb2
@@ -63,7 +64,7 @@ def check_job_args(args) -> None:
         raise UsageError(f"--output FILE is required{detach}")
     if args.output is not None:
         _check_output(args)
-    _generate_options(args)
+    _check_generate_flags(args)
 
 
 def submit_and_collect(client: Client, args, model: str, workers: int, local: bool = False) -> int:
@@ -125,25 +126,7 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
 
 
 def _job_keywords(args, model: str, workers: int) -> dict:
-    return dict(
-        model=model,
-        task=args.task,
-        workers=workers,
-        text_field=args.text_field,
-        batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens,
-        max_length=args.max_length,
-        dtype=args.dtype,
-        vector_dtype=args.vector_dtype,
-        normalize=False if args.no_normalize else None,
-        return_logits=args.return_logits,
-        queue_timeout_s=args.queue_timeout,
-        stall_timeout_s=args.stall_timeout,
-        generate=_generate_options(args),
-        simulated_batch_ms=args.simulated_batch_ms,
-        simulated_vector_width=args.simulated_vector_width,
-        tp_size=args.tp_size,
-    )
+    return dict(model=model, task=args.task, workers=workers, text_field=args.text_field, **keywords_from_flags(args))
 
 
 def in_place(args) -> bool:
@@ -187,24 +170,12 @@ def check_in_place_args(args) -> None:
         raise UsageError("--output is required: the folder or prefix (s3://..., gs://...) that gets the Parquet parts")
     if args.format == "csv":
         raise UsageError("--in-place reads Parquet or JSONL: convert the CSV, or upload it (without --in-place)")
-    _generate_options(args)
+    _check_generate_flags(args)
 
 
-def _generate_options(args) -> dict | None:
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": args.stop,
-        "chat_template": args.chat_template,
-    }
-    if args.task == "generate":
-        return options
-    if given := [name for name, value in options.items() if value]:
-        raise UsageError(f"--{given[0].replace('_', '-')} applies to --task generate only, not {args.task}")
-    return None
+def _check_generate_flags(args) -> None:
+    if args.task != "generate" and (generate := keywords_from_flags(args).get("generate")):
+        raise UsageError(f"{BY_NAME[next(iter(generate))].flag_name} applies to --task generate only, not {args.task}")
 
 
 def write_results(job: Job, out: ResultFile, start: int, total: int | None, progress: list[int] | None = None) -> int:

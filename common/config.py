@@ -58,11 +58,13 @@ class Settings:
 
     def _typed(self, parser, kwargs: dict, value, source: str):
         action, convert, choices = kwargs.get("action"), kwargs.get("type"), kwargs.get("choices")
-        if action in ("store_true", "store_false"):
+        if action in ("store_true", "store_false", "store_const"):
             if isinstance(value, str):
                 if value.lower() not in TRUE | FALSE:
                     _refuse(parser, f"{source}: expected true or false, not {value!r}")
                 value = value.lower() in TRUE
+            if action == "store_const":  # set: the flag given
+                return kwargs.get("const") if value else kwargs.get("default")
             return value if action == "store_true" else not value
         values = value if action == "append" else [value]
         if action == "append" and isinstance(value, str):
