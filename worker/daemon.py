@@ -89,8 +89,8 @@ class ExecutorHandle:
         return done if key == _key(running) else 0
 
 
-def _key(a) -> tuple[str, int]:
-    return a.job_id, a.attempt
+def _key(assignment) -> tuple[str, int]:
+    return assignment.job_id, assignment.attempt
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -144,7 +144,7 @@ class WorkerDaemon:
 
     def _restart_executor(self, handle: ExecutorHandle, why: str, drop: set[tuple[str, int]] = frozenset()) -> None:
         """Replace the executor; its pending assignments but those in `drop` go to the new one."""
-        handle.pending = [a for a in handle.pending if _key(a) not in drop]
+        handle.pending = [assignment for assignment in handle.pending if _key(assignment) not in drop]
         if handle.process is not None and handle.process.is_alive():
             # Not waited for here: this runs on the event loop, and a process stuck in a driver call can outlast
             # SIGKILL for seconds, past the heartbeat time-out. multiprocessing reaps it once it has gone.
@@ -215,26 +215,31 @@ class WorkerDaemon:
                         handle, f"exited with code {code}", drop={_key(running)} if running else set()
                     )
 
-    def _assign(self, a: workers_pb2.Assignment) -> None:
-        handle = self.executors[a.slot]
-        handle.pending.append(a)
-        handle.inbox.put(a.SerializeToString())
+    def _assign(self, assignment: workers_pb2.Assignment) -> None:
+        handle = self.executors[assignment.slot]
+        handle.pending.append(assignment)
+        handle.inbox.put(assignment.SerializeToString())
         log.info(
-            "assignment_received", job_id=a.job_id, attempt=a.attempt, rank=a.rank, slot=a.slot, world_size=a.world_size
+            "assignment_received",
+            job_id=assignment.job_id,
+            attempt=assignment.attempt,
+            rank=assignment.rank,
+            slot=assignment.slot,
+            world_size=assignment.world_size,
         )
 
     def _abort(self, abort: workers_pb2.AbortAttempt) -> None:
         target = _key(abort)
         for handle in self.executors:
             # Even a queued one: it already sits in the executor's inbox, and only a new executor forgets it.
-            if any(_key(a) == target for a in handle.pending):
+            if any(_key(assignment) == target for assignment in handle.pending):
                 why = f"attempt {abort.attempt} of {abort.job_id} aborted: {abort.reason}"
                 self._restart_executor(handle, why, drop={target})
 
     def _abort_everything(self, why: str) -> None:
         for handle in self.executors:
             if handle.pending:
-                self._restart_executor(handle, why, drop={_key(a) for a in handle.pending})
+                self._restart_executor(handle, why, drop={_key(assignment) for assignment in handle.pending})
 
     # --- coordinator ----------------------------------------------------------------------------------
 

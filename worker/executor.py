@@ -127,38 +127,47 @@ class Executor:
         self.stub = workers_pb2_grpc.WorkersStub(self.channel)
         self.models = ModelCache()
 
-    def emit(self, a: workers_pb2.Assignment, kind, **fields) -> None:
-        event = workers_pb2.SlotEvent(job_id=a.job_id, attempt=a.attempt, slot=a.slot, rank=a.rank, kind=kind, **fields)
+    def emit(self, assignment: workers_pb2.Assignment, kind, **fields) -> None:
+        event = workers_pb2.SlotEvent(
+            job_id=assignment.job_id,
+            attempt=assignment.attempt,
+            slot=assignment.slot,
+            rank=assignment.rank,
+            kind=kind,
+            **fields,
+        )
         self.events.put(SlotEventOut(self.slot, event.SerializeToString()))
 
-    def run(self, a: workers_pb2.Assignment) -> bool:
+    def run(self, assignment: workers_pb2.Assignment) -> bool:
         """Run one rank of one attempt; returns whether this process may serve another job."""
-        structlog.contextvars.bind_contextvars(job_id=a.job_id, attempt=a.attempt, rank=a.rank)
+        structlog.contextvars.bind_contextvars(
+            job_id=assignment.job_id, attempt=assignment.attempt, rank=assignment.rank
+        )
         try:
-            info = self._run(a)
+            info = self._run(assignment)
             # The group, and with it rank 0's rendezvous store on the attempt's port, goes first: once every
             # rank has finished, the coordinator may give the port to the next attempt, whose ranks must
             # not find this store still open there.
             if dist.is_initialized():
                 dist.destroy_process_group()
-            self.emit(a, workers_pb2.SlotEvent.FINISHED, info=info)
+            self.emit(assignment, workers_pb2.SlotEvent.FINISHED, info=info)
             return True
         except JobError as exc:
             log.warning("job_error", error=str(exc))
-            self.emit(a, workers_pb2.SlotEvent.FAILED, error=str(exc), permanent=True, error_code=exc.code)
+            self.emit(assignment, workers_pb2.SlotEvent.FAILED, error=str(exc), permanent=True, error_code=exc.code)
             return not dist.is_initialized()
         except PortTaken as exc:
             log.warning("rendezvous_port_taken", port=exc.port)
-            self.emit(a, workers_pb2.SlotEvent.FAILED, error=str(exc), port_taken=exc.port)
+            self.emit(assignment, workers_pb2.SlotEvent.FAILED, error=str(exc), port_taken=exc.port)
             return True  # before any group: this process is as clean as it was
         except Exception as exc:
             log.exception("attempt_failed")
-            self.emit(a, workers_pb2.SlotEvent.FAILED, error=f"{type(exc).__name__}: {exc}")
+            self.emit(assignment, workers_pb2.SlotEvent.FAILED, error=f"{type(exc).__name__}: {exc}")
             return False
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "attempt", "rank")
 
-    def _run(self, a: workers_pb2.Assignment) -> jobs_pb2.RankInfo:
+    def _run(self, assignment: workers_pb2.Assignment) -> jobs_pb2.RankInfo:
         """Run the rank; what it reports when it finishes: timings, parameters and dtype."""
         on_cuda = self.device.startswith("cuda")
         device = torch.device(self.device)
@@ -166,43 +175,53 @@ class Executor:
             torch.cuda.set_device(device)
         else:
             # Two 1-thread processes use 2 cores far better than one 2-thread process: split the cores.
-            torch.set_num_threads(max(1, usable_cpus() // max(1, a.local_world_size)))
+            torch.set_num_threads(max(1, usable_cpus() // max(1, assignment.local_world_size)))
             # torch takes a thread's OpenMP count from the last set_num_threads on first use: use it here,
             # before the helper threads (stage.start_helper_thread) set theirs to 1.
             torch.get_num_threads()
         timings = jobs_pb2.Timings()
-        layout = Layout.of(a)
+        layout = Layout.of(assignment)
         started = time.monotonic()
         if layout.tp_size == 1:  # a whole model loads before the group forms (and stays for the next job)
-            task = self._task(a.spec, device)
+            task = self._task(assignment.spec, device)
         timings.model_load_s = time.monotonic() - started
 
         started = time.monotonic()
-        join_group(a)
-        comm_device = device if a.backend == "nccl" else torch.device("cpu")
+        join_group(assignment)
+        comm_device = device if assignment.backend == "nccl" else torch.device("cpu")
         # Prove the group: every rank adds its rank; the sum is known only if all of them took part.
-        rank_sum = torch.tensor([a.rank], dtype=torch.long, device=comm_device)
+        rank_sum = torch.tensor([assignment.rank], dtype=torch.long, device=comm_device)
         dist.all_reduce(rank_sum)
         timings.rendezvous_s = time.monotonic() - started
         info = jobs_pb2.RankInfo(
-            rank=a.rank, joined_world_size=dist.get_world_size(), pid=os.getpid(), rank_sum=int(rank_sum.item())
+            rank=assignment.rank,
+            joined_world_size=dist.get_world_size(),
+            pid=os.getpid(),
+            rank_sum=int(rank_sum.item()),
         )
-        self.emit(a, workers_pb2.SlotEvent.JOINED, info=info)
-        log.info("group_joined", world_size=a.world_size, master=f"{a.master_addr}:{a.master_port}", backend=a.backend)
+        self.emit(assignment, workers_pb2.SlotEvent.JOINED, info=info)
+        log.info(
+            "group_joined",
+            world_size=assignment.world_size,
+            master=f"{assignment.master_addr}:{assignment.master_port}",
+            backend=assignment.backend,
+        )
         if layout.tp_size > 1:  # a split model loads inside the group, all its ranks together
             started = time.monotonic()
-            task = self._task(a.spec, device, layout)
+            task = self._task(assignment.spec, device, layout)
             timings.model_load_s = time.monotonic() - started
         # Results are gathered over the replicas only: the first rank of each holds its replica's results.
         gather_group = layout.gather_group()
 
         model = getattr(task, "model", None)
         defaults = defaults_for(device, model.dtype if model is not None else None)
-        options = a.spec.options
+        options = assignment.spec.options
         if options.simulated_rank_batch_ms:  # the simulate task on a fleet of mixed speeds: this rank's speed
             options = jobs_pb2.TaskOptions()
-            options.CopyFrom(a.spec.options)
-            options.simulated_batch_ms = options.simulated_rank_batch_ms[a.rank % len(options.simulated_rank_batch_ms)]
+            options.CopyFrom(assignment.spec.options)
+            options.simulated_batch_ms = options.simulated_rank_batch_ms[
+                assignment.rank % len(options.simulated_rank_batch_ms)
+            ]
         lanes = lanes_for(device, torch.get_num_threads(), task, layout)
         # Held while a batch computes, and by the tokeniser (see Prefetcher), where one batch takes every core.
         # Not on CUDA, where the CPU is free while the device computes, nor in lanes of one core each, which a
@@ -210,7 +229,7 @@ class Executor:
         computing = threading.Lock() if not on_cuda and lanes == 1 else contextlib.nullcontext()
         batches = Prefetcher(
             self.stub,
-            a,
+            assignment,
             task,
             max_tokens=options.max_batch_tokens or defaults.batch_tokens(task),
             max_rows=options.batch_size or task.default_max_rows or defaults.max_rows,
@@ -220,9 +239,13 @@ class Executor:
         )
         gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
 
-        sender = ResultSender(self.stub, self._reports(a, task), self.metadata) if a.rank == 0 else None
+        sender = (
+            ResultSender(self.stub, self._reports(assignment, task), self.metadata) if assignment.rank == 0 else None
+        )
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
-        outbox = Outbox(gatherer, sender, inline=layout.tp_size > 1 and a.backend == "nccl", idle=batches.starved)
+        outbox = Outbox(
+            gatherer, sender, inline=layout.tp_size > 1 and assignment.backend == "nccl", idle=batches.starved
+        )
         batches.slow_rank = lambda: outbox.behind or outbox.others_waiting
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
         # batch woke the queue's feeder thread every batch, which took the GIL from this thread.
@@ -254,29 +277,35 @@ class Executor:
             started = time.monotonic()
             sender.close()  # the tail: results still on their way to the coordinator
             timings.stream_s += time.monotonic() - started
-        info = jobs_pb2.RankInfo(rank=a.rank, timings=timings, compute_lanes=lanes, rows_skipped=batches.skipped_rows)
+        info = jobs_pb2.RankInfo(
+            rank=assignment.rank, timings=timings, compute_lanes=lanes, rows_skipped=batches.skipped_rows
+        )
         if model is not None:
             info.parameters_local, info.parameters_total = parameter_counts(model)
             info.dtype = str(model.dtype).removeprefix("torch.")
         return info
 
-    def _reports(self, a: workers_pb2.Assignment, task: Task):
+    def _reports(self, assignment: workers_pb2.Assignment, task: Task):
         """What rank 0 reports of each gathered round: its results as Arrow batches, or for a dataset read in
         place the splits whose output part it has written."""
 
         def to_table(gathered) -> pa.Table:
-            columns = task.columns(gathered, a.spec.options)
+            columns = task.columns(gathered, assignment.spec.options)
             return pa.Table.from_batches([result_batch(gathered.indices, gathered.truncated, columns)])
 
-        if a.spec.dataset.input:  # read in place (the coordinator requires its output then)
+        if assignment.spec.dataset.input:  # read in place (the coordinator requires its output then)
             # Every split open in the attempt (each rank's), to know when a split's rows have all come.
-            request = workers_pb2.FetchShardRequest(job_id=a.job_id, attempt=a.attempt, rank=0, world_size=1)
+            request = workers_pb2.FetchShardRequest(
+                job_id=assignment.job_id, attempt=assignment.attempt, rank=0, world_size=1
+            )
             splits = [s for batch in self.stub.FetchShard(request, metadata=self.metadata) for s in batch.splits]
-            return PartWriter(a, splits, to_table).reports
+            return PartWriter(assignment, splits, to_table).reports
 
         def results(gathered):
             for part in gathered.in_index_order().parts(STREAM_MESSAGE_BYTES):
-                yield workers_pb2.ReportResultsRequest(job_id=a.job_id, attempt=a.attempt, arrow=to_ipc(to_table(part)))
+                yield workers_pb2.ReportResultsRequest(
+                    job_id=assignment.job_id, attempt=assignment.attempt, arrow=to_ipc(to_table(part))
+                )
 
         return results
 

@@ -25,9 +25,11 @@ class Layout:
     tp_size: int
 
     @classmethod
-    def of(cls, a: workers_pb2.Assignment) -> Layout:
-        tp = max(1, a.tp_size)
-        return cls(dp_rank=a.rank // tp, dp_size=a.world_size // tp, tp_rank=a.rank % tp, tp_size=tp)
+    def of(cls, assignment: workers_pb2.Assignment) -> Layout:
+        tp = max(1, assignment.tp_size)
+        return cls(
+            dp_rank=assignment.rank // tp, dp_size=assignment.world_size // tp, tp_rank=assignment.rank % tp, tp_size=tp
+        )
 
     def gather_group(self):
         """The group results are gathered over: the first rank of every replica (all ranks must call this)."""

@@ -64,9 +64,9 @@ class PartWriter:
     """Rank 0's reports for a dataset read in place: a split's results are kept until all its rows have come,
     then its part is written and reported (splits_written)."""
 
-    def __init__(self, a: workers_pb2.Assignment, splits: list[workers_pb2.DatasetSplit], to_table):
+    def __init__(self, assignment: workers_pb2.Assignment, splits: list[workers_pb2.DatasetSplit], to_table):
         """splits: every split open in the attempt (all ranks'); to_table(gathered): a round's result table."""
-        self._a = a
+        self._assignment = assignment
         self._splits = sorted(splits, key=lambda s: s.first_index)
         self._firsts = np.array([s.first_index for s in self._splits], dtype=np.int64)
         self._pending: dict[int, list[pa.Table]] = {}
@@ -84,11 +84,11 @@ class PartWriter:
             if self._counts[position] == split.num_rows:
                 self._write(split, self._pending.pop(position))
                 yield workers_pb2.ReportResultsRequest(
-                    job_id=self._a.job_id, attempt=self._a.attempt, splits_written=[split.number]
+                    job_id=self._assignment.job_id, attempt=self._assignment.attempt, splits_written=[split.number]
                 )
 
     def _write(self, split: workers_pb2.DatasetSplit, pieces: list[pa.Table]) -> None:
-        dataset = self._a.spec.dataset
+        dataset = self._assignment.spec.dataset
         results = pa.concat_tables(pieces).sort_by(INDEX)
         expected = np.arange(split.first_index, split.first_index + split.num_rows)
         if not np.array_equal(results.column(INDEX).to_numpy(), expected):  # joined to the inputs by position

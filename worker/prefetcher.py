@@ -32,7 +32,7 @@ class Prefetcher:
     def __init__(
         self,
         stub,
-        a: workers_pb2.Assignment,
+        assignment: workers_pb2.Assignment,
         task: Task,
         max_tokens: int,
         max_rows: int,
@@ -49,10 +49,10 @@ class Prefetcher:
         nothing: it preempts one of them, and the rest of their OpenMP team waits for it at each op's end."""
         self._computing = computing or contextlib.nullcontext()
         self._metadata = metadata
-        self._shard = shard or (a.rank, a.world_size)
+        self._shard = shard or (assignment.rank, assignment.world_size)
         # Rows of this rank's that another has committed (coordinator/work_units.py: the tail): batches of
         # them are skipped. Not by the ranks of a tensor-parallel replica, which must all run each batch.
-        self._may_skip = self._shard[1] == a.world_size
+        self._may_skip = self._shard[1] == assignment.world_size
         self._committed_elsewhere: set[int] = set()
         self._poll_committed = None  # asks the coordinator which (set for rows asked of it)
         self._polled_at = 0.0
@@ -64,15 +64,15 @@ class Prefetcher:
         self._window = FIRST_WINDOW_ROWS
         self._consumer_blocked = False  # the model's thread waits on the queue
         self._stage = Stage("prefetch", "fetching the shard", PREFETCH_BATCHES)
-        self._args = (stub, a, task, max_tokens, max_rows)
+        self._args = (stub, assignment, task, max_tokens, max_rows)
         self._stage.start(self._produce)
 
     def _produce(self) -> None:
-        stub, a, task, max_tokens, max_rows = self._args
+        stub, assignment, task, max_tokens, max_rows = self._args
         try:
             indices: list[int] = []
             texts: list[str] = []
-            pulled = not a.spec.dataset.input  # rows asked for a unit at a time (not splits read in place)
+            pulled = not assignment.spec.dataset.input  # rows asked for a unit at a time (not splits read in place)
 
             def flush(rows: int):
                 with self._computing:
@@ -83,7 +83,7 @@ class Prefetcher:
                     self._put(batch)
                 del indices[:rows], texts[:rows]
 
-            for shard_indices, shard_texts in self._rows(stub, a):
+            for shard_indices, shard_texts in self._rows(stub, assignment):
                 indices.extend(shard_indices)
                 texts.extend(shard_texts)
                 # A unit of rows (at most a window: what was asked) is tokenised whole, so that a rank holds
@@ -111,18 +111,18 @@ class Prefetcher:
 
         self._stage.put(batch, every_s=POLL_COMMITTED_S / 4, after_each_try=poll_if_due)
 
-    def _rows(self, stub, a: workers_pb2.Assignment):
+    def _rows(self, stub, assignment: workers_pb2.Assignment):
         """(indices, texts) of the rank's rows as it needs them: units of rows asked of the coordinator a
         window at a time, or the splits of a dataset read in place, read here, a split at a time (a faster
         rank asks more often: coordinator/work_units.py). No rows: nothing to hand out for now."""
         ask = workers_pb2.FetchWorkRequest(
-            job_id=a.job_id,
-            attempt=a.attempt,
-            rank=a.rank,
+            job_id=assignment.job_id,
+            attempt=assignment.attempt,
+            rank=assignment.rank,
             replica=self._shard[0],
-            replica_ranks=a.world_size // self._shard[1],
+            replica_ranks=assignment.world_size // self._shard[1],
         )
-        if self._may_skip and not a.spec.dataset.input:
+        if self._may_skip and not assignment.spec.dataset.input:
             poll = workers_pb2.FetchWorkRequest()
             poll.CopyFrom(ask)
             poll.committed_only = True
@@ -145,7 +145,7 @@ class Prefetcher:
                 return
             coming = asked(unit)
             for split in work.splits:
-                yield split_texts(a.spec.dataset, split)
+                yield split_texts(assignment.spec.dataset, split)
             if work.arrow:
                 yield work_rows.decode(work.arrow)
 

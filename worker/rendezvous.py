@@ -14,33 +14,41 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from distinfer.v1 import workers_pb2
 
 
-def join_group(a: workers_pb2.Assignment) -> None:
+def join_group(assignment: workers_pb2.Assignment) -> None:
     """Join the attempt's process group at the rendezvous the coordinator assigned.
 
     Rank 0 opens the rendezvous store on the advertised address only, not on every interface: torch's TCPStore
     is unauthenticated, so it must not be reachable from networks other than the cluster's private one.
     """
-    timeout = timedelta(seconds=a.rendezvous_timeout_s)  # the store's: how long the group may take to form
-    if a.rank == 0:
+    timeout = timedelta(seconds=assignment.rendezvous_timeout_s)  # the store's: how long the group may take to form
+    if assignment.rank == 0:
         try:
-            listener = socket.create_server((a.master_addr, a.master_port), backlog=max(128, 2 * a.world_size))
+            listener = socket.create_server(
+                (assignment.master_addr, assignment.master_port), backlog=max(128, 2 * assignment.world_size)
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PortTaken(a.master_addr, a.master_port) from exc
+                raise PortTaken(assignment.master_addr, assignment.master_port) from exc
             raise
         store = dist.TCPStore(
-            a.master_addr,
-            a.master_port,
-            a.world_size,
+            assignment.master_addr,
+            assignment.master_port,
+            assignment.world_size,
             is_master=True,
             timeout=timeout,
             wait_for_workers=False,
             master_listen_fd=listener.detach(),  # the store owns (and closes) the socket from here on
         )
-        store.set(attempt_key(a), b"")
+        store.set(attempt_key(assignment), b"")
     else:
-        store = connect_to_store(a, timeout)
-    dist.init_process_group(a.backend, store=store, rank=a.rank, world_size=a.world_size, timeout=collective_timeout(a))
+        store = connect_to_store(assignment, timeout)
+    dist.init_process_group(
+        assignment.backend,
+        store=store,
+        rank=assignment.rank,
+        world_size=assignment.world_size,
+        timeout=collective_timeout(assignment),
+    )
 
 
 # gloo and NCCL time out every collective after the group's time-out. A rank that is done, or ahead, waits in a
@@ -50,17 +58,19 @@ def join_group(a: workers_pb2.Assignment) -> None:
 MIN_COLLECTIVE_TIMEOUT_S = 30 * 60.0
 
 
-def collective_timeout(a: workers_pb2.Assignment) -> timedelta:
+def collective_timeout(assignment: workers_pb2.Assignment) -> timedelta:
     """The process group's time-out for each collective: longer than the stall time-out the coordinator's
     watchdog enforces (the job's own, or at least half an hour where the job leaves it to the coordinator)."""
-    return timedelta(seconds=max(a.spec.stall_timeout_s, MIN_COLLECTIVE_TIMEOUT_S) + a.rendezvous_timeout_s)
+    return timedelta(
+        seconds=max(assignment.spec.stall_timeout_s, MIN_COLLECTIVE_TIMEOUT_S) + assignment.rendezvous_timeout_s
+    )
 
 
-def attempt_key(a: workers_pb2.Assignment) -> str:
-    return f"distinfer/{a.job_id}/{a.attempt}"
+def attempt_key(assignment: workers_pb2.Assignment) -> str:
+    return f"distinfer/{assignment.job_id}/{assignment.attempt}"
 
 
-def connect_to_store(a: workers_pb2.Assignment, timeout: timedelta) -> dist.TCPStore:
+def connect_to_store(assignment: workers_pb2.Assignment, timeout: timedelta) -> dist.TCPStore:
     """The client of rank 0's rendezvous store, once it holds the attempt's key.
 
     What answers on the port may be something else: another program (a torchrun job's store), which rank 0,
@@ -75,9 +85,11 @@ def connect_to_store(a: workers_pb2.Assignment, timeout: timedelta) -> dist.TCPS
         reraise=True,
     ):
         with attempt:
-            wait_for_listener(a.master_addr, a.master_port, deadline - time.monotonic())
-            store = dist.TCPStore(a.master_addr, a.master_port, a.world_size, is_master=False, timeout=timeout)
-            store.wait([attempt_key(a)])
+            wait_for_listener(assignment.master_addr, assignment.master_port, deadline - time.monotonic())
+            store = dist.TCPStore(
+                assignment.master_addr, assignment.master_port, assignment.world_size, is_master=False, timeout=timeout
+            )
+            store.wait([attempt_key(assignment)])
             return store
 
 
