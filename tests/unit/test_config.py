@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from distinfer.client.arguments import build_parser
+from distinfer.common.config import ConfiguredParser, Settings
 from distinfer.coordinator.main import parse_args as coordinator_args
 from distinfer.worker.main import parse_args as worker_args
 
@@ -91,11 +92,13 @@ def test_help_names_each_variable(capsys):
 
 
 def test_flags_in_a_group_and_in_every_subcommand_read_the_environment(monkeypatch):
-    monkeypatch.setenv("DISTINFER_MAX_NEW_TOKENS", "12")  # a flag of the "generate" group
-    monkeypatch.setenv("DISTINFER_COORDINATOR", "head:50051")
-    args = build_parser(["submit"]).parse_args(["submit", "--input", "rows.jsonl", "--task", "generate"])
-    assert args.max_new_tokens == 12 and args.coordinator == "head:50051"
-    assert build_parser(["run"]).parse_args(["run", "--input", "rows.jsonl"]).max_new_tokens == 12
+    monkeypatch.setenv("DISTINFER_DEPTH", "3")
+    monkeypatch.setenv("DISTINFER_WIDTH", "4")
+    parser = ConfiguredParser(prog="prog", settings=Settings([], "client", "prog"))
+    parser.add_argument_group("sizes").add_argument("--depth", type=int, default=0)
+    parser.add_subparsers(dest="command").add_parser("go").add_argument("--width", type=int, default=0)
+    args = parser.parse_args(["go"])
+    assert (args.depth, args.width) == (3, 4)
 
 
 def test_no_program_reaches_into_argparse_internals():
