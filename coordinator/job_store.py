@@ -1,6 +1,6 @@
 """What the coordinator asks of the place its jobs are kept: `JobStore`. `store.Store` keeps them in SQLite and
-files (what the coordinator runs on); `memory_store.MemoryStore` in memory. tests/unit/test_store.py is their
-one contract: every test of it runs against both.
+files (what the coordinator runs on); `memory_store.MemoryStore` in memory. Their one contract is
+tests/unit/coordinator/test_store.py: every test of it runs against both.
 
 A store is synchronous and not thread-safe: the coordinator drives it from one thread (`jobs.JobManager.db`).
 """

@@ -1,6 +1,6 @@
 """A JobStore (job_store.py) in memory: nothing outlives the process. The contract that store.Store keeps with
 SQLite and files, kept with dicts and lists, so that each can be checked against the other (one test suite,
-tests/unit/test_store.py), and the parts above the store can be run without a disk."""
+tests/unit/coordinator/test_store.py), and the parts above the store can be run without a disk."""
 
 from __future__ import annotations
 

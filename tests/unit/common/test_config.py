@@ -104,7 +104,7 @@ def test_flags_in_a_group_and_in_every_subcommand_read_the_environment(monkeypat
 def test_no_program_reaches_into_argparse_internals():
     """Options are configured through what add_argument is given (common/config.py), never through argparse's
     private actions, which change between Python versions."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     offending = [
         f"{path.relative_to(root)}: {needle}"
         for package in ("client", "common", "coordinator", "worker")
