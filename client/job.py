@@ -17,6 +17,7 @@ from distinfer.client.conversions import table_rows, vector_array
 from distinfer.client.resume import resumed
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.common.result_columns import INDEX, from_ipc
+from distinfer.common.tasks import ENDED_STATES
 from distinfer.v1 import jobs_pb2
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ log = structlog.get_logger(__name__)
 CALL_DEADLINE_S = 30.0
 # How long a failed job's result stream waits for its still-open upload to say why it broke.
 UPLOAD_ERROR_WAIT_S = 5.0
-TERMINAL_STATES = (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
 
 
 class JobFailed(Exception):
@@ -200,7 +200,7 @@ class Job:
 
         try:
             for status in resumed(watch, "job_watch", job_id=self.id):
-                if status.state in TERMINAL_STATES:
+                if status.state in ENDED_STATES:
                     return status
                 if on_status is not None:
                     on_status(status)

@@ -50,6 +50,8 @@ MAX_NEW_TOKENS_LIMIT = 32_768
 MAX_SIMULATED_VECTOR_WIDTH = 65_536  # a model's widest hidden size, with room
 # The states a job can be in, by name (JOB_STATE_UNSPECIFIED is none of them): what ListJobs filters on.
 JOB_STATES = tuple(name for name in jobs_pb2.JobState.keys() if name != "JOB_STATE_UNSPECIFIED")
+# The states a job ends in: it changes no more, and is kept until deleted.
+ENDED_STATES = frozenset({jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED})
 
 
 def validate_spec(spec: jobs_pb2.JobSpec) -> None:

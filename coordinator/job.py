@@ -10,6 +10,7 @@ import grpc
 import pyarrow as pa
 
 from distinfer.common.errors import JOB_ENDED_KEY, DistinferError, status_code_by_name
+from distinfer.common.tasks import ENDED_STATES
 from distinfer.coordinator.placement import Placement
 from distinfer.coordinator.work_units import WorkUnits
 from distinfer.v1 import jobs_pb2
@@ -25,7 +26,7 @@ from distinfer.v1.jobs_pb2 import (
 
 # First rows not in yet: not in the job list, dropped if the coordinator restarts.
 UPLOADING = JOB_STATE_UNSPECIFIED
-TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
+TERMINAL = ENDED_STATES
 # The job state machine (docs/ARCHITECTURE.md, "Job states"): every change of state goes through Job.move_to.
 # Back to QUEUED: an attempt failed, or the coordinator restarted; SUCCEEDED from QUEUED or SCHEDULED: every row
 # was committed before the attempt that was to compute them ended.

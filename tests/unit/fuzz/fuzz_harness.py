@@ -14,6 +14,7 @@ from helpers import wait_until
 from hypothesis import HealthCheck, settings
 
 from distinfer.common.channels import open_channel
+from distinfer.common.tasks import ENDED_STATES
 from distinfer.coordinator.limits import Limits
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -92,7 +93,7 @@ UNARY_REQUEST = (
     "FetchShard",
     "FetchWork",
 )
-TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
+TERMINAL = ENDED_STATES
 
 # Statuses seen, per RPC (and per kind of input), printed at the end of the module (pytest -s shows them).
 SEEN: dict[str, Counter] = defaultdict(Counter)
