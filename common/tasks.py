@@ -108,3 +108,17 @@ def _is_set(spec: jobs_pb2.JobSpec, option: str) -> bool:
     if option == "generate":
         return spec.options.HasField("generate")
     return bool(getattr(spec.options, option))
+
+
+# A model's head counts (in its config, or its text config's), each of which tensor parallelism must divide.
+HEAD_COUNTS = ("num_attention_heads", "num_key_value_heads", "n_head")
+
+
+def head_count_not_divisible(config_value, tp: int) -> tuple[str, int] | None:
+    """(key, heads) of the first of a model's head counts that tp does not divide, or None; config_value(key)
+    reads the model's config (a config.json's dict, or a transformers config)."""
+    for key in HEAD_COUNTS:
+        heads = config_value(key)
+        if isinstance(heads, int) and heads % tp:
+            return key, heads
+    return None

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from distinfer.common.errors import InvalidArgument, shown
+from distinfer.common.tasks import head_count_not_divisible
 from distinfer.v1 import jobs_pb2
 
 
@@ -21,10 +22,9 @@ def check_tensor_parallel(spec: jobs_pb2.JobSpec) -> None:
     except (OSError, ValueError):
         return  # the workers will say what is wrong with it
     text = config.get("text_config") or config
-    for key in ("num_attention_heads", "num_key_value_heads", "n_head"):
-        heads = text.get(key)
-        if isinstance(heads, int) and heads % tp:
-            raise InvalidArgument(
-                f"model {shown(spec.model)} cannot be split {tp} ways: its {key} ({heads}) is not divisible by "
-                f"tp_size {tp}; choose a tp_size that divides it"
-            )
+    if found := head_count_not_divisible(text.get, tp):
+        key, heads = found
+        raise InvalidArgument(
+            f"model {shown(spec.model)} cannot be split {tp} ways: its {key} ({heads}) is not divisible by "
+            f"tp_size {tp}; choose a tp_size that divides it"
+        )

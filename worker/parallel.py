@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from distinfer.common.tasks import head_count_not_divisible
 from distinfer.v1 import workers_pb2
 from distinfer.worker.models import BadModel
 
@@ -49,10 +50,9 @@ def check_splittable(model_dir: str, tp: int) -> None:
             f"model {model_dir!r} ({type(config).__name__}) has no tensor-parallel plan in transformers: "
             "run it with tp_size 1"
         )
-    for key in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(text, key, None)
-        if isinstance(heads, int) and heads % tp:
-            raise BadModel(f"model {model_dir!r} cannot be split {tp} ways: its {key} ({heads}) is not divisible")
+    if found := head_count_not_divisible(lambda key: getattr(text, key, None), tp):
+        key, heads = found
+        raise BadModel(f"model {model_dir!r} cannot be split {tp} ways: its {key} ({heads}) is not divisible")
 
 
 def tensor_parallel_loading(layout: Layout, device: torch.device):

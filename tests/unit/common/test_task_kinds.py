@@ -6,7 +6,7 @@ import pytest
 
 from distinfer.common.errors import InvalidArgument
 from distinfer.common.result_columns import COLUMN_TYPES
-from distinfer.common.tasks import TASK_KINDS, validate_spec
+from distinfer.common.tasks import TASK_KINDS, head_count_not_divisible, validate_spec
 from distinfer.v1 import jobs_pb2
 from distinfer.worker.tasks import TASKS, ModelTask
 
@@ -50,3 +50,11 @@ def test_the_workers_tasks_are_the_registrys_and_their_columns_are_known():
     for name, task_class in TASKS.items():
         assert issubclass(task_class, ModelTask) == TASK_KINDS[name].needs_model, name
         assert set(TASK_KINDS[name].columns) <= set(COLUMN_TYPES), name
+
+
+def test_the_first_head_count_tensor_parallelism_cannot_divide_is_named():
+    config = {"num_attention_heads": 12, "num_key_value_heads": 3}
+    assert head_count_not_divisible(config.get, 2) == ("num_key_value_heads", 3)
+    assert head_count_not_divisible(config.get, 3) is None
+    assert head_count_not_divisible({"n_head": 5}.get, 2) == ("n_head", 5)  # GPT-2's name for it
+    assert head_count_not_divisible({}.get, 4) is None  # no head count given: nothing to refuse
