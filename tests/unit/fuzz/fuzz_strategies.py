@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the fuzz tests: random field values, messages, and raw payloads."""
+"""Hypothesis strategies for the fuzz tests: random field values and messages (raw payloads: test_fuzz_raw_bytes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import strategies as st
 
 from distinfer.common.result_columns import from_results, to_ipc
-from distinfer.common.tasks import TASKS
+from distinfer.common.tasks import DTYPES, TASKS
 from distinfer.v1 import jobs_pb2, workers_pb2
 
 # --- strategies -------------------------------------------------------------------------------------------
@@ -62,7 +62,6 @@ uint64s = st.one_of(st.sampled_from(UINT64_EDGES), st.integers(0, 2**64 - 1))
 small = st.integers(0, 4)
 doubles = st.one_of(st.sampled_from([0.0, -0.0, 0.01, 1.0, -1.0, 1e308]), st.floats())  # incl. nan, +-inf
 floats32 = st.floats(width=32)
-DTYPES = ("", "auto", "float32", "bfloat16", "float16")
 
 SCALARS = {
     FieldDescriptor.TYPE_STRING: echoed_strings,  # any string field may be repeated in error details
@@ -368,55 +367,9 @@ def job_ids_around(known: list[str]):
     return choice((3, known_ids), (1, near_misses), (2, echoed_strings))
 
 
-# --- raw bytes --------------------------------------------------------------------------------------------
-
-
 def flip_byte(data: bytes, position: int, value: int) -> bytes:
     if not data:
         return bytes([value])
     changed = bytearray(data)
     changed[position % len(changed)] = value
     return bytes(changed)
-
-
-def raw_payloads(valid_messages):
-    """Random bytes, and valid serializations cut short, extended with garbage, or with one byte changed."""
-    valid = valid_messages.map(lambda m: m.SerializeToString())
-    return st.one_of(
-        st.binary(max_size=300),
-        valid,
-        st.tuples(valid, st.integers(0, 300)).map(lambda t: t[0][: t[1]]),
-        st.tuples(valid, st.binary(min_size=1, max_size=20)).map(lambda t: t[0] + t[1]),
-        st.tuples(valid, st.integers(0, 10_000), st.integers(0, 255)).map(lambda t: flip_byte(*t)),
-    )
-
-
-RAW_VALID = {
-    "GetJob": st.builds(jobs_pb2.GetJobRequest, job_id=echoed_strings),
-    "WatchJob": st.builds(jobs_pb2.GetJobRequest, job_id=echoed_strings),
-    "ListJobs": st.just(jobs_pb2.ListJobsRequest()),
-    "CancelJob": st.builds(jobs_pb2.CancelJobRequest, job_id=echoed_strings),
-    "ListWorkers": st.just(jobs_pb2.ListWorkersRequest()),
-    "StreamResults": st.builds(jobs_pb2.StreamResultsRequest, job_id=echoed_strings, start_index=uint64s),
-    "RegisterWorker": register_requests,
-    "FetchShard": st.builds(
-        workers_pb2.FetchShardRequest, job_id=echoed_strings, attempt=uint32s, rank=uint32s, world_size=uint32s
-    ),
-    "FetchWork": st.builds(
-        workers_pb2.FetchWorkRequest,
-        job_id=echoed_strings,
-        attempt=uint32s,
-        rank=uint32s,
-        unit=uint32s,
-        max_rows=uint32s,
-        committed_only=st.booleans(),
-    ),
-    "SubmitJob": submit_messages,
-    "ReportResults": st.builds(
-        workers_pb2.ReportResultsRequest,
-        job_id=echoed_strings,
-        attempt=uint32s,
-        arrow=arrow_results(),
-    ),
-    "Connect": worker_messages(strings),
-}

@@ -4,12 +4,69 @@ from __future__ import annotations
 
 import pytest
 from fuzz_harness import FUZZ, GOOD_SPEC, PATHS, TIMEOUT_S, UNARY_REQUEST, C, check, outcome, unparsable
-from fuzz_strategies import RAW_VALID, choice, raw_payloads
+from fuzz_strategies import (
+    arrow_results,
+    choice,
+    echoed_strings,
+    flip_byte,
+    register_requests,
+    strings,
+    submit_messages,
+    uint32s,
+    uint64s,
+    worker_messages,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from distinfer.common.channels import open_channel
 from distinfer.v1 import jobs_pb2, workers_pb2
+
+# --- raw payloads --------------------------------------------------------------------------------------------
+
+
+def raw_payloads(valid_messages):
+    """Random bytes, and valid serializations cut short, extended with garbage, or with one byte changed."""
+    valid = valid_messages.map(lambda m: m.SerializeToString())
+    return st.one_of(
+        st.binary(max_size=300),
+        valid,
+        st.tuples(valid, st.integers(0, 300)).map(lambda t: t[0][: t[1]]),
+        st.tuples(valid, st.binary(min_size=1, max_size=20)).map(lambda t: t[0] + t[1]),
+        st.tuples(valid, st.integers(0, 10_000), st.integers(0, 255)).map(lambda t: flip_byte(*t)),
+    )
+
+
+RAW_VALID = {
+    "GetJob": st.builds(jobs_pb2.GetJobRequest, job_id=echoed_strings),
+    "WatchJob": st.builds(jobs_pb2.GetJobRequest, job_id=echoed_strings),
+    "ListJobs": st.just(jobs_pb2.ListJobsRequest()),
+    "CancelJob": st.builds(jobs_pb2.CancelJobRequest, job_id=echoed_strings),
+    "ListWorkers": st.just(jobs_pb2.ListWorkersRequest()),
+    "StreamResults": st.builds(jobs_pb2.StreamResultsRequest, job_id=echoed_strings, start_index=uint64s),
+    "RegisterWorker": register_requests,
+    "FetchShard": st.builds(
+        workers_pb2.FetchShardRequest, job_id=echoed_strings, attempt=uint32s, rank=uint32s, world_size=uint32s
+    ),
+    "FetchWork": st.builds(
+        workers_pb2.FetchWorkRequest,
+        job_id=echoed_strings,
+        attempt=uint32s,
+        rank=uint32s,
+        unit=uint32s,
+        max_rows=uint32s,
+        committed_only=st.booleans(),
+    ),
+    "SubmitJob": submit_messages,
+    "ReportResults": st.builds(
+        workers_pb2.ReportResultsRequest,
+        job_id=echoed_strings,
+        attempt=uint32s,
+        arrow=arrow_results(),
+    ),
+    "Connect": worker_messages(strings),
+}
+
 
 # --- (b) raw random bytes as the payload ------------------------------------------------------------------
 
