@@ -14,6 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distinfer.common import work_rows
 from distinfer.common.errors import InvalidArgument
 from distinfer.common.result_columns import META, from_ipc, json_default, to_ipc
 from distinfer.v1 import jobs_pb2
@@ -114,6 +115,16 @@ class ArrowRows:
 
     def passthrough(self, positions: np.ndarray) -> pa.Table:
         return self._table.drop_columns([self._table.column_names[0]]).take(positions)
+
+
+def work_rows_of(chunks, indices: np.ndarray) -> pa.Table:
+    """These rows (indices in order) as a work_rows table, from `chunks`: (first index, rows) of the chunks
+    holding them, in order."""
+    pieces = []
+    for first, chunk in chunks:
+        mine = indices[(indices >= first) & (indices < first + len(chunk))]
+        pieces.append(work_rows.table(mine, chunk.texts(mine - first)))
+    return pa.concat_tables(pieces) if pieces else work_rows.EMPTY
 
 
 def passthrough_of(chunks, indices: np.ndarray) -> pa.Table | None:

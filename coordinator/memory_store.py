@@ -134,11 +134,7 @@ class MemoryStore:
                 yield work_rows.table(picked, chunk.texts(picked - first))
 
     def rows_of(self, job_id: str, indices: np.ndarray) -> pa.Table:
-        pieces = []
-        for first, chunk in self._chunks_from(job_id, int(indices[0]), int(indices[-1]) + 1):
-            mine = indices[(indices >= first) & (indices < first + len(chunk))]
-            pieces.append(work_rows.table(mine, chunk.texts(mine - first)))
-        return pa.concat_tables(pieces) if pieces else work_rows.EMPTY
+        return input_chunks.work_rows_of(self._chunks_from(job_id, int(indices[0]), int(indices[-1]) + 1), indices)
 
     # --- results ----------------------------------------------------------------------------------------
 

@@ -263,11 +263,7 @@ class Store:
 
     def rows_of(self, job_id: str, indices: np.ndarray) -> pa.Table:
         """These rows (indices in order) as a work_rows table."""
-        pieces = []
-        for first, chunk in self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1):
-            mine = indices[(indices >= first) & (indices < first + len(chunk))]
-            pieces.append(work_rows.table(mine, chunk.texts(mine - first)))
-        return pa.concat_tables(pieces) if pieces else work_rows.EMPTY
+        return input_chunks.work_rows_of(self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1), indices)
 
     def count_results(self, job_id: str) -> int:
         (n,) = self._db.execute("SELECT TOTAL(count) FROM result_batches WHERE job_id = ?", (job_id,)).fetchone()

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from helpers import run_cli
 
 from distinfer.client.api import JobFailed
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
@@ -160,9 +161,7 @@ def test_unknown_model_fails_the_job_with_not_found_and_the_cluster_goes_on(clie
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return run_cli(*args, timeout=300)
 
 
 def test_cli_submit_and_inspect_with_jsonl_csv_and_parquet(cluster, tmp_path, sample_rows):

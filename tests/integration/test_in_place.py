@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import wait_until
+from helpers import run_cli, wait_until
 from s3server import s3_server, use_s3
 
 from distinfer.client.api import Client, InPlace
@@ -45,9 +45,7 @@ def s3(tmp_path_factory):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return run_cli(*args, timeout=300)
 
 
 def write_inputs(sample_rows, location: str) -> list[dict]:
