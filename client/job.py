@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 import pyarrow as pa
-import structlog
 
 from distinfer.client.conversions import table_rows, vector_array
 from distinfer.client.resume import resumed
@@ -22,8 +21,6 @@ from distinfer.v1 import jobs_pb2
 
 if TYPE_CHECKING:
     from distinfer.client.api import Client
-
-log = structlog.get_logger(__name__)
 
 CALL_DEADLINE_S = 30.0
 # How long a failed job's result stream waits for its still-open upload to say why it broke.

@@ -66,6 +66,17 @@ def count(rows: jobs_pb2.RowBatch | pa.Table) -> int:
     return rows.num_rows if isinstance(rows, pa.Table) else len(rows.rows)
 
 
+def cut(rows: jobs_pb2.RowBatch | pa.Table, size: int) -> list[jobs_pb2.RowBatch | pa.Table]:
+    """An upload message's rows as chunks of at most `size` rows, in order (the message itself when it is no
+    bigger): a store keeps a chunk whole, and reading one row's meta_json parses its whole chunk."""
+    rows_count = count(rows)
+    if rows_count <= size:
+        return [rows]
+    if isinstance(rows, pa.Table):
+        return [rows.slice(i, size) for i in range(0, rows_count, size)]
+    return [jobs_pb2.RowBatch(rows=rows.rows[i : i + size]) for i in range(0, rows_count, size)]
+
+
 def encode(rows: jobs_pb2.RowBatch | pa.Table) -> bytes:
     return to_ipc(rows) if isinstance(rows, pa.Table) else rows.SerializeToString()
 

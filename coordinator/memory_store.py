@@ -108,13 +108,10 @@ class MemoryStore:
         chunks = self._chunks.setdefault(job_id, [])
         if chunks and first_index < (end := chunks[-1][0] + len(chunks[-1][1])):
             raise ValueError(f"job {job_id} has rows up to {end - 1}: rows from {first_index} would overlap")
-        for start in range(0, count, MAX_CHUNK_ROWS):  # kept as the SQLite store keeps them: as it reads them
-            if isinstance(rows, pa.Table):
-                part = rows.slice(start, MAX_CHUNK_ROWS)
-            else:
-                part = jobs_pb2.RowBatch(rows=rows.rows[start : start + MAX_CHUNK_ROWS])
+        # Kept as the SQLite store keeps them, and as it reads them back.
+        for i, part in enumerate(input_chunks.cut(rows, MAX_CHUNK_ROWS)):
             decoded = input_chunks.decode(input_chunks.encode(part))
-            chunks.append((first_index + start, decoded, input_chunks.has_passthrough(part)))
+            chunks.append((first_index + i * MAX_CHUNK_ROWS, decoded, input_chunks.has_passthrough(part)))
         return count
 
     def _chunks_from(self, job_id: str, start: int, end: int | None = None, with_meta: bool = False) -> Iterator:

@@ -119,16 +119,9 @@ class Store:
         ).fetchone()
         if last and first_index < last[0]:
             raise ValueError(f"job {job_id} has rows up to {last[0] - 1}: rows from {first_index} would overlap")
-        step = MAX_CHUNK_ROWS
-        if count <= step:
-            parts = [rows]
-        elif isinstance(rows, pa.Table):
-            parts = [rows.slice(i, step) for i in range(0, count, step)]
-        else:
-            parts = [jobs_pb2.RowBatch(rows=rows.rows[i : i + step]) for i in range(0, count, step)]
         with self._transaction():
-            for i, part in enumerate(parts):
-                self._insert_chunk(job_id, first_index + i * step, part)
+            for i, part in enumerate(input_chunks.cut(rows, MAX_CHUNK_ROWS)):
+                self._insert_chunk(job_id, first_index + i * MAX_CHUNK_ROWS, part)
         return count
 
     def _insert_chunk(self, job_id: str, first_index: int, rows: jobs_pb2.RowBatch | pa.Table) -> None:
