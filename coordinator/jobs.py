@@ -27,7 +27,7 @@ from distinfer.common.errors import (
 from distinfer.common.result_columns import INDEX, check_results, from_ipc
 from distinfer.common.tasks import DEFAULT_MAX_ATTEMPTS
 from distinfer.coordinator import in_place
-from distinfer.coordinator.job import MESSAGE_LIMIT, TERMINAL, UPLOADING, Job
+from distinfer.coordinator.job import MESSAGE_LIMIT, Job, JobState
 from distinfer.coordinator.job_store import JobStore
 from distinfer.coordinator.limits import Limits
 from distinfer.coordinator.metrics import CoordinatorMetrics
@@ -87,26 +87,27 @@ class JobManager:
     async def recover(self) -> None:
         """Load every job from the store; unfinished ones go back to the queue with their committed rows."""
         for status in await self.db(self.store.load_jobs):
-            if status.state == UPLOADING or (status.uploading and status.state not in TERMINAL):
-                await self.db(self.store.delete_job, status.job_id)  # its upload never completed: never accepted
+            job = Job.from_status(status)
+            if job.state == JobState.UPLOADING or (job.rows_arriving and not job.state.ended):
+                await self.db(self.store.delete_job, job.job_id)  # its upload never completed: never accepted
                 continue
-            status.uploading = False  # a job that ended while uploading keeps its record, and takes no more rows
-            if in_place.reads_in_place(status.spec):
-                status.splits_done, status.rows_done = await self.db(self.store.splits.progress, status.job_id)
+            job.rows_arriving = False  # a job that ended while uploading keeps its record, and takes no more rows
+            if in_place.reads_in_place(job.spec):
+                job.splits_done, job.rows_done = await self.db(self.store.splits.progress, job.job_id)
             else:
-                status.rows_done = await self.db(self.store.count_results, status.job_id)
-            job = self.jobs[status.job_id] = Job(status)
-            if status.state not in TERMINAL and status.state != jobs_pb2.QUEUED:
-                if status.attempts and not status.attempts[-1].ended_at:
-                    status.attempts[-1].end_reason = COORDINATOR_RESTARTED
-                    status.attempts[-1].ended_at = time.time()
-                job.move_to(jobs_pb2.QUEUED, "coordinator restarted: waiting for workers")
-                await self.db(self.store.save_job, status)
-            if status.state == jobs_pb2.QUEUED and status.rows_done == status.num_rows:
+                job.rows_done = await self.db(self.store.count_results, job.job_id)
+            self.jobs[job.job_id] = job
+            if not job.state.ended and job.state != JobState.QUEUED:
+                if job.attempts and not job.attempts[-1].ended_at:
+                    job.attempts[-1].end_reason = COORDINATOR_RESTARTED
+                    job.attempts[-1].ended_at = time.time()
+                job.move_to(JobState.QUEUED, "coordinator restarted: waiting for workers")
+                await self.save(job)
+            if job.state == JobState.QUEUED and job.rows_done == job.num_rows:
                 # Every row was committed before the stop (its ranks' last reports were lost with it): nothing
                 # is left to compute, so no attempt, nor a model load, for it.
                 await self.finish(
-                    job, jobs_pb2.SUCCEEDED, f"{status.num_rows} rows done (before the coordinator restarted)"
+                    job, JobState.SUCCEEDED, f"{job.num_rows} rows done (before the coordinator restarted)"
                 )
         log.info("jobs_recovered", jobs=len(self.jobs))
 
@@ -123,41 +124,37 @@ class JobManager:
         job, sent = self.job(job_id), None
         while True:  # (a job is deleted only once ended, and the watch ends with it)
             changed = job.changed  # taken before reading, so no change can slip between read and wait
-            if job.status == sent:
+            status = job.to_status()
+            if status == sent:
                 await changed.wait()
                 continue
-            sent = jobs_pb2.JobStatus()
-            sent.CopyFrom(job.status)
-            yield sent
-            if sent.state in TERMINAL:
+            yield status
+            sent = status
+            if job.state.ended:
                 return
             await asyncio.sleep(WATCH_EVERY_S)  # what changes meanwhile goes in one message, after it
-
-    def list_jobs(self) -> list[jobs_pb2.JobStatus]:
-        return [job.status for job in self.jobs.values()]
 
     def ended_before(self, when: float) -> list[str]:
         """The jobs that ended before `when` (a time.time()) and whose results no one is reading."""
         return [
             job_id
             for job_id, job in self.jobs.items()
-            if job.status.state in TERMINAL and job.status.finished_at < when and not job.readers
+            if job.state.ended and job.finished_at < when and not job.readers
         ]
 
-    async def cancel(self, job_id: str) -> jobs_pb2.JobStatus:
+    async def cancel(self, job_id: str) -> Job:
         job = self.job(job_id)
-        if job.status.state in TERMINAL:
-            raise FailedPrecondition(f"job {job_id} has already ended ({jobs_pb2.JobState.Name(job.status.state)})")
+        if job.state.ended:
+            raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name})")
         await self.end_attempt(job, "job cancelled", requeue=False)
-        await self.finish(job, jobs_pb2.CANCELLED, "cancelled by the user")
-        return job.status
+        await self.finish(job, JobState.CANCELLED, "cancelled by the user")
+        return job
 
     async def delete(self, job_id: str) -> None:
         job = self.job(job_id)
-        if job.status.state not in TERMINAL:
+        if not job.state.ended:
             raise FailedPrecondition(
-                f"job {job_id} is {jobs_pb2.JobState.Name(job.status.state)}: cancel it first (`distinfer cancel`), "
-                "then delete it"
+                f"job {job_id} is {job.state.name}: cancel it first (`distinfer cancel`), then delete it"
             )
         del self.jobs[job_id]
         job.notify()  # its open result streams end
@@ -178,7 +175,7 @@ class JobManager:
             job.result_schema = results.schema
         elif not results.schema.equals(job.result_schema):  # a store reads a job's batches as one table
             raise InvalidArgument(f"a result report's columns ({results.schema}) differ from the job's earlier ones")
-        if results.num_rows and (last := pc.max(results.column(INDEX)).as_py()) >= job.status.num_rows:
+        if results.num_rows and (last := pc.max(results.column(INDEX)).as_py()) >= job.num_rows:
             raise InvalidArgument(f"result index {last} is past the job's last row")
         added = await self.db(self.store.commit_results, job_id, attempt, results)
         self._committed(job, added)
@@ -192,15 +189,15 @@ class JobManager:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         self._committed(job, rows)
-        job.status.splits_done += splits
+        job.splits_done += splits
         return rows
 
     def _committed(self, job: Job, added: int) -> None:
         if job.attempt is not None:
             job.attempt.moved_on()
-        if added and job.attempt is not None and not job.status.time_to_first_result_s:
-            job.status.time_to_first_result_s = time.time() - job.attempt.started_at
-        job.status.rows_done += added
+        if added and job.attempt is not None and not job.time_to_first_result_s:
+            job.time_to_first_result_s = time.time() - job.attempt.started_at
+        job.rows_done += added
         self.metrics.rows_committed.inc(added)
         job.notify()
 
@@ -214,15 +211,15 @@ class JobManager:
         if placement is None or placement.worker_id != worker_id:
             log.warning("slot_event_ignored", job_id=job.job_id, rank=event.rank, worker_id=worker_id)
             return  # not a rank this worker holds in this attempt
-        record = job.status.attempts[-1]
+        record = job.attempts[-1]
         if event.kind == workers_pb2.SlotEvent.JOINED:
             attempt.joined.add(event.rank)
             record.ranks[event.rank].MergeFrom(event.info)
             if len(attempt.joined) == len(attempt.placements):
                 attempt.moved_on()
                 record.running_at = time.time()
-                job.move_to(jobs_pb2.RUNNING, f"running on {len(attempt.placements)} ranks")
-                job.status.started_at = job.status.started_at or time.time()
+                job.move_to(JobState.RUNNING, f"running on {len(attempt.placements)} ranks")
+                job.started_at = job.started_at or time.time()
                 await self.save(job)
         elif event.kind == workers_pb2.SlotEvent.FINISHED:
             attempt.finished.add(event.rank)
@@ -236,12 +233,12 @@ class JobManager:
             )
             finished.rows_skipped = event.info.rows_skipped
             if len(attempt.finished) == len(attempt.placements):
-                missing = job.status.num_rows - job.status.rows_done
+                missing = job.num_rows - job.rows_done
                 if missing == 0:
-                    job.status.timings.CopyFrom(record.ranks[0].timings)
-                    job.status.timings.queued_s = job.status.attempts[0].started_at - job.status.created_at
+                    job.timings.CopyFrom(record.ranks[0].timings)
+                    job.timings.queued_s = job.attempts[0].started_at - job.created_at
                     await self.end_attempt(job, "", requeue=False)
-                    await self.finish(job, jobs_pb2.SUCCEEDED, f"{job.status.num_rows} rows done")
+                    await self.finish(job, JobState.SUCCEEDED, f"{job.num_rows} rows done")
                 else:
                     await self.end_attempt(job, f"every rank finished but {missing} rows were not committed")
         elif event.kind == workers_pb2.SlotEvent.FAILED:
@@ -253,7 +250,7 @@ class JobManager:
             elif event.permanent:
                 await self.end_attempt(job, reason, requeue=False)
                 await self.finish(
-                    job, jobs_pb2.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION"
+                    job, JobState.FAILED, event.error, error_code=event.error_code or "FAILED_PRECONDITION"
                 )
             else:
                 await self.end_attempt(job, reason)
@@ -272,7 +269,7 @@ class JobManager:
         attempt, job.attempt = job.attempt, None
         if attempt is None:
             return
-        record = job.status.attempts[-1]
+        record = job.attempts[-1]
         record.end_reason, record.ended_at = reason, time.time()
         abort = workers_pb2.CoordinatorMessage(
             abort=workers_pb2.AbortAttempt(job_id=job.job_id, attempt=attempt.number, reason=reason)
@@ -288,43 +285,43 @@ class JobManager:
         self.metrics.attempts.labels("failed" if reason else "succeeded").inc()
         if reason:
             log.warning("attempt_ended", job_id=job.job_id, attempt=attempt.number, reason=reason)
-        if requeue and job.status.rows_done == job.status.num_rows and not job.status.uploading:
+        if requeue and job.rows_done == job.num_rows and not job.rows_arriving:
             await self.finish(
                 job,
-                jobs_pb2.SUCCEEDED,
-                f"{job.status.num_rows} rows done (attempt {attempt.number} ended after its last commit: {reason})",
+                JobState.SUCCEEDED,
+                f"{job.num_rows} rows done (attempt {attempt.number} ended after its last commit: {reason})",
             )
         elif requeue:
-            max_attempts = job.status.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
-            counted = sum(not a.port_taken and a.end_reason != COORDINATOR_RESTARTED for a in job.status.attempts)
+            max_attempts = job.spec.max_attempts or DEFAULT_MAX_ATTEMPTS
+            counted = sum(not a.port_taken and a.end_reason != COORDINATOR_RESTARTED for a in job.attempts)
             if counted >= max_attempts:
                 await self.finish(
-                    job, jobs_pb2.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED"
+                    job, JobState.FAILED, f"gave up after {counted} attempts; the last: {reason}", "ABORTED"
                 )
             else:
-                job.move_to(jobs_pb2.QUEUED, f"attempt {attempt.number} failed ({reason}); waiting to retry")
+                job.move_to(JobState.QUEUED, f"attempt {attempt.number} failed ({reason}); waiting to retry")
                 await self.save(job)
         self.wake()
 
-    async def finish(self, job: Job, state: int, message: str, error_code: str = "") -> None:
+    async def finish(self, job: Job, state: JobState, message: str, error_code: str = "") -> None:
         job.move_to(state, message, error_code)  # before any await: a cancel meanwhile finds the job ended
-        self.metrics.jobs_finished.labels(jobs_pb2.JobState.Name(state).lower()).inc()
-        if state == jobs_pb2.SUCCEEDED and in_place.reads_in_place(job.status.spec):
+        self.metrics.jobs_finished.labels(state.name.lower()).inc()
+        if state == JobState.SUCCEEDED and in_place.reads_in_place(job.spec):
             numbers = await self.db(self.store.splits.numbers, job.job_id)
             try:
-                await in_place.finish(job.job_id, job.status.spec.dataset, numbers, job.status.num_rows)
+                await in_place.finish(job.job_id, job.spec.dataset, numbers, job.num_rows)
             except (OSError, ValueError) as exc:  # the parts are all there; only the marker file is missing
-                job.status.message = f"{message} (but _SUCCESS.json could not be written: {exc})"[:MESSAGE_LIMIT]
+                job.message = f"{message} (but _SUCCESS.json could not be written: {exc})"[:MESSAGE_LIMIT]
         await self.save(job)
-        log.info("job_finished", job_id=job.job_id, state=jobs_pb2.JobState.Name(state), message=message)
+        log.info("job_finished", job_id=job.job_id, state=state.name, message=message)
 
     async def set_message(self, job: Job, message: str) -> None:
-        if job.status.message != message:
-            job.status.message = message
+        if job.message != message:
+            job.message = message
             await self.save(job)
 
     async def save(self, job: Job) -> None:
-        await self.db(self.store.save_job, job.status)
+        await self.db(self.store.save_job, job.to_status())  # a copy: the store's thread never sees it change
         job.notify()
 
     def current_attempt(self, job_id: str, attempt: int) -> Job:

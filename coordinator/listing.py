@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import InvalidArgument
 from distinfer.common.tasks import JOB_STATES
+from distinfer.coordinator.job import Job
 from distinfer.v1 import jobs_pb2
 
 DEFAULT_PAGE_SIZE = 100
@@ -22,12 +23,12 @@ MAX_PAGE_SIZE = 1000
 MAX_PAGE_BYTES = STREAM_MESSAGE_BYTES
 
 
-def _key(status: jobs_pb2.JobStatus) -> tuple[float, str]:
-    return status.created_at, status.job_id
+def _key(job: Job) -> tuple[float, str]:
+    return job.created_at, job.job_id
 
 
-def _token(status: jobs_pb2.JobStatus) -> str:
-    return base64.urlsafe_b64encode(json.dumps(_key(status)).encode()).decode()
+def _token(job: Job) -> str:
+    return base64.urlsafe_b64encode(json.dumps(_key(job)).encode()).decode()
 
 
 def _after(token: str) -> tuple[float, str]:
@@ -41,21 +42,22 @@ def _after(token: str) -> tuple[float, str]:
         ) from None
 
 
-def list_page(statuses: Iterable[jobs_pb2.JobStatus], request: jobs_pb2.ListJobsRequest) -> jobs_pb2.ListJobsResponse:
+def list_page(jobs: Iterable[Job], request: jobs_pb2.ListJobsRequest) -> jobs_pb2.ListJobsResponse:
     size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     states = set(request.states)
     if unknown := states - {jobs_pb2.JobState.Value(name) for name in JOB_STATES}:
         raise InvalidArgument(f"no job state {sorted(unknown)[0]}: states are {', '.join(JOB_STATES)}")
-    chosen = [s for s in statuses if not states or s.state in states]
+    chosen = [job for job in jobs if not states or job.state in states]
     if request.page_token:
         after = _after(request.page_token)
         chosen = [s for s in chosen if _key(s) < after]
     chosen.sort(key=_key, reverse=True)
     page, page_bytes = [], 0
-    for status in chosen[:size]:
+    for job in chosen[:size]:
+        status = job.to_status()
         page_bytes += status.ByteSize()
         if page and page_bytes > MAX_PAGE_BYTES:
             break
         page.append(status)
     more = len(page) < len(chosen)
-    return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=_token(page[-1]) if more else "")
+    return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=_token(chosen[len(page) - 1]) if more else "")

@@ -8,7 +8,7 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from distinfer.v1 import jobs_pb2
+from distinfer.common.tasks import JOB_STATES
 
 QUEUE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
 
@@ -45,9 +45,9 @@ class _StateCollector:
 
     def collect(self):
         # Runs in the HTTP server's thread: copy before iterating what the event loop may change.
-        states = Tally(jobs_pb2.JobState.Name(job.status.state) for job in list(self.manager.jobs.values()))
+        states = Tally(job.state.name for job in list(self.manager.jobs.values()))
         jobs = GaugeMetricFamily("distinfer_jobs", "Jobs by state", labels=["state"])
-        for state in ("QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"):
+        for state in JOB_STATES:
             jobs.add_metric([state.lower()], states.get(state, 0))
         yield jobs
         workers = [w for w in list(self.manager.registry.workers.values()) if w.outbox is not None]

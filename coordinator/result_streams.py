@@ -15,7 +15,7 @@ from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from distinfer.common.result_columns import INDEX, META, add_to_results, passthrough_names, to_ipc
 from distinfer.coordinator.input_chunks import as_meta
-from distinfer.coordinator.job import TERMINAL, Job, job_ended
+from distinfer.coordinator.job import Job, JobState, job_ended
 from distinfer.coordinator.jobs import JobManager
 from distinfer.v1 import jobs_pb2
 
@@ -36,13 +36,13 @@ class ResultStreams:
             raise InvalidArgument(
                 f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
             )
-        if job.status.spec.dataset.input:  # read in place: written in place
+        if job.spec.dataset.input:  # read in place: written in place
             raise FailedPrecondition(
-                f"job {job_id} writes its results in place, to {job.status.spec.dataset.output}: read them there "
+                f"job {job_id} writes its results in place, to {job.spec.dataset.output}: read them there "
                 "(its status shows how many rows are written)"
             )
-        if start > job.status.num_rows:
-            raise InvalidArgument(f"start_index {start} is past the job's last row ({job.status.num_rows - 1})")
+        if start > job.num_rows:
+            raise InvalidArgument(f"start_index {start} is past the job's last row ({job.num_rows - 1})")
         job.readers += 1
         try:
             async for table in self._results_of(job, start):
@@ -60,7 +60,7 @@ class ResultStreams:
                 raise NotFound(f"job {job_id} was deleted while its results were read")
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
-            ended = job.status.state in (jobs_pb2.FAILED, jobs_pb2.CANCELLED)
+            ended = job.state in (JobState.FAILED, JobState.CANCELLED)
             read = self._manager.store.results_from
             table = await self._manager.db(
                 read, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
@@ -69,9 +69,9 @@ class ResultStreams:
                 next_index = table.column(INDEX)[-1].as_py() + 1
                 yield table
                 continue
-            if next_index >= job.status.num_rows and job.status.state in TERMINAL:
+            if next_index >= job.num_rows and job.state.ended:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
-            if job.status.state in (jobs_pb2.FAILED, jobs_pb2.CANCELLED):
+            if job.state in (JobState.FAILED, JobState.CANCELLED):
                 if not ended:
                     continue  # it ended since the read: read again, through the gaps
                 raise job_ended(job)

@@ -7,7 +7,7 @@ import time
 
 import structlog
 
-from distinfer.coordinator.job import ActiveAttempt, Job
+from distinfer.coordinator.job import ActiveAttempt, Job, JobState
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.placement import Placement, backend_for, pick_port, place
 from distinfer.v1 import jobs_pb2, workers_pb2
@@ -37,10 +37,10 @@ class Scheduler:
     async def tick(self) -> None:
         """One pass over the queue."""
         # Oldest first; a job that cannot start does not hold back a smaller one behind it.
-        for job in [j for j in self._manager.jobs.values() if j.status.state == jobs_pb2.QUEUED]:
-            if self._manager.jobs.get(job.job_id) is not job or job.status.state != jobs_pb2.QUEUED:
+        for job in [j for j in self._manager.jobs.values() if j.state == JobState.QUEUED]:
+            if self._manager.jobs.get(job.job_id) is not job or job.state != JobState.QUEUED:
                 continue  # cancelled, failed or dropped while an earlier job of this pass waited on the store
-            spec = job.status.spec
+            spec = job.spec
             group = max(1, spec.tp_size)
             min_slots = max(group, spec.min_workers)
             placements = place(self._manager.registry.free_slots(), min_slots, spec.max_workers, group)
@@ -58,25 +58,25 @@ class Scheduler:
     async def _still_waiting(self, job: Job, min_slots: int) -> None:
         free, total = len(self._manager.registry.free_slots()), self._manager.registry.total_slots()
         message = f"waiting for {min_slots} free slots: {free} free of {total} registered"
-        timeout = job.status.spec.queue_timeout_s
-        if timeout and not job.status.attempts and time.time() - job.status.created_at > timeout:
+        timeout = job.spec.queue_timeout_s
+        if timeout and not job.attempts and time.time() - job.created_at > timeout:
             await self._manager.finish(
-                job, jobs_pb2.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
+                job, JobState.FAILED, f"gave up after {timeout:g} s in the queue, {message}", "DEADLINE_EXCEEDED"
             )
         else:
             await self._manager.set_message(job, message)
 
     async def _start_attempt(self, job: Job, placements: list[Placement], port: int) -> None:
-        number = len(job.status.attempts) + 1
+        number = len(job.attempts) + 1
         self._manager.metrics.attempts.labels("started").inc()
         if number == 1:
-            self._manager.metrics.queue_seconds.observe(time.time() - job.status.created_at)
+            self._manager.metrics.queue_seconds.observe(time.time() - job.created_at)
         master_worker = self._manager.registry.get(placements[0].worker_id)
         master_worker.ports_in_use.add(port)
         master_worker.last_port = port
         attempt = ActiveAttempt(number, placements, master_worker.worker_id, port)
         backend = backend_for(placements)
-        record = job.status.attempts.add(
+        record = jobs_pb2.Attempt(
             number=number,
             world_size=len(placements),
             master_addr=master_worker.advertise_host,
@@ -84,11 +84,12 @@ class Scheduler:
             backend=backend,
             started_at=attempt.started_at,
         )
+        job.attempts.append(record)
         for p in placements:
             record.ranks.add(rank=p.rank, worker_id=p.worker_id, host=p.host, slot=p.slot, device=p.device)
             self._manager.registry.assign(p.worker_id, p.slot, job.job_id, number)
         job.attempt = attempt
-        job.move_to(jobs_pb2.SCHEDULED, f"attempt {number}: forming a group of {len(placements)} ranks")
+        job.move_to(JobState.SCHEDULED, f"attempt {number}: forming a group of {len(placements)} ranks")
         await self._manager.save(job)
         if job.attempt is not attempt:
             return  # ended while it was saved (cancelled, a worker lost, the upload failed): tell no one to start
@@ -104,7 +105,7 @@ class Scheduler:
             assignment = workers_pb2.Assignment(
                 job_id=job.job_id,
                 attempt=number,
-                spec=job.status.spec,
+                spec=job.spec,
                 slot=p.slot,
                 rank=p.rank,
                 world_size=len(placements),
@@ -114,7 +115,7 @@ class Scheduler:
                 master_port=port,
                 backend=backend,
                 rendezvous_timeout_s=self._manager.rendezvous_timeout_s,
-                tp_size=max(1, job.status.spec.tp_size),
+                tp_size=max(1, job.spec.tp_size),
             )
             if not self._manager.registry.send(p.worker_id, workers_pb2.CoordinatorMessage(assignment=assignment)):
                 await self._manager.end_attempt(job, f"worker {p.worker_id} went away before its assignment")

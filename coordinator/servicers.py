@@ -66,8 +66,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         async def accepted(job_id: str) -> None:
             await context.send_initial_metadata(((JOB_ID_KEY, job_id),))
 
-        status = await self.uploads.submit(first.spec, row_batches(), accepted)
-        return jobs_pb2.SubmitJobResponse(job_id=status.job_id, num_rows=status.num_rows)
+        job = await self.uploads.submit(first.spec, row_batches(), accepted)
+        return jobs_pb2.SubmitJobResponse(job_id=job.job_id, num_rows=job.num_rows)
 
     @grpc_errors
     async def StreamResults(self, request, context):
@@ -76,7 +76,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @grpc_errors
     async def GetJob(self, request, context):
-        return self.manager.job(request.job_id).status
+        return self.manager.job(request.job_id).to_status()
 
     @grpc_errors
     async def WatchJob(self, request, context):
@@ -85,11 +85,11 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @grpc_errors
     async def ListJobs(self, request, context):
-        return list_page(self.manager.list_jobs(), request)
+        return list_page(self.manager.jobs.values(), request)
 
     @grpc_errors
     async def CancelJob(self, request, context):
-        return await self.manager.cancel(request.job_id)
+        return (await self.manager.cancel(request.job_id)).to_status()
 
     @grpc_errors
     async def DeleteJob(self, request, context):

@@ -14,7 +14,7 @@ import structlog
 from distinfer.common.errors import InvalidArgument, ResourceExhausted
 from distinfer.common.tasks import validate_spec
 from distinfer.coordinator import in_place, input_chunks
-from distinfer.coordinator.job import TERMINAL, UPLOADING, Job, job_ended
+from distinfer.coordinator.job import Job, JobState, job_ended
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.model_check import check_tensor_parallel
 from distinfer.v1 import jobs_pb2
@@ -34,7 +34,7 @@ class Uploads:
         spec: jobs_pb2.JobSpec,
         batches: AsyncIterator[jobs_pb2.RowBatch | pa.Table],
         accepted=None,
-    ) -> jobs_pb2.JobStatus:
+    ) -> Job:
         """Store the rows as they arrive; the job is scheduled from its first rows on. `batches` ends only when
         the upload is whole, and raises when it is not. accepted(job_id): awaited once the job exists, from when
         its results can be streamed."""
@@ -43,16 +43,14 @@ class Uploads:
         if in_place.reads_in_place(spec):
             return await self._submit_in_place(spec, batches, accepted)
         self._check_queue_room()
-        status = jobs_pb2.JobStatus(
-            job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=UPLOADING, created_at=time.time()
-        )
+        job = Job(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, created_at=time.time())
         self._uploads_without_rows += 1  # counted from here, before any await lets another submit check the limit
-        job = None
+        accepted_job = None  # the job once its first rows are in: listed, scheduled
         try:
-            await self._manager.db(self._manager.store.create_job, status)
+            await self._manager.db(self._manager.store.create_job, job.to_status())
             n = 0
             async for batch in batches:
-                if job is not None and job.status.state in TERMINAL:
+                if job.state.ended:
                     raise job_ended(job)  # while uploading: the rest of its rows are not needed, so stop them
                 if isinstance(batch, jobs_pb2.RowBatch):  # Arrow rows: checked by input_chunks.upload_table
                     missing = next((i for i, row in enumerate(batch.rows) if not row.HasField("text")), None)
@@ -64,45 +62,45 @@ class Uploads:
                         f"the job has more than {most} rows, the most this coordinator "
                         "takes in one job (--max-rows-per-job): split the dataset"
                     )
-                caught_up = status.rows_done >= status.num_rows
-                n += await self._manager.db(self._manager.store.add_rows, status.job_id, n, batch)
+                caught_up = job.rows_done >= job.num_rows
+                n += await self._manager.db(self._manager.store.add_rows, job.job_id, n, batch)
                 if n == 0:
                     continue  # an empty message: nothing to schedule yet
-                status.num_rows = n
-                if caught_up and job is not None and job.attempt is not None:
+                job.num_rows = n
+                if caught_up and job.attempt is not None:
                     job.attempt.moved_on()  # its ranks had no rows left: their time waiting was no stall
-                if job is None:  # schedulable from its first rows on: it runs while the rest arrives
-                    status.uploading = True
-                    job = self._manager.jobs[status.job_id] = Job(status)
-                    job.move_to(jobs_pb2.QUEUED, "waiting for slots")
+                if accepted_job is None:  # schedulable from its first rows on: it runs while the rest arrives
+                    job.rows_arriving = True
+                    accepted_job = self._manager.jobs[job.job_id] = job
+                    job.move_to(JobState.QUEUED, "waiting for slots")
                     self._uploads_without_rows -= 1
                     self._manager.wake()
                     if accepted is not None:
-                        await accepted(status.job_id)
+                        await accepted(job.job_id)
                 job.notify()  # ranks at the end of their shard take the new rows
             if n == 0:
                 raise InvalidArgument("the dataset is empty: the input gave no rows (send at least one after the spec)")
-            status.uploading = False  # whole: from here on, a cancelled call leaves the job standing
+            job.rows_arriving = False  # whole: from here on, a cancelled call leaves the job standing
         except BaseException:
-            if job is None:
+            if accepted_job is None:
                 self._uploads_without_rows -= 1
-            if job is not None and job.status.state in TERMINAL:
+            elif job.state.ended:
                 # It ended while uploading (failed, cancelled), so the client may well stop sending: the job
                 # stays on record as it ended.
-                status.uploading = False
+                job.rows_arriving = False
                 await self._manager.save(job)
                 raise
-            if job is not None:  # nothing of a failed upload is accepted, even rows already computed
-                del self._manager.jobs[status.job_id]
+            else:  # nothing of a failed upload is accepted, even rows already computed
+                del self._manager.jobs[job.job_id]
                 await self._manager.end_attempt(job, "its upload failed", requeue=False)
-                await self._manager.finish(job, jobs_pb2.FAILED, "its upload failed")  # for streams already open
-            await self._manager.db(self._manager.store.delete_job, status.job_id)
+                await self._manager.finish(job, JobState.FAILED, "its upload failed")  # for streams already open
+            await self._manager.db(self._manager.store.delete_job, job.job_id)
             raise
-        log.info("job_submitted", job_id=status.job_id, rows=n, model=spec.model, task=spec.task)
+        log.info("job_submitted", job_id=job.job_id, rows=n, model=spec.model, task=spec.task)
         await asyncio.shield(self._manager.save(job))  # saved even if the client goes now, having sent its end
-        return status
+        return job
 
-    async def _submit_in_place(self, spec, batches, accepted) -> jobs_pb2.JobStatus:
+    async def _submit_in_place(self, spec, batches, accepted) -> Job:
         """A job whose workers read the dataset themselves: its upload is the spec and `end`; the coordinator
         records the dataset's splits, and the job is queued whole."""
         in_place.check_dataset(spec.dataset)
@@ -110,26 +108,24 @@ class Uploads:
             if batch.rows:
                 raise InvalidArgument("a job that reads its dataset in place takes no rows: send the spec, then end")
         self._check_queue_room()
-        status = jobs_pb2.JobStatus(
-            job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, state=jobs_pb2.QUEUED, created_at=time.time()
-        )
+        job = Job(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, created_at=time.time(), state=JobState.QUEUED)
         self._uploads_without_rows += 1  # the manifest takes a while: counted against the limit meanwhile
         try:
-            splits = await in_place.plan(status.job_id, spec.dataset)
+            splits = await in_place.plan(job.job_id, spec.dataset)
         finally:
             self._uploads_without_rows -= 1
-        status.num_rows, status.splits = sum(s.num_rows for s in splits), len(splits)
-        status.message = f"waiting for slots ({status.splits} splits)"
-        await self._manager.db(self._manager.store.create_in_place_job, status, splits)
-        self._manager.jobs[status.job_id] = Job(status)
+        job.num_rows, job.splits = sum(s.num_rows for s in splits), len(splits)
+        job.message = f"waiting for slots ({job.splits} splits)"
+        await self._manager.db(self._manager.store.create_in_place_job, job.to_status(), splits)
+        self._manager.jobs[job.job_id] = job
         if accepted is not None:
-            await accepted(status.job_id)
-        log.info("job_submitted", job_id=status.job_id, rows=status.num_rows, splits=len(splits), model=spec.model)
+            await accepted(job.job_id)
+        log.info("job_submitted", job_id=job.job_id, rows=job.num_rows, splits=len(splits), model=spec.model)
         self._manager.wake()
-        return status
+        return job
 
     def _check_queue_room(self) -> None:
-        waiting = sum(j.status.state not in TERMINAL for j in self._manager.jobs.values()) + self._uploads_without_rows
+        waiting = sum(not j.state.ended for j in self._manager.jobs.values()) + self._uploads_without_rows
         if waiting >= self._manager.limits.max_queued_jobs:
             raise ResourceExhausted(
                 f"{waiting} jobs are uploading, queued or running, the most this coordinator takes "

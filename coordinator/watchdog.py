@@ -45,20 +45,20 @@ class ProgressWatchdog:
         replace the executors."""
         now = time.monotonic()
         for job in list(self._manager.jobs.values()):
-            attempt, status = job.attempt, job.status
-            limit = status.spec.stall_timeout_s or self._manager.stall_timeout_s
+            attempt = job.attempt
+            limit = job.spec.stall_timeout_s or self._manager.stall_timeout_s
             rendezvous_s = self._manager.rendezvous_timeout_s
             if attempt is None or not limit:
                 continue
             stalled = now - attempt.progress_at
-            if not status.attempts[-1].running_at:
+            if not job.attempts[-1].running_at:
                 if stalled > limit + rendezvous_s:
                     await self._manager.end_attempt(
                         job,
                         f"its group did not form within {limit + rendezvous_s:g} s (a rank seems hung "
                         "loading the model or joining; the stall time-out, for the load, sets how long)",
                     )
-            elif stalled > limit and not (status.uploading and status.rows_done >= status.num_rows):
+            elif stalled > limit and not (job.rows_arriving and job.rows_done >= job.num_rows):
                 # (ranks that have computed every row uploaded so far are waiting for the client, not hung)
                 await self._manager.end_attempt(
                     job,

@@ -26,7 +26,7 @@ class WorkHandout:
     async def shard(self, request: workers_pb2.FetchShardRequest) -> AsyncIterator[workers_pb2.ShardBatch]:
         """A rank's splits of a dataset read in place (rank 0 of a world of 1: every open split)."""
         job = self._manager.current_attempt(request.job_id, request.attempt)
-        if not in_place.reads_in_place(job.status.spec):
+        if not in_place.reads_in_place(job.spec):
             raise FailedPrecondition(f"job {job.job_id} reads no dataset in place: its ranks ask for rows (FetchWork)")
         splits = await self._manager.db(
             self._manager.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
@@ -43,20 +43,20 @@ class WorkHandout:
                 f"rank {request.rank} is outside attempt {attempt.number}'s {len(attempt.placements)}"
             )
         if attempt.units is None:
-            attempt.units = WorkUnits(job.job_id, attempt.number, done_before=job.status.rows_done)
+            attempt.units = WorkUnits(job.job_id, attempt.number, done_before=job.rows_done)
         if request.committed_only:
             committed = await self._manager.db(attempt.units.committed_of_copied, self._manager.store, request.replica)
             return workers_pb2.FetchWorkResponse(committed=committed)
 
         async def take() -> workers_pb2.FetchWorkResponse:
             units = attempt.units
-            if in_place.reads_in_place(job.status.spec):
+            if in_place.reads_in_place(job.spec):
                 splits = await self._manager.db(units.next_split, self._manager.store)
-                job.status.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
+                job.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
                 return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
             for wait in (True, False):
-                changed, uploading = job.changed, job.status.uploading  # both read before the rows are
-                open_rows = job.status.num_rows - units.done_before
+                changed, uploading = job.changed, job.rows_arriving  # both read before the rows are
+                open_rows = job.num_rows - units.done_before
                 replicas = len(attempt.placements) // max(1, request.replica_ranks)
                 asked = request.max_rows or UNIT_ROWS
                 rows, done = await self._manager.db(
@@ -68,7 +68,7 @@ class WorkHandout:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
                 self._manager.current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
-            job.status.attempts[-1].ranks[request.rank].rows_handed += rows.num_rows
+            job.attempts[-1].ranks[request.rank].rows_handed += rows.num_rows
             return workers_pb2.FetchWorkResponse(
                 arrow=work_rows.encode(rows),
                 done=done,

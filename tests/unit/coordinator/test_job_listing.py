@@ -16,7 +16,7 @@ from store_rows import commit, open_rows
 
 from distinfer.client.api import Client
 from distinfer.common.errors import InvalidArgument
-from distinfer.coordinator.job import Job
+from distinfer.coordinator.job import Job, JobState
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.listing import MAX_PAGE_BYTES, MAX_PAGE_SIZE, list_page
 from distinfer.coordinator.registry import Registry
@@ -28,8 +28,12 @@ from distinfer.v1 import jobs_pb2
 S = jobs_pb2
 
 
-def statuses(n: int, state=S.QUEUED) -> list[jobs_pb2.JobStatus]:
-    return [S.JobStatus(job_id=f"j-{i:03}", created_at=1000.0 + i, state=state) for i in range(n)]
+def a_job(job_id: str, created_at: float, state=S.QUEUED) -> Job:
+    return Job(job_id=job_id, spec=S.JobSpec(), created_at=created_at, state=JobState(state))
+
+
+def jobs_created(n: int, state=S.QUEUED) -> list[Job]:
+    return [a_job(f"j-{i:03}", 1000.0 + i, state) for i in range(n)]
 
 
 def every_page(jobs, page_size: int, states=(), between=None) -> list[list[str]]:
@@ -45,16 +49,16 @@ def every_page(jobs, page_size: int, states=(), between=None) -> list[list[str]]
 
 
 def test_pages_list_every_job_once_newest_first():
-    jobs = statuses(7)
+    jobs = jobs_created(7)
     assert every_page(jobs, 3) == [["j-006", "j-005", "j-004"], ["j-003", "j-002", "j-001"], ["j-000"]]
     assert every_page(jobs, 7) == [["j-006", "j-005", "j-004", "j-003", "j-002", "j-001", "j-000"]]
 
 
 def test_jobs_submitted_or_deleted_between_pages_neither_repeat_nor_skip_one():
-    jobs = statuses(6)
+    jobs = jobs_created(6)
 
     def churn(jobs):
-        jobs.append(S.JobStatus(job_id=f"j-new{len(jobs)}", created_at=2000.0 + len(jobs)))  # newer than every page
+        jobs.append(a_job(f"j-new{len(jobs)}", 2000.0 + len(jobs)))  # newer than every page
         jobs.remove(min(jobs, key=lambda j: j.created_at))  # the oldest, not yet listed, goes
 
     pages = every_page(jobs, 2, between=churn)
@@ -63,44 +67,44 @@ def test_jobs_submitted_or_deleted_between_pages_neither_repeat_nor_skip_one():
 
 
 def test_jobs_created_at_the_same_instant_are_ordered_by_id_and_paged_whole():
-    jobs = [S.JobStatus(job_id=f"j-{c}", created_at=5.0) for c in "dbeac"]
+    jobs = [a_job(f"j-{c}", 5.0) for c in "dbeac"]
     assert every_page(jobs, 2) == [["j-e", "j-d"], ["j-c", "j-b"], ["j-a"]]
 
 
 def test_states_filter_the_jobs():
-    jobs = statuses(4) + [S.JobStatus(job_id="j-done", created_at=1.0, state=S.SUCCEEDED)]
+    jobs = jobs_created(4) + [a_job("j-done", 1.0, S.SUCCEEDED)]
     assert every_page(jobs, 10, states=[S.SUCCEEDED]) == [["j-done"]]
     assert every_page(jobs, 10, states=[S.SUCCEEDED, S.QUEUED])[0][-1] == "j-done"
     assert every_page(jobs, 10, states=[S.FAILED]) == [[]]
 
 
 def test_a_page_holds_at_most_the_largest_page_size():
-    page = list_page(statuses(MAX_PAGE_SIZE + 5), S.ListJobsRequest(page_size=1_000_000))
+    page = list_page(jobs_created(MAX_PAGE_SIZE + 5), S.ListJobsRequest(page_size=1_000_000))
     assert len(page.jobs) == MAX_PAGE_SIZE and page.next_page_token
 
 
 def test_a_page_of_large_statuses_ends_at_the_largest_page_bytes():
-    jobs = statuses(300)
+    jobs = jobs_created(300)
     for job in jobs:  # a job of 256 ranks over 5 attempts: some 80 KB of status
         for number in range(5):
             ranks = [S.RankInfo(rank=r, worker_id=f"w-{r:04}", host="10.0.0.1", device="cuda:0") for r in range(256)]
-            job.attempts.add(number=number, ranks=ranks, end_reason="x" * 200)
+            job.attempts.append(S.Attempt(number=number, ranks=ranks, end_reason="x" * 200))
     pages = every_page(jobs, MAX_PAGE_SIZE)
     assert len(pages) > 1 and sum(map(len, pages)) == 300
-    largest = max(len(page) for page in pages) * jobs[0].ByteSize()
+    largest = max(len(page) for page in pages) * jobs[0].to_status().ByteSize()
     assert largest <= MAX_PAGE_BYTES
 
 
 @pytest.mark.parametrize("token", ["not base64 !", "bm9uc2Vuc2U=", "WzEsIDIsIDNd", "eyJhIjogMX0="])
 def test_a_page_token_it_never_gave_is_a_clear_invalid_argument(token):
     with pytest.raises(InvalidArgument, match="pass a response's next_page_token as it came"):
-        list_page(statuses(3), S.ListJobsRequest(page_token=token))
+        list_page(jobs_created(3), S.ListJobsRequest(page_token=token))
 
 
 @pytest.mark.parametrize("state", [0, 99])
 def test_an_unknown_state_is_a_clear_invalid_argument(state):
     with pytest.raises(InvalidArgument, match="states are QUEUED, SCHEDULED, RUNNING"):
-        list_page(statuses(3), S.ListJobsRequest(states=[state]))
+        list_page(jobs_created(3), S.ListJobsRequest(states=[state]))
 
 
 def test_the_client_and_the_cli_list_the_newest_jobs_by_state(coordinator, client):
@@ -178,7 +182,7 @@ def ended_job(manager, job_id: str, rows: int = 0) -> None:
     if rows:
         manager.store.add_rows(job_id, 0, S.RowBatch(rows=[S.InputRow(text="x")] * rows))
         commit(manager.store, job_id, 1, [S.Result(index=i, echo=S.Echo(chars=1)) for i in range(rows)])
-    manager.jobs[job_id] = Job(status)
+    manager.jobs[job_id] = Job.from_status(status)
 
 
 def test_an_ended_job_is_not_deleted_for_its_age_while_its_results_are_read(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from distinfer.common.result_columns import from_results, to_ipc
+from distinfer.coordinator.job import Job
 from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.scheduler import Scheduler
@@ -60,8 +61,8 @@ def test_a_job_cancelled_while_the_scheduler_waits_on_an_earlier_one_is_not_star
         await asyncio.sleep(0)  # the scheduler waits on the store, about the first job
         await jobs.cancel(small)
         await scheduling
-        assert jobs.jobs[small].status.state == S.CANCELLED and jobs.jobs[small].attempt is None
-        assert jobs.jobs[too_big].status.state == S.QUEUED
+        assert jobs.jobs[small].state == S.CANCELLED and jobs.jobs[small].attempt is None
+        assert jobs.jobs[too_big].state == S.QUEUED
         assert sent(worker) == []
         assert len(jobs.registry.free_slots()) == 1
         await jobs.close()
@@ -97,14 +98,14 @@ def test_workers_lost_as_the_coordinator_stops_fail_no_attempt(tmp_path):
         await Scheduler(jobs).tick()
         jobs.stopping = True
         await jobs.worker_lost(worker.worker_id, "control stream closed")
-        assert jobs.jobs[job_id].status.state == S.SCHEDULED
+        assert jobs.jobs[job_id].state == S.SCHEDULED
         await jobs.close()
         return job_id
 
     async def restart(job_id: str) -> None:
         jobs = manager(tmp_path)
         await jobs.recover()
-        assert jobs.jobs[job_id].status.state == S.QUEUED
+        assert jobs.jobs[job_id].state == S.QUEUED
         worker = add_worker(jobs)
         await Scheduler(jobs).tick()
         attempt = jobs.jobs[job_id].attempt
@@ -115,8 +116,8 @@ def test_workers_lost_as_the_coordinator_stops_fail_no_attempt(tmp_path):
                 job_id=job_id, attempt=2, rank=0, kind=workers_pb2.SlotEvent.FAILED, error="out of memory"
             ),
         )
-        assert jobs.jobs[job_id].status.state == S.FAILED  # its own failure still counts
-        assert "gave up after 1 attempts" in jobs.jobs[job_id].status.message
+        assert jobs.jobs[job_id].state == S.FAILED  # its own failure still counts
+        assert "gave up after 1 attempts" in jobs.jobs[job_id].message
         await jobs.close()
 
     job_id = asyncio.run(stop_while_running())
@@ -139,7 +140,7 @@ def test_uploads_that_start_together_count_against_the_queue_limit(tmp_path):
         outcomes = await asyncio.gather(
             *(uploads.submit(S.JobSpec(task="echo"), slow_rows()) for _ in range(5)), return_exceptions=True
         )
-        assert sum(isinstance(o, S.JobStatus) for o in outcomes) == 2
+        assert sum(isinstance(o, Job) for o in outcomes) == 2
         assert sum(isinstance(o, ResourceExhausted) for o in outcomes) == 3
         assert len(jobs.jobs) == 2 and len(await jobs.db(jobs.store.load_jobs)) == 2
         await jobs.close()
@@ -164,8 +165,8 @@ def test_a_job_whose_rows_were_all_committed_before_a_restart_ends_at_the_restar
     async def restart(job_id: str) -> None:
         jobs = manager(tmp_path)
         await jobs.recover()
-        status = jobs.jobs[job_id].status
-        assert status.state == S.SUCCEEDED and status.rows_done == 3
+        job = jobs.jobs[job_id]
+        assert job.state == S.SUCCEEDED and job.rows_done == 3
         assert (await jobs.db(jobs.store.load_jobs))[0].state == S.SUCCEEDED
         await jobs.close()
 
