@@ -1,0 +1,82 @@
+"""The results files: batches read back as written, from memory while recent and from the file after; written
+past the page cache where the filesystem allows it, through it where not."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from distinfer.coordinator import result_files
+from distinfer.coordinator.result_files import BLOCK, ResultFiles
+
+
+def batches(n: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(rng.randrange(1, 3 * BLOCK)) for _ in range(n)]
+
+
+def takes_direct_io(folder) -> bool:
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        return True
+    except (OSError, AttributeError):
+        return False
+    finally:
+        (folder / "probe").unlink(missing_ok=True)
+
+
+def test_batches_read_back_as_written_while_recent_and_once_the_store_opens_again(tmp_path):
+    files = ResultFiles(tmp_path)
+    written = batches(20)
+    positions = [files.append("j", data) for data in written]
+    assert [bytes(files.read("j", p, len(d))) for p, d in zip(positions, written)] == written
+    files.close()
+    reopened = ResultFiles(tmp_path)  # a restart: nothing is held, every batch comes from the file
+    assert [bytes(reopened.read("j", p, len(d))) for p, d in zip(positions, written)] == written
+    assert bytes(reopened.read("j", positions[3] + 5, 7)) == written[3][5:12]  # a piece of a batch
+    reopened.close()
+
+
+def test_where_direct_io_works_batches_start_on_whole_blocks(tmp_path):
+    if not takes_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+    files = ResultFiles(tmp_path)
+    positions = [files.append("j", data) for data in batches(5)]
+    assert all(p % BLOCK == 0 for p in positions) and positions == sorted(set(positions))
+    files.close()
+
+
+def test_without_direct_io_batches_follow_each_other_through_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT")
+    files = ResultFiles(tmp_path)
+    written = batches(5)
+    positions = [files.append("j", data) for data in written]
+    assert positions == [sum(map(len, written[:i])) for i in range(5)]
+    assert [bytes(files.read("j", p, len(d))) for p, d in zip(positions, written)] == written
+    files.close()
+
+
+def test_a_file_an_older_coordinator_left_off_a_block_is_appended_to_where_it_ends(tmp_path):
+    old = b"an older coordinator's batch"
+    (tmp_path / "j.arrows").write_bytes(old)
+    files = ResultFiles(tmp_path)
+    new = batches(3)
+    positions = [files.append("j", data) for data in new]
+    assert positions[0] == len(old)
+    assert bytes(files.read("j", 0, len(old))) == old
+    assert [bytes(files.read("j", p, len(d))) for p, d in zip(positions, new)] == new
+    files.close()
+
+
+def test_the_batches_held_in_memory_are_bounded_and_older_ones_come_from_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(result_files, "RECENT_BYTES", 4 * BLOCK)
+    files = ResultFiles(tmp_path)
+    written = batches(30, seed=1)
+    positions = [(job, files.append(job, data)) for job, data in zip(["a", "b", "c"] * 10, written)]
+    assert files.bytes_held <= 4 * BLOCK
+    assert [bytes(files.read(job, p, len(d))) for (job, p), d in zip(positions, written)] == written
+    files.delete("a")
+    assert files.bytes_held <= 4 * BLOCK and not (tmp_path / "a.arrows").exists()
+    files.close()
