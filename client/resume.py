@@ -54,6 +54,13 @@ def resumed(open_stream: Callable[[], Iterable[T]], what: str, **context) -> Ite
     )
     for attempt in retrying:
         with attempt:
-            for message in open_stream():
-                last_message_at, failures = time.monotonic(), 0
-                yield message
+            stream = open_stream()
+            try:
+                for message in stream:
+                    last_message_at, failures = time.monotonic(), 0
+                    yield message
+            finally:
+                # Left early (an interrupt, a break, an error): end the call now. A call left open kept the
+                # coordinator sending, and grpc's Channel.close() waits for every call to end.
+                if isinstance(stream, grpc.Future) and not stream.done():
+                    stream.cancel()
