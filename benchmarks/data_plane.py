@@ -124,9 +124,10 @@ def idle_cpu_per_s(pid: int, seconds: float = IDLE_S) -> float:
 
 
 def new_file_write_us_per_row(folder: Path, bytes_per_row: float, rows: int) -> float:
-    """The CPU per row of writing that many bytes a row to a new file here, in 4 MiB writes: what the coordinator's
-    results file (and the client's output) cost the kernel, whatever distinfer does. In a VM that hands freed
-    memory back to its host (Firecracker's free page reporting), each new page-cache page is a host fault too."""
+    """The CPU per row of writing that many bytes a row to a new file here, in 4 MiB writes: what the client's
+    output costs the kernel, whatever distinfer does (the coordinator writes its results file past the page
+    cache, result_files.py). In a VM that hands freed memory back to its host (Firecracker's free page
+    reporting), each new page-cache page is a host fault too."""
     chunk, total = b"\x5a" * (4 << 20), int(bytes_per_row * rows)
     path = folder / "write-reference"
     started = time.process_time()
@@ -262,6 +263,6 @@ def markdown(section: dict) -> str:
         f"client spends {section['client_start_up_cpu_s']:.2f} s on a one-row job (start-up, connecting, waiting).",
         f"For scale: writing the streamed Parquet output's bytes a row to a new file costs this machine "
         f"{section['new_file_write_us_per_row']:.2f} us of CPU a row (the kernel's copy into new page-cache pages); "
-        "the coordinator pays that for its results file, and the client for its output.",
+        "the client pays that for its output (the coordinator writes its results file past the page cache).",
     ]
     return "\n".join(lines) + "\n"
