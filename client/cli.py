@@ -16,6 +16,7 @@ from distinfer.client.job_runs import (
     UsageError,
     check_in_place_args,
     check_job_args,
+    followed,
     in_place,
     open_output,
     submit_and_collect,
@@ -145,7 +146,8 @@ def cmd_results(args) -> int:
     with Client(args.coordinator, security_from_args(args)) as client:
         job = client.job(args.job_id)
         total = job.status().num_rows
-        written = write_results(job, open_output(args, append=args.start > 0), args.start, total)
+        out = open_output(args, append=args.start > 0)
+        written = followed(job, lambda: write_results(job, out, args.start, total))
     print(f"distinfer: {written} rows -> {args.output}", file=sys.stderr)
     return 0
 

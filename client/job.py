@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -125,6 +126,21 @@ class Job:
         self.id = job_id
         self._num_rows = num_rows
         self._upload = upload
+        self._streams: weakref.WeakSet = weakref.WeakSet()  # its result streams and watches open now
+        self._streams_stopped = False
+
+    def _opened(self, call):
+        self._streams.add(call)
+        if self._streams_stopped:  # (checked after the add: a stop_streams() meanwhile cancels it either way)
+            call.cancel()
+        return call
+
+    def stop_streams(self) -> None:
+        """Cancel the job's result streams and watches, those open now and any opened later, from any thread:
+        what reads them gets a CANCELLED RpcError. (The job itself goes on: cancel() ends it.)"""
+        self._streams_stopped = True
+        for call in list(self._streams):
+            call.cancel()
 
     @property
     def num_rows(self) -> int | None:
@@ -193,7 +209,7 @@ class Job:
         def watch():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             request = jobs_pb2.GetJobRequest(job_id=self.id)
-            return self.client.stub.WatchJob(request, timeout=left, metadata=self.client.metadata)
+            return self._opened(self.client.stub.WatchJob(request, timeout=left, metadata=self.client.metadata))
 
         try:
             for status in resumed(watch, "job_watch", job_id=self.id):
@@ -222,7 +238,7 @@ class Job:
             request = jobs_pb2.StreamResultsRequest(
                 job_id=self.id, start_index=next_index, format=jobs_pb2.RESULT_FORMAT_ARROW
             )
-            return self.client.stub.StreamResults(request, metadata=self.client.metadata)
+            return self._opened(self.client.stub.StreamResults(request, metadata=self.client.metadata))
 
         try:
             for batch in resumed(stream_from_next, "result_stream", job_id=self.id):

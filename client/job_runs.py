@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,40 @@ from distinfer.v1 import jobs_pb2
 
 class UsageError(Exception):
     """The command line asks for something that cannot be done (exit status 2)."""
+
+
+STOP_WAIT_S = 5.0
+
+
+def followed(job: Job, follow):
+    """follow() (reading the job's streams, writing the output) run in a thread while this, the main thread,
+    waits for it: Ctrl-C then lands here, in a join, never inside grpc's code or an import, where it was seen to
+    be swallowed (the command went on) or to leave a call that never ended. On Ctrl-C the job's streams are
+    cancelled, follow() gets STOP_WAIT_S to return (closing the output whole), and the KeyboardInterrupt goes
+    on."""
+    outcome: dict = {}
+    # (An Event, not Thread.join: a join that Ctrl-C interrupts takes the thread for ended, and joins no more.)
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = follow()
+        except BaseException as exc:  # noqa: BLE001 - raised in the main thread instead
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="distinfer-follow", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        job.stop_streams()
+        done.wait(STOP_WAIT_S)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _check_output(args) -> None:
@@ -93,7 +128,7 @@ def _submit_and_write(client: Client, args, model: str, workers: int, local: boo
         print(job.id, flush=True)  # stdout carries only the job id, for scripts
         if out is None:  # detached
             return 0
-        written = write_results(job, out, 0, job.num_rows, progress=progress)
+        written = followed(job, lambda: write_results(job, out, 0, job.num_rows, progress=progress))
     except KeyboardInterrupt:
         if job.stop_upload():
             print(f"distinfer: interrupted while its rows uploaded: job {job.id} is dropped", file=sys.stderr)
@@ -147,7 +182,7 @@ def _run_in_place(client: Client, args, model: str, workers: int, local: bool) -
         return 0
     try:
         with row_progress(job.id, job.num_rows) as progress:
-            status = job.wait(on_status=lambda s: progress(s.rows_done))
+            status = followed(job, lambda: job.wait(on_status=lambda s: progress(s.rows_done)))
     except KeyboardInterrupt:
         if local:
             with contextlib.suppress(grpc.RpcError):
