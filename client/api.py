@@ -65,9 +65,9 @@ class Client:
 
     def close(self) -> None:
         """Close the channel, waiting CLOSE_WAIT_S at most. grpc's close waits for every call on it to end, and
-        after a Ctrl-C that came inside grpc's own code one call was seen never to end (about one run in twenty
-        of tests/integration/test_streaming_upload.py's Ctrl-C test, with no grpc thread left to end it):
-        `distinfer submit` hung after it said it was interrupted."""
+        after a Ctrl-C that came inside grpc's own code one call was seen never to end (with no grpc thread left
+        to end it): `distinfer submit` hung after it said it was interrupted. The commands now keep Ctrl-C out of
+        grpc's code (job_runs.followed); this bound is for programs that do not."""
         closing = threading.Thread(target=self.channel.close, name="distinfer-channel-close", daemon=True)
         closing.start()
         closing.join(CLOSE_WAIT_S)

@@ -30,7 +30,7 @@ STOP_WAIT_S = 5.0
 
 def followed(job: Job, follow):
     """follow() (reading the job's streams, writing the output) run in a thread while this, the main thread,
-    waits for it: Ctrl-C then lands here, in a join, never inside grpc's code or an import, where it was seen to
+    waits for it: Ctrl-C then lands here, in this wait, never inside grpc's code or an import, where it was seen to
     be swallowed (the command went on) or to leave a call that never ended. On Ctrl-C the job's streams are
     cancelled, follow() gets STOP_WAIT_S to return (closing the output whole), and the KeyboardInterrupt goes
     on."""
