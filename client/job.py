@@ -241,7 +241,7 @@ class Job:
             return self._opened(self.client.stub.StreamResults(request, metadata=self.client.metadata))
 
         try:
-            for batch in resumed(stream_from_next, "result_stream", job_id=self.id):
+            for batch in resumed(stream_from_next, "result_stream", job_id=self.id, next_index=lambda: next_index):
                 table = from_ipc(batch.arrow)
                 if table.num_rows:
                     next_index = table.column(INDEX)[-1].as_py() + 1

@@ -27,7 +27,8 @@ def _unavailable(exc: BaseException) -> bool:
 def resumed(open_stream: Callable[[], Iterable[T]], what: str, **context) -> Iterator[T]:
     """The messages of open_stream(), opened again while the coordinator is unavailable (with exponential
     backoff, starting over after each message) for up to RESUME_TIMEOUT_S since the last message; any other
-    error is raised. open_stream must resume from where the last call stopped (it reads the caller's cursor)."""
+    error is raised. open_stream must resume from where the last call stopped (it reads the caller's cursor).
+    context: logged with each resumption; a callable's value is read then (the cursor, say)."""
     last_message_at = time.monotonic()
     failures = 0  # since the last message: the backoff starts over once the stream moves on
 
@@ -42,7 +43,8 @@ def resumed(open_stream: Callable[[], Iterable[T]], what: str, **context) -> Ite
         return time.monotonic() - last_message_at > RESUME_TIMEOUT_S
 
     def log_resume(state: RetryCallState) -> None:
-        log.info(f"{what}_resuming", delay_s=round(state.upcoming_sleep, 2), **context)
+        now = {key: value() if callable(value) else value for key, value in context.items()}
+        log.info(f"{what}_resuming", delay_s=round(state.upcoming_sleep, 2), **now)
 
     retrying = Retrying(
         retry=retry_if_exception(_unavailable),

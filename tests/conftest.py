@@ -20,7 +20,7 @@ class InProcessCoordinator:
     """A real coordinator server on a free port, run on an event loop in a background thread."""
 
     def __init__(self, state_dir: Path, **config):
-        self.config = CoordinatorConfig(listen="127.0.0.1:0", state_dir=state_dir, **config)
+        self.config = CoordinatorConfig(**{"listen": "127.0.0.1:0", "state_dir": state_dir, **config})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.coordinator: Coordinator | None = None
