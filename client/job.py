@@ -240,8 +240,11 @@ class Job:
             )
             return self._opened(self.client.stub.StreamResults(request, metadata=self.client.metadata))
 
+        def cursor() -> int:  # logged as the stream resumes
+            return next_index
+
         try:
-            for batch in resumed(stream_from_next, "result_stream", job_id=self.id, next_index=lambda: next_index):
+            for batch in resumed(stream_from_next, "result_stream", job_id=self.id, next_index=cursor):
                 table = from_ipc(batch.arrow)
                 if table.num_rows:
                     next_index = table.column(INDEX)[-1].as_py() + 1
