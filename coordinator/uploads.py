@@ -45,7 +45,7 @@ class Uploads:
         self._check_queue_room()
         job = Job(job_id=f"j-{uuid.uuid4().hex[:12]}", spec=spec, created_at=time.time())
         self._uploads_without_rows += 1  # counted from here, before any await lets another submit check the limit
-        accepted_job = None  # the job once its first rows are in: listed, scheduled
+        listed = False  # once its first rows are in: in the job list, scheduled
         try:
             await self._manager.db(self._manager.store.create_job, job.to_status())
             n = 0
@@ -69,9 +69,9 @@ class Uploads:
                 job.num_rows = n
                 if caught_up and job.attempt is not None:
                     job.attempt.moved_on()  # its ranks had no rows left: their time waiting was no stall
-                if accepted_job is None:  # schedulable from its first rows on: it runs while the rest arrives
-                    job.rows_arriving = True
-                    accepted_job = self._manager.jobs[job.job_id] = job
+                if not listed:  # schedulable from its first rows on: it runs while the rest arrives
+                    job.rows_arriving, listed = True, True
+                    self._manager.jobs[job.job_id] = job
                     job.move_to(JobState.QUEUED, "waiting for slots")
                     self._uploads_without_rows -= 1
                     self._manager.wake()
@@ -82,7 +82,7 @@ class Uploads:
                 raise InvalidArgument("the dataset is empty: the input gave no rows (send at least one after the spec)")
             job.rows_arriving = False  # whole: from here on, a cancelled call leaves the job standing
         except BaseException:
-            if accepted_job is None:
+            if not listed:
                 self._uploads_without_rows -= 1
             elif job.state.ended:
                 # It ended while uploading (failed, cancelled), so the client may well stop sending: the job
