@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from distinfer.common import work_rows
 from distinfer.common.errors import FailedPrecondition, InvalidArgument
 from distinfer.coordinator import in_place
 from distinfer.coordinator.jobs import JobManager
-from distinfer.coordinator.work_units import UNIT_ROWS, WAIT_FOR_ROWS_S, WorkUnits
+from distinfer.coordinator.work_units import UNIT_ROWS, WAIT_FOR_WORK_S, WorkUnits
 from distinfer.v1 import workers_pb2
 
 SPLITS_PER_MESSAGE = 1024
@@ -54,7 +55,8 @@ class WorkHandout:
                 splits = await self._manager.db(units.next_split, self._manager.store)
                 job.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
                 return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
-            for wait in (True, False):
+            give_up_at = time.monotonic() + WAIT_FOR_WORK_S
+            while True:
                 changed, uploading = job.changed, job.rows_arriving  # both read before the rows are
                 open_rows = job.num_rows - units.done_before
                 replicas = len(attempt.placements) // max(1, request.replica_ranks)
@@ -62,11 +64,14 @@ class WorkHandout:
                 rows, done = await self._manager.db(
                     units.next_unit, self._manager.store, request.replica, asked, open_rows, replicas, uploading
                 )
-                if rows.num_rows or done or not wait:
+                left = give_up_at - time.monotonic()
+                if rows.num_rows or done or left <= 0:
                     break
-                # Nothing to hand out now: wait a moment for rows uploaded or committed before saying so.
+                # Nothing to hand out now: wait for rows uploaded or committed (the job changes), or for a unit
+                # to be late enough to copy, before asking the units again.
+                due = await self._manager.db(units.copy_due_in, request.replica)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WAIT_FOR_ROWS_S)
+                    await asyncio.wait_for(changed.wait(), left if due is None else min(left, due))
                 self._manager.current_attempt(job.job_id, attempt.number)  # it may have ended while we waited
             job.attempts[-1].ranks[request.rank].rows_handed += rows.num_rows
             return workers_pb2.FetchWorkResponse(

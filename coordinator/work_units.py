@@ -39,7 +39,9 @@ MIN_UNIT_ROWS = 8  # the smallest unit, but for the last rows
 # ranks of one speed; a rank at a quarter of the others' speed would then take a unit it finishes long after
 # them. With 4, a unit early in a job is an eighth of it for 2 ranks.
 SHARE_DIVISOR = 4
-WAIT_FOR_ROWS_S = 1.0  # a rank that has every row uploaded so far waits this long for more before being told
+# A rank given nothing to do waits in its FetchWork call, up to this long, for rows uploaded or committed or a
+# unit late enough to copy, rather than asking again each second (an ask costs the coordinator about 1 ms).
+WAIT_FOR_WORK_S = 10.0
 # A unit is copied to an idle rank once it has been held SLOWER_THAN times as long as units take to be
 # committed (their median), and at least SPECULATE_AFTER_S.
 SLOWER_THAN, SPECULATE_AFTER_S = 3.0, 1.0
@@ -134,12 +136,11 @@ class WorkUnits:
     def copy_of_a_slow_unit(self, store: JobStore, replica: int) -> pa.Table:
         """The uncommitted rows of the unit another replica has held longest, if that is much longer than units
         take; they are then held by two replicas (each unit is copied once)."""
-        now = time.monotonic()
-        typical = statistics.median(self._took_s) if self._took_s else 0.0
+        now, late_after = time.monotonic(), self._late_after()
         for held in sorted(self.held, key=lambda h: h.handed_at):
             if held.replica == replica or held.copied:
                 continue
-            if now - held.handed_at < max(SPECULATE_AFTER_S, SLOWER_THAN * typical):
+            if now - held.handed_at < late_after:
                 return work_rows.EMPTY  # the oldest other unit is not late yet: nor are those handed after it
             rows = store.uncommitted(self._job_id, held.first, held.last)
             if len(rows):
@@ -148,6 +149,18 @@ class WorkUnits:
                 self.held.append(HeldUnit(replica, int(rows[0]), int(rows[-1]), now, copied=True))
                 return store.rows_of(self._job_id, rows)
         return work_rows.EMPTY
+
+    def _late_after(self) -> float:
+        """How long a unit is held before another replica may be given a copy of it."""
+        typical = statistics.median(self._took_s) if self._took_s else 0.0
+        return max(SPECULATE_AFTER_S, SLOWER_THAN * typical)
+
+    def copy_due_in(self, replica: int) -> float | None:
+        """Seconds until a unit another replica holds is late enough to copy to this one, or None if none will
+        be: how long a replica with nothing to do may wait before asking is worth it."""
+        now, late_after = time.monotonic(), self._late_after()
+        due = [held.handed_at + late_after - now for held in self.held if held.replica != replica and not held.copied]
+        return min((seconds for seconds in due if seconds > 0), default=None)
 
     def committed_of_copied(self, store: JobStore, replica: int) -> list[int]:
         """Rows copied from this replica's units to another that are committed: it need not compute them."""

@@ -103,6 +103,24 @@ def test_once_every_row_is_handed_out_a_late_unit_is_copied_and_its_holder_told_
     assert next_unit(units, store, 1, 20, 40, 1, uploading=False) == ([], True)  # every row committed: done
 
 
+def test_a_replica_with_nothing_to_do_is_told_when_a_unit_will_be_late_enough_to_copy(store, monkeypatch):
+    """How long its FetchWork may wait (work_handout.py) before asking again is worth it."""
+    from distinfer.coordinator import work_units
+
+    monkeypatch.setattr(work_units, "SPECULATE_AFTER_S", 30.0)
+    add_job_with_rows(store, "j", 40)
+    units = WorkUnits("j", 1, done_before=0)
+    assert units.copy_due_in(0) is None  # nothing is held
+    first, _ = next_unit(units, store, 1, 40, open_rows=40, replicas=1, uploading=False)
+    while next_unit(units, store, 1, 40, 40, 1, uploading=False)[0]:
+        pass  # every row is handed to replica 1
+    assert units.copy_due_in(1) is None  # its own units are never copied to it
+    assert 29 < units.copy_due_in(0) <= 30
+    monkeypatch.setattr(work_units, "SPECULATE_AFTER_S", 0.0)
+    assert units.copy_due_in(0) is None  # late already: the next ask gets a copy, not a wait
+    assert next_unit(units, store, 0, 40, 40, 1, uploading=False)[0] == first
+
+
 def test_no_rank_is_done_while_rows_it_was_not_handed_are_still_computing(store):
     add_job_with_rows(store, "j", 10)
     units = WorkUnits("j", 1, done_before=0)
