@@ -218,9 +218,8 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
                 (f"in place, {NO_MODEL}", [*no_model, *in_place], tmp / "out"),
             ):
                 entries.append(distinfer_run(cluster, name, args, output, rows, idle, start_up))
-                if name == "streamed, Parquet out":
-                    write_us = new_file_write_us_per_row(tmp, entries[-1]["output_bytes_per_row"], rows)
                 (shutil.rmtree if output.is_dir() else Path.unlink)(output)
+        write_us = new_file_write_us_per_row(tmp, entries[0]["output_bytes_per_row"], rows)  # streamed Parquet's
     for entry in entries:
         entry["vs_plain"] = None if entry["name"].endswith(NO_MODEL) else entry["rows_per_s"] / (rows / plain_s)
     return {

@@ -50,7 +50,7 @@ def list_page(jobs: Iterable[Job], request: jobs_pb2.ListJobsRequest) -> jobs_pb
     chosen = [job for job in jobs if not states or job.state in states]
     if request.page_token:
         after = _after(request.page_token)
-        chosen = [s for s in chosen if _key(s) < after]
+        chosen = [job for job in chosen if _key(job) < after]
     chosen.sort(key=_key, reverse=True)
     page, page_bytes = [], 0
     for job in chosen[:size]:

@@ -3,10 +3,10 @@ keeps where each batch lies.
 
 Embedding batches are big (1.5 KiB a row at 384 floats). As SQLite blobs each was written twice (to the
 write-ahead log, then to the database by the checkpoint). Appended through the page cache, each still cost the
-kernel a copy into new page-cache pages, which only the result stream read, right after: half the streamed
-coordinator's CPU per row in benchmarks/data_plane.py. So a batch is written past the page cache (O_DIRECT)
-from one reused aligned buffer, padded to whole blocks, and the last RECENT_BYTES appended stay in memory,
-where the result streams read them; older batches are read from the file.
+kernel a copy into new page-cache pages, which only the result stream read, right after: a third of the
+streamed coordinator's CPU per row (perf, benchmarks/data_plane.py's no-model job). So a batch is written past
+the page cache (O_DIRECT) from one reused aligned buffer, padded to whole blocks, and the last RECENT_BYTES
+appended stay in memory, where the result streams read them; older batches are read from the file.
 
 Where the filesystem refuses O_DIRECT, or a file's end is not on a block (an older coordinator wrote it),
 appends go through the page cache.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -12,6 +15,11 @@ def run_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "distinfer.client.cli", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def interrupt_soon(after_s: float) -> None:
+    """Ctrl-C to this process after_s from now, as a user would press it while a call waits."""
+    threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGINT)).start()
 
 
 def wait_until(predicate, timeout_s: float = 120.0, what: str = "condition", step_s: float = 0.05):

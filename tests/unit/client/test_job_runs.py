@@ -3,19 +3,13 @@ cancelled, and what followed them ends before the interrupt goes on."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 
 import grpc
 import pytest
 
 from distinfer.client.job_runs import followed
-
-
-def interrupt_soon(after_s: float = 0.3) -> None:
-    threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGINT)).start()
+from tests.helpers import interrupt_soon
 
 
 def test_ctrl_c_cancels_the_streams_being_followed_and_lets_the_follower_end_first(coordinator, client):
@@ -30,7 +24,7 @@ def test_ctrl_c_cancels_the_streams_being_followed_and_lets_the_follower_end_fir
             ended.append(exc.code())
             raise
 
-    interrupt_soon()
+    interrupt_soon(0.3)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         followed(job, follow)

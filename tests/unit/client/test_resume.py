@@ -4,10 +4,6 @@ long as the interrupt's traceback keeps the call alive."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,7 +11,7 @@ import pytest
 from distinfer.client.api import Client
 from distinfer.coordinator.job import Job
 from distinfer.v1 import jobs_pb2 as S
-from tests.helpers import wait_until
+from tests.helpers import interrupt_soon, wait_until
 from tests.ports import free_port
 
 
@@ -23,7 +19,7 @@ def test_a_result_stream_interrupted_while_it_waits_is_cancelled_on_the_coordina
     job = client.submit(["one", "two"], model="", task="echo")  # no worker here: it waits in the queue
     held = coordinator.coordinator.manager.jobs[job.id]
     batches = job.result_batches()
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    interrupt_soon(0.5)
     with pytest.raises(KeyboardInterrupt) as interrupted:  # (its traceback holds the stream's frames)
         next(batches)
     wait_until(lambda: held.readers == 0, 5, "the coordinator to see the result stream end")
