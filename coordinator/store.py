@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
-from distinfer.coordinator import input_chunks
+from distinfer.coordinator import block_reads, input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.coordinator.job_store import RowCursor
 from distinfer.coordinator.result_files import ResultFiles
@@ -309,19 +309,8 @@ class Store:
                     (job_id, block, first_offset),
                 ).fetchall()
             ]
-            base = block * RESULT_BLOCK_ROWS
             if batches:
-                table = batches[0] if len(batches) == 1 else pa.concat_tables(batches, promote_options="default")
-                offsets = table.column(INDEX).to_numpy().astype(np.int64) - base
-                if len(offsets) > 1 and (np.diff(offsets) < 0).any():  # commits of rows out of order
-                    order = np.argsort(offsets, kind="stable")
-                    table, offsets = table.take(order), offsets[order]
-                begin = int(np.searchsorted(offsets, first_offset))
-                table, offsets = table.slice(begin), offsets[begin:]
-                if not through_gaps:
-                    gaps = np.flatnonzero(offsets != np.arange(first_offset, first_offset + len(offsets)))
-                    if len(gaps):
-                        table = table.slice(0, int(gaps[0]))
+                table = block_reads.in_order(batches, block * RESULT_BLOCK_ROWS, first_offset, through_gaps)
                 if table.num_rows:
                     yield table
                 whole = table.num_rows == RESULT_BLOCK_ROWS - first_offset

@@ -1,0 +1,88 @@
+"""A block's committed result batches read in index order, copying only the rows a read gives.
+
+A block (RESULT_BLOCK_ROWS indices) fills from several commits while a job runs, each a sorted batch of rows
+scattered over it (a rank batches its rows by length), and a result stream reads it again after each commit,
+from the first row it has not sent yet. Concatenating the block's batches and sorting them (Arrow's take on
+chunks concatenates first) copied every row of the block twice at every read: half the streamed coordinator's
+page faults at a model's pace, when each read runs on cold caches. Here the order is worked out on the indices
+alone; rows that follow each other in one batch stay slices of it (no copy), and only scattered rows are
+gathered, once, into new columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from distinfer.common.result_columns import INDEX
+
+# Past this many slices a table of slices costs its readers more (a record batch each) than one gathered copy.
+MAX_SLICES = 8
+
+
+def in_order(batches: list[pa.Table], base: int, first_offset: int, through_gaps: bool) -> pa.Table:
+    """The rows of a block's batches (each sorted by index, no index in two) from offset `first_offset` on,
+    in index order: up to the first offset missing, or through every gap. base: the block's first index."""
+    if any(not batch.schema.equals(batches[0].schema) for batch in batches[1:]):  # a state file's older batches
+        batches = [pa.concat_tables(batches, promote_options="default")]
+    offsets = np.concatenate([batch.column(INDEX).to_numpy() for batch in batches]).astype(np.int64) - base
+    which = np.repeat(np.arange(len(batches)), [batch.num_rows for batch in batches])
+    rows = np.concatenate([np.arange(batch.num_rows) for batch in batches])
+    if (np.diff(offsets) < 0).any():  # batches of rows that interleave, or come in late
+        order = np.argsort(offsets, kind="stable")
+        offsets, which, rows = offsets[order], which[order], rows[order]
+    begin = int(np.searchsorted(offsets, first_offset))
+    offsets, which, rows = offsets[begin:], which[begin:], rows[begin:]
+    if not through_gaps:
+        gaps = np.flatnonzero(offsets != np.arange(first_offset, first_offset + len(offsets)))
+        if len(gaps):
+            which, rows = which[: gaps[0]], rows[: gaps[0]]
+    return take_rows(batches, which, rows)
+
+
+def take_rows(tables: list[pa.Table], which: np.ndarray, rows: np.ndarray) -> pa.Table:
+    """A table whose row k is row rows[k] of tables[which[k]] (tables of one schema)."""
+    if not len(rows):
+        return tables[0].slice(0, 0)
+    starts = np.flatnonzero((np.diff(which) != 0) | (np.diff(rows) != 1)) + 1
+    if len(starts) < MAX_SLICES:
+        bounds = zip([0, *starts], [*starts, len(rows)])
+        pieces = [tables[which[first]].slice(rows[first], end - first) for first, end in bounds]
+        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+    schema = tables[0].schema
+    columns = [_gathered([table.column(i) for table in tables], which, rows) for i in range(len(schema))]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _gathered(columns: list[pa.ChunkedArray], which: np.ndarray, rows: np.ndarray) -> pa.Array:
+    arrays = [column.combine_chunks() for column in columns]
+    views = [_fixed_width(array) for array in arrays]
+    if any(view is None for view in views):  # text, or nulls: Arrow's take over the arrays joined (small columns)
+        starts = np.cumsum([0, *map(len, arrays)])[:-1]
+        return pa.concat_arrays(arrays).take(pa.array(starts[which] + rows))
+    gathered = np.empty((len(rows), *views[0].shape[1:]), views[0].dtype)
+    for i, view in enumerate(views):
+        mine = np.flatnonzero(which == i)
+        gathered[mine] = view[rows[mine]]
+    kind = arrays[0].type
+    if pa.types.is_fixed_size_list(kind):
+        return pa.FixedSizeListArray.from_arrays(pa.array(gathered.reshape(-1), kind.value_type), type=kind)
+    return pa.array(gathered, kind)
+
+
+def _fixed_width(array: pa.Array) -> np.ndarray | None:
+    """The array's values as NumPy (no copy): a number column, or a vector column as (rows, width); None for
+    any other column, or one with nulls."""
+    if array.null_count:
+        return None
+    kind = array.type
+    if pa.types.is_fixed_size_list(kind):
+        values = array.flatten()
+        if values.null_count or not _is_number(values.type):
+            return None
+        return values.to_numpy(zero_copy_only=True).reshape(len(array), kind.list_size)
+    return array.to_numpy(zero_copy_only=True) if _is_number(kind) else None
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
