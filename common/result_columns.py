@@ -92,14 +92,19 @@ def to_ipc(batch: pa.RecordBatch | pa.Table) -> bytes:
     """An Arrow IPC stream of a batch (or table), written once into a buffer of its size, measured first: a
     growing buffer was reallocated, and copied, as it grew (half of to_ipc's time in the coordinator's result
     stream at a model's pace, when each copy runs on cold caches)."""
-    size = pa.MockOutputStream()
-    _write_ipc(size, batch)
-    buffer = pa.allocate_buffer(size.size())
-    _write_ipc(pa.FixedSizeBufferWriter(buffer), batch)
+    buffer = pa.allocate_buffer(ipc_size(batch))
+    write_ipc(pa.FixedSizeBufferWriter(buffer), batch)
     return buffer.to_pybytes()
 
 
-def _write_ipc(sink, batch: pa.RecordBatch | pa.Table) -> None:
+def ipc_size(batch: pa.RecordBatch | pa.Table) -> int:
+    """The bytes of `batch`'s IPC stream, counted without writing them."""
+    counter = pa.MockOutputStream()
+    write_ipc(counter, batch)
+    return counter.size()
+
+
+def write_ipc(sink, batch: pa.RecordBatch | pa.Table) -> None:
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write(batch)
 

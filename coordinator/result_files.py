@@ -4,9 +4,10 @@ keeps where each batch lies.
 Embedding batches are big (1.5 KiB a row at 384 floats). As SQLite blobs each was written twice (to the
 write-ahead log, then to the database by the checkpoint). Appended through the page cache, each still cost the
 kernel a copy into new page-cache pages, which only the result stream read, right after: a third of the
-streamed coordinator's CPU per row (perf, benchmarks/data_plane.py's no-model job). So a batch is written past
-the page cache (O_DIRECT) from one reused aligned buffer, padded to whole blocks, and the last RECENT_BYTES
-appended stay in memory, where the result streams read them; older batches are read from the file.
+streamed coordinator's CPU per row (perf, benchmarks/data_plane.py's no-model job). So a commit's batches are
+written once, as Arrow IPC, into memory of their size that starts and ends on a block; the file is written past
+the page cache (O_DIRECT) from there, and the last RECENT_BYTES appended stay there, where the result streams
+read them; older batches are read from the file.
 
 Where the filesystem refuses O_DIRECT, or a file's end is not on a block (an older coordinator wrote it),
 appends go through the page cache.
@@ -20,11 +21,16 @@ from __future__ import annotations
 
 import bisect
 import errno
-import mmap
+import itertools
 import os
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow as pa
+
+from distinfer.common.result_columns import ipc_size, write_ipc
 
 BLOCK = 4096  # O_DIRECT aligns the buffer, the file offset and the length to the device's block: 4 KiB fits all
 RECENT_BYTES = 64 << 20  # batches kept in memory for the result streams, all jobs together
@@ -48,44 +54,40 @@ class ResultFiles:
         self._folder = folder
         self._folder.mkdir(parents=True, exist_ok=True)
         self._open: OrderedDict[str, _File] = OrderedDict()  # least recently used first
-        self._staging: mmap.mmap | None = None  # page-aligned, reused: direct writes copy each batch into it
         self._recent: deque[tuple[str, int, int]] = deque()  # (job, position, size) of batches held, oldest first
         self._recent_bytes = 0
 
     def _path(self, job_id: str) -> Path:
         return self._folder / f"{job_id}.arrows"
 
-    def append(self, job_id: str, data: bytes | memoryview) -> int:
-        """Append batches (bytes or any buffer, a pyarrow.Buffer too); returns their position. Kept, not
-        copied, for reads while recent: the caller must not change them."""
-        file, view = self._file(job_id), memoryview(data).cast("B")
+    def append(self, job_id: str, tables: Sequence[pa.Table]) -> list[tuple[int, int]]:
+        """Append each table as an Arrow IPC stream of its own; returns where each lies (position, size)."""
+        sizes = [ipc_size(table) for table in tables]
+        memory = _block_aligned(sum(sizes))
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(memory))
+        for table in tables:
+            write_ipc(sink, table)
+        position = self._write(job_id, memory, sum(sizes))
+        return [(position + start, size) for start, size in zip(itertools.accumulate(sizes, initial=0), sizes)]
+
+    def _write(self, job_id: str, memory: memoryview, size: int) -> int:
+        """Write the first `size` bytes of `memory` (whole blocks, zeros past `size`) at the file's end."""
+        file = self._file(job_id)
         position = file.end
         if file.direct is not None and position % BLOCK == 0:
             try:
-                file.end += self._write_direct(file.direct, view, position)
+                _write_all(file.direct, memory, position)
+                file.end += len(memory)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 os.close(file.direct)  # this filesystem takes the flag but not the writes
                 file.direct = None
         if file.end == position:
-            _write_all(file.fd, view, position)
-            file.end += len(view)
-        self._hold(job_id, file, position, view)
+            _write_all(file.fd, memory[:size], position)
+            file.end += size
+        self._hold(job_id, file, position, memory[:size])
         return position
-
-    def _write_direct(self, fd: int, view: memoryview, position: int) -> int:
-        padded = -(-len(view) // BLOCK) * BLOCK
-        if self._staging is None or len(self._staging) < padded:
-            grown = max(padded, 2 * len(self._staging)) if self._staging is not None else padded
-            if self._staging is not None:
-                self._staging.close()
-            self._staging = mmap.mmap(-1, grown)  # new pages cost: grown seldom, then reused
-        with memoryview(self._staging) as staging:
-            staging[: len(view)] = view
-            staging[len(view) : padded] = bytes(padded - len(view))
-            _write_all(fd, staging[:padded], position)
-        return padded
 
     def _hold(self, job_id: str, file: _File, position: int, view: memoryview) -> None:
         file.recent.append((position, view))
@@ -143,8 +145,6 @@ class ResultFiles:
     def close(self) -> None:
         for job_id in list(self._open):
             self._forget(job_id)
-        if self._staging is not None:
-            self._staging.close()
 
     def _forget(self, job_id: str) -> None:
         if (file := self._open.pop(job_id, None)) is not None:
@@ -157,6 +157,17 @@ class ResultFiles:
         os.close(file.fd)
         if file.direct is not None:
             os.close(file.direct)
+
+
+def _block_aligned(size: int) -> memoryview:
+    """Writable memory for `size` bytes that starts on a block and runs to whole blocks, zeros past `size`: what
+    O_DIRECT writes from."""
+    padded = -(-size // BLOCK) * BLOCK
+    buffer = pa.allocate_buffer(padded + BLOCK)
+    start = -buffer.address % BLOCK
+    memory = memoryview(buffer).cast("B")[start : start + padded]
+    memory[size:] = bytes(padded - size)
+    return memory
 
 
 def _write_all(fd: int, view: memoryview, position: int) -> None:

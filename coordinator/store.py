@@ -195,7 +195,6 @@ class Store:
         blocks = indices // RESULT_BLOCK_ROWS
         starts = np.flatnonzero(np.diff(blocks)) + 1
         pieces, added = [], 0
-        sink = pa.BufferOutputStream()  # every block's rows as an IPC stream of its own, one after the other
         for begin, end in zip([0, *starts], [*starts, len(indices)]):  # each block's rows: a slice
             block = int(blocks[begin])
             offsets = (indices[begin:end] % RESULT_BLOCK_ROWS).astype("<u2")
@@ -212,28 +211,15 @@ class Store:
             rows = results.slice(begin, end - begin)
             if not keep.all():
                 rows, offsets = rows.filter(pa.array(keep)), offsets[keep]
-            start = sink.tell()
-            with pa.ipc.new_stream(sink, rows.schema) as writer:
-                writer.write(rows)
-            pieces.append((block, seq, offsets, start, sink.tell() - start))
+            pieces.append((block, seq, offsets, rows))
             added += len(offsets)
-        if pieces:  # one write (no copy to Python bytes), in the file before its rows commit
-            position = self._result_files.append(job_id, sink.getvalue())
-            for block, seq, offsets, start, size in pieces:
+        if pieces:  # every block's rows an IPC stream of its own, in the file before they commit
+            places = self._result_files.append(job_id, [rows for *_, rows in pieces])
+            for (block, seq, offsets, _), (position, size) in zip(pieces, places):
                 self._db.execute(
                     "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
                     "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job_id,
-                        block,
-                        seq,
-                        attempt,
-                        len(offsets),
-                        int(offsets.max()),
-                        offsets.tobytes(),
-                        position + start,
-                        size,
-                    ),
+                    (job_id, block, seq, attempt, len(offsets), int(offsets.max()), offsets.tobytes(), position, size),
                 )
         return added
 

@@ -6,15 +6,25 @@ from __future__ import annotations
 import os
 import random
 
+import pyarrow as pa
 import pytest
 
+from distinfer.common.result_columns import from_ipc, to_ipc
 from distinfer.coordinator import result_files
 from distinfer.coordinator.result_files import BLOCK, ResultFiles
 
 
 def batches(n: int, seed: int = 0) -> list[bytes]:
+    """Batches of a few bytes to a few blocks, each an IPC stream of a random blob."""
     rng = random.Random(seed)
-    return [rng.randbytes(rng.randrange(1, 3 * BLOCK)) for _ in range(n)]
+    return [to_ipc(pa.table({"blob": [rng.randbytes(rng.randrange(1, 3 * BLOCK))]})) for _ in range(n)]
+
+
+def append(files: ResultFiles, job_id: str, data: bytes) -> int:
+    """Append one batch written as `data` holds it; its position."""
+    [(position, size)] = files.append(job_id, [from_ipc(data)])
+    assert size == len(data)
+    return position
 
 
 def takes_direct_io(folder) -> bool:
@@ -30,7 +40,7 @@ def takes_direct_io(folder) -> bool:
 def test_batches_read_back_as_written_while_recent_and_once_the_store_opens_again(tmp_path):
     files = ResultFiles(tmp_path)
     written = batches(20)
-    positions = [files.append("j", data) for data in written]
+    positions = [append(files, "j", data) for data in written]
     assert [bytes(files.read("j", p, len(d))) for p, d in zip(positions, written)] == written
     files.close()
     reopened = ResultFiles(tmp_path)  # a restart: nothing is held, every batch comes from the file
@@ -39,11 +49,24 @@ def test_batches_read_back_as_written_while_recent_and_once_the_store_opens_agai
     reopened.close()
 
 
+def test_the_tables_of_one_append_lie_one_after_the_other_and_read_back_each_alone(tmp_path):
+    files = ResultFiles(tmp_path)
+    append(files, "j", batches(1)[0])
+    tables = [from_ipc(data) for data in batches(4, seed=2)]
+    places = files.append("j", tables)
+    assert [position + size for position, size in places[:-1]] == [position for position, _ in places[1:]]
+    assert [from_ipc(files.read("j", *place)) for place in places] == tables
+    files.close()
+    reopened = ResultFiles(tmp_path)
+    assert [from_ipc(reopened.read("j", *place)) for place in places] == tables
+    reopened.close()
+
+
 def test_where_direct_io_works_batches_start_on_whole_blocks(tmp_path):
     if not takes_direct_io(tmp_path):
         pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
     files = ResultFiles(tmp_path)
-    positions = [files.append("j", data) for data in batches(5)]
+    positions = [append(files, "j", data) for data in batches(5)]
     assert all(p % BLOCK == 0 for p in positions) and positions == sorted(set(positions))
     files.close()
 
@@ -52,7 +75,7 @@ def test_without_direct_io_batches_follow_each_other_through_the_page_cache(tmp_
     monkeypatch.delattr(os, "O_DIRECT")
     files = ResultFiles(tmp_path)
     written = batches(5)
-    positions = [files.append("j", data) for data in written]
+    positions = [append(files, "j", data) for data in written]
     assert positions == [sum(map(len, written[:i])) for i in range(5)]
     assert [bytes(files.read("j", p, len(d))) for p, d in zip(positions, written)] == written
     files.close()
@@ -63,7 +86,7 @@ def test_a_file_an_older_coordinator_left_off_a_block_is_appended_to_where_it_en
     (tmp_path / "j.arrows").write_bytes(old)
     files = ResultFiles(tmp_path)
     new = batches(3)
-    positions = [files.append("j", data) for data in new]
+    positions = [append(files, "j", data) for data in new]
     assert positions[0] == len(old)
     assert bytes(files.read("j", 0, len(old))) == old
     assert [bytes(files.read("j", p, len(d))) for p, d in zip(positions, new)] == new
@@ -74,7 +97,7 @@ def test_the_batches_held_in_memory_are_bounded_and_older_ones_come_from_the_fil
     monkeypatch.setattr(result_files, "RECENT_BYTES", 4 * BLOCK)
     files = ResultFiles(tmp_path)
     written = batches(30, seed=1)
-    positions = [(job, files.append(job, data)) for job, data in zip(["a", "b", "c"] * 10, written)]
+    positions = [(job, append(files, job, data)) for job, data in zip(["a", "b", "c"] * 10, written)]
     assert files.bytes_held <= 4 * BLOCK
     assert [bytes(files.read(job, p, len(d))) for (job, p), d in zip(positions, written)] == written
     files.delete("a")
