@@ -11,7 +11,6 @@ import inspect
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
 
 log = structlog.get_logger(__name__)
 
@@ -71,53 +70,6 @@ def shown(value: str, limit: int = 80) -> str:
     """A client's value as an error message quotes it: bounded, since the message travels in a header."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
-
-
-class UnparsableRequests(grpc.aio.ServerInterceptor):
-    """A request that does not parse gets INVALID_ARGUMENT with the reason; left to grpcio it becomes UNKNOWN
-    (one-message requests) or an exception inside our handlers (streamed ones)."""
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-
-        async def parsed(raw, context):
-            try:
-                return parse(raw)
-            except DecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request could not be parsed: {exc}")
-
-        async def parsed_stream(raw_iterator, context):
-            async for raw in raw_iterator:
-                yield await parsed(raw, context)
-
-        if handler.unary_unary:
-
-            async def unary_unary(raw, context):
-                return await handler.unary_unary(await parsed(raw, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
-        if handler.unary_stream:
-
-            async def unary_stream(raw, context):
-                async for item in handler.unary_stream(await parsed(raw, context), context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
-        if handler.stream_unary:
-
-            async def stream_unary(raw_iterator, context):
-                return await handler.stream_unary(parsed_stream(raw_iterator, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, None, handler.response_serializer)
-
-        async def stream_stream(raw_iterator, context):
-            async for item in handler.stream_stream(parsed_stream(raw_iterator, context), context):
-                yield item
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
 
 
 def grpc_errors(method):

@@ -109,7 +109,7 @@ def write_ipc(sink, batch: pa.RecordBatch | pa.Table) -> None:
         writer.write(batch)
 
 
-def from_ipc(data: bytes) -> pa.Table:
+def from_ipc(data: bytes | memoryview) -> pa.Table:
     """The batches of one IPC stream; a pyarrow.ArrowInvalid for bytes that are not one."""
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 

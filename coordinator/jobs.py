@@ -163,7 +163,7 @@ class JobManager:
 
     # --- worker side ----------------------------------------------------------------------------------
 
-    async def commit(self, job_id: str, attempt: int, arrow: bytes) -> int:
+    async def commit(self, job_id: str, attempt: int, arrow: bytes | memoryview) -> int:
         """Store a rank 0 report: an Arrow IPC stream of result rows, kept as rank 0 built it."""
         job = self.current_attempt(job_id, attempt)
         try:

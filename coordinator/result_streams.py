@@ -13,10 +13,11 @@ import pyarrow as pa
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from distinfer.common.result_columns import INDEX, META, add_to_results, passthrough_names, to_ipc
+from distinfer.common.result_columns import INDEX, META, add_to_results, passthrough_names
 from distinfer.coordinator.input_chunks import as_meta
 from distinfer.coordinator.job import Job, JobState, job_ended
 from distinfer.coordinator.jobs import JobManager
+from distinfer.coordinator.wire import arrow_message
 from distinfer.v1 import jobs_pb2
 
 # A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
@@ -30,7 +31,7 @@ class ResultStreams:
 
     async def stream(
         self, job_id: str, start: int, result_format: int = jobs_pb2.RESULT_FORMAT_ROWS
-    ) -> AsyncIterator[jobs_pb2.ResultBatch]:
+    ) -> AsyncIterator[jobs_pb2.ResultBatch | bytes]:
         job = self._manager.job(job_id)
         if result_format not in (jobs_pb2.RESULT_FORMAT_ROWS, jobs_pb2.RESULT_FORMAT_ARROW):
             raise InvalidArgument(
@@ -46,8 +47,8 @@ class ResultStreams:
         job.readers += 1
         try:
             async for table in self._results_of(job, start):
-                if result_format == jobs_pb2.RESULT_FORMAT_ARROW:
-                    yield jobs_pb2.ResultBatch(arrow=to_ipc(table))
+                if result_format == jobs_pb2.RESULT_FORMAT_ARROW:  # a ResultBatch, serialised as it is written
+                    yield arrow_message(jobs_pb2.ResultBatch.ARROW_FIELD_NUMBER, table)
                 else:  # a message per row, for grpcurl and plain gRPC clients: built off the event loop
                     yield await asyncio.to_thread(_rows_message, table)
         finally:

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from distinfer.common.auth import TokenAuth
 from distinfer.common.channels import SERVER_OPTIONS
-from distinfer.common.errors import NotFound, UnparsableRequests
+from distinfer.common.errors import NotFound
 from distinfer.common.metrics import serve_metrics
 from distinfer.coordinator.jobs import RENDEZVOUS_TIMEOUT_S, STALL_TIMEOUT_S, JobManager
 from distinfer.coordinator.limits import Limits
@@ -23,11 +23,12 @@ from distinfer.coordinator.metrics import CoordinatorMetrics
 from distinfer.coordinator.registry import Registry
 from distinfer.coordinator.result_streams import ResultStreams
 from distinfer.coordinator.scheduler import Scheduler
-from distinfer.coordinator.servicers import JobsServicer, WorkersServicer
+from distinfer.coordinator.servicers import ZERO_COPY_PAYLOADS, JobsServicer, WorkersServicer
 from distinfer.coordinator.state_lock import lock_state_dir
 from distinfer.coordinator.store import Store
 from distinfer.coordinator.uploads import Uploads
 from distinfer.coordinator.watchdog import ProgressWatchdog
+from distinfer.coordinator.wire import WireFormat
 from distinfer.coordinator.work_handout import WorkHandout
 from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -87,7 +88,7 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.server = grpc.aio.server(
-            interceptors=[TokenAuth(config.client_token, config.join_token), UnparsableRequests()],
+            interceptors=[TokenAuth(config.client_token, config.join_token), WireFormat(ZERO_COPY_PAYLOADS)],
             options=SERVER_OPTIONS,
         )
         self.health = health.aio.HealthServicer()

@@ -20,6 +20,9 @@ from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
+# The methods whose handler gets its request's Arrow bytes as a view of the bytes received (wire.WithPayload).
+ZERO_COPY_PAYLOADS = {"/distinfer.v1.Workers/ReportResults": workers_pb2.ReportResultsRequest.ARROW_FIELD_NUMBER}
+
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
     def __init__(self, manager: JobManager, uploads: Uploads, streams: ResultStreams):
@@ -193,11 +196,12 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
     @grpc_errors
     async def ReportResults(self, request_iterator, context):
         committed = 0
-        async for message in request_iterator:
+        async for report in request_iterator:  # wire.WithPayload: the Arrow bytes as received (ZERO_COPY_PAYLOADS)
+            message = report.message
             if not message.job_id:
                 raise InvalidArgument("ReportResults needs a job id")
             if message.splits_written:
                 committed += await self.manager.commit_splits(message.job_id, message.attempt, message.splits_written)
             else:
-                committed += await self.manager.commit(message.job_id, message.attempt, message.arrow)
+                committed += await self.manager.commit(message.job_id, message.attempt, report.payload)
         return workers_pb2.ReportResultsResponse(committed=committed)
