@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,13 @@ from distinfer.v1 import jobs_pb2, workers_pb2
 @dataclass
 class RowCursor:
     after: int = -1  # the last row index scanned
+
+
+class ResultRead(NamedTuple):
+    table: pa.Table | None  # None: no row committed at the start (or, through gaps, after it)
+    # Whether the read stopped at `limit` or `max_bytes` rather than at a row not committed: only then may more
+    # be read at once. A result stream otherwise waits for the next commit, not reading again for nothing.
+    limited: bool = False
 
 
 class SplitBook(Protocol):
@@ -80,7 +87,7 @@ class JobStore(Protocol):
 
     def results_from(
         self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
-    ) -> pa.Table | None:
+    ) -> ResultRead:
         """Committed results from `start` in index order, up to the first row not committed (through_gaps:
         passing over those), `limit` rows or about `max_bytes` (one row at least), with the rows' passed-through
-        fields joined; None if there are none."""
+        fields joined."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, with_passthrough
 from distinfer.coordinator import input_chunks
-from distinfer.coordinator.job_store import RowCursor
+from distinfer.coordinator.job_store import ResultRead, RowCursor
 from distinfer.coordinator.store import MAX_CHUNK_ROWS
 from distinfer.v1 import jobs_pb2, workers_pb2
 
@@ -161,7 +161,7 @@ class MemoryStore:
 
     def results_from(
         self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
-    ) -> pa.Table | None:
+    ) -> ResultRead:
         book = self._results.get(job_id, _Results())
         indices = sorted(i for i in book.where if i >= start)
         if not through_gaps:
@@ -169,9 +169,10 @@ class MemoryStore:
             while run < len(indices) and indices[run] == start + run:
                 run += 1
             indices = indices[:run]
+        limited = len(indices) >= limit
         indices = indices[:limit]
         if not indices:
-            return None
+            return ResultRead(None)
         places = [book.where[i] for i in indices]
         pieces = [
             book.tables[number].take(pa.array([row for n, row, _ in places if n == number]))
@@ -179,8 +180,9 @@ class MemoryStore:
         ]
         table = pa.concat_tables(pieces, promote_options="default").sort_by(INDEX)
         per_row = max(1, table.nbytes // table.num_rows)
-        table = table.slice(0, max(1, max_bytes // per_row))
+        if (room := max(1, max_bytes // per_row)) < table.num_rows:
+            table, limited = table.slice(0, room), True
         found = table.column(INDEX).to_numpy()
         chunks = self._chunks_from(job_id, int(found[0]), int(found[-1]) + 1, with_meta=True)
         passthrough = input_chunks.passthrough_of(chunks, found)
-        return table if passthrough is None else with_passthrough(table, passthrough)
+        return ResultRead(table if passthrough is None else with_passthrough(table, passthrough), limited)

@@ -62,14 +62,19 @@ class ResultStreams:
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
             ended = job.state in (JobState.FAILED, JobState.CANCELLED)
-            read = self._manager.store.results_from
-            table = await self._manager.db(
-                read, job_id, next_index, RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE, ended
+            read = await self._manager.db(
+                self._manager.store.results_from,
+                job_id,
+                next_index,
+                RESULTS_PER_MESSAGE,
+                RESULT_BYTES_PER_MESSAGE,
+                ended,
             )
-            if table is not None:
-                next_index = table.column(INDEX)[-1].as_py() + 1
-                yield table
-                continue
+            if read.table is not None:
+                next_index = read.table.column(INDEX)[-1].as_py() + 1
+                yield read.table
+                if read.limited:
+                    continue  # more rows are there now; else none until a change (a commit, the job's end)
             if next_index >= job.num_rows and job.state.ended:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
             if job.state in (JobState.FAILED, JobState.CANCELLED):

@@ -24,7 +24,7 @@ from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
 from distinfer.coordinator import block_reads, input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
-from distinfer.coordinator.job_store import RowCursor
+from distinfer.coordinator.job_store import ResultRead, RowCursor
 from distinfer.coordinator.result_files import ResultFiles
 from distinfer.coordinator.split_store import SplitStore
 from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA
@@ -250,31 +250,32 @@ class Store:
 
     def results_from(
         self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
-    ) -> pa.Table | None:
+    ) -> ResultRead:
         """The committed results from index `start` on, in index order, stopping at the first row not committed
-        yet, after `limit` rows, or once they hold about `max_bytes` (at least one row); None if there are none.
+        yet, after `limit` rows, or once they hold about `max_bytes` (at least one row).
         through_gaps: pass over the rows not committed (for a job that has ended: those will never come), so
         the results may skip indices. Rows whose input passed fields through get them (result_columns.with_passthrough).
 
         Rows are moved as whole Arrow columns: no Python object is made per row but for passed-through fields."""
-        pieces, count, size = [], 0, 0
+        pieces, count, size, limited = [], 0, 0, False
         for piece in self._results_in_order(job_id, start, through_gaps):
             per_row = max(1, piece.nbytes // max(1, piece.num_rows))
             room = min(limit - count, max(0 if pieces else 1, (max_bytes - size) // per_row))
-            if room <= 0:
-                break
-            piece = piece.slice(0, room)
-            pieces.append(piece)
-            count, size = count + piece.num_rows, size + piece.num_rows * per_row
-            if count >= limit:
+            if room < piece.num_rows:
+                piece, limited = piece.slice(0, room), True
+            if piece.num_rows:
+                pieces.append(piece)
+                count, size = count + piece.num_rows, size + piece.num_rows * per_row
+            if limited or count >= limit:  # (at the limit: whether more follow is not looked at)
+                limited = True
                 break
         if not pieces:
-            return None
+            return ResultRead(None)
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")
         indices = table.column(INDEX).to_numpy()
         chunks = self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1, with_meta=True)
         passthrough = input_chunks.passthrough_of(chunks, indices)
-        return table if passthrough is None else with_passthrough(table, passthrough)
+        return ResultRead(table if passthrough is None else with_passthrough(table, passthrough), limited)
 
     def _results_in_order(self, job_id: str, start: int, through_gaps: bool) -> Iterator[pa.Table]:
         """Tables of committed rows from index `start` on, in order, a block at a time, up to the first index

@@ -40,7 +40,7 @@ def commit(store: Store, job_id: str, attempt: int, results: list[jobs_pb2.Resul
 def read(store: Store, job_id: str, start: int, limit: int, **kwargs) -> jobs_pb2.ResultBatch:
     """What results_from gives, as the Result messages a plain gRPC client gets."""
     batch = jobs_pb2.ResultBatch()
-    table = store.results_from(job_id, start, limit, **kwargs)
+    table = store.results_from(job_id, start, limit, **kwargs).table
     if table is not None:
         add_to_results(table, batch.results)
     return batch

@@ -43,7 +43,7 @@ def test_other_columns_come_back_with_the_results_with_their_types(store):
     table = pa.table({"id": pa.array([10, 11, 12], pa.int64()), "body": ["a", "b", "c"], "tag": ["x", None, "z"]})
     add_arrow_job(store, "a", table, text_column="body")
     commit(store, "a", 1, [result_blob(i) for i in range(3)])
-    results = store.results_from("a", 0, 10)
+    results = store.results_from("a", 0, 10).table
     assert results.column_names[:3] == ["index", "id", "tag"]  # after index; the text is not passed through
     assert results.schema.field("id").type == pa.int64()
     assert results.column("id").to_pylist() == [10, 11, 12] and results.column("tag").to_pylist() == ["x", None, "z"]
@@ -59,7 +59,7 @@ def test_other_columns_come_back_with_the_results_with_their_types(store):
 def read_rows_message(store: Store, job_id: str) -> list[jobs_pb2.Result]:
     from distinfer.coordinator.result_streams import _rows_message
 
-    return list(_rows_message(store.results_from(job_id, 0, 100)).results)
+    return list(_rows_message(store.results_from(job_id, 0, 100).table).results)
 
 
 def test_a_column_named_like_a_result_column_leaves_the_result_as_it_is(store):
@@ -74,7 +74,7 @@ def test_a_type_that_changes_between_upload_messages_comes_back_as_meta_json(sto
     store.add_rows("a", 0, upload_table(arrow_rows(pa.table({"text": ["a", "b"], "v": [1, 2]})), 0))
     store.add_rows("a", 2, upload_table(arrow_rows(pa.table({"text": ["c", "d"], "v": ["x", "y"]})), 2))
     commit(store, "a", 1, [result_blob(i) for i in range(4)])
-    results = store.results_from("a", 0, 10)
+    results = store.results_from("a", 0, 10).table
     assert [json.loads(m) for m in results.column(META).to_pylist()] == [{"v": 1}, {"v": 2}, {"v": "x"}, {"v": "y"}]
 
 
@@ -83,7 +83,7 @@ def test_types_that_widen_between_messages_stay_columns(store):
     store.add_rows("a", 0, upload_table(arrow_rows(pa.table({"text": ["a"], "v": pa.nulls(1)})), 0))
     store.add_rows("a", 1, upload_table(arrow_rows(pa.table({"text": ["b", "c"], "v": [1, 2]})), 1))
     commit(store, "a", 1, [result_blob(i) for i in range(3)])
-    assert store.results_from("a", 0, 10).column("v").to_pylist() == [None, 1, 2]
+    assert store.results_from("a", 0, 10).table.column("v").to_pylist() == [None, 1, 2]
 
 
 def test_message_rows_and_arrow_rows_in_one_job_all_come_back_as_meta_json(store):
@@ -91,7 +91,7 @@ def test_message_rows_and_arrow_rows_in_one_job_all_come_back_as_meta_json(store
     store.add_rows("a", 0, batch(rows("a", "b", meta={"v": "m"})))
     store.add_rows("a", 2, upload_table(arrow_rows(pa.table({"text": ["c", "d"], "v": ["x", "y"]})), 2))
     commit(store, "a", 1, [result_blob(i) for i in range(4)])
-    metas = store.results_from("a", 0, 10).column(META).to_pylist()
+    metas = store.results_from("a", 0, 10).table.column(META).to_pylist()
     assert [json.loads(m) for m in metas] == [{"v": "m"}, {"v": "m"}, {"v": "x"}, {"v": "y"}]
 
 
@@ -100,8 +100,8 @@ def test_rows_without_other_columns_have_nothing_to_pass_through(store):
     store.add_rows("a", 0, upload_table(arrow_rows(pa.table({"text": ["a"]})), 0))
     store.add_rows("a", 1, upload_table(arrow_rows(pa.table({"text": ["b", "c"], "v": [1, 2]})), 1))
     commit(store, "a", 1, [result_blob(i) for i in range(3)])
-    assert store.results_from("a", 0, 10).column("v").to_pylist() == [None, 1, 2]
-    assert "v" not in store.results_from("a", 0, 1).column_names
+    assert store.results_from("a", 0, 10).table.column("v").to_pylist() == [None, 1, 2]
+    assert "v" not in store.results_from("a", 0, 1).table.column_names
 
 
 # --- bad tables, through a real coordinator ------------------------------------------------------------

@@ -268,9 +268,23 @@ def test_results_from_respects_limit(store):
 def test_results_from_stops_once_the_rows_fill_max_bytes_but_returns_at_least_one(store):
     add_job_with_rows(store, "j", 5)
     commit(store, "j", 1, [result_blob(i) for i in range(5)])
-    size = 3 * (store.results_from("j", 0, 10).nbytes // 5)  # three rows' Arrow bytes
+    size = 3 * (store.results_from("j", 0, 10).table.nbytes // 5)  # three rows' Arrow bytes
     assert [r.index for r in read(store, "j", 0, 10, max_bytes=size).results] == [0, 1, 2]
     assert [r.index for r in read(store, "j", 3, 10, max_bytes=1).results] == [3]
+
+
+def test_a_read_says_whether_it_stopped_at_its_limit_or_at_a_row_not_committed(store):
+    """Only a read stopped by its limits may be followed by another at once: a result stream otherwise waits."""
+    add_job_with_rows(store, "j", 2 * RESULT_BLOCK_ROWS)
+    commit(store, "j", 1, [result_blob(i) for i in [*range(RESULT_BLOCK_ROWS + 5), RESULT_BLOCK_ROWS + 9]])
+    assert store.results_from("j", 0, 3).limited  # by rows
+    assert store.results_from("j", 0, 10, max_bytes=1).limited  # by bytes
+    assert store.results_from("j", 0, RESULT_BLOCK_ROWS).limited  # at the limit, whether more follow or not
+    at_gap = store.results_from("j", 0, 2 * RESULT_BLOCK_ROWS)  # the gap lies in the second block
+    assert at_gap.table.num_rows == RESULT_BLOCK_ROWS + 5 and not at_gap.limited
+    through = store.results_from("j", 0, 2 * RESULT_BLOCK_ROWS, through_gaps=True)
+    assert through.table.num_rows == RESULT_BLOCK_ROWS + 6 and not through.limited
+    assert store.results_from("j", RESULT_BLOCK_ROWS + 5, 10) == (None, False)
 
 
 def test_results_from_joins_meta_json_of_the_input_row(store):
