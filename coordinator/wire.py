@@ -31,6 +31,10 @@ class WithPayload:
 
 
 class WireFormat(grpc.aio.ServerInterceptor):
+    """Every method's requests parsed and responses serialised here. A request that does not parse gets
+    INVALID_ARGUMENT with the reason; left to grpcio it becomes UNKNOWN (one-message requests) or an exception
+    inside our handlers (streamed ones)."""
+
     def __init__(self, payloads: dict[str, int] | None = None):
         self._payloads = payloads or {}  # method -> the number of its bytes field parsed as a view
 

@@ -109,7 +109,7 @@ def outcome(fn) -> tuple[grpc.StatusCode, str, object]:
 
 
 def unparsable(code: grpc.StatusCode, details: str) -> bool:
-    """A payload that does not parse: the server's UnparsableRequests edge answers INVALID_ARGUMENT with why
+    """A payload that does not parse: the server's wire edge (coordinator/wire.py) answers INVALID_ARGUMENT with why
     (left to grpcio it would be UNKNOWN, or INTERNAL from inside a streaming handler)."""
     return code == C.INVALID_ARGUMENT and (
         "could not be parsed" in details or "first control message is unusable" in details
