@@ -88,12 +88,15 @@ def parquet_options(schema: pa.Schema) -> dict:
     return {"use_dictionary": plain, "write_statistics": plain}
 
 
-def to_ipc(batch: pa.RecordBatch | pa.Table) -> bytes:
-    """An Arrow IPC stream of a batch (or table), written once into a buffer of its size, measured first: a
-    growing buffer was reallocated, and copied, as it grew (half of to_ipc's time in the coordinator's result
-    stream at a model's pace, when each copy runs on cold caches)."""
-    buffer = pa.allocate_buffer(ipc_size(batch))
-    write_ipc(pa.FixedSizeBufferWriter(buffer), batch)
+def to_ipc(batch: pa.RecordBatch | pa.Table, prefix: bytes = b"", size: int | None = None) -> bytes:
+    """An Arrow IPC stream of a batch (or table), after `prefix` (a message's key and length, say), written once
+    into a buffer of its size, measured first: a growing buffer was reallocated, and copied, as it grew (half of
+    to_ipc's time in the coordinator's result stream at a model's pace, when each copy runs on cold caches).
+    size: the stream's, where the caller has counted it already (ipc_size)."""
+    buffer = pa.allocate_buffer(len(prefix) + (ipc_size(batch) if size is None else size))
+    memory = memoryview(buffer).cast("B")
+    memory[: len(prefix)] = prefix
+    write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(memory[len(prefix) :])), batch)
     return buffer.to_pybytes()
 
 

@@ -17,7 +17,7 @@ import grpc
 import pyarrow as pa
 from google.protobuf.message import DecodeError, Message
 
-from distinfer.common.result_columns import ipc_size, write_ipc
+from distinfer.common.result_columns import ipc_size, to_ipc
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
@@ -136,12 +136,7 @@ def arrow_message(number: int, batch: pa.RecordBatch | pa.Table) -> bytes:
     """A serialised message whose one field, `number`, is the Arrow IPC stream of `batch`: the stream written
     once, after the field's key and length, into memory of the message's size."""
     size = ipc_size(batch)
-    head = _varint((number << 3) | _LENGTH_DELIMITED) + _varint(size)
-    message = pa.allocate_buffer(len(head) + size)
-    memory = memoryview(message).cast("B")
-    memory[: len(head)] = head
-    write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(memory[len(head) :])), batch)
-    return message.to_pybytes()
+    return to_ipc(batch, prefix=_varint((number << 3) | _LENGTH_DELIMITED) + _varint(size), size=size)
 
 
 def _varint(value: int) -> bytes:
