@@ -67,6 +67,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def minor_faults(pid: int) -> int:
+    """Page faults served without I/O (a new page zeroed, most of them): each costs the kernel a few us."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def run_seconds(pid: int) -> float:
     """The CPU time of a live process's threads, to the nanosecond (/proc/PID/task/*/schedstat): the
     coordinator's per-row figures are differences of a few tens of ms, which /proc/PID/stat's 10 ms ticks
@@ -145,9 +150,10 @@ def distinfer_run(
     cluster: LocalCluster, name: str, args: list[str], output: Path, rows: int, idle: float, start_up: float
 ) -> dict:
     coordinator, worker = cluster.coordinator.pid, cluster.workers[0].pid
-    before = run_seconds(coordinator), tree_cpu_seconds(worker)
+    before = run_seconds(coordinator), tree_cpu_seconds(worker), minor_faults(coordinator)
     wall, client_cpu = run_cli(["submit", "--coordinator", cluster.address, *args, "--output", str(output)])
     coordinator_cpu = run_seconds(coordinator) - before[0]
+    coordinator_faults = minor_faults(coordinator) - before[2]
     worker_cpu = tree_cpu_seconds(worker) - before[1]
     return {
         "name": name,
@@ -158,6 +164,7 @@ def distinfer_run(
         "coordinator_core_fraction": coordinator_cpu / wall,
         # What the rows cost it: its CPU less what it spends idle over the same time.
         "coordinator_rows_us_per_row": max(0.0, coordinator_cpu - idle * wall) / rows * 1e6,
+        "coordinator_faults_per_row": coordinator_faults / rows,
         "client_us_per_row": client_cpu / rows * 1e6,
         # What the rows cost it: its CPU less that of a one-row job (imports, connecting, waiting for the job).
         "client_rows_us_per_row": max(0.0, client_cpu - start_up) / rows * 1e6,
@@ -260,17 +267,18 @@ def markdown(section: dict) -> str:
         f"| data path: {section['model']}, {section['device']}, {section['rows']:,} rows, {section['ranks']} ranks "
         "| rows/s "
         "| vs plain loop | coordinator us/row (all / above idle) | coordinator, of a core "
+        "| coordinator page faults/row "
         "| client us/row (all / above start-up) "
         "| workers us/row | output bytes/row |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| plain single-process loop | {section['plain_rows_per_s']:,.0f} | 1.00 | - | - | - | - | - |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| plain single-process loop | {section['plain_rows_per_s']:,.0f} | 1.00 | - | - | - | - | - | - |",
     ]
     for e in section["entries"]:
         vs_plain = "-" if e["vs_plain"] is None else f"{e['vs_plain']:.2f}"
         lines.append(
             f"| distinfer, {e['name']} | {e['rows_per_s']:,.0f} | {vs_plain} "
             f"| {e['coordinator_us_per_row']:.2f} / {e['coordinator_rows_us_per_row']:.2f} "
-            f"| {e['coordinator_core_fraction']:.3f} "
+            f"| {e['coordinator_core_fraction']:.3f} | {e['coordinator_faults_per_row']:.3f} "
             f"| {e['client_us_per_row']:.1f} / {e['client_rows_us_per_row']:.1f} | {e['workers_us_per_row']:.1f} "
             f"| {e['output_bytes_per_row']:,.0f} |"
         )
