@@ -10,7 +10,7 @@ import orjson
 import pyarrow as pa
 
 from distinfer.client.rows import InputError
-from distinfer.common.result_columns import CLASSIFICATION, GENERATION, INDEX, META, TRUNCATED, json_default
+from distinfer.common.result_columns import CLASSIFICATION, GENERATION, INDEX, META, TRUNCATED, json_default, one_array
 from distinfer.v1 import jobs_pb2
 
 
@@ -103,6 +103,6 @@ def _column_values(column: pa.ChunkedArray, vectors_as_arrays: bool):
 
 def vector_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed-size list column as a (rows, width) NumPy array over its values."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    array = one_array(column) if isinstance(column, pa.ChunkedArray) else column
     width = array.type.list_size
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -36,6 +36,12 @@ def vectors(rows: np.ndarray, dtype: str = "") -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
 
 
+def one_array(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: its only chunk as it is (a batch read back has one), for combine_chunks copies
+    even a column of one chunk."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def result_batch(indices, truncated, columns: dict[str, pa.Array]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(
         {

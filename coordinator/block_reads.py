@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from distinfer.common.result_columns import INDEX
+from distinfer.common.result_columns import INDEX, one_array
 
 # Past this many slices a table of slices costs its readers more (a record batch each) than one gathered copy.
 MAX_SLICES = 8
@@ -55,7 +55,7 @@ def take_rows(tables: list[pa.Table], which: np.ndarray, rows: np.ndarray) -> pa
 
 
 def _gathered(columns: list[pa.ChunkedArray], which: np.ndarray, rows: np.ndarray) -> pa.Array:
-    arrays = [_one_array(column) for column in columns]
+    arrays = [one_array(column) for column in columns]  # (combine_chunks copied every batch of a block at every read)
     views = [_fixed_width(array) for array in arrays]
     if any(view is None for view in views):  # text, or nulls: Arrow's take over the arrays joined (small columns)
         starts = np.cumsum([0, *map(len, arrays)])[:-1]
@@ -68,12 +68,6 @@ def _gathered(columns: list[pa.ChunkedArray], which: np.ndarray, rows: np.ndarra
     if pa.types.is_fixed_size_list(kind):
         return pa.FixedSizeListArray.from_arrays(pa.array(gathered.reshape(-1), kind.value_type), type=kind)
     return pa.array(gathered, kind)
-
-
-def _one_array(column: pa.ChunkedArray) -> pa.Array:
-    """The column as one array: its only chunk as it is (a batch read back has one), for combine_chunks copies
-    even one chunk, and so copied every batch of a block whole at every read."""
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _fixed_width(array: pa.Array) -> np.ndarray | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from distinfer.client.conversions import table_rows, to_input_row, to_upload_row, upload_message
+from distinfer.client.conversions import table_rows, to_input_row, to_upload_row, upload_message, vector_array
 from distinfer.client.rows import InputError
-from distinfer.common.result_columns import META, from_results
+from distinfer.common.result_columns import META, from_results, vectors
 from distinfer.v1 import jobs_pb2
 
 
@@ -128,3 +129,15 @@ def test_an_input_field_named_index_does_not_replace_the_row_index():
     out = result_to_dict(result)
     assert out == {"index": 7, "id": "d", "embedding": [1.0]}
     assert next(iter(out)) == "index"
+
+
+def test_vector_array_of_a_batch_is_a_view_of_its_values_and_of_several_batches_their_rows_in_order():
+    first, second = np.arange(12, dtype=np.float32).reshape(3, 4), np.full((2, 4), 9, np.float32)
+    one = pa.chunked_array([vectors(first)])
+    array = vector_array(one)
+    assert array.tolist() == first.tolist()
+    assert array.ctypes.data == one.chunk(0).values.buffers()[1].address  # no copy of a batch's vectors
+    assert vector_array(pa.chunked_array([vectors(first), vectors(second)])).tolist() == [
+        *first.tolist(),
+        *second.tolist(),
+    ]
