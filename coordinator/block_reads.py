@@ -20,6 +20,14 @@ from distinfer.common.result_columns import INDEX, one_array
 MAX_SLICES = 8
 
 
+def rows_between(batch: pa.Table, first: int, end: int) -> pa.Table:
+    """The rows of a committed batch (sorted by index) with indices from first to end (excluded): a commit's
+    stream as rank 0 sent it holds rows of several blocks."""
+    indices = one_array(batch.column(INDEX)).to_numpy()
+    begin, stop = np.searchsorted(indices, np.array([first, end], indices.dtype))
+    return batch if begin == 0 and stop == len(indices) else batch.slice(begin, stop - begin)
+
+
 def in_order(batches: list[pa.Table], base: int, first_offset: int, through_gaps: bool) -> pa.Table:
     """The rows of a block's batches (each sorted by index, no index in two) from offset `first_offset` on,
     in index order: up to the first offset missing, or through every gap. base: the block's first index."""

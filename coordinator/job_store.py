@@ -77,8 +77,10 @@ class JobStore(Protocol):
         """These rows (indices in order) as a work_rows table."""
 
     # Results: Arrow tables with an `index` column, idempotent by index (a row's first result is kept).
-    def commit_results(self, job_id: str, attempt: int, results: pa.Table) -> int:
-        """How many rows were new."""
+    def commit_results(
+        self, job_id: str, attempt: int, results: pa.Table, stream: bytes | memoryview | None = None
+    ) -> int:
+        """How many rows were new. stream: the Arrow IPC stream results was read from, if the store keeps those."""
 
     def uncommitted(self, job_id: str, first: int, last: int) -> np.ndarray:
         """The indices from first to last (included) not committed, in order."""

@@ -177,7 +177,7 @@ class JobManager:
             raise InvalidArgument(f"a result report's columns ({results.schema}) differ from the job's earlier ones")
         if results.num_rows and (last := pc.max(results.column(INDEX)).as_py()) >= job.num_rows:
             raise InvalidArgument(f"result index {last} is past the job's last row")
-        added = await self.db(self.store.commit_results, job_id, attempt, results)
+        added = await self.db(self.store.commit_results, job_id, attempt, results, arrow)
         self._committed(job, added)
         return added
 

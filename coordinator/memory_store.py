@@ -135,7 +135,9 @@ class MemoryStore:
 
     # --- results ----------------------------------------------------------------------------------------
 
-    def commit_results(self, job_id: str, attempt: int, results: pa.Table) -> int:
+    def commit_results(
+        self, job_id: str, attempt: int, results: pa.Table, stream: bytes | memoryview | None = None
+    ) -> int:
         book = self._results.setdefault(job_id, _Results())
         indices = results.column(INDEX).to_numpy()
         seen, keep = set(book.where), []

@@ -70,6 +70,12 @@ class ResultFiles:
         position = self._write(job_id, memory, sum(sizes))
         return [(position + start, size) for start, size in zip(itertools.accumulate(sizes, initial=0), sizes)]
 
+    def append_stream(self, job_id: str, stream: bytes | memoryview) -> tuple[int, int]:
+        """Append an Arrow IPC stream as it is; returns where it lies (position, size)."""
+        memory = _block_aligned(len(stream))
+        memory[: len(stream)] = stream
+        return self._write(job_id, memory, len(stream)), len(stream)
+
     def _write(self, job_id: str, memory: memoryview, size: int) -> int:
         """Write the first `size` bytes of `memory` (whole blocks, zeros past `size`) at the file's end."""
         file = self._file(job_id)

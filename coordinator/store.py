@@ -2,10 +2,10 @@
 
 Rows are written as they arrive (the dataset is spooled to disk, never held whole in memory), each upload
 message as one chunk: a SQLite row for every input row was the biggest part of the coordinator's per-row
-cost. Results are kept the same way, as the Arrow batches rank 0 sends, one per commit and block of
-RESULT_BLOCK_ROWS row indices (a SQLite row per result cost more than the rest of a commit), their bytes in a file per
-job (result_files.py); the block bounds what a read in index order looks at, however scattered a commit's
-indices are. Commits are idempotent by row index,
+cost. Results are kept the same way: the Arrow IPC stream rank 0 sends, as it came, in a file per job
+(result_files.py), and a SQLite row per commit and block of RESULT_BLOCK_ROWS row indices saying which of the
+block's rows it holds (a SQLite row per result cost more than the rest of a commit); the block bounds what a
+read in index order looks at, however scattered a commit's indices are. Commits are idempotent by row index,
 so a repeated or late result never duplicates a row. Rows move as whole Arrow columns (sorted, sliced,
 concatenated), never parsed or serialised one by one.
 The store is synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
@@ -176,20 +176,26 @@ class Store:
 
     # --- results ----------------------------------------------------------------------------------------
 
-    def commit_results(self, job_id: str, attempt: int, results: pa.Table) -> int:
+    def commit_results(
+        self, job_id: str, attempt: int, results: pa.Table, stream: bytes | memoryview | None = None
+    ) -> int:
         """Store the rows of `results` (an Arrow table with an `index` column) not stored yet, idempotent by
-        index: the first result of a row is kept. Returns how many rows were new."""
+        index: the first result of a row is kept. Returns how many rows were new.
+        stream: the Arrow IPC stream `results` was read from, stored as it is when its rows are in index order
+        and all new (rank 0's reports): each block's rows are then a slice of it, with no stream written again."""
         with self._transaction():
-            return self._add_results(job_id, attempt, results)
+            return self._add_results(job_id, attempt, results, stream)
 
-    def _add_results(self, job_id: str, attempt: int, results: pa.Table) -> int:
+    def _add_results(
+        self, job_id: str, attempt: int, results: pa.Table, stream: bytes | memoryview | None = None
+    ) -> int:
         indices = results.column(INDEX).to_numpy()
         if not len(indices):
             return 0
         # Rank 0 reports in index order (each block's rows are then one slice); others' rows are sorted once.
         if (indices[1:] < indices[:-1]).any():  # (not np.diff: indices may be unsigned)
             order = np.argsort(indices, kind="stable")
-            results, indices = results.take(order), indices[order]
+            results, indices, stream = results.take(order), indices[order], None
         new_row = np.ones(len(indices), dtype=bool)
         new_row[1:] = indices[1:] != indices[:-1]  # a row repeated within the commit counts once
         blocks = indices // RESULT_BLOCK_ROWS
@@ -213,14 +219,20 @@ class Store:
                 rows, offsets = rows.filter(pa.array(keep)), offsets[keep]
             pieces.append((block, seq, offsets, rows))
             added += len(offsets)
-        if pieces:  # every block's rows an IPC stream of its own, in the file before they commit
+        if not pieces:
+            return 0
+        # In the file before they commit: the stream as it came, of which each block reads its slice (writing a
+        # stream a block was half a commit's CPU), or else an IPC stream of each block's new rows.
+        if stream is not None and added == len(indices):
+            places = [self._result_files.append_stream(job_id, stream)] * len(pieces)
+        else:
             places = self._result_files.append(job_id, [rows for *_, rows in pieces])
-            for (block, seq, offsets, _), (position, size) in zip(pieces, places):
-                self._db.execute(
-                    "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
-                    "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, block, seq, attempt, len(offsets), int(offsets.max()), offsets.tobytes(), position, size),
-                )
+        for (block, seq, offsets, _), (position, size) in zip(pieces, places):
+            self._db.execute(
+                "INSERT INTO result_batches (job_id, block, seq, attempt, count, last_offset, offsets, position, "
+                "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, block, seq, attempt, len(offsets), int(offsets.max()), offsets.tobytes(), position, size),
+            )
         return added
 
     def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> np.ndarray:
@@ -287,15 +299,18 @@ class Store:
             ).fetchone()
             if last_block is None:
                 return
+        streams: dict[int, pa.Table] = {}  # a commit's stream may hold several blocks' rows: decoded once a read
         while True:
-            batches = [
-                from_ipc(self._result_files.read(job_id, position, size))
-                for (position, size) in self._db.execute(
-                    "SELECT position, size FROM result_batches WHERE job_id = ? AND block = ? AND last_offset >= ? "
-                    "ORDER BY seq",
-                    (job_id, block, first_offset),
-                ).fetchall()
-            ]
+            batches = []
+            for position, size in self._db.execute(
+                "SELECT position, size FROM result_batches WHERE job_id = ? AND block = ? AND last_offset >= ? "
+                "ORDER BY seq",
+                (job_id, block, first_offset),
+            ).fetchall():
+                if position not in streams:
+                    streams[position] = from_ipc(self._result_files.read(job_id, position, size))
+                base = block * RESULT_BLOCK_ROWS
+                batches.append(block_reads.rows_between(streams[position], base, base + RESULT_BLOCK_ROWS))
             if batches:
                 table = block_reads.in_order(batches, block * RESULT_BLOCK_ROWS, first_offset, through_gaps)
                 if table.num_rows:

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS result_batches (
     last_offset INTEGER NOT NULL,   -- the highest of its offsets: a read from a later offset skips the batch
     offsets BLOB NOT NULL,          -- the rows' offsets in the block, uint16 little-endian, in commit order
     position INTEGER NOT NULL,      -- where the rows lie in the job's results file (result_files.py): an Arrow
-    size INTEGER NOT NULL,          -- IPC stream of them as rank 0 sent them, without meta_json
+    size INTEGER NOT NULL,          -- IPC stream sorted by index, without meta_json; the stream rank 0 sent
+                                    -- holds other blocks' rows too (blocks of one commit share it)
     PRIMARY KEY (job_id, block, seq)
 );
 """

@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from distinfer.common.result_columns import add_to_results, from_results
+from distinfer.common.result_columns import add_to_results, from_ipc, from_results, to_ipc
 from distinfer.coordinator.store import RowCursor, Store
 from distinfer.v1 import jobs_pb2
 
@@ -34,7 +34,9 @@ def results_table(results: list[jobs_pb2.Result]) -> pa.Table:
 
 
 def commit(store: Store, job_id: str, attempt: int, results: list[jobs_pb2.Result]) -> int:
-    return store.commit_results(job_id, attempt, results_table(results))
+    """Commit results as the coordinator does a report: the table, and the Arrow IPC stream it was read from."""
+    stream = to_ipc(results_table(results))
+    return store.commit_results(job_id, attempt, from_ipc(stream), stream)
 
 
 def read(store: Store, job_id: str, start: int, limit: int, **kwargs) -> jobs_pb2.ResultBatch:

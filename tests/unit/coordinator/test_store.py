@@ -10,9 +10,20 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
-from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
+from store_rows import (
+    add_job_with_rows,
+    batch,
+    commit,
+    job,
+    open_indices,
+    open_rows,
+    read,
+    result_blob,
+    results_table,
+    rows,
+)
 
-from distinfer.common.result_columns import to_ipc
+from distinfer.common.result_columns import from_ipc, to_ipc
 from distinfer.coordinator.input_chunks import upload_table
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
@@ -203,6 +214,21 @@ def test_commits_scattered_over_result_blocks_are_read_back_in_order_and_only_on
     start = RESULT_BLOCK_ROWS - 3  # a read across the end of a block goes on in the next one
     got = read(store, "j", start, RESULT_BLOCK_ROWS + 10).results
     assert [(r.index, r.embedding.values[0]) for r in got] == [(i, float(i)) for i in range(start, start + 1034)]
+
+
+def test_a_commit_in_index_order_is_kept_as_the_stream_it_came_in_and_each_block_reads_its_rows(tmp_path):
+    store = Store(tmp_path / "state.db")
+    n = 3 * RESULT_BLOCK_ROWS
+    add_job_with_rows(store, "j", n)
+    stream = to_ipc(results_table([result_blob(i, float(i)) for i in range(10, 2500)]))  # rows of three blocks
+    assert store.commit_results("j", 1, from_ipc(stream), stream) == 2490
+    assert stream in (tmp_path / "state.db.results" / "j.arrows").read_bytes()  # not a stream written per block
+    assert commit(store, "j", 2, [result_blob(i, -1.0) for i in range(0, 20)]) == 10  # repeats: rows are kept apart
+    assert commit(store, "j", 1, [result_blob(i, float(i)) for i in range(2500, n)]) == n - 2500
+    got = read(store, "j", 0, n).results
+    assert [(r.index, r.embedding.values[0]) for r in got] == [(i, -1.0 if i < 10 else float(i)) for i in range(n)]
+    assert [r.index for r in read(store, "j", 1500, 3).results] == [1500, 1501, 1502]  # from a block's middle
+    store.close()
 
 
 def test_results_from_stops_at_a_gap_in_a_later_result_block(store):
