@@ -58,20 +58,22 @@ def take_rows(tables: list[pa.Table], which: np.ndarray, rows: np.ndarray) -> pa
         pieces = [tables[which[first]].slice(rows[first], end - first) for first, end in bounds]
         return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
     schema = tables[0].schema
-    columns = [_gathered([table.column(i) for table in tables], which, rows) for i in range(len(schema))]
+    # (table, the output rows it gives, its rows they are), worked out once for all the columns
+    sources = [(i, mine, rows[mine]) for i in range(len(tables)) if len(mine := np.flatnonzero(which == i))]
+    columns = [_gathered([table.column(c) for table in tables], sources, which, rows) for c in range(len(schema))]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _gathered(columns: list[pa.ChunkedArray], which: np.ndarray, rows: np.ndarray) -> pa.Array:
+def _gathered(columns: list[pa.ChunkedArray], sources: list, which: np.ndarray, rows: np.ndarray) -> pa.Array:
     arrays = [one_array(column) for column in columns]  # (combine_chunks copied every batch of a block at every read)
-    views = [_fixed_width(array) for array in arrays]
-    if any(view is None for view in views):  # text, or nulls: Arrow's take over the arrays joined (small columns)
+    views = {i: _fixed_width(arrays[i]) for i, _, _ in sources}
+    if any(view is None for view in views.values()):  # text, or nulls: Arrow's take over the arrays joined
         starts = np.cumsum([0, *map(len, arrays)])[:-1]
         return pa.concat_arrays(arrays).take(pa.array(starts[which] + rows))
-    gathered = np.empty((len(rows), *views[0].shape[1:]), views[0].dtype)
-    for i, view in enumerate(views):
-        mine = np.flatnonzero(which == i)
-        gathered[mine] = view[rows[mine]]
+    first = views[sources[0][0]]
+    gathered = np.empty((len(rows), *first.shape[1:]), first.dtype)
+    for i, mine, theirs in sources:
+        gathered[mine] = np.take(views[i], theirs, axis=0)
     kind = arrays[0].type
     if pa.types.is_fixed_size_list(kind):
         return pa.FixedSizeListArray.from_arrays(pa.array(gathered.reshape(-1), kind.value_type), type=kind)
