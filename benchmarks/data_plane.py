@@ -38,7 +38,7 @@ ROW_GROUP_ROWS = 5_000  # in place: a split per row group
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHORT_CHARS = 48
 IDLE_S, SETTLE_S = 5.0, 3.0
-HAND_OFF_IDLE_S = 0.5  # the coordinator's wait between rank 0's reports at a model's pace (REPORT_AFTER_S)
+HAND_OFF_IDLE_S = 1.0  # the coordinator's wait between rank 0's reports at a model's pace (REPORT_AFTER_S)
 NO_MODEL = "no model (384 floats a row)"  # the plumbing's own rate: what a GPU fleet would feed it
 MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
 
