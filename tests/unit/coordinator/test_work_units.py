@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from store_rows import add_job_with_rows, batch, commit, job, pairs, result_blob, rows
 
-from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, UNIT_CHARS, WorkUnits
+from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, TAIL_UNIT_ROWS, UNIT_CHARS, WorkUnits
 
 
 @pytest.fixture
@@ -33,7 +33,16 @@ def test_every_row_is_handed_once_in_order_in_units_that_shrink_towards_the_end(
         handed += [index for index, _ in unit]
     assert handed == list(range(1000))
     assert sizes[0] == 1000 // (SHARE_DIVISOR * 2)  # a share of the rows left, not all 256 asked
-    assert sizes == sorted(sizes, reverse=True) and sizes[-1] <= MIN_UNIT_ROWS
+    assert sizes == sorted(sizes, reverse=True) and min(sizes[:-1]) == TAIL_UNIT_ROWS >= sizes[-1]
+
+
+def test_a_small_job_shrinks_to_smaller_units_so_that_every_rank_has_some(store):
+    add_job_with_rows(store, "j", 40)
+    units = WorkUnits("j", 1, done_before=0)
+    sizes = []
+    while unit := take(units, store, 256, open_rows=40, replicas=4):
+        sizes.append(len(unit))
+    assert sum(sizes) == 40 and len(sizes) >= 4 and max(sizes) == MIN_UNIT_ROWS
 
 
 def test_rows_uploaded_after_the_last_unit_are_handed_next(store):
