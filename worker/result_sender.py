@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import time
 
+from distinfer.common.channels import RESULT_MESSAGE_ROWS
 from distinfer.worker.gather import Gathered
 from distinfer.worker.stage import END, Stage
 
@@ -14,7 +15,7 @@ from distinfer.worker.stage import END, Stage
 # the coordinator's 9.7 (a paced no-model job of 50,000 rows at 1,950 rows/s, two coordinators side by side,
 # six rounds); results reach clients about a second behind. Fast ranks reach REPORT_ROWS sooner, and a round
 # after a quiet spell (the job's first) is reported at once.
-REPORT_ROWS, REPORT_AFTER_S = 4096, 1.0
+REPORT_ROWS, REPORT_AFTER_S = RESULT_MESSAGE_ROWS, 1.0
 
 
 class ResultSender:
