@@ -14,12 +14,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # however long the rows. Text is counted in characters: a quarter as many, UTF-8 taking at most 4 bytes each.
 STREAM_MESSAGE_BYTES = 4 << 20
 STREAM_MESSAGE_CHARS = STREAM_MESSAGE_BYTES // 4
-# Result batches (rank 0's reports, a result stream's messages) go in bigger messages: each message costs the
-# coordinator about half a millisecond whatever its size, and an embedding is 1.5 KiB a row (384 floats), so
-# 4 MiB held 2,700 rows. At the plumbing's own rate (a no-model job of 100,000 rows at ~36,000 rows/s, two
-# coordinators side by side, six rounds) 16 MiB and 8,192 rows took the coordinator's CPU from 5.3 to 4.4 us a row.
-RESULT_MESSAGE_BYTES = 16 << 20
-RESULT_MESSAGE_ROWS = 8192
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pyarrow as pa
 
-from distinfer.common.channels import RESULT_MESSAGE_BYTES, RESULT_MESSAGE_ROWS
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from distinfer.common.result_columns import INDEX, META, add_to_results, passthrough_names
 from distinfer.coordinator.input_chunks import as_meta
@@ -20,9 +20,10 @@ from distinfer.coordinator.jobs import JobManager
 from distinfer.coordinator.wire import arrow_message
 from distinfer.v1 import jobs_pb2
 
-# A result message holds up to RESULT_MESSAGE_ROWS rows (each message costs the event loop a store call and a
-# send), or RESULT_MESSAGE_BYTES: long generations and wide embeddings stay far inside gRPC's message limit.
-RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = RESULT_MESSAGE_ROWS, RESULT_MESSAGE_BYTES
+# A result message holds up to 4,096 rows (each message costs the event loop a store call and a send),
+# or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit, and within the 4 MiB a
+# plain gRPC client (grpcurl) takes by default. (Rank 0's reports, between our own programs, are bigger.)
+RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
 
 
 class ResultStreams:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from distinfer.common.channels import RESULT_MESSAGE_BYTES, ChannelSecurity, open_channel
+from distinfer.common.channels import ChannelSecurity, open_channel
 from distinfer.common.heap import freeze_startup_objects
 from distinfer.common.log import configure_logging
 from distinfer.common.result_columns import result_batch, to_ipc
@@ -39,7 +39,7 @@ from distinfer.worker.parallel import Layout, parameter_counts
 from distinfer.worker.parts import PartWriter
 from distinfer.worker.prefetcher import Prefetcher
 from distinfer.worker.rendezvous import PortTaken, join_group
-from distinfer.worker.result_sender import ResultSender
+from distinfer.worker.result_sender import REPORT_BYTES, ResultSender
 from distinfer.worker.tasks import TASKS, Task
 
 log = structlog.get_logger(__name__)
@@ -302,7 +302,7 @@ class Executor:
             return PartWriter(assignment, splits, to_table).reports
 
         def results(gathered):
-            for part in gathered.in_index_order().parts(RESULT_MESSAGE_BYTES):
+            for part in gathered.in_index_order().parts(REPORT_BYTES):
                 yield workers_pb2.ReportResultsRequest(
                     job_id=assignment.job_id, attempt=assignment.attempt, arrow=to_ipc(to_table(part))
                 )
