@@ -301,7 +301,7 @@ class Store:
                 return
         streams: dict[int, pa.Table] = {}  # a commit's stream may hold several blocks' rows: decoded once a read
         while True:
-            batches = []
+            base, batches = block * RESULT_BLOCK_ROWS, []
             for position, size in self._db.execute(
                 "SELECT position, size FROM result_batches WHERE job_id = ? AND block = ? AND last_offset >= ? "
                 "ORDER BY seq",
@@ -309,10 +309,9 @@ class Store:
             ).fetchall():
                 if position not in streams:
                     streams[position] = from_ipc(self._result_files.read(job_id, position, size))
-                base = block * RESULT_BLOCK_ROWS
                 batches.append(block_reads.rows_between(streams[position], base, base + RESULT_BLOCK_ROWS))
             if batches:
-                table = block_reads.in_order(batches, block * RESULT_BLOCK_ROWS, first_offset, through_gaps)
+                table = block_reads.in_order(batches, base, first_offset, through_gaps)
                 if table.num_rows:
                     yield table
                 whole = table.num_rows == RESULT_BLOCK_ROWS - first_offset
