@@ -1,6 +1,6 @@
 """The JobStore contract (coordinator/job_store.py), run against the SQLite store and the in-memory one: jobs,
-rows, the rows open to an attempt, idempotent commits, splits (the SQLite store's durability and shutdown:
-test_store_durability.py)."""
+rows, the rows open to an attempt, idempotent commits (splits: test_split_store.py; the SQLite store's
+durability, shutdown and results file: test_store_durability.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from store_rows import (
     open_rows,
     read,
     result_blob,
-    results_table,
     rows,
 )
 
-from distinfer.common.result_columns import from_ipc, to_ipc
+from distinfer.common.result_columns import to_ipc
 from distinfer.coordinator.input_chunks import upload_table
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
@@ -216,21 +215,6 @@ def test_commits_scattered_over_result_blocks_are_read_back_in_order_and_only_on
     assert [(r.index, r.embedding.values[0]) for r in got] == [(i, float(i)) for i in range(start, start + 1034)]
 
 
-def test_a_commit_in_index_order_is_kept_as_the_stream_it_came_in_and_each_block_reads_its_rows(tmp_path):
-    store = Store(tmp_path / "state.db")
-    n = 3 * RESULT_BLOCK_ROWS
-    add_job_with_rows(store, "j", n)
-    stream = to_ipc(results_table([result_blob(i, float(i)) for i in range(10, 2500)]))  # rows of three blocks
-    assert store.commit_results("j", 1, from_ipc(stream), stream) == 2490
-    assert stream in (tmp_path / "state.db.results" / "j.arrows").read_bytes()  # not a stream written per block
-    assert commit(store, "j", 2, [result_blob(i, -1.0) for i in range(0, 20)]) == 10  # repeats: rows are kept apart
-    assert commit(store, "j", 1, [result_blob(i, float(i)) for i in range(2500, n)]) == n - 2500
-    got = read(store, "j", 0, n).results
-    assert [(r.index, r.embedding.values[0]) for r in got] == [(i, -1.0 if i < 10 else float(i)) for i in range(n)]
-    assert [r.index for r in read(store, "j", 1500, 3).results] == [1500, 1501, 1502]  # from a block's middle
-    store.close()
-
-
 def test_results_from_stops_at_a_gap_in_a_later_result_block(store):
     add_job_with_rows(store, "j", 2 * RESULT_BLOCK_ROWS)
     missing = RESULT_BLOCK_ROWS + 5
@@ -370,52 +354,3 @@ def test_results_of_an_ended_job_are_read_through_the_gaps_with_their_meta(store
     assert [json.loads(r.meta_json) if r.meta_json else None for r in through][-1] == {"k": 7}
     assert [r.index for r in read(store, "j", 4, 2, through_gaps=True).results] == [5, RESULT_BLOCK_ROWS + 2]
     assert read(store, "j", 3001, 100, through_gaps=True).results == []
-
-
-# --- splits of datasets read in place ---------------------------------------------------------------------
-
-
-def splits(count: int, rows_each: int = 10) -> list:
-    from distinfer.v1 import workers_pb2
-
-    return [
-        workers_pb2.DatasetSplit(
-            number=n, path=f"f{n}", format="parquet", num_rows=rows_each, first_index=n * rows_each
-        )
-        for n in range(count)
-    ]
-
-
-def test_each_rank_gets_every_world_size_th_open_split(store):
-    store.create_in_place_job(job("j"), splits(7))
-    shards = [[s.number for s in store.splits.open("j", 1, rank, 3)] for rank in range(3)]
-    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
-
-
-def test_written_splits_count_once_and_a_later_attempt_gets_only_the_others(store):
-    store.create_in_place_job(job("j"), splits(5, rows_each=4))
-    assert store.splits.mark_written("j", 1, [1, 3, 3]) == (2, 8)
-    assert store.splits.mark_written("j", 1, [3]) == (0, 0)  # a retried report adds nothing
-    # The attempt that wrote them still sees its cut as it was; the next one gets only the open splits.
-    assert [s.number for s in store.splits.open("j", 1)] == [0, 1, 2, 3, 4]
-    assert [s.number for s in store.splits.open("j", 2)] == [0, 2, 4]
-    assert store.splits.progress("j") == (2, 8)
-
-
-def test_an_unknown_split_is_refused_and_nothing_is_marked(store):
-    store.create_in_place_job(job("j"), splits(2))
-    with pytest.raises(ValueError, match="no split 9"):
-        store.splits.mark_written("j", 1, [0, 9])
-    assert store.splits.progress("j") == (0, 0)
-
-
-def test_splits_survive_a_restart_and_go_with_their_job(tmp_path):
-    first = Store(tmp_path / "state.db")
-    first.create_in_place_job(job("j"), splits(3))
-    first.splits.mark_written("j", 1, [2])
-    first.close()
-    again = Store(tmp_path / "state.db")
-    assert again.splits.progress("j") == (1, 10) and again.splits.numbers("j") == [0, 1, 2]
-    again.delete_job("j")
-    assert again.splits.numbers("j") == []
-    again.close()

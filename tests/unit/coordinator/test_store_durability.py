@@ -1,4 +1,5 @@
-"""The coordinator's SQLite store across closing, reopening, crashing and shutdown; a store of the old layout."""
+"""The coordinator's SQLite store across closing, reopening, crashing and shutdown; its results file; a store of the
+old layout."""
 
 from __future__ import annotations
 
@@ -10,9 +11,21 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_until
-from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
+from store_rows import (
+    add_job_with_rows,
+    batch,
+    commit,
+    job,
+    open_indices,
+    open_rows,
+    read,
+    result_blob,
+    results_table,
+    rows,
+)
 
-from distinfer.coordinator.store import MAX_CHUNK_ROWS, RowCursor, Store
+from distinfer.common.result_columns import from_ipc, to_ipc
+from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
 
 # --- durability ---------------------------------------------------------------------------------------
@@ -301,6 +314,21 @@ def test_results_whose_bytes_a_power_loss_cut_from_their_file_are_dropped_and_th
     assert [r.index for r in read(reopened, "j", 0, 5000).results] == list(range(1024))
     assert commit(reopened, "j", 2, [result_blob(i) for i in range(1024, 2048)]) == 1024  # computed again
     reopened.close()
+
+
+def test_a_commit_in_index_order_is_kept_as_the_stream_it_came_in_and_each_block_reads_its_rows(tmp_path):
+    store = Store(tmp_path / "state.db")
+    n = 3 * RESULT_BLOCK_ROWS
+    add_job_with_rows(store, "j", n)
+    stream = to_ipc(results_table([result_blob(i, float(i)) for i in range(10, 2500)]))  # rows of three blocks
+    assert store.commit_results("j", 1, from_ipc(stream), stream) == 2490
+    assert stream in (tmp_path / "state.db.results" / "j.arrows").read_bytes()  # not a stream written per block
+    assert commit(store, "j", 2, [result_blob(i, -1.0) for i in range(0, 20)]) == 10  # repeats: rows are kept apart
+    assert commit(store, "j", 1, [result_blob(i, float(i)) for i in range(2500, n)]) == n - 2500
+    got = read(store, "j", 0, n).results
+    assert [(r.index, r.embedding.values[0]) for r in got] == [(i, -1.0 if i < 10 else float(i)) for i in range(n)]
+    assert [r.index for r in read(store, "j", 1500, 3).results] == [1500, 1501, 1502]  # from a block's middle
+    store.close()
 
 
 def test_deleting_a_job_removes_its_results_file(tmp_path):
