@@ -57,25 +57,30 @@ class ResultStreams:
 
     async def _results_of(self, job: Job, start: int) -> AsyncIterator[pa.Table]:
         job_id, next_index = job.job_id, start
+        # (rows done, state) as of the last read that read every row committed: a job changes for more than its
+        # commits (each upload message, each rank that joins), and until these move a read would find nothing.
+        read_all_at = None
         while True:
             if self._manager.jobs.get(job_id) is not job:
                 raise NotFound(f"job {job_id} was deleted while its results were read")
             changed = job.changed  # taken before reading, so no commit can slip between read and wait
             # An ended job's missing rows will never come: its stream passes over them to every row committed.
             ended = job.state in (JobState.FAILED, JobState.CANCELLED)
-            read = await self._manager.db(
-                self._manager.store.results_from,
-                job_id,
-                next_index,
-                RESULTS_PER_MESSAGE,
-                RESULT_BYTES_PER_MESSAGE,
-                ended,
-            )
-            if read.table is not None:
-                next_index = read.table.column(INDEX)[-1].as_py() + 1
-                yield read.table
-                if read.limited:
-                    continue  # more rows are there now; else none until a change (a commit, the job's end)
+            if (now := (job.rows_done, job.state)) != read_all_at:
+                read = await self._manager.db(
+                    self._manager.store.results_from,
+                    job_id,
+                    next_index,
+                    RESULTS_PER_MESSAGE,
+                    RESULT_BYTES_PER_MESSAGE,
+                    ended,
+                )
+                if read.table is not None:
+                    next_index = read.table.column(INDEX)[-1].as_py() + 1
+                    yield read.table
+                    if read.limited:
+                        continue  # more rows are there now; else none until a change (a commit, the job's end)
+                read_all_at = now
             if next_index >= job.num_rows and job.state.ended:
                 return  # ends with the job, so a client that read every row sees it SUCCEEDED
             if job.state in (JobState.FAILED, JobState.CANCELLED):

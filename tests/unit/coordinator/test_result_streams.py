@@ -15,8 +15,9 @@ from distinfer.v1 import jobs_pb2 as S
 
 
 def test_a_stream_reads_once_a_commit_and_not_again_until_the_next(tmp_path):
-    """A read that stopped at a row not committed is not followed by another right away: at a model's pace
-    that empty read was most of a stream's store calls (each a hand-off to the store's thread)."""
+    """A read that stopped at a row not committed is not followed by another right away, nor after a change of
+    the job that committed nothing (an upload's message, a rank joining): at a model's pace those empty reads
+    were most of a stream's store calls (each a hand-off to the store's thread)."""
 
     async def scenario():
         manager = JobManager(Store(tmp_path / "state.sqlite"), Registry())
@@ -36,7 +37,11 @@ def test_a_stream_reads_once_a_commit_and_not_again_until_the_next(tmp_path):
         following = asyncio.create_task(follow())
         await asyncio.sleep(0.2)
         for n in range(3):
+            job.notify()  # a change, but no commit
+            await asyncio.sleep(0.2)
+            assert reads == [0, *(10 * k for k in range(n))]
             commit(manager.store, "j", 1, [S.Result(index=i, echo=S.Echo(chars=1)) for i in range(10 * n, 10 * n + 10)])
+            job.rows_done += 10  # as JobManager.commit counts them
             job.notify()
             await asyncio.sleep(0.2)  # time for a read the stream would make at once
             assert received == list(range(10 * n + 10))
