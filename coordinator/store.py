@@ -249,8 +249,10 @@ class Store:
 
     def uncommitted(self, job_id: str, first: int, last: int) -> np.ndarray:
         """The indices from first to last (included) that no attempt has committed, in order."""
-        span = np.arange(first, last + 1)
-        return span[~np.isin(span, self._committed(job_id, first, last + 1, other_than_attempt=-1))]
+        committed = self._committed(job_id, first, last + 1, other_than_attempt=-1)
+        open_rows = np.ones(last - first + 1, dtype=bool)  # (a mask, not np.isin's sort: asked at every FetchWork)
+        open_rows[committed[(committed >= first) & (committed <= last)] - first] = False
+        return np.flatnonzero(open_rows) + first
 
     def rows_of(self, job_id: str, indices: np.ndarray) -> pa.Table:
         """These rows (indices in order) as a work_rows table."""
