@@ -117,15 +117,18 @@ class ArrowRows:
         return self._table.num_rows
 
     def texts(self, positions: np.ndarray) -> pa.Array:
-        texts = self._table.column(0)
-        if len(positions) and positions[-1] - positions[0] == len(positions) - 1:  # a run of rows (the usual)
-            texts = texts.slice(int(positions[0]), len(positions))
-        else:
-            texts = texts.take(positions)
-        return texts.combine_chunks()
+        return _rows(self._table.column(0), positions).combine_chunks()
 
     def passthrough(self, positions: np.ndarray) -> pa.Table:
-        return self._table.drop_columns([self._table.column_names[0]]).take(positions)
+        return _rows(self._table.drop_columns([self._table.column_names[0]]), positions)
+
+
+def _rows(rows: pa.Table | pa.ChunkedArray, positions: np.ndarray) -> pa.Table | pa.ChunkedArray:
+    """These positions of rows (in order): a slice where they are a run (the usual: units and reads are runs of
+    indices), else a copy of each."""
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
+        return rows.slice(int(positions[0]), len(positions))
+    return rows.take(positions)
 
 
 def work_rows_of(chunks, indices: np.ndarray) -> pa.Table:
