@@ -253,9 +253,10 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
 
 def hand_off_cpu_us(after_idle_s: float, times: int) -> float:
     """The CPU (this process's, both threads) of handing a call to another thread and back, as the coordinator
-    hands each store call to its store thread: back to back, or each after the machine idled `after_idle_s`,
-    as a coordinator at a model's pace does between reports. Where caches go cold while idle (a shared VM
-    host), every operation at a model's pace costs several times its back-to-back figure."""
+    handed each store call to a store thread (it now calls the store on its event loop): back to back, or each
+    after the machine idled `after_idle_s`, as a coordinator at a model's pace does between reports. Where
+    caches go cold while idle (a shared VM host), every operation at a model's pace costs several times its
+    back-to-back figure."""
     with concurrent.futures.ThreadPoolExecutor(1) as thread:
         thread.submit(int).result()
         spent = 0.0
@@ -296,9 +297,10 @@ def markdown(section: dict) -> str:
         f"For scale: writing the streamed Parquet output's bytes a row to a new file costs this machine "
         f"{section['new_file_write_us_per_row']:.2f} us of CPU a row (the kernel's copy into new page-cache pages); "
         "the client pays that for its output (the coordinator writes its results file past the page cache). "
-        f"Handing a call to another thread and back (as each store call goes to the store's thread) costs "
+        f"Handing a call to another thread and back (as each store call went to a thread of the store's) costs "
         f"{section['hand_off_cpu_us']['back_to_back']:.0f} us of CPU back to back and "
         f"{section['hand_off_cpu_us']['after_idle']:.0f} us after {HAND_OFF_IDLE_S:g} s idle: at a model's pace "
-        "the coordinator waits between reports, and each of its operations runs on cold caches.",
+        "the coordinator waits between reports, and each of its operations runs on cold caches (so it now calls its "
+        "store on its event loop).",
     ]
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 files (what the coordinator runs on); `memory_store.MemoryStore` in memory. Their one contract is
 tests/unit/coordinator/test_store.py: every test of it runs against both.
 
-A store is synchronous and not thread-safe: the coordinator drives it from one thread (`jobs.JobManager.db`).
+A store is synchronous and not thread-safe: the coordinator calls it from its event loop, and a call that may
+take long from a thread of its own while the others wait (`jobs.JobManager.db`, `db_in_thread`).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class _File:
 
 
 class ResultFiles:
-    """Part of `Store`, on its thread. One descriptor per job, for the OPEN_JOBS jobs used last: a coordinator
+    """Part of `Store`. One descriptor per job, for the OPEN_JOBS jobs used last: a coordinator
     keeps thousands of ended jobs, and their results are read now and then."""
 
     OPEN_JOBS = 64

@@ -8,7 +8,7 @@ block's rows it holds (a SQLite row per result cost more than the rest of a comm
 read in index order looks at, however scattered a commit's indices are. Commits are idempotent by row index,
 so a repeated or late result never duplicates a row. Rows move as whole Arrow columns (sorted, sliced,
 concatenated), never parsed or serialised one by one.
-The store is synchronous and not thread-safe: the coordinator drives it from one thread (see `jobs.JobManager`).
+The store is synchronous and not thread-safe: the coordinator makes one call at a time (see `jobs.JobManager.db`).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ class Uploads:
                 del self._manager.jobs[job.job_id]
                 await self._manager.end_attempt(job, "its upload failed", requeue=False)
                 await self._manager.finish(job, JobState.FAILED, "its upload failed")  # for streams already open
-            await self._manager.db(self._manager.store.delete_job, job.job_id)
+            await self._manager.db_in_thread(self._manager.store.delete_job, job.job_id)
             raise
         log.info("job_submitted", job_id=job.job_id, rows=n, model=spec.model, task=spec.task)
         await asyncio.shield(self._manager.save(job))  # saved even if the client goes now, having sent its end

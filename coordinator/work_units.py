@@ -63,8 +63,8 @@ class HeldUnit:
 
 
 class WorkUnits:
-    """The open rows of one attempt, as handed out so far. Every method but unit_for runs in the store's
-    thread (JobManager.db), one call at a time."""
+    """The open rows of one attempt, as handed out so far. Every method but unit_for is a store call
+    (JobManager.db), one at a time."""
 
     def __init__(self, job_id: str, attempt: int, done_before: int):
         self._job_id, self._attempt = job_id, attempt

@@ -73,7 +73,7 @@ def test_the_record_goes_to_the_public_status_and_back_whole():
 
 
 def test_a_status_is_a_copy_that_later_changes_leave_as_it_was():
-    """The store serialises a status on its own thread while the event loop changes the job on."""
+    """A watch compares the status it sent with the job's next one: a later change must leave the first as it was."""
     job = a_job(state=QUEUED)
     job.attempts.append(S.Attempt(number=1))
     status = job.to_status()

@@ -18,7 +18,12 @@ S = jobs_pb2
 
 
 def manager(path) -> JobManager:
-    return JobManager(Store(path / "state.db"), Registry())
+    """A manager whose every store call waits on the store's thread, as a deletion does (the others run on the
+    event loop, and never yield there): the job's logic must hold at every await, and these tests need calls
+    that yield."""
+    jobs = JobManager(Store(path / "state.db"), Registry())
+    jobs.db = jobs.db_in_thread
+    return jobs
 
 
 def add_worker(jobs: JobManager, slots: int = 1):

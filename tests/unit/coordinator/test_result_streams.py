@@ -17,7 +17,7 @@ from distinfer.v1 import jobs_pb2 as S
 def test_a_stream_reads_once_a_commit_and_not_again_until_the_next(tmp_path):
     """A read that stopped at a row not committed is not followed by another right away, nor after a change of
     the job that committed nothing (an upload's message, a rank joining): at a model's pace those empty reads
-    were most of a stream's store calls (each a hand-off to the store's thread)."""
+    were most of a stream's store reads."""
 
     async def scenario():
         manager = JobManager(Store(tmp_path / "state.sqlite"), Registry())

@@ -78,7 +78,7 @@ def test_the_ranks_of_a_replica_get_the_same_unit_and_other_replicas_others():
         taken = iter(range(100))
 
         async def take():
-            await asyncio.sleep(0.01)  # the store's thread, meanwhile the replica's other rank asks
+            await asyncio.sleep(0.01)  # the rows are taken; meanwhile the replica's other rank asks
             return next(taken)
 
         first = units.unit_for(0, 0, 2, take)  # rank 0 of replica 0 asks for its unit 0
