@@ -83,9 +83,10 @@ class JobManager:
         return fn(*args)
 
     async def db_in_thread(self, fn, *args):
-        """Call the store on its thread, for a call that may take long (deleting a job's rows and results):
-        the event loop serves on meanwhile, and the other store calls wait for this one (a store is not
-        thread-safe). A caller cancelled leaves the call to finish there."""
+        """Call the store on its thread, for a call that may take long (deleting a job's rows and results, a
+        dataset's every split): a loop blocked for seconds would miss the workers' heartbeats, so it serves
+        on meanwhile, and the other store calls wait for this one (a store is not thread-safe). A caller
+        cancelled leaves the call to finish there."""
         await self._store_free()
         self._in_thread = call = asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
         call.add_done_callback(self._thread_done)

@@ -295,12 +295,6 @@ class Store:
         """Tables of committed rows from index `start` on, in order, a block at a time, up to the first index
         not committed (or through every gap to the last committed one)."""
         block, first_offset = divmod(start, RESULT_BLOCK_ROWS)
-        if through_gaps:
-            (last_block,) = self._db.execute(
-                "SELECT MAX(block) FROM result_batches WHERE job_id = ?", (job_id,)
-            ).fetchone()
-            if last_block is None:
-                return
         streams: dict[int, pa.Table] = {}  # a commit's stream may hold several blocks' rows: decoded once a read
         while True:
             base, batches = block * RESULT_BLOCK_ROWS, []
@@ -319,11 +313,17 @@ class Store:
                 whole = table.num_rows == RESULT_BLOCK_ROWS - first_offset
             else:
                 whole = False
-            if not through_gaps and not whole:
-                return
-            if through_gaps and block >= last_block:
-                return
-            block, first_offset = block + 1, 0
+            if not through_gaps:
+                if not whole:
+                    return
+                block += 1
+            else:  # on to the next block that holds any (a failed job's commits may lie far apart)
+                (block,) = self._db.execute(
+                    "SELECT MIN(block) FROM result_batches WHERE job_id = ? AND block > ?", (job_id, block)
+                ).fetchone()
+                if block is None:
+                    return
+            first_offset = 0
 
     def _transaction(self):
         return _Transaction(self._db)

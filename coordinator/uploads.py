@@ -116,7 +116,8 @@ class Uploads:
             self._uploads_without_rows -= 1
         job.num_rows, job.splits = sum(s.num_rows for s in splits), len(splits)
         job.message = f"waiting for slots ({job.splits} splits)"
-        await self._manager.db(self._manager.store.create_in_place_job, job.to_status(), splits)
+        # (tens of thousands of splits, maybe: the loop serves on meanwhile)
+        await self._manager.db_in_thread(self._manager.store.create_in_place_job, job.to_status(), splits)
         self._manager.jobs[job.job_id] = job
         if accepted is not None:
             await accepted(job.job_id)

@@ -29,7 +29,7 @@ class WorkHandout:
         job = self._manager.current_attempt(request.job_id, request.attempt)
         if not in_place.reads_in_place(job.spec):
             raise FailedPrecondition(f"job {job.job_id} reads no dataset in place: its ranks ask for rows (FetchWork)")
-        splits = await self._manager.db(
+        splits = await self._manager.db_in_thread(  # a dataset's every split, maybe: the loop serves on
             self._manager.store.splits.open, request.job_id, request.attempt, request.rank, request.world_size
         )
         for i in range(0, len(splits), SPLITS_PER_MESSAGE):

@@ -297,6 +297,16 @@ def test_a_read_says_whether_it_stopped_at_its_limit_or_at_a_row_not_committed(s
     assert store.results_from("j", RESULT_BLOCK_ROWS + 5, 10) == (None, False)
 
 
+def test_a_read_through_gaps_passes_over_blocks_with_no_result_to_the_next_that_has_some(store):
+    """A failed job's commits may lie far apart: its stream reads on from the next block holding any."""
+    far = 40 * RESULT_BLOCK_ROWS + 7
+    add_job_with_rows(store, "j", far + 2)
+    commit(store, "j", 1, [result_blob(i) for i in [0, 1, far, far + 1]])
+    assert [r.index for r in read(store, "j", 2, 10, through_gaps=True).results] == [far, far + 1]
+    assert [r.index for r in read(store, "j", 0, 3, through_gaps=True).results] == [0, 1, far]
+    assert store.results_from("j", far + 2, 10, through_gaps=True) == (None, False)
+
+
 def test_results_from_joins_meta_json_of_the_input_row(store):
     store.create_job(job("j"))
     store.add_rows("j", 0, batch(rows("a", meta={"id": "first"}) + rows("b")))
