@@ -52,8 +52,7 @@ class WorkHandout:
         async def take() -> workers_pb2.FetchWorkResponse:
             units = attempt.units
             if in_place.reads_in_place(job.spec):
-                # (the first lists a dataset's every open split: on the store's thread, as FetchShard's)
-                splits = await self._manager.db_in_thread(units.next_split, self._manager.store)
+                splits = await self._manager.db(units.next_split, self._manager.store)
                 job.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
                 return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
             give_up_at = time.monotonic() + WAIT_FOR_WORK_S
