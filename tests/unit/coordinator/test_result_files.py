@@ -103,3 +103,31 @@ def test_the_batches_held_in_memory_are_bounded_and_older_ones_come_from_the_fil
     files.delete("a")
     assert files.bytes_held <= 4 * BLOCK and not (tmp_path / "a.arrows").exists()
     files.close()
+
+
+def test_a_big_report_is_written_from_where_it_lies_and_read_back_whole_at_any_alignment(tmp_path):
+    """A report as grpc received it (immutable bytes, anywhere in a block) is not copied to be written past the
+    page cache: its whole blocks go from where they lie, at a file position on the same place in a block."""
+    if not takes_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+    received = random.Random(3).randbytes(2 * result_files.IN_PLACE_BYTES + 4 * BLOCK)
+    files = ResultFiles(tmp_path)
+    written, places = [], []
+    for skip in (0, 1, 100, BLOCK - 1):  # where each stream starts in the received message
+        view = memoryview(received)[skip : skip + result_files.IN_PLACE_BYTES + 3 * BLOCK + skip]
+        position, size = files.append_stream("j", view)
+        assert size == len(view) and position % BLOCK == pa.py_buffer(view).address % BLOCK
+        held = files.read("j", position, size)
+        assert pa.py_buffer(held).address == pa.py_buffer(view).address  # the received bytes, not a copy
+        written.append(bytes(view))
+        places.append((position, size))
+    files.append_stream("j", written[0][:100])  # a small one is copied, and what follows still reads back
+    mutable = bytearray(written[1])
+    places.append(files.append_stream("j", mutable))  # the caller may change a bytearray: it is copied
+    written.append(bytes(mutable))
+    mutable[:10] = bytes(10)
+    assert [bytes(files.read("j", *place)) for place in places] == written
+    files.close()
+    reopened = ResultFiles(tmp_path)  # from the file: the part blocks around each stream hold it whole
+    assert [bytes(reopened.read("j", *place)) for place in places] == written
+    reopened.close()
