@@ -62,7 +62,14 @@ class WorkHandout:
                 replicas = len(attempt.placements) // max(1, request.replica_ranks)
                 asked = request.max_rows or UNIT_ROWS
                 rows, done = await self._manager.db(
-                    units.next_unit, self._manager.store, request.replica, asked, open_rows, replicas, uploading
+                    units.next_unit,
+                    self._manager.store,
+                    request.replica,
+                    asked,
+                    open_rows,
+                    replicas,
+                    uploading,
+                    request.rows_per_s,
                 )
                 left = give_up_at - time.monotonic()
                 if rows.num_rows or done or left <= 0:

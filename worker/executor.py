@@ -247,6 +247,8 @@ class Executor:
             gatherer, sender, inline=layout.tp_size > 1 and assignment.backend == "nccl", idle=batches.starved
         )
         batches.slow_rank = lambda: outbox.behind or outbox.others_waiting
+        rows_computed = 0
+        batches.rows_per_s = lambda: rows_computed / timings.compute_s if timings.compute_s else 0.0
         # For the daemon's metrics: (seconds, rows) of each batch, sent about once a second. A message per
         # batch woke the queue's feeder thread every batch, which took the GIL from this thread.
         batch_metrics, metrics_sent = [], time.monotonic()
@@ -259,6 +261,7 @@ class Executor:
             with torch.inference_mode(), contextlib.closing(computed(batches, forward, lanes)) as results:
                 for batch, payload, seconds in results:
                     timings.compute_s += seconds / lanes  # lanes compute side by side: about the wall time
+                    rows_computed += len(batch)
                     outbox.add(payload, batch, more_ready=batches.ready())
                     batch_metrics.append((seconds, len(batch)))
                     if (now := time.monotonic()) - metrics_sent >= METRICS_EVERY_S:

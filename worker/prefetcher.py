@@ -57,6 +57,7 @@ class Prefetcher:
         self._poll_committed = None  # asks the coordinator which (set for rows asked of it)
         self._polled_at = 0.0
         self.slow_rank = lambda: False  # whether others wait on this rank: set by the executor
+        self.rows_per_s = lambda: 0.0  # the rank's compute rate so far, told with each ask: set by the executor
         self.skipped_rows = 0
         self.encode_s = 0.0  # time spent tokenising, in the prefetch thread
         # Rows tokenised at a time, growing from a small first window (the first batch starts soon) to big
@@ -129,7 +130,7 @@ class Prefetcher:
             self._poll_committed = lambda: stub.FetchWork(poll, metadata=self._metadata)
 
         def asked(unit: int):
-            request = workers_pb2.FetchWorkRequest(unit=unit, max_rows=self._window)
+            request = workers_pb2.FetchWorkRequest(unit=unit, max_rows=self._window, rows_per_s=self.rows_per_s())
             request.MergeFrom(ask)
             return stub.FetchWork.future(request, metadata=self._metadata)
 

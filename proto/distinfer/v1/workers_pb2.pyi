@@ -456,6 +456,7 @@ class FetchWorkRequest(_message.Message):
     UNIT_FIELD_NUMBER: _builtins.int
     MAX_ROWS_FIELD_NUMBER: _builtins.int
     COMMITTED_ONLY_FIELD_NUMBER: _builtins.int
+    ROWS_PER_S_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     rank: _builtins.int
@@ -470,6 +471,10 @@ class FetchWorkRequest(_message.Message):
     """No rows: only which of this rank's rows others have committed (FetchWorkResponse.committed), asked
     while the rank is busy with the rows it holds. Takes no unit number.
     """
+    rows_per_s: _builtins.float
+    """Rows a second this rank computes (rows over the seconds spent computing them), 0 before its first batch:
+    the coordinator sizes each replica's units by its part of the fleet's speed.
+    """
     def __init__(
         self,
         *,
@@ -481,10 +486,11 @@ class FetchWorkRequest(_message.Message):
         unit: _builtins.int = ...,
         max_rows: _builtins.int = ...,
         committed_only: _builtins.bool = ...,
+        rows_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "committed_only", b"committed_only", "job_id", b"job_id", "max_rows", b"max_rows", "rank", b"rank", "replica", b"replica", "replica_ranks", b"replica_ranks", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "committed_only", b"committed_only", "job_id", b"job_id", "max_rows", b"max_rows", "rank", b"rank", "replica", b"replica", "replica_ranks", b"replica_ranks", "rows_per_s", b"rows_per_s", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,6 +36,21 @@ def test_every_row_is_handed_once_in_order_in_units_that_shrink_towards_the_end(
     assert sizes == sorted(sizes, reverse=True) and min(sizes[:-1]) == TAIL_UNIT_ROWS >= sizes[-1]
 
 
+def test_a_replica_three_times_as_fast_is_handed_units_about_three_times_as_big(store):
+    """Units sized by each replica's part of the fleet's speed take about as long on each, so the ranks end
+    together with few asks; a replica that has not said its speed yet counts as the mean."""
+    add_job_with_rows(store, "j", 8000)
+    units = WorkUnits("j", 1, done_before=0)
+    first, _ = next_unit(units, store, 1, 8192, 8000, 2, False, rows_per_s=100.0)
+    assert len(first) == 8000 // (SHARE_DIVISOR * 2)  # replica 0's speed unknown: an equal part each
+    next_unit(units, store, 0, 1, 8000, 2, False, rows_per_s=300.0)
+    slow, _ = next_unit(units, store, 1, 8192, 8000, 2, False, rows_per_s=100.0)
+    fast, _ = next_unit(units, store, 0, 8192, 8000, 2, False, rows_per_s=300.0)
+    left = 8000 - len(first) - 1
+    assert len(slow) == -(-left // (4 * SHARE_DIVISOR))  # a quarter of the fleet's speed
+    assert len(fast) == -(-(left - len(slow)) * 3 // (4 * SHARE_DIVISOR))
+
+
 def test_a_small_job_shrinks_to_smaller_units_so_that_every_rank_has_some(store):
     add_job_with_rows(store, "j", 40)
     units = WorkUnits("j", 1, done_before=0)
@@ -102,6 +117,7 @@ def test_once_every_row_is_handed_out_a_late_unit_is_copied_and_its_holder_told_
         commit(store, "j", 1, [result_blob(i) for i, _ in fast])
     assert next_unit(units, store, 0, 20, 40, 1, uploading=False) == ([], False)  # the slow unit is not late yet
     monkeypatch.setattr(work_units, "SPECULATE_AFTER_S", 0.0)
+    monkeypatch.setattr(work_units, "SLOWER_THAN", 0.0)  # late now, however long the fast units took to commit
     commit(store, "j", 1, [result_blob(slow[0][0])])  # the slow rank has done its first row
     copy, done = next_unit(units, store, 0, 20, 40, 1, uploading=False)
     assert copy == slow[1:] and not done  # the rows of the slow unit not committed yet
