@@ -17,6 +17,7 @@ string column (rows uploaded as InputRow messages).
 from __future__ import annotations
 
 import base64
+import ctypes
 import datetime
 import decimal
 
@@ -96,14 +97,26 @@ def parquet_options(schema: pa.Schema) -> dict:
 
 def to_ipc(batch: pa.RecordBatch | pa.Table, prefix: bytes = b"", size: int | None = None) -> bytes:
     """An Arrow IPC stream of a batch (or table), after `prefix` (a message's key and length, say), written once
-    into a buffer of its size, measured first: a growing buffer was reallocated, and copied, as it grew (half of
+    into bytes of its size, measured first: a growing buffer was reallocated, and copied, as it grew (half of
     to_ipc's time in the coordinator's result stream at a model's pace, when each copy runs on cold caches).
     size: the stream's, where the caller has counted it already (ipc_size)."""
-    buffer = pa.allocate_buffer(len(prefix) + (ipc_size(batch) if size is None else size))
-    memory = memoryview(buffer).cast("B")
+    out, memory = _new_bytes(len(prefix) + (ipc_size(batch) if size is None else size))
     memory[: len(prefix)] = prefix
     write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(memory[len(prefix) :])), batch)
-    return buffer.to_pybytes()
+    return out
+
+
+_bytes_of_size = ctypes.pythonapi.PyBytes_FromStringAndSize
+_bytes_of_size.restype, _bytes_of_size.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+_BYTES_DATA = bytes.__basicsize__ - 1  # where a bytes object's data starts, after its header
+
+
+def _new_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new bytes object of `size` bytes, and a writable view of them to fill before the bytes are used, as C
+    code fills PyBytes_FromStringAndSize(NULL, size). grpc sends bytes only: a message written into other memory
+    was copied into bytes after, a copy of every result's bytes (0.19 ms against 0.09 for 2,000 384-wide rows)."""
+    out = _bytes_of_size(None, size)
+    return out, memoryview((ctypes.c_char * size).from_address(id(out) + _BYTES_DATA)).cast("B")
 
 
 def ipc_size(batch: pa.RecordBatch | pa.Table) -> int:
