@@ -103,16 +103,7 @@ class ResultFiles:
             pieces.append(_block_aligned(tail))
             pieces[-1][:tail] = view[head + bulk :]
         start = file.end
-        try:
-            for piece in pieces:
-                _write_all(file.direct, piece, file.end)
-                file.end += len(piece)
-        except OSError as exc:
-            file.end = start  # a buffered write goes there instead
-            if exc.errno != errno.EINVAL:
-                raise
-            os.close(file.direct)  # this filesystem takes the flag but not the writes
-            file.direct = None
+        if not _write_direct(file, pieces):
             return None
         self._hold(job_id, file, start + skip, view)
         return start + skip
@@ -121,16 +112,7 @@ class ResultFiles:
         """Write the first `size` bytes of `memory` (whole blocks, zeros past `size`) at the file's end."""
         file = self._file(job_id)
         position = file.end
-        if file.direct is not None and position % BLOCK == 0:
-            try:
-                _write_all(file.direct, memory, position)
-                file.end += len(memory)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                os.close(file.direct)  # this filesystem takes the flag but not the writes
-                file.direct = None
-        if file.end == position:
+        if file.direct is None or position % BLOCK or not _write_direct(file, [memory]):
             _write_all(file.fd, memory[:size], position)
             file.end += size
         self._hold(job_id, file, position, memory[:size])
@@ -215,6 +197,25 @@ def _block_aligned(size: int) -> memoryview:
     memory = memoryview(buffer).cast("B")[start : start + padded]
     memory[size:] = bytes(padded - size)
     return memory
+
+
+def _write_direct(file: _File, pieces: list[memoryview]) -> bool:
+    """Write the pieces (each on whole blocks) one after the other at the file's end, past the page cache;
+    False, with nothing counted as written, where the filesystem refuses (its direct descriptor is closed then,
+    and later appends go through the page cache)."""
+    start = file.end
+    try:
+        for piece in pieces:
+            _write_all(file.direct, piece, file.end)
+            file.end += len(piece)
+    except OSError as exc:
+        file.end = start  # a buffered write goes there instead
+        if exc.errno != errno.EINVAL:
+            raise
+        os.close(file.direct)  # this filesystem takes the flag but not the writes
+        file.direct = None
+        return False
+    return True
 
 
 def _write_all(fd: int, view: memoryview, position: int) -> None:
