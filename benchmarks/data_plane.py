@@ -31,6 +31,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from benchmarks.loops import load_texts, model_path, plain_loop
 from distinfer.client.local import LocalCluster
 from distinfer.worker.devices import pick_dtype
+from distinfer.worker.result_sender import REPORT_AFTER_S  # the coordinator's wait between reports at a model's pace
 
 ROWS, QUICK_ROWS = 100_000, 20_000
 RANKS = 2
@@ -38,7 +39,6 @@ ROW_GROUP_ROWS = 5_000  # in place: a split per row group
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHORT_CHARS = 48
 IDLE_S, SETTLE_S = 5.0, 3.0
-HAND_OFF_IDLE_S = 1.0  # the coordinator's wait between rank 0's reports at a model's pace (REPORT_AFTER_S)
 NO_MODEL = "no model (384 floats a row)"  # the plumbing's own rate: what a GPU fleet would feed it
 MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
 
@@ -234,7 +234,7 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
                 entries.append(distinfer_run(cluster, name, args, output, rows, idle, start_up))
                 (shutil.rmtree if output.is_dir() else Path.unlink)(output)
         write_us = new_file_write_us_per_row(tmp, entries[0]["output_bytes_per_row"], rows)  # streamed Parquet's
-    hand_off = {"back_to_back": hand_off_cpu_us(0.0, 2000), "after_idle": hand_off_cpu_us(HAND_OFF_IDLE_S, 25)}
+    hand_off = {"back_to_back": hand_off_cpu_us(0.0, 2000), "after_idle": hand_off_cpu_us(REPORT_AFTER_S, 25)}
     for entry in entries:
         entry["vs_plain"] = None if entry["name"].endswith(NO_MODEL) else entry["rows_per_s"] / (rows / plain_s)
     return {
@@ -299,7 +299,7 @@ def markdown(section: dict) -> str:
         "the client pays that for its output (the coordinator writes its results file past the page cache). "
         f"Handing a call to another thread and back (as each store call went to a thread of the store's) costs "
         f"{section['hand_off_cpu_us']['back_to_back']:.0f} us of CPU back to back and "
-        f"{section['hand_off_cpu_us']['after_idle']:.0f} us after {HAND_OFF_IDLE_S:g} s idle: at a model's pace "
+        f"{section['hand_off_cpu_us']['after_idle']:.0f} us after {REPORT_AFTER_S:g} s idle: at a model's pace "
         "the coordinator waits between reports, and each of its operations runs on cold caches (so it now calls its "
         "store on its event loop).",
     ]

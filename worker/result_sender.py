@@ -10,13 +10,19 @@ from distinfer.worker.stage import END, Stage
 
 # Rank 0 reports the rounds gathered within this long of its last report together, up to these many rows: each
 # report costs the coordinator a transaction, a read and a send to every reader, whatever its size, and at a
-# model's pace each runs on cold caches. Reporting every second rather than every half took 0.9 us a row off
-# the coordinator's 9.7 (a paced no-model job of 50,000 rows at 1,950 rows/s, two coordinators side by side,
-# six rounds); results reach clients about a second behind. Fast ranks reach REPORT_ROWS sooner, and a round
-# after a quiet spell (the job's first) is reported at once.
+# model's pace each runs on cold caches. A paced no-model job of 50,000 rows at 1,950 rows/s (two coordinators
+# side by side, six rounds): reporting every second rather than every half took 0.9 us a row off the
+# coordinator's 9.7; every two seconds rather than every one, 1.0 off 7.7 (and 1.2 off the client's 24).
+# Results reach clients up to two seconds behind, and a failed attempt loses at most two seconds of work. Fast
+# ranks reach REPORT_ROWS sooner (a GPU node at 14,000 rows/s reports about twice a second), and a round after
+# a quiet spell (the job's first) is reported at once.
 # A report goes in messages of up to REPORT_BYTES (the coordinator takes 64 MiB): each costs it about half a
 # millisecond whatever its size, and at 1.5 KiB a row (384 floats) the 4 MiB of other streams held 2,700 rows.
-REPORT_ROWS, REPORT_BYTES, REPORT_AFTER_S = 8192, 16 << 20, 1.0
+REPORT_ROWS, REPORT_BYTES, REPORT_AFTER_S = 8192, 16 << 20, 2.0
+# Handed over after a round that gathered no rows: every rank waits for input, so what is held goes at once.
+# Near a job's end the ranks wait for the coordinator to commit the rows held here before they are told it is
+# done: held for the report's interval, every job's end had waited that long.
+_FLUSH = object()
 
 
 class ResultSender:
@@ -27,6 +33,7 @@ class ResultSender:
     def __init__(self, stub, reports, metadata=()):
         """reports(gathered): the ReportResultsRequests of a gathered round."""
         self._reports = reports
+        self._flushed = True  # whether nothing was handed over since the last _FLUSH
         self._stage = Stage("results", "streaming results to the coordinator", 64)
         self._stage.start(lambda: stub.ReportResults(self._messages(), metadata=metadata))
 
@@ -34,6 +41,8 @@ class ResultSender:
         queue_, sent_at = self._stage.queue, -REPORT_AFTER_S
         try:
             while (gathered := queue_.get()) is not END:
+                if gathered is _FLUSH:
+                    continue  # nothing held
                 held, ending = [gathered], False
                 flush_at = sent_at + REPORT_AFTER_S  # a round after a quiet spell (the first) goes at once
                 while sum(map(len, held)) < REPORT_ROWS and (left := flush_at - time.monotonic()) > 0:
@@ -43,6 +52,8 @@ class ResultSender:
                         break
                     if gathered is END:
                         ending = True
+                        break
+                    if gathered is _FLUSH:
                         break
                     held.append(gathered)
                 yield from self._reports(Gathered.joined(held))
@@ -56,6 +67,10 @@ class ResultSender:
     def send(self, gathered: Gathered) -> None:
         if gathered:
             self._stage.put(gathered)
+            self._flushed = False
+        elif not self._flushed:  # (once: idle ranks take part in a round with no rows every few tens of ms)
+            self._stage.put(_FLUSH)
+            self._flushed = True
         else:
             self._stage.check()
 

@@ -261,3 +261,24 @@ def test_rank_zero_reports_a_first_round_at_once_and_joins_the_next_ones_in_inde
     assert joined.indices.tolist() == sorted([f + d for f in (0, 10, 20, 30) for d in (0, 1, 3)])
     assert joined.rows[:, 0].tolist() == joined.indices.tolist()  # each row stays with its index
     assert late.indices.tolist() == [40]
+
+
+def test_rank_zero_reports_what_it_holds_once_a_round_gathers_no_rows():
+    """Every rank waits for input (near a job's end: for the coordinator to commit the rows held here, before it
+    tells them the job is done): what is held goes at once, not a report's interval later."""
+    from distinfer.worker.gather import Gathered
+    from distinfer.worker.result_sender import REPORT_AFTER_S, ResultSender
+
+    stub = _RecordingResultsStub()
+    sender = ResultSender(stub, lambda gathered: [gathered.in_index_order()])
+    sender.send(Gathered(np.array([0]), np.zeros(1, np.int64), torch.zeros(1, 1)))
+    wait_until(lambda: stub.reports, 10, "the first round reported")
+    sender.send(Gathered(np.array([1]), np.zeros(1, np.int64), torch.zeros(1, 1)))  # held for the interval
+    time.sleep(0.1)
+    assert len(stub.reports) == 1
+    for _ in range(3):  # idle rounds: one flush, the others nothing to hand over
+        sender.send(Gathered())
+    wait_until(lambda: len(stub.reports) == 2, REPORT_AFTER_S / 4, "the held round reported after an idle round")
+    assert stub.reports[1].indices.tolist() == [1]
+    sender.close()
+    assert len(stub.reports) == 2
