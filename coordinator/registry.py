@@ -95,6 +95,12 @@ class Registry:
         cutoff = time.monotonic() - timeout_s
         return [w for w in self.workers.values() if w.outbox is not None and w.last_heartbeat < cutoff]
 
+    def next_stale_in(self, timeout_s: float) -> float:
+        """Seconds until the first connected worker would go stale without another heartbeat (timeout_s with
+        none connected: one that connects later has the whole time-out ahead of it)."""
+        oldest = min((w.last_heartbeat for w in self.workers.values() if w.outbox is not None), default=None)
+        return timeout_s if oldest is None else oldest + timeout_s - time.monotonic()
+
     def free_slots(self) -> list[FreeSlot]:
         return [
             FreeSlot(worker_id=w.worker_id, host=w.advertise_host, slot=s.index, device=s.device)

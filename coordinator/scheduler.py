@@ -20,19 +20,21 @@ class Scheduler:
         self._manager = manager
 
     async def run(self, tick_s: float = 1.0) -> None:
-        """Place queued jobs whenever the manager says the queue or the slots changed (and every tick, for queue
-        time-outs)."""
+        """Place queued jobs whenever the manager says the queue or the slots changed, and every tick while a
+        job waits in the queue (for queue time-outs, and workers that register). With none queued it sleeps
+        until woken: each wake-up during a job, at a model's pace, runs on cold caches."""
         changed = self._manager.queue_changed
         while True:
-            try:
-                await asyncio.wait_for(changed.wait(), tick_s)
-            except TimeoutError:
-                pass
-            changed.clear()
+            changed.clear()  # (before the pass: what changes during it wakes the next one)
             try:
                 await self.tick()
             except Exception:
                 log.exception("schedule_failed")
+            queued = any(job.state == JobState.QUEUED for job in self._manager.jobs.values())
+            try:
+                await asyncio.wait_for(changed.wait(), tick_s if queued else None)
+            except TimeoutError:
+                pass
 
     async def tick(self) -> None:
         """One pass over the queue."""

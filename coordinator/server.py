@@ -34,6 +34,8 @@ from distinfer.v1 import jobs_pb2, jobs_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
+STALE_CHECK_MIN_S = 0.05  # the heartbeat watch's shortest sleep: it never spins on a worker just going stale
+
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -160,11 +162,14 @@ class Coordinator:
         log.info("coordinator_started", port=self.port, state_dir=str(self.config.state_dir))
 
     async def _watch_heartbeats(self) -> None:
+        """Disconnect a worker once it has sent no heartbeat for the time-out. Wakes when the least recent
+        heartbeat would be that old (not at a fixed beat: each wake-up, at a model's pace, runs on cold caches)."""
+        timeout_s = self.config.heartbeat_timeout_s
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s / 2)
-            for worker in self.manager.registry.stale(self.config.heartbeat_timeout_s):
+            for worker in self.manager.registry.stale(timeout_s):
                 log.warning("worker_heartbeats_missed", worker_id=worker.worker_id)
                 worker.disconnect("missed heartbeats")
+            await asyncio.sleep(max(STALE_CHECK_MIN_S, self.manager.registry.next_stale_in(timeout_s)))
 
     async def _delete_old_jobs(self) -> None:
         keep_s = self.config.keep_ended_jobs_s
