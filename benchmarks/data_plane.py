@@ -30,8 +30,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from benchmarks.loops import load_texts, model_path, plain_loop
 from distinfer.client.local import LocalCluster
+from distinfer.common.channels import REPORT_AFTER_S  # the coordinator's wait between reports at a model's pace
 from distinfer.worker.devices import pick_dtype
-from distinfer.worker.result_sender import REPORT_AFTER_S  # the coordinator's wait between reports at a model's pace
 
 ROWS, QUICK_ROWS = 100_000, 20_000
 RANKS = 2

@@ -14,6 +14,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # however long the rows. Text is counted in characters: a quarter as many, UTF-8 taking at most 4 bytes each.
 STREAM_MESSAGE_BYTES = 4 << 20
 STREAM_MESSAGE_CHARS = STREAM_MESSAGE_BYTES // 4
+# Rank 0 reports the rows gathered within this long of its last report together (worker/result_sender.py says
+# why), so the coordinator sees a unit's rows committed up to this long after they were computed.
+REPORT_AFTER_S = 2.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

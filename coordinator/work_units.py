@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distinfer.common import work_rows
-from distinfer.common.channels import STREAM_MESSAGE_CHARS
+from distinfer.common.channels import REPORT_AFTER_S, STREAM_MESSAGE_CHARS
 from distinfer.common.result_columns import INDEX
 from distinfer.coordinator.job_store import JobStore, RowCursor
 
@@ -50,8 +50,9 @@ SHARE_DIVISOR = 2
 # unit late enough to copy, rather than asking again each second (an ask costs the coordinator about 1 ms).
 WAIT_FOR_WORK_S = 10.0
 # A unit is copied to an idle rank once it has been held SLOWER_THAN times as long as units take to be
-# committed (their median), and at least SPECULATE_AFTER_S.
-SLOWER_THAN, SPECULATE_AFTER_S = 3.0, 1.0
+# committed (their median), and at least SPECULATE_AFTER_S: a second more than rank 0 may hold computed rows
+# before it reports them (less, and a fast rank's units, computed and held, were copied to a slow one).
+SLOWER_THAN, SPECULATE_AFTER_S = 3.0, REPORT_AFTER_S + 1.0
 
 
 @dataclass

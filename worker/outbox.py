@@ -158,7 +158,7 @@ class Outbox:
         self.behind = 2 * most > 3 * mine or (most >= self.MAX_ROWS_PER_ROUND > mine)
         # Another rank took part with no rows (it waits for work, or has finished) while this one had some.
         self.others_waiting = bool(indices) and min(counts, default=1) <= 0
-        self._deliver(gathered, started)
+        self._deliver(gathered, started, some_rank_idle=min(counts, default=0) <= 0)
 
     def _drain(self) -> None:
         """Rounds with nothing until every rank reports done."""
@@ -168,11 +168,11 @@ class Outbox:
             if gathered is None:
                 self.gather_s += time.monotonic() - started
                 return
-            self._deliver(gathered, started)
+            self._deliver(gathered, started, some_rank_idle=True)  # (this one has nothing left)
 
-    def _deliver(self, gathered, started: float) -> None:
+    def _deliver(self, gathered, started: float, some_rank_idle: bool) -> None:
         gathered_at = time.monotonic()
         self.gather_s += gathered_at - started
         if self._sender is not None:
-            self._sender.send(gathered)
+            self._sender.send(gathered, some_rank_idle)
             self.stream_s += time.monotonic() - gathered_at  # only when the stream pushes back

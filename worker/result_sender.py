@@ -5,12 +5,13 @@ from __future__ import annotations
 import queue
 import time
 
+from distinfer.common.channels import REPORT_AFTER_S
 from distinfer.worker.gather import Gathered
 from distinfer.worker.stage import END, Stage
 
-# Rank 0 reports the rounds gathered within this long of its last report together, up to these many rows: each
-# report costs the coordinator a transaction, a read and a send to every reader, whatever its size, and at a
-# model's pace each runs on cold caches. A paced no-model job of 50,000 rows at 1,950 rows/s (two coordinators
+# Rank 0 reports the rounds gathered within REPORT_AFTER_S of its last report together, up to REPORT_ROWS:
+# each report costs the coordinator a transaction, a read and a send to every reader, whatever its size, and
+# at a model's pace each runs on cold caches. A paced no-model job of 50,000 rows at 1,950 rows/s (two coordinators
 # side by side, six rounds): reporting every second rather than every half took 0.9 us a row off the
 # coordinator's 9.7; every two seconds rather than every one, 1.0 off 7.7 (and 1.2 off the client's 24).
 # Results reach clients up to two seconds behind, and a failed attempt loses at most two seconds of work. Fast
@@ -18,10 +19,11 @@ from distinfer.worker.stage import END, Stage
 # a quiet spell (the job's first) is reported at once.
 # A report goes in messages of up to REPORT_BYTES (the coordinator takes 64 MiB): each costs it about half a
 # millisecond whatever its size, and at 1.5 KiB a row (384 floats) the 4 MiB of other streams held 2,700 rows.
-REPORT_ROWS, REPORT_BYTES, REPORT_AFTER_S = 8192, 16 << 20, 2.0
-# Handed over after a round that gathered no rows: every rank waits for input, so what is held goes at once.
-# Near a job's end the ranks wait for the coordinator to commit the rows held here before they are told it is
-# done: held for the report's interval, every job's end had waited that long.
+REPORT_ROWS, REPORT_BYTES = 8192, 16 << 20
+# Handed over after a round in which a rank had no rows (it waits for input, or has none left): what is held
+# goes at once. Such a rank waits on the coordinator's commits: near a job's end to be told it is done, or
+# handed a copy of a unit that looks late because its rows are held here (a fast rank's, computed long ago).
+# Held for the report's interval, every job's end waited that long.
 _FLUSH = object()
 
 
@@ -64,14 +66,15 @@ class ResultSender:
             self._stage.fail(exc)
             raise
 
-    def send(self, gathered: Gathered) -> None:
+    def send(self, gathered: Gathered, some_rank_idle: bool = False) -> None:
+        """some_rank_idle: a rank took part in the round with no rows (as every rank did if none came)."""
         if gathered:
             self._stage.put(gathered)
             self._flushed = False
-        elif not self._flushed:  # (once: idle ranks take part in a round with no rows every few tens of ms)
+        if (some_rank_idle or not gathered) and not self._flushed:  # (once: idle ranks join a round every 50 ms)
             self._stage.put(_FLUSH)
             self._flushed = True
-        else:
+        elif not gathered:
             self._stage.check()
 
     def close(self) -> None:

@@ -139,7 +139,8 @@ def test_a_jsonl_folder_on_a_shared_filesystem_is_read_in_place(s3, sample_rows,
 
 def start_slow_job(client: Client, location: str, count: int, splits_done: int) -> tuple:
     """A simulate job over `count` rows in splits of 16, read in place from location/in; returns it with its
-    status once `splits_done` parts are written (well before its end: 4 batches of 40 ms a split)."""
+    status once `splits_done` parts are written (well before its end: 4 batches of 150 ms a split, so that the
+    job outlasts rank 0's reports, up to REPORT_AFTER_S apart, by seconds)."""
     rows = [{"id": i, "text": "x" * (1 + i % 7)} for i in range(count)]
     fs, root = filesystem(f"{location}/in")
     fs.create_dir(root, recursive=True)
@@ -149,7 +150,7 @@ def start_slow_job(client: Client, location: str, count: int, splits_done: int) 
         InPlace(f"{location}/in", f"{location}/out"),
         model="",
         task="simulate",
-        simulated_batch_ms=40,
+        simulated_batch_ms=150,
         batch_size=4,
         workers=2,
         max_attempts=5,

@@ -30,8 +30,9 @@ def test_a_faster_rank_computes_more_rows_and_every_row_comes_once_in_order(clie
 
 def test_a_rank_killed_holding_units_gives_back_only_the_rows_not_committed(client):
     texts = [f"row {i}" for i in range(ROWS)]
+    # About 6 s: a quarter is committed (rank 0 reports up to REPORT_AFTER_S apart) well before the end.
     job = client.submit(
-        texts, model="", task="simulate", workers=2, batch_size=8, simulated_batch_ms=10, max_attempts=3
+        texts, model="", task="simulate", workers=2, batch_size=8, simulated_batch_ms=30, max_attempts=3
     )
 
     def a_quarter_done():

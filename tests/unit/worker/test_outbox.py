@@ -240,8 +240,9 @@ class _RecordingResultsStub:
 
 
 def test_rank_zero_reports_a_first_round_at_once_and_joins_the_next_ones_in_index_order():
+    from distinfer.common.channels import REPORT_AFTER_S
     from distinfer.worker.gather import Gathered
-    from distinfer.worker.result_sender import REPORT_AFTER_S, ResultSender
+    from distinfer.worker.result_sender import ResultSender
 
     def round_of(*indices):
         indices = np.array(indices)
@@ -263,11 +264,12 @@ def test_rank_zero_reports_a_first_round_at_once_and_joins_the_next_ones_in_inde
     assert late.indices.tolist() == [40]
 
 
-def test_rank_zero_reports_what_it_holds_once_a_round_gathers_no_rows():
-    """Every rank waits for input (near a job's end: for the coordinator to commit the rows held here, before it
-    tells them the job is done): what is held goes at once, not a report's interval later."""
+def test_rank_zero_reports_what_it_holds_once_a_rank_brings_no_rows_to_a_round():
+    """A rank waits for input (near a job's end: for the coordinator to commit the rows held here, before it is
+    told the job is done): what is held goes at once, not a report's interval later."""
+    from distinfer.common.channels import REPORT_AFTER_S
     from distinfer.worker.gather import Gathered
-    from distinfer.worker.result_sender import REPORT_AFTER_S, ResultSender
+    from distinfer.worker.result_sender import ResultSender
 
     stub = _RecordingResultsStub()
     sender = ResultSender(stub, lambda gathered: [gathered.in_index_order()])
@@ -280,5 +282,8 @@ def test_rank_zero_reports_what_it_holds_once_a_round_gathers_no_rows():
         sender.send(Gathered())
     wait_until(lambda: len(stub.reports) == 2, REPORT_AFTER_S / 4, "the held round reported after an idle round")
     assert stub.reports[1].indices.tolist() == [1]
+    # A round to which one rank brought no rows (it waits on the coordinator's commits): reported at once too.
+    sender.send(Gathered(np.array([2]), np.zeros(1, np.int64), torch.zeros(1, 1)), some_rank_idle=True)
+    wait_until(lambda: len(stub.reports) == 3, REPORT_AFTER_S / 4, "a round with an idle rank reported at once")
     sender.close()
-    assert len(stub.reports) == 2
+    assert len(stub.reports) == 3
