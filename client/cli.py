@@ -25,7 +25,6 @@ from distinfer.client.job_runs import (
 from distinfer.client.local import ClusterError
 from distinfer.client.rows import InputError
 from distinfer.common.channels import security_from_args
-from distinfer.common.heap import keep_big_buffers_in_heap
 from distinfer.v1 import jobs_pb2
 
 
@@ -38,9 +37,6 @@ class Terminated(KeyboardInterrupt):
 
 
 def main(argv=None) -> int:
-    # Result messages of a few MiB otherwise cost a page fault per 4 KiB each: 4 us a row of the client's 22
-    # (a paced 50,000-row job writing Parquet, side by side, 6 rounds).
-    keep_big_buffers_in_heap()
     args = build_parser(argv).parse_args(argv)
     try:
         return COMMANDS[args.command](args) or 0

@@ -1,5 +1,5 @@
-"""The memory settings of the coordinator and the CLI (common/heap.py). What they save is measured by
-`make bench` (the data path's coordinator page faults a row); here, that they take hold in a fresh process."""
+"""The coordinator's memory settings (common/heap.py). What they save is measured by `make bench` (the data
+path's coordinator page faults a row); here, that they take hold in a fresh process."""
 
 from __future__ import annotations
 
@@ -21,20 +21,3 @@ def test_arrow_allocates_from_the_heap_that_keeps_big_buffers():
     out = subprocess.run([sys.executable, "-c", SETTINGS], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] != "system"  # the test would pass for nothing if Arrow's default were the system allocator
     assert out[1:] == ["system", str(3 << 20)]
-
-
-CLI = """
-import pyarrow as pa
-from distinfer.client.cli import main
-try:
-    main(["--help"])
-except SystemExit:
-    pass
-print(pa.default_memory_pool().backend_name)
-"""
-
-
-def test_the_cli_takes_the_same_settings():
-    """The client moves the same result messages: the CLI's process keeps its big buffers too."""
-    out = subprocess.run([sys.executable, "-c", CLI], capture_output=True, text=True, check=True).stdout.split()
-    assert out[-1] == "system"
