@@ -156,9 +156,10 @@ class Outbox:
         # round's cap (it has more waiting), says this one is behind. (Smaller rounds cost every rank a
         # collective, and the coordinator a commit, per batch.)
         self.behind = 2 * most > 3 * mine or (most >= self.MAX_ROWS_PER_ROUND > mine)
-        # Another rank took part with no rows (it waits for work, or has finished) while this one had some.
-        self.others_waiting = bool(indices) and min(counts, default=1) <= 0
-        self._deliver(gathered, started, some_rank_idle=min(counts, default=0) <= 0)
+        # A rank took part with no rows: it waits for work, or has finished.
+        some_rank_idle = min(counts, default=0) <= 0
+        self.others_waiting = bool(indices) and some_rank_idle  # (another one, as this one had rows)
+        self._deliver(gathered, started, some_rank_idle)
 
     def _drain(self) -> None:
         """Rounds with nothing until every rank reports done."""
