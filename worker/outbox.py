@@ -23,8 +23,8 @@ class Outbox:
     rounds, not the other ranks' compute. The first round goes out after one batch (results stream early),
     then rounds carry twice as many batches each time, up to MAX_BATCHES_PER_ROUND, plus whatever else is
     already waiting, up to MAX_ROWS_PER_ROUND (bigger rounds would commit, stream and lose to a failure in
-    coarser steps). Ranks need not agree on round sizes: the n-th round of one rank meets the n-th round of
-    the others.
+    coarser steps), or all of it for a rank behind (`behind`: it catches up). Ranks need not agree on round
+    sizes: the n-th round of one rank meets the n-th round of the others.
 
     Batches are handed over a round's worth at a time, so the round thread wakes once a round, not once a
     batch: every wake-up takes the GIL from the model's thread, whose OpenMP threads then wait.
@@ -117,7 +117,8 @@ class Outbox:
 
     def _collect(self) -> tuple[list | None, bool]:
         """The next round's batches: a handed-over group (waiting for one), then any other groups already
-        waiting, up to the row cap. Returns (batches or None if abandoned, whether the rank is done)."""
+        waiting, up to the row cap (but for a rank behind). Returns (batches or None if abandoned, whether the
+        rank is done)."""
         batches: list = []
         group = self._next_group()
         while True:
@@ -128,7 +129,10 @@ class Outbox:
             if group is END:
                 return batches, True
             batches.extend(group)
-            if sum(len(indices) for _, indices, _ in batches) >= self.MAX_ROWS_PER_ROUND:
+            # A rank behind brings all it has waiting: it hands its batches over one at a time, and capped at
+            # MAX_ROWS_PER_ROUND a round (rounds come at the other ranks' pace, 8 batches each) it stayed behind
+            # for good, its compute held to its rounds' rows by its full queue.
+            if not self.behind and sum(len(indices) for _, indices, _ in batches) >= self.MAX_ROWS_PER_ROUND:
                 return batches, False
             try:
                 group = self._stage.queue.get_nowait()
