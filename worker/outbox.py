@@ -23,8 +23,8 @@ class Outbox:
     rounds, not the other ranks' compute. The first round goes out after one batch (results stream early),
     then rounds carry twice as many batches each time, up to MAX_BATCHES_PER_ROUND, plus whatever else is
     already waiting, up to MAX_ROWS_PER_ROUND (bigger rounds would commit, stream and lose to a failure in
-    coarser steps), or all of it for a rank behind (`behind`: it catches up). Ranks need not agree on round
-    sizes: the n-th round of one rank meets the n-th round of the others.
+    coarser steps), or, for a rank behind, up to as many as another brought to the last round (it catches up).
+    Ranks need not agree on round sizes: the n-th round of one rank meets the n-th round of the others.
 
     Batches are handed over a round's worth at a time, so the round thread wakes once a round, not once a
     batch: every wake-up takes the GIL from the model's thread, whose OpenMP threads then wait.
@@ -59,6 +59,11 @@ class Outbox:
         # batches capped a faster one at MAX_ROWS_PER_ROUND a round. Behind, a rank takes part in a round per
         # batch.
         self.behind = False
+        # The rows a round brings at most (but a whole group at least). Behind, a rank hands its batches over one at
+        # a time, and rounds come at the others' pace (8 batches each, 512 rows of 64): held to MAX_ROWS_PER_ROUND
+        # (256), a rank behind stayed behind for good, its compute held to half speed by its full queue. So behind,
+        # it brings as many rows as the most another rank brought to the last round.
+        self._round_rows = self.MAX_ROWS_PER_ROUND
         self.others_waiting = False
         self._inline = inline or gatherer is None
         if not self._inline:
@@ -117,8 +122,7 @@ class Outbox:
 
     def _collect(self) -> tuple[list | None, bool]:
         """The next round's batches: a handed-over group (waiting for one), then any other groups already
-        waiting, up to the row cap (but for a rank behind). Returns (batches or None if abandoned, whether the
-        rank is done)."""
+        waiting, up to the round's rows. Returns (batches or None if abandoned, whether the rank is done)."""
         batches: list = []
         group = self._next_group()
         while True:
@@ -129,10 +133,7 @@ class Outbox:
             if group is END:
                 return batches, True
             batches.extend(group)
-            # A rank behind brings all it has waiting: it hands its batches over one at a time, and capped at
-            # MAX_ROWS_PER_ROUND a round (rounds come at the other ranks' pace, 8 batches each) it stayed behind
-            # for good, its compute held to its rounds' rows by its full queue.
-            if not self.behind and sum(len(indices) for _, indices, _ in batches) >= self.MAX_ROWS_PER_ROUND:
+            if sum(len(indices) for _, indices, _ in batches) >= self._round_rows:
                 return batches, False
             try:
                 group = self._stage.queue.get_nowait()
@@ -160,6 +161,7 @@ class Outbox:
         # round's cap (it has more waiting), says this one is behind. (Smaller rounds cost every rank a
         # collective, and the coordinator a commit, per batch.)
         self.behind = 2 * most > 3 * mine or (most >= self.MAX_ROWS_PER_ROUND > mine)
+        self._round_rows = max(self.MAX_ROWS_PER_ROUND, most) if self.behind else self.MAX_ROWS_PER_ROUND
         # A rank took part with no rows: it waits for work, or has finished.
         some_rank_idle = min(counts, default=0) <= 0
         self.others_waiting = bool(indices) and some_rank_idle  # (another one, as this one had rows)
