@@ -30,16 +30,15 @@ class Scheduler:
                 await self.tick()
             except Exception:
                 log.exception("schedule_failed")
-            queued = any(job.state == JobState.QUEUED for job in self._manager.jobs.values())
             try:
-                await asyncio.wait_for(changed.wait(), tick_s if queued else None)
+                await asyncio.wait_for(changed.wait(), tick_s if self._queued() else None)
             except TimeoutError:
                 pass
 
     async def tick(self) -> None:
         """One pass over the queue."""
         # Oldest first; a job that cannot start does not hold back a smaller one behind it.
-        for job in [j for j in self._manager.jobs.values() if j.state == JobState.QUEUED]:
+        for job in self._queued():
             if self._manager.jobs.get(job.job_id) is not job or job.state != JobState.QUEUED:
                 continue  # cancelled, failed or dropped while an earlier job of this pass waited on the store
             spec = job.spec
@@ -56,6 +55,10 @@ class Scheduler:
                 await self._manager.set_message(job, f"waiting for a free rendezvous port on {worker.advertise_host}")
                 continue
             await self._start_attempt(job, placements, port)
+
+    def _queued(self) -> list[Job]:
+        """The jobs waiting for slots, oldest first."""
+        return [job for job in self._manager.jobs.values() if job.state == JobState.QUEUED]
 
     async def _still_waiting(self, job: Job, min_slots: int) -> None:
         free, total = len(self._manager.registry.free_slots()), self._manager.registry.total_slots()
