@@ -90,28 +90,31 @@ class Registry:
             slot.healthy = slot.index in healthy
         return changed
 
+    def connected(self) -> list[WorkerEntry]:
+        """The workers with a live control stream."""
+        return [w for w in self.workers.values() if w.outbox is not None]
+
     def stale(self, timeout_s: float) -> list[WorkerEntry]:
         """Connected workers whose last heartbeat is older than timeout_s."""
         cutoff = time.monotonic() - timeout_s
-        return [w for w in self.workers.values() if w.outbox is not None and w.last_heartbeat < cutoff]
+        return [w for w in self.connected() if w.last_heartbeat < cutoff]
 
     def next_stale_in(self, timeout_s: float) -> float:
         """Seconds until the first connected worker would go stale without another heartbeat (timeout_s with
         none connected: one that connects later has the whole time-out ahead of it)."""
-        oldest = min((w.last_heartbeat for w in self.workers.values() if w.outbox is not None), default=None)
+        oldest = min((w.last_heartbeat for w in self.connected()), default=None)
         return timeout_s if oldest is None else oldest + timeout_s - time.monotonic()
 
     def free_slots(self) -> list[FreeSlot]:
         return [
             FreeSlot(worker_id=w.worker_id, host=w.advertise_host, slot=s.index, device=s.device)
-            for w in self.workers.values()
-            if w.outbox is not None
+            for w in self.connected()
             for s in w.slots.values()
             if s.healthy and not s.job_id
         ]
 
     def total_slots(self) -> int:
-        return sum(len(w.slots) for w in self.workers.values() if w.outbox is not None)
+        return sum(len(w.slots) for w in self.connected())
 
     def assign(self, worker_id: str, slot: int, job_id: str, attempt: int) -> None:
         state = self.workers[worker_id].slots[slot]
