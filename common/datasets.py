@@ -11,6 +11,8 @@ Only pyarrow.fs is used (no fsspec), and nothing here imports torch: the coordin
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import fnmatch
 import posixpath
 import re
@@ -33,6 +35,10 @@ _BLOCK = 16 << 20
 # (a file written as one big row group still runs on all of them), and a split's results, which rank 0 keeps
 # until its part is written, stay a bounded size. Each range reads its row group's columns and keeps its rows.
 SPLIT_ROWS = 65_536
+# Files read at once for the manifest. On an object store each Parquet footer costs a request or two of tens of
+# milliseconds, so a dataset of 10,000 part files (a Spark or Ray output) took minutes to list one by one. A JSONL
+# file is read whole, in _BLOCK pieces: fewer at once bounds the memory that takes.
+PARQUET_FILES_AT_ONCE, JSONL_FILES_AT_ONCE = 32, 4
 # Blank lines hold only JSON whitespace. Given whole lines, one is blank where a newline is followed by
 # whitespace and another newline; the region's first line (no newline before it there) is _LEADING_BLANK.
 _BLANK = re.compile(rb"\n[ \t\r]*(?=\n)")
@@ -62,9 +68,12 @@ def build_manifest(
     fmt: str | None = None,
     split_bytes: int = 64 << 20,
     split_rows: int = SPLIT_ROWS,
+    files_at_once: int | None = None,
 ) -> list[Split]:
     """The splits of a file, a folder (recursively) or a glob, from Parquet footers (row groups, those over
-    split_rows cut into row ranges) or one pass over JSONL (byte ranges of about split_bytes)."""
+    split_rows cut into row ranges) or one pass over JSONL (byte ranges of about split_bytes). Each file's text
+    field is checked (Parquet: its schema; JSONL: its first row). Files are read `files_at_once` at a time
+    (default: PARQUET_FILES_AT_ONCE or JSONL_FILES_AT_ONCE); an error is the first file's, in path order."""
     if fmt not in (None, PARQUET, JSONL):
         raise DatasetError(f"{location} cannot be read in place as {fmt}; only parquet and jsonl datasets can")
     if split_bytes <= 0 or split_rows <= 0:
@@ -82,16 +91,25 @@ def build_manifest(
                 f"{location} mixes Parquet and JSONL files (e.g. {display_path(location, parquet)} and "
                 f"{display_path(location, jsonl)}); a dataset must be all one format, so point at one kind of file"
             )
-        splits: list[Split] = []
-        check: str | None = text_field  # JSONL: only the dataset's first row is checked
-        for path in paths:
-            first = splits[-1].first_index + splits[-1].num_rows if splits else 0
-            if formats[path] == PARQUET:
-                splits += _parquet_splits(fs, path, display_path(location, path), text_field, first, split_rows)
-            else:
-                found, check = _jsonl_splits(fs, path, display_path(location, path), check, split_bytes, first)
-                splits += found
-        return splits
+        kind = formats[paths[0]]
+
+        def splits_of(path: str) -> list[Split]:  # numbered from the file's first row: shifted below
+            shown = display_path(location, path)
+            if kind == PARQUET:
+                return _parquet_splits(fs, path, shown, text_field, split_rows)
+            return _jsonl_splits(fs, path, shown, text_field, split_bytes)
+
+        at_once = files_at_once or (PARQUET_FILES_AT_ONCE if kind == PARQUET else JSONL_FILES_AT_ONCE)
+        pool = concurrent.futures.ThreadPoolExecutor(min(at_once, len(paths)), thread_name_prefix="manifest")
+        try:
+            per_file = list(pool.map(splits_of, paths))  # in path order; raises the first file's error
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error, the files not started yet are not read
+    splits: list[Split] = []
+    for found in per_file:
+        first = splits[-1].first_index + splits[-1].num_rows if splits else 0
+        splits += [dataclasses.replace(split, first_index=split.first_index + first) for split in found]
+    return splits
 
 
 def read_split(location: str, split: Split, columns: list[str] | None = None) -> pa.Table:
@@ -178,9 +196,8 @@ def _format_of(location: str, path: str) -> str:
 # Manifests.
 
 
-def _parquet_splits(
-    fs: pafs.FileSystem, path: str, shown: str, text_field: str, first: int, split_rows: int
-) -> list[Split]:
+def _parquet_splits(fs: pafs.FileSystem, path: str, shown: str, text_field: str, split_rows: int) -> list[Split]:
+    """The file's splits, numbered from its first row."""
     with fs.open_input_file(path) as f:
         try:
             metadata = pq.read_metadata(f)  # the footer only: no row is read
@@ -189,7 +206,7 @@ def _parquet_splits(
     names = metadata.schema.to_arrow_schema().names
     if text_field not in names:
         raise _no_column(shown, text_field, names)
-    splits = []
+    splits, first = [], 0
     for group in range(metadata.num_row_groups):
         rows = metadata.row_group(group).num_rows
         if 0 < rows <= split_rows:
@@ -202,14 +219,11 @@ def _parquet_splits(
     return splits
 
 
-def _jsonl_splits(
-    fs: pafs.FileSystem, path: str, shown: str, check: str | None, split_bytes: int, first: int
-) -> tuple[list[Split], str | None]:
-    """Cut a JSONL file into splits of about split_bytes at line starts, counting rows in one pass.
-
-    Returns the splits and the text field still to check (None once a row has been checked).
-    """
+def _jsonl_splits(fs: pafs.FileSystem, path: str, shown: str, check: str | None, split_bytes: int) -> list[Split]:
+    """Cut a JSONL file into splits of about split_bytes at line starts, counting rows in one pass; numbered from
+    its first row, which must have the field `check`."""
     splits: list[Split] = []
+    first = 0  # the file's rows before the split being built
     start = rows = 0  # the split being built: its first byte, and its rows so far
     offset = size = 0  # the file offset of buf[0]; the bytes read so far
     tail = b""  # the start of a line that the last block cut off
@@ -245,7 +259,7 @@ def _jsonl_splits(
                 break
     if rows:
         splits.append(Split(path, JSONL, -1, start, size, rows, first))
-    return splits, check
+    return splits
 
 
 def _count_rows(buf: bytes, start: int, end: int) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import subprocess
 import sys
+import threading
 
 import orjson
 import pyarrow as pa
@@ -156,6 +158,40 @@ def test_jsonl_row_counts_match_line_by_line_counting(tmp_path, monkeypatch):
         assert read_all(str(path), splits, ["text"]).column("text").to_pylist() == [
             orjson.loads(line)["text"] for line in expected
         ]
+
+
+def test_files_are_read_at_once_and_numbered_in_path_order(tmp_path, monkeypatch):
+    # The first 4 footers read wait for each other: read one at a time, the first waits alone until the barrier
+    # breaks (BrokenBarrierError).
+    together, started, read = threading.Barrier(4, timeout=10), itertools.count(), datasets._parquet_splits
+
+    def footer(*args):
+        if next(started) < together.parties:
+            together.wait()
+        return read(*args)
+
+    monkeypatch.setattr(datasets, "_parquet_splits", footer)
+    sizes = [random.Random(i).randrange(1, 9) for i in range(40)]  # rows, in path order
+    first = 0
+    for i, rows in enumerate(sizes):
+        write_parquet(tmp_path / f"part-{i:03d}.parquet", first, rows, row_group_size=3)
+        first += rows
+    splits = build_manifest(str(tmp_path), files_at_once=8)
+    assert_contiguous(splits)
+    assert read_all(str(tmp_path), splits, ["id"]).column("id").to_pylist() == list(range(sum(sizes)))
+
+
+def test_an_error_is_the_first_bad_file_in_path_order_and_every_jsonl_file_is_checked(tmp_path):
+    for i in range(12):
+        (tmp_path / f"part-{i:02d}.jsonl").write_text('{"text": "a"}\n' if i not in (5, 9) else '{"body": "b"}\n')
+    for _ in range(3):  # whichever file's read ends first
+        with pytest.raises(DatasetError, match="part-05.jsonl"):
+            build_manifest(str(tmp_path))
+    (tmp_path / "part-05.jsonl").unlink()
+    with pytest.raises(DatasetError, match="part-09.jsonl"):  # not only the dataset's first row is checked
+        build_manifest(str(tmp_path))
+    (tmp_path / "part-09.jsonl").unlink()
+    assert_contiguous(build_manifest(str(tmp_path)))
 
 
 def test_glob_matches_names_in_one_folder(tmp_path):
