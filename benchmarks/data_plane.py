@@ -5,6 +5,7 @@ The same rows (the sample's real short texts, repeated to --data-plane-rows) go 
 - a plain single-process loop of the same model (sorted by length, token-budget batches): the reference;
 - `distinfer submit` streaming them and writing Parquet, and JSONL;
 - `distinfer submit --in-place`: the workers read a Parquet dataset and write Parquet parts themselves.
+And, with no model: the manifest of a dataset of many files on an object store (benchmarks/manifest.py).
 
 For each distinfer run: rows/s end to end (the CLI's whole life, its start-up included), the CPU each part
 spent per row (from /proc: the coordinator, the worker daemon with its executors, and the client's own
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from benchmarks import manifest
 from benchmarks.loops import load_texts, model_path, plain_loop
 from distinfer.client.local import LocalCluster
 from distinfer.common.channels import REPORT_AFTER_S  # the coordinator's wait between reports at a model's pace
@@ -248,6 +250,7 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
         "new_file_write_us_per_row": write_us,
         "hand_off_cpu_us": hand_off,
         "entries": entries,
+        "manifest": manifest.run(quick),
     }
 
 
@@ -303,4 +306,6 @@ def markdown(section: dict) -> str:
         "the coordinator waits between reports, and each of its operations runs on cold caches (so it now calls its "
         "store on its event loop).",
     ]
+    if "manifest" in section:  # (reports written before it had one)
+        lines += ["", manifest.markdown(section["manifest"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
