@@ -43,6 +43,7 @@ def format_status(s: jobs_pb2.JobStatus) -> str:
             lanes = f", {r.compute_lanes} lanes" if r.compute_lanes > 1 else ""
             handed = f": {r.rows_handed} rows" if r.rows_handed else ""
             handed += f" ({r.rows_skipped} skipped: a faster rank did them)" if r.rows_skipped else ""
+            handed += f", {r.parts_written} parts written" if r.parts_written else ""
             lines.append(f"  rank {r.rank}: {r.worker_id} slot {r.slot} ({r.device}{dtype}{lanes}) on {r.host}{handed}")
     return "\n".join(lines)
 

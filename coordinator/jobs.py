@@ -209,7 +209,7 @@ class JobManager:
         return added
 
     async def commit_splits(self, job_id: str, attempt: int, numbers: list[int]) -> int:
-        """Record splits whose output part rank 0 has written whole; returns the rows they add."""
+        """Record splits whose output part a rank has written whole; returns the rows they add."""
         job = self.current_attempt(job_id, attempt)
         try:
             splits, rows = await self.db(self.store.splits.mark_written, job_id, attempt, numbers)
@@ -258,7 +258,7 @@ class JobManager:
                 event.info.dtype,
                 event.info.compute_lanes,
             )
-            finished.rows_skipped = event.info.rows_skipped
+            finished.rows_skipped, finished.parts_written = event.info.rows_skipped, event.info.parts_written
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.num_rows - job.rows_done
                 if missing == 0:

@@ -31,7 +31,7 @@ from distinfer.common.tasks import TASK_KINDS
 from distinfer.v1 import jobs_pb2, workers_pb2, workers_pb2_grpc
 from distinfer.worker.devices import pick_dtype, usable_cpus
 from distinfer.worker.executor_messages import BatchesDone, Ready, SlotEventOut
-from distinfer.worker.gather import Gatherer
+from distinfer.worker.gather import Gatherer, OwnRows
 from distinfer.worker.lanes import computed, lanes_for
 from distinfer.worker.models import JobError, ModelCache, ModelKey, ModelPolicy, UnknownTask
 from distinfer.worker.outbox import Outbox
@@ -99,6 +99,12 @@ def executor_main(
             events.close()
             events.join_thread()
             os._exit(0)
+
+
+def _result_table(task: Task, assignment: workers_pb2.Assignment, gathered) -> pa.Table:
+    """A round's rows as a result table: index, truncation, then the task's columns."""
+    columns = task.columns(gathered, assignment.spec.options)
+    return pa.Table.from_batches([result_batch(gathered.indices, gathered.truncated, columns)])
 
 
 def _die_with_parent() -> None:
@@ -237,11 +243,16 @@ class Executor:
             shard=(layout.dp_rank, layout.dp_size),
             computing=computing,
         )
-        gatherer = Gatherer(task.width, comm_device, gather_group) if layout.tp_rank == 0 else None
-
-        sender = (
-            ResultSender(self.stub, self._reports(assignment, task), self.metadata) if assignment.rank == 0 else None
-        )
+        # A dataset read in place: each replica's first rank writes the output parts of its own splits (OwnRows:
+        # no row goes to rank 0). Else rank 0 gets every replica's rows, and reports them.
+        gatherer = sender = parts = None
+        if layout.tp_rank == 0 and assignment.spec.dataset.input:
+            gatherer, parts = OwnRows(task.width), self._part_writer(assignment, task)
+            sender = ResultSender(self.stub, parts.reports, self.metadata)
+        elif layout.tp_rank == 0:
+            gatherer = Gatherer(task.width, comm_device, gather_group)
+            if assignment.rank == 0:
+                sender = ResultSender(self.stub, self._results(assignment, task), self.metadata)
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(
             gatherer, sender, inline=layout.tp_size > 1 and assignment.backend == "nccl", idle=batches.starved
@@ -281,36 +292,39 @@ class Executor:
             sender.close()  # the tail: results still on their way to the coordinator
             timings.stream_s += time.monotonic() - started
         info = jobs_pb2.RankInfo(
-            rank=assignment.rank, timings=timings, compute_lanes=lanes, rows_skipped=batches.skipped_rows
+            rank=assignment.rank,
+            timings=timings,
+            compute_lanes=lanes,
+            rows_skipped=batches.skipped_rows,
+            parts_written=parts.written if parts is not None else 0,
         )
         if model is not None:
             info.parameters_local, info.parameters_total = parameter_counts(model)
             info.dtype = str(model.dtype).removeprefix("torch.")
         return info
 
-    def _reports(self, assignment: workers_pb2.Assignment, task: Task):
-        """What rank 0 reports of each gathered round: its results as Arrow batches, or for a dataset read in
-        place the splits whose output part it has written."""
-
-        def to_table(gathered) -> pa.Table:
-            columns = task.columns(gathered, assignment.spec.options)
-            return pa.Table.from_batches([result_batch(gathered.indices, gathered.truncated, columns)])
-
-        if assignment.spec.dataset.input:  # read in place (the coordinator requires its output then)
-            # Every split open in the attempt (each rank's), to know when a split's rows have all come.
-            request = workers_pb2.FetchShardRequest(
-                job_id=assignment.job_id, attempt=assignment.attempt, rank=0, world_size=1
-            )
-            splits = [s for batch in self.stub.FetchShard(request, metadata=self.metadata) for s in batch.splits]
-            return PartWriter(assignment, splits, to_table).reports
+    def _results(self, assignment: workers_pb2.Assignment, task: Task):
+        """What rank 0 reports of each gathered round: its results, as Arrow batches."""
 
         def results(gathered):
             for part in gathered.in_index_order().parts(REPORT_BYTES):
                 yield workers_pb2.ReportResultsRequest(
-                    job_id=assignment.job_id, attempt=assignment.attempt, arrow=to_ipc(to_table(part))
+                    job_id=assignment.job_id,
+                    attempt=assignment.attempt,
+                    arrow=to_ipc(_result_table(task, assignment, part)),
                 )
 
         return results
+
+    def _part_writer(self, assignment: workers_pb2.Assignment, task: Task) -> PartWriter:
+        """For a dataset read in place: what a rank reports of its rounds, the splits whose output part it has
+        written."""
+        # Every split open in the attempt, to know which split a row is of and when a split's rows have all come.
+        request = workers_pb2.FetchShardRequest(
+            job_id=assignment.job_id, attempt=assignment.attempt, rank=0, world_size=1
+        )
+        splits = [s for batch in self.stub.FetchShard(request, metadata=self.metadata) for s in batch.splits]
+        return PartWriter(assignment, splits, lambda gathered: _result_table(task, assignment, gathered))
 
     def _task(self, spec: jobs_pb2.JobSpec, device: torch.device, layout: Layout | None = None) -> Task:
         """The job's task, its model loaded, or taken from the cache when the last job used the same one.

@@ -1,4 +1,5 @@
-"""Collect every rank's results on rank 0 with tensor collectives, round by round.
+"""Collect every rank's results on rank 0 with tensor collectives, round by round (or, for a dataset read in
+place, keep each rank's on that rank: OwnRows).
 
 Ranks rarely have the same number of batches, so each round starts with a tiny all_gather of row counts
 (-1: "I have nothing left"); ranks that are done still take part with no rows until every rank is done,
@@ -94,3 +95,26 @@ class Gatherer:
         # A fresh row-major copy: a slice of the packed tensor cannot be viewed as int64 in place.
         meta = rows[:, self.width :].clone(memory_format=torch.contiguous_format).view(torch.long)
         return Gathered(meta[:, 0].numpy(), meta[:, 1].numpy(), rows[:, : self.width])
+
+
+class OwnRows:
+    """A Gatherer's rounds for a rank that keeps its own rows: for a dataset read in place, each rank writes the
+    output parts of the splits it computed, so no row crosses the network to rank 0, and rank 0 no longer
+    writes (and reads the passed-through columns of) the whole dataset's output alone. No collective: a rank
+    is done when it is."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.last_counts: list[int] = []
+
+    def round(self, payload: torch.Tensor | None, indices: list[int], truncated: list[int]) -> Gathered | None:
+        if payload is None:
+            return None
+        self.last_counts = [len(indices)]
+        if not indices:
+            return Gathered()
+        return Gathered(
+            np.asarray(indices, dtype=np.int64),
+            np.asarray(truncated, dtype=np.int64),
+            payload.to(device="cpu", dtype=torch.float32),
+        )

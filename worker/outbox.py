@@ -1,4 +1,5 @@
-"""A rank's computed rows on their way to rank 0, in gather rounds run beside the model (worker/gather.py)."""
+"""A rank's computed rows on their way to rank 0, in gather rounds run beside the model (worker/gather.py); for a
+dataset read in place, to the rank's own part writer (gather.OwnRows: rounds of its rows alone)."""
 
 from __future__ import annotations
 

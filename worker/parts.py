@@ -1,6 +1,6 @@
 """A dataset read in place, on the worker: a rank reads the text of its own splits (no row passes through
-the coordinator), and rank 0 writes each split's output part once the gather rounds have brought all its
-rows.
+the coordinator) and writes each split's output part once it has computed all its rows (no row goes to rank 0:
+worker/gather.py's OwnRows).
 
 A part is the split's input rows, its text column left out and every other column passed through as it is
 (types kept), beside the task's result columns, in input order; written whole under its final name only
@@ -61,8 +61,8 @@ def split_texts(dataset, split: workers_pb2.DatasetSplit) -> tuple[range, list[s
 
 
 class PartWriter:
-    """Rank 0's reports for a dataset read in place: a split's results are kept until all its rows have come,
-    then its part is written and reported (splits_written)."""
+    """A rank's reports for a dataset read in place: a split's results are kept until all its rows have come
+    (a split is computed by one rank), then its part is written and reported (splits_written)."""
 
     def __init__(self, assignment: workers_pb2.Assignment, splits: list[workers_pb2.DatasetSplit], to_table):
         """splits: every split open in the attempt (all ranks'); to_table(gathered): a round's result table."""
@@ -72,6 +72,7 @@ class PartWriter:
         self._pending: dict[int, list[pa.Table]] = {}
         self._counts: dict[int, int] = {}
         self._to_table = to_table
+        self.written = 0  # parts written
 
     def reports(self, gathered) -> Iterator[workers_pb2.ReportResultsRequest]:
         table = self._to_table(gathered)
@@ -104,3 +105,4 @@ class PartWriter:
             part = part.append_column(name, results.column(name))
         with permanent_errors(f"cannot write part {part_name(split.number)} to {dataset.output}: "):
             write_part(dataset.output, part_name(split.number), part)
+        self.written += 1

@@ -1,4 +1,5 @@
-"""Rank 0's results streamed to the coordinator (ReportResults) in a thread, while the group computes on."""
+"""Rank 0's results (for a dataset read in place, each rank's written parts) streamed to the coordinator
+(ReportResults) in a thread, while the group computes on."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ _FLUSH = object()
 
 
 class ResultSender:
-    """Rank 0 turns gathered rows into reports (Arrow batches of results, or the output parts written for a
-    dataset read in place) and streams them to the coordinator in a thread, while the group runs the next
-    batch (the other ranks never wait for rank 0's bookkeeping)."""
+    """Rank 0 turns gathered rows into reports (Arrow batches of results), or a rank of a dataset read in place
+    its own rows into output parts written, and streams them to the coordinator in a thread, while the group
+    runs the next batch (the other ranks never wait for rank 0's bookkeeping)."""
 
     def __init__(self, stub, reports, metadata=()):
         """reports(gathered): the ReportResultsRequests of a gathered round."""

@@ -172,7 +172,7 @@ def assert_every_row_once(location: str, count: int) -> None:
     assert got.column("chars").to_pylist() == [1 + i % 7 for i in range(count)]
 
 
-def test_a_file_of_one_big_row_group_is_cut_into_row_ranges_that_every_rank_shares(s3, tmp_path):
+def test_a_file_of_one_big_row_group_is_cut_into_row_ranges_that_every_rank_shares_and_writes(s3, tmp_path):
     _, cluster = s3
     rows = 2 * SPLIT_ROWS + 5  # one row group, as some writers make a whole file
     (tmp_path / "in").mkdir()
@@ -184,7 +184,10 @@ def test_a_file_of_one_big_row_group_is_cut_into_row_ranges_that_every_rank_shar
         status = job.wait(timeout_s=300)
     assert status.state == jobs_pb2.SUCCEEDED, status.message
     assert (status.splits, status.splits_done, status.rows_done) == (3, 3, rows)
-    assert all(rank.rows_handed > 0 for rank in status.attempts[-1].ranks)  # not one rank for the whole file
+    ranks = status.attempts[-1].ranks
+    assert all(rank.rows_handed > 0 for rank in ranks)  # not one rank for the whole file
+    # Each rank wrote the parts of the splits it computed: none of their rows went to rank 0.
+    assert sum(rank.parts_written for rank in ranks) == 3 and all(rank.parts_written for rank in ranks)
     assert output_parts(str(tmp_path / "out")) == [part_name(n) for n in range(3)]
     got = read_parts(str(tmp_path / "out"))
     assert got.column("index").to_pylist() == list(range(rows))  # every row once, in input order

@@ -695,6 +695,7 @@ class RankInfo(_message.Message):
     COMPUTE_LANES_FIELD_NUMBER: _builtins.int
     ROWS_HANDED_FIELD_NUMBER: _builtins.int
     ROWS_SKIPPED_FIELD_NUMBER: _builtins.int
+    PARTS_WRITTEN_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     worker_id: _builtins.str
     host: _builtins.str
@@ -719,6 +720,8 @@ class RankInfo(_message.Message):
     """Rows handed to this rank that it skipped: another rank was given a copy as this one was slow, and
     committed them first.
     """
+    parts_written: _builtins.int
+    """A dataset read in place: the output parts this rank wrote (each rank writes those of the splits it computed)."""
     @_builtins.property
     def timings(self) -> Global___Timings:
         """Filled in when the rank finishes."""
@@ -741,10 +744,11 @@ class RankInfo(_message.Message):
         compute_lanes: _builtins.int = ...,
         rows_handed: _builtins.int = ...,
         rows_skipped: _builtins.int = ...,
+        parts_written: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "rows_handed", b"rows_handed", "rows_skipped", b"rows_skipped", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_lanes", b"compute_lanes", "device", b"device", "dtype", b"dtype", "host", b"host", "joined_world_size", b"joined_world_size", "parameters_local", b"parameters_local", "parameters_total", b"parameters_total", "parts_written", b"parts_written", "pid", b"pid", "rank", b"rank", "rank_sum", b"rank_sum", "rows_handed", b"rows_handed", "rows_skipped", b"rows_skipped", "slot", b"slot", "timings", b"timings", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
