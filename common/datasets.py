@@ -32,7 +32,7 @@ EXTENSIONS = {".parquet": PARQUET, ".pq": PARQUET, ".jsonl": JSONL, ".ndjson": J
 FOLDER_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
 _BLOCK = 16 << 20
 # A Parquet row group of more rows is cut into row ranges of this many: its rows are shared among the ranks
-# (a file written as one big row group still runs on all of them), and a split's results, which rank 0 keeps
+# (a file written as one big row group still runs on all of them), and a split's results, which its rank keeps
 # until its part is written, stay a bounded size. Each range reads its row group's columns and keeps its rows.
 SPLIT_ROWS = 65_536
 # Files read at once for the manifest. On an object store each Parquet footer costs a request or two of tens of

@@ -115,7 +115,7 @@ class WorkUnits:
 
     def next_split(self, store: JobStore) -> list:
         """A dataset read in place: the next open split (a Parquet row group or a JSONL byte range, thousands of
-        rows), one an ask. (No copies of slow ones: a split's part is written whole by rank 0.)"""
+        rows), one an ask. (No copies of slow ones yet: the rank that computes a split writes its part whole.)"""
         if self._splits is None:
             self._splits = deque(store.splits.open(self._job_id, self._attempt, 0, 1))
         return [self._splits.popleft()] if self._splits else []
