@@ -233,6 +233,16 @@ class Executor:
         # Not on CUDA, where the CPU is free while the device computes, nor in lanes of one core each, which a
         # tokeniser beside them slows one at a time (worker/lanes.py).
         computing = threading.Lock() if not on_cuda and lanes == 1 else contextlib.nullcontext()
+        # A dataset read in place: each replica's first rank writes the output parts of its own splits (OwnRows:
+        # no row goes to rank 0). Else rank 0 gets every replica's rows, and reports them.
+        gatherer = sender = parts = None
+        if layout.tp_rank == 0 and assignment.spec.dataset.input:
+            parts = PartWriter(assignment, lambda gathered: _result_table(task, assignment, gathered))
+            gatherer, sender = OwnRows(task.width), ResultSender(self.stub, parts.reports, self.metadata)
+        elif layout.tp_rank == 0:
+            gatherer = Gatherer(task.width, comm_device, gather_group)
+            if assignment.rank == 0:
+                sender = ResultSender(self.stub, self._results(assignment, task), self.metadata)
         batches = Prefetcher(
             self.stub,
             assignment,
@@ -242,17 +252,8 @@ class Executor:
             metadata=self.metadata,
             shard=(layout.dp_rank, layout.dp_size),
             computing=computing,
+            on_split=parts.add if parts is not None else None,
         )
-        # A dataset read in place: each replica's first rank writes the output parts of its own splits (OwnRows:
-        # no row goes to rank 0). Else rank 0 gets every replica's rows, and reports them.
-        gatherer = sender = parts = None
-        if layout.tp_rank == 0 and assignment.spec.dataset.input:
-            gatherer, parts = OwnRows(task.width), self._part_writer(assignment, task)
-            sender = ResultSender(self.stub, parts.reports, self.metadata)
-        elif layout.tp_rank == 0:
-            gatherer = Gatherer(task.width, comm_device, gather_group)
-            if assignment.rank == 0:
-                sender = ResultSender(self.stub, self._results(assignment, task), self.metadata)
         # A tensor-parallel forward pass runs NCCL collectives of its own: rounds then stay in this thread.
         outbox = Outbox(
             gatherer, sender, inline=layout.tp_size > 1 and assignment.backend == "nccl", idle=batches.starved
@@ -315,16 +316,6 @@ class Executor:
                 )
 
         return results
-
-    def _part_writer(self, assignment: workers_pb2.Assignment, task: Task) -> PartWriter:
-        """For a dataset read in place: what a rank reports of its rounds, the splits whose output part it has
-        written."""
-        # Every split open in the attempt, to know which split a row is of and when a split's rows have all come.
-        request = workers_pb2.FetchShardRequest(
-            job_id=assignment.job_id, attempt=assignment.attempt, rank=0, world_size=1
-        )
-        splits = [s for batch in self.stub.FetchShard(request, metadata=self.metadata) for s in batch.splits]
-        return PartWriter(assignment, splits, lambda gathered: _result_table(task, assignment, gathered))
 
     def _task(self, spec: jobs_pb2.JobSpec, device: torch.device, layout: Layout | None = None) -> Task:
         """The job's task, its model loaded, or taken from the cache when the last job used the same one.

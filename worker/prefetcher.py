@@ -39,6 +39,7 @@ class Prefetcher:
         metadata=(),
         shard=None,
         computing=None,
+        on_split=None,
     ):
         """shard: (replica, replicas): whose rows to ask for; by default this rank's of the job's world. The
         ranks of a tensor-parallel replica must run the same batches together (else their forward pass
@@ -46,8 +47,11 @@ class Prefetcher:
         never from when they arrive.
         computing: a lock the model's thread holds while it computes a batch, and the tokeniser while it
         tokenises. On a CPU the model's threads keep every core busy, so tokenising beside them gains
-        nothing: it preempts one of them, and the rest of their OpenMP team waits for it at each op's end."""
+        nothing: it preempts one of them, and the rest of their OpenMP team waits for it at each op's end.
+        on_split(split, columns): told of each split of a dataset read in place, with its columns other than the
+        text, before its rows are computed."""
         self._computing = computing or contextlib.nullcontext()
+        self._on_split = on_split
         self._metadata = metadata
         self._shard = shard or (assignment.rank, assignment.world_size)
         # Rows of this rank's that another has committed (coordinator/work_units.py: the tail): batches of
@@ -146,7 +150,7 @@ class Prefetcher:
                 return
             coming = asked(unit)
             for split in work.splits:
-                yield split_texts(assignment.spec.dataset, split)
+                yield split_texts(assignment.spec.dataset, split, self._on_split)
             if work.arrow:
                 yield work_rows.decode(work.arrow)
 

@@ -80,7 +80,7 @@ class WorkersServicer:
 
     def FetchShard(self, request, context):
         """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
-        every open split, which rank 0 writes the parts of).
+        every open split). Ranks now learn their splits from FetchWork, one at a time; kept for tools.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

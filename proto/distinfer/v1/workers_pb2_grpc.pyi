@@ -38,7 +38,7 @@ class WorkersStub:
     """
     FetchShard: _grpc.UnaryStreamMultiCallable[_workers_pb2.FetchShardRequest, _workers_pb2.ShardBatch]
     """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
-    every open split, which rank 0 writes the parts of).
+    every open split). Ranks now learn their splits from FetchWork, one at a time; kept for tools.
     """
     FetchWork: _grpc.UnaryUnaryMultiCallable[_workers_pb2.FetchWorkRequest, _workers_pb2.FetchWorkResponse]
     """A rank's next unit of rows, or split."""
@@ -55,7 +55,7 @@ class WorkersAsyncStub(WorkersStub):
     """
     FetchShard: _aio.UnaryStreamMultiCallable[_workers_pb2.FetchShardRequest, _workers_pb2.ShardBatch]  # type: ignore[assignment]
     """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
-    every open split, which rank 0 writes the parts of).
+    every open split). Ranks now learn their splits from FetchWork, one at a time; kept for tools.
     """
     FetchWork: _aio.UnaryUnaryMultiCallable[_workers_pb2.FetchWorkRequest, _workers_pb2.FetchWorkResponse]  # type: ignore[assignment]
     """A rank's next unit of rows, or split."""
@@ -87,7 +87,7 @@ class WorkersServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_workers_pb2.ShardBatch], _abc.AsyncIterator[_workers_pb2.ShardBatch]]:
         """The splits of one rank's shard of an attempt whose dataset is read in place (rank 0 of a world of 1:
-        every open split, which rank 0 writes the parts of).
+        every open split). Ranks now learn their splits from FetchWork, one at a time; kept for tools.
         """
 
     @_abc_1.abstractmethod
