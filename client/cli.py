@@ -25,6 +25,7 @@ from distinfer.client.job_runs import (
 from distinfer.client.local import ClusterError
 from distinfer.client.rows import InputError
 from distinfer.common.channels import security_from_args
+from distinfer.common.heap import keep_big_buffers_in_heap
 from distinfer.v1 import jobs_pb2
 
 
@@ -38,6 +39,7 @@ class Terminated(KeyboardInterrupt):
 
 def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
+    keep_big_buffers_in_heap()  # result batches of a few MiB stream in: see common/heap.py
     try:
         return COMMANDS[args.command](args) or 0
     except UsageError as exc:
