@@ -24,7 +24,7 @@ import torch.distributed as dist
 import transformers
 
 from distinfer.common.channels import ChannelSecurity, open_channel
-from distinfer.common.heap import freeze_startup_objects
+from distinfer.common.heap import freeze_startup_objects, keep_big_buffers_in_heap
 from distinfer.common.log import configure_logging
 from distinfer.common.result_columns import result_batch, to_ipc
 from distinfer.common.tasks import TASK_KINDS
@@ -88,6 +88,9 @@ def executor_main(
     structlog.contextvars.bind_contextvars(slot=slot)
     transformers.utils.logging.disable_progress_bar()  # a progress bar per load clutters the worker's log
     freeze_startup_objects()
+    # A batch's activations (and rank 0's result batches, a rank's output parts) are buffers of a few MiB,
+    # freed and taken again every batch: from mmap, each page of each one faulted anew (up to 15 faults a row).
+    keep_big_buffers_in_heap()
     executor = Executor(slot, device, coordinator, events, policy, security)
     events.put(Ready(slot))
     while (blob := inbox.get()) is not None:
