@@ -72,9 +72,9 @@ class PartWriter:
         """to_table(gathered): a round's result table."""
         self._assignment = assignment
         # The splits handed to this rank whose part is not written yet, by number: added by the prefetcher's
-        # thread (before their rows are read), taken by the result sender's. A rank learns only its own splits:
-        # every rank asking for all of a dataset's splits (FetchShard) would have cost the coordinator a copy
-        # of the whole manifest per rank.
+        # thread once read (before their rows are computed), taken by the result sender's. A rank learns only
+        # its own splits: every rank asking for all of a dataset's splits (FetchShard) would have cost the
+        # coordinator a copy of the whole manifest per rank.
         self._open: dict[int, tuple[workers_pb2.DatasetSplit, pa.Table]] = {}  # and its passed-through columns
         self._pending: dict[int, list[pa.Table]] = {}
         self._counts: dict[int, int] = {}
