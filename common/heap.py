@@ -35,8 +35,9 @@ def keep_big_buffers_in_heap() -> None:
     touched: that was a third of the coordinator's CPU per row (benchmarks/data_plane.py). Arrow's own
     allocator (mimalloc) hands freed memory back 10 ms after it is freed, sooner than rank 0's next report at a
     model's pace: 0.3 page faults a row. The command line client takes the same batches in and writes them to
-    its output: 0.25 page faults a row fewer there (a paced 50,000-row job); an executor's activations and rank
-    0's gathered rounds: 12-15 fewer on rank 0. No-op where the C library is not glibc."""
+    its output: 0.25 page faults a row fewer there (a paced 50,000-row job). An executor's activations and
+    gathered rounds: one of two executors took 12-15 a row, 0.1-1.0 after. No-op where the C library is not
+    glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
