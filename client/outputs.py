@@ -6,6 +6,10 @@ whole result tables as they stream in (no Python object per value on the way).
   when closed, so a reader never opens a file without its footer.
 - JSONL: a line per row, as `Job.results()` gives it, written with orjson (vectors from NumPy, as float32).
 - .npy: the embeddings alone, a (rows, width) float32 array, row i the input row i's.
+
+Parquet and .npy files are written past the page cache (common/direct_files.py): through it, the kernel's copy
+of each byte into a new page-cache page was half of the command's CPU following a job (perf, the data path
+bench's streamed Parquet entry).
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from distinfer.client.conversions import table_rows, vector_array
+from distinfer.common.direct_files import DirectWriter
 from distinfer.common.result_columns import INDEX, META, json_default, parquet_options
 from distinfer.common.tasks import TASK_KINDS
 
@@ -97,6 +103,7 @@ class ParquetOutput:
     def __init__(self, path: Path, append: bool = False):
         self._path = path
         self._partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self._file: DirectWriter | None = None
         self._writer: pq.ParquetWriter | None = None
         self._held: list[pa.Table] = []
 
@@ -118,7 +125,8 @@ class ParquetOutput:
                 f"a passed-through field changes type between rows ({exc}): Parquet needs one type per column; "
                 "write JSONL instead"
             ) from None
-        self._writer = pq.ParquetWriter(self._partial, schema, **parquet_options(schema))
+        self._file = DirectWriter(self._partial)
+        self._writer = pq.ParquetWriter(self._file, schema, **parquet_options(schema))
         for table in held:
             self._write(table)
 
@@ -134,6 +142,7 @@ class ParquetOutput:
             pq.write_table(pa.table({INDEX: pa.array([], pa.uint64())}), self._partial)
         else:
             self._writer.close()
+            self._file.close()
         os.replace(self._partial, self._path)
 
 
@@ -145,8 +154,8 @@ class NpyOutput:
     def __init__(self, path: Path, append: bool = False):
         self._path = path
         self._partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        self._file = self._partial.open("wb")
-        self._file.write(b"\0" * self.HEADER_BYTES)
+        self._file = DirectWriter(self._partial)
+        self._file.write(b"\0" * self.HEADER_BYTES)  # written again when closed
         self._rows, self._width, self._dtype = 0, None, "<f4"
 
     def write(self, table: pa.Table) -> None:
@@ -155,7 +164,7 @@ class NpyOutput:
         vectors = vector_array(table.column("embedding"))
         vectors = vectors.astype(vectors.dtype.newbyteorder("<"), copy=False)
         self._width, self._dtype = vectors.shape[1], vectors.dtype.str
-        self._file.write(vectors.tobytes())
+        self._file.write(np.ascontiguousarray(vectors))
         self._rows += len(vectors)
 
     def close(self) -> None:
@@ -163,10 +172,10 @@ class NpyOutput:
         text = repr(header).encode("latin1")
         prefix = b"\x93NUMPY\x01\x00"
         padding = self.HEADER_BYTES - len(prefix) - 2 - len(text) - 1
-        self._file.seek(0)
-        self._file.write(prefix + (self.HEADER_BYTES - len(prefix) - 2).to_bytes(2, "little") + text)
-        self._file.write(b" " * padding + b"\n")
         self._file.close()
+        with self._partial.open("r+b") as file:
+            file.write(prefix + (self.HEADER_BYTES - len(prefix) - 2).to_bytes(2, "little") + text)
+            file.write(b" " * padding + b"\n")
         os.replace(self._partial, self._path)
 
 

@@ -22,7 +22,6 @@ it opens, and their results are computed again.
 from __future__ import annotations
 
 import bisect
-import errno
 import itertools
 import os
 from collections import OrderedDict, deque
@@ -32,9 +31,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from distinfer.common.direct_files import BLOCK, block_aligned, open_direct, refused, write_all
 from distinfer.common.result_columns import ipc_size, write_ipc
 
-BLOCK = 4096  # O_DIRECT aligns the buffer, the file offset and the length to the device's block: 4 KiB fits all
 RECENT_BYTES = 64 << 20  # batches kept in memory for the result streams, all jobs together
 IN_PLACE_BYTES = 64 << 10  # a stream this big or bigger is written from where it lies (smaller ones are copied)
 
@@ -66,7 +65,7 @@ class ResultFiles:
     def append(self, job_id: str, tables: Sequence[pa.Table]) -> list[tuple[int, int]]:
         """Append each table as an Arrow IPC stream of its own; returns where each lies (position, size)."""
         sizes = [ipc_size(table) for table in tables]
-        memory = _block_aligned(sum(sizes))
+        memory = block_aligned(sum(sizes))
         sink = pa.FixedSizeBufferWriter(pa.py_buffer(memory))
         for table in tables:
             write_ipc(sink, table)
@@ -78,7 +77,7 @@ class ResultFiles:
         view = memoryview(stream).cast("B")
         if (position := self._append_in_place(job_id, view)) is not None:
             return position, len(view)
-        memory = _block_aligned(len(view))
+        memory = block_aligned(len(view))
         memory[: len(view)] = view
         return self._write(job_id, memory, len(view)), len(view)
 
@@ -97,10 +96,10 @@ class ResultFiles:
         tail = len(view) - head - bulk
         pieces = [view[head : head + bulk]]
         if head:  # the first part block: zeros, then the stream's first bytes
-            pieces.insert(0, _block_aligned(BLOCK))
+            pieces.insert(0, block_aligned(BLOCK))
             pieces[0][skip:] = view[:head]
         if tail:
-            pieces.append(_block_aligned(tail))
+            pieces.append(block_aligned(tail))
             pieces[-1][:tail] = view[head + bulk :]
         start = file.end
         if not _write_direct(file, pieces):
@@ -113,7 +112,7 @@ class ResultFiles:
         file = self._file(job_id)
         position = file.end
         if file.direct is None or position % BLOCK or not _write_direct(file, [memory]):
-            _write_all(file.fd, memory[:size], position)
+            write_all(file.fd, memory[:size], position)
             file.end += size
         self._hold(job_id, file, position, memory[:size])
         return position
@@ -147,13 +146,8 @@ class ResultFiles:
             while len(self._open) >= self.OPEN_JOBS:
                 self._close(self._open.popitem(last=False)[1])
             path = self._path(job_id)
-            fd, direct = os.open(path, os.O_RDWR | os.O_CREAT, 0o600), None
-            if hasattr(os, "O_DIRECT"):
-                try:
-                    direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
-                except OSError:
-                    pass  # this filesystem (tmpfs on older kernels) has no direct I/O: appends go through the cache
-            file = self._open[job_id] = _File(fd, direct, os.fstat(fd).st_size)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            file = self._open[job_id] = _File(fd, open_direct(path), os.fstat(fd).st_size)
         self._open.move_to_end(job_id)
         return file
 
@@ -188,17 +182,6 @@ class ResultFiles:
             os.close(file.direct)
 
 
-def _block_aligned(size: int) -> memoryview:
-    """Writable memory for `size` bytes that starts on a block and runs to whole blocks, zeros past `size`: what
-    O_DIRECT writes from."""
-    padded = -(-size // BLOCK) * BLOCK
-    buffer = pa.allocate_buffer(padded + BLOCK)
-    start = -buffer.address % BLOCK
-    memory = memoryview(buffer).cast("B")[start : start + padded]
-    memory[size:] = bytes(padded - size)
-    return memory
-
-
 def _write_direct(file: _File, pieces: list[memoryview]) -> bool:
     """Write the pieces (each on whole blocks) one after the other at the file's end, past the page cache;
     False, with nothing counted as written, where the filesystem refuses (its direct descriptor is closed then,
@@ -206,19 +189,13 @@ def _write_direct(file: _File, pieces: list[memoryview]) -> bool:
     start = file.end
     try:
         for piece in pieces:
-            _write_all(file.direct, piece, file.end)
+            write_all(file.direct, piece, file.end)
             file.end += len(piece)
     except OSError as exc:
         file.end = start  # a buffered write goes there instead
-        if exc.errno != errno.EINVAL:
+        if not refused(exc):
             raise
         os.close(file.direct)  # this filesystem takes the flag but not the writes
         file.direct = None
         return False
     return True
-
-
-def _write_all(fd: int, view: memoryview, position: int) -> None:
-    while view:
-        written = os.pwrite(fd, view, position)
-        view, position = view[written:], position + written

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distinfer.client.conversions import table_rows
+from distinfer.client.conversions import table_rows, vector_array
 from distinfer.client.outputs import OutputError, ParquetOutput, ResultFile, output_format
 from distinfer.common.result_columns import META, result_batch, vectors
+from tests.page_cache import pages_cached, takes_direct_io
 
 
 def embeddings_table(first: int, count: int, width: int = 4, metas: list[str] | None = None) -> pa.Table:
@@ -168,3 +169,17 @@ def test_passed_through_columns_keep_their_types_in_parquet_and_become_json_text
     assert read.schema.field("price").type == pa.decimal128(5, 2)
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["day"], r["price"], r["raw"]) for r in lines] == [("2024-01-02", "1.10", "AAE="), (None, "2.00", "")]
+
+
+def test_parquet_and_npy_outputs_read_back_whole_and_are_not_left_in_the_page_cache(tmp_path):
+    """Megabytes of results go past the page cache (where the filesystem takes O_DIRECT): the command that
+    writes them does not pay the kernel's copy into new page-cache pages."""
+    if not takes_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+    tables = [embeddings_table(first, 1000, width=384) for first in range(0, 12_000, 1000)]  # 18 MiB of floats
+    for name, fmt in (("big.parquet", "parquet"), ("big.npy", "npy")):
+        write_all(tmp_path / name, fmt, tables)
+        assert pages_cached(tmp_path / name) < 0.1
+    expected = pa.concat_tables(tables)
+    assert pq.read_table(tmp_path / "big.parquet").equals(expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "big.npy"), vector_array(expected.column("embedding")))

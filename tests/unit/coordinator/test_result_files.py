@@ -9,9 +9,11 @@ import random
 import pyarrow as pa
 import pytest
 
+from distinfer.common.direct_files import BLOCK
 from distinfer.common.result_columns import from_ipc, to_ipc
 from distinfer.coordinator import result_files
-from distinfer.coordinator.result_files import BLOCK, ResultFiles
+from distinfer.coordinator.result_files import ResultFiles
+from tests.page_cache import takes_direct_io
 
 
 def batches(n: int, seed: int = 0) -> list[bytes]:
@@ -25,16 +27,6 @@ def append(files: ResultFiles, job_id: str, data: bytes) -> int:
     [(position, size)] = files.append(job_id, [from_ipc(data)])
     assert size == len(data)
     return position
-
-
-def takes_direct_io(folder) -> bool:
-    try:
-        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-        return True
-    except (OSError, AttributeError):
-        return False
-    finally:
-        (folder / "probe").unlink(missing_ok=True)
 
 
 def test_batches_read_back_as_written_while_recent_and_once_the_store_opens_again(tmp_path):
