@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Arrow's C++ code picks its default allocator once, as pyarrow loads, and the Parquet writer takes its column
+# buffers from it whatever pool pyarrow is given: mimalloc there handed them back to the kernel between result
+# batches (a fifth of the command's page faults). So the system allocator, whose heap keeps them
+# (keep_big_buffers_in_heap), set before any import that loads pyarrow.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
 import json
 import signal
 import sys
@@ -39,7 +47,7 @@ class Terminated(KeyboardInterrupt):
 
 def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
-    keep_big_buffers_in_heap()  # result batches of a few MiB stream in: see common/heap.py
+    keep_big_buffers_in_heap(one_heap=True)  # result batches of a few MiB stream in: see common/heap.py
     try:
         return COMMANDS[args.command](args) or 0
     except UsageError as exc:
