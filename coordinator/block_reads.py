@@ -73,7 +73,9 @@ def _gathered(columns: list[pa.ChunkedArray], sources: list, which: np.ndarray, 
     first = views[sources[0][0]]
     gathered = np.empty((len(rows), *first.shape[1:]), first.dtype)
     for i, mine, theirs in sources:
-        gathered[mine] = np.take(views[i], theirs, axis=0)
+        # Indexing, not np.take: a report's IPC stream lies where grpc received it, after its field's key and
+        # length, so its floats are rarely 4-byte aligned, and np.take first copied a whole unaligned batch.
+        gathered[mine] = views[i][theirs]
     kind = arrays[0].type
     if pa.types.is_fixed_size_list(kind):
         return pa.FixedSizeListArray.from_arrays(pa.array(gathered.reshape(-1), kind.value_type), type=kind)
