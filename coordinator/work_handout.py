@@ -1,4 +1,4 @@
-"""The workers' read side: a rank's next unit of rows (or split) as it asks, over FetchWork,
+"""The workers' read side: a rank's next unit of rows (or splits) as it asks, over FetchWork,
 and the open splits of a dataset read in place, over FetchShard. What is handed out, and when a unit is
 copied to another rank: work_units.py.
 """
@@ -52,7 +52,10 @@ class WorkHandout:
         async def take() -> workers_pb2.FetchWorkResponse:
             units = attempt.units
             if in_place.reads_in_place(job.spec):
-                splits = await self._manager.db(units.next_split, self._manager.store)
+                replicas = len(attempt.placements) // max(1, request.replica_ranks)
+                splits = await self._manager.db(
+                    units.next_splits, self._manager.store, request.replica, replicas, request.rows_per_s
+                )
                 job.attempts[-1].ranks[request.rank].rows_handed += sum(s.num_rows for s in splits)
                 return workers_pb2.FetchWorkResponse(splits=splits, done=not splits)
             give_up_at = time.monotonic() + WAIT_FOR_WORK_S

@@ -8,6 +8,7 @@ import pytest
 from store_rows import add_job_with_rows, batch, commit, job, pairs, result_blob, rows
 
 from distinfer.coordinator.work_units import MIN_UNIT_ROWS, SHARE_DIVISOR, TAIL_UNIT_ROWS, UNIT_CHARS, WorkUnits
+from distinfer.v1 import workers_pb2
 
 
 @pytest.fixture
@@ -155,3 +156,38 @@ def test_no_rank_is_done_while_rows_it_was_not_handed_are_still_computing(store)
     assert next_unit(units, store, 0, 100, 10, 1, uploading=False) == ([], False)
     commit(store, "j", 1, [result_blob(i) for i in range(10)])
     assert next_unit(units, store, 0, 100, 10, 1, uploading=False) == ([], True)
+
+
+def in_place_job(store, count: int, rows_each: int = 5000) -> None:
+    store.create_in_place_job(
+        job("j"),
+        [
+            workers_pb2.DatasetSplit(
+                number=n, path="f", format="parquet", num_rows=rows_each, first_index=n * rows_each
+            )
+            for n in range(count)
+        ],
+    )
+
+
+def test_splits_are_handed_in_order_several_an_ask_while_many_are_left_then_one(store):
+    """A split an ask cost a dataset of many splits an ask each; handed as units are (a share of the rows left,
+    at least one split), 20 splits on two replicas take 11 asks, the last ones a split each."""
+    in_place_job(store, 20)
+    units = WorkUnits("j", 1, done_before=0)
+    asks = []
+    while handed := units.next_splits(store, len(asks) % 2, 2):
+        asks.append([split.number for split in handed])
+    assert [n for ask in asks for n in ask] == list(range(20))
+    assert len(asks[0]) == 20 // (SHARE_DIVISOR * 2)  # 100,000 rows: a quarter of them to an equal replica
+    assert [len(ask) for ask in asks] == sorted((len(ask) for ask in asks), reverse=True) and len(asks[-1]) == 1
+    assert len(asks) == 11
+
+
+def test_a_replica_three_times_as_fast_is_handed_about_three_times_the_splits(store):
+    in_place_job(store, 80, rows_each=1000)
+    units = WorkUnits("j", 1, done_before=0)
+    units.next_splits(store, 0, 2, rows_per_s=300.0)
+    slow = units.next_splits(store, 1, 2, rows_per_s=100.0)
+    fast = units.next_splits(store, 0, 2, rows_per_s=300.0)
+    assert (len(slow), len(fast)) == (7, 19)  # of 60 splits left: 60/4/2 -> 7; 53*3/4/2 -> 19
