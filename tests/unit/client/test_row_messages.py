@@ -6,10 +6,20 @@ from __future__ import annotations
 import threading
 import time
 
+import pyarrow as pa
 import pytest
 
 from distinfer.client.conversions import to_input_row
-from distinfer.client.row_messages import MESSAGE_CHARS, READ_AHEAD_MESSAGES, ROWS_PER_MESSAGE, RowMessages
+from distinfer.client.row_messages import (
+    MESSAGE_CHARS,
+    READ_AHEAD_MESSAGES,
+    ROWS_PER_MESSAGE,
+    TABLE_ROWS_PER_MESSAGE,
+    RowMessages,
+    table_messages,
+)
+from distinfer.common.channels import STREAM_MESSAGE_BYTES
+from distinfer.common.result_columns import from_ipc
 
 
 def convert(row, number):
@@ -94,3 +104,15 @@ def test_a_bad_row_and_a_failing_source_raise_in_the_upload():
 
     with pytest.raises(OSError, match="the disk went away"):
         list(RowMessages(broken(), convert))
+
+
+def test_a_table_goes_in_messages_of_many_rows_and_long_rows_in_fewer_a_message():
+    """Each upload message costs the coordinator a transaction whatever its size: rows read as Arrow go
+    TABLE_ROWS_PER_MESSAGE a message, fewer where the rows would pass STREAM_MESSAGE_BYTES."""
+    short = pa.table({"id": range(20_000), "text": [f"row {i}" for i in range(20_000)]})
+    sent = list(table_messages(short, "text"))
+    assert [rows for rows, _ in sent] == [TABLE_ROWS_PER_MESSAGE, TABLE_ROWS_PER_MESSAGE, 20_000 - 16_384]
+    assert pa.concat_tables(from_ipc(message.arrow) for _, message in sent).equals(short)
+    long = pa.table({"text": ["x" * 4000] * 3000})
+    sizes = [len(message.arrow) for _, message in table_messages(long, "text")]
+    assert len(sizes) > 2 and max(sizes) <= STREAM_MESSAGE_BYTES
