@@ -141,8 +141,10 @@ class ParquetOutput:
         if self._writer is None:
             pq.write_table(pa.table({INDEX: pa.array([], pa.uint64())}), self._partial)
         else:
-            self._writer.close()
-            self._file.close()
+            try:
+                self._writer.close()
+            finally:
+                self._file.close()
         os.replace(self._partial, self._path)
 
 

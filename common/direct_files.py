@@ -61,7 +61,7 @@ class DirectWriter:
     STAGING = 4 << 20
 
     def __init__(self, path: Path):
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # (less the umask, as open() does)
         self._direct = open_direct(path)
         self._staging = block_aligned(self.STAGING)
         self._staged = 0  # bytes in the staging memory
@@ -100,7 +100,7 @@ class DirectWriter:
         return self._written + self._staged
 
     def flush(self) -> None:
-        """Nothing: the bytes staged go when a block's worth has come, or at close."""
+        """Nothing: the bytes staged go once STAGING bytes have come, or at close."""
 
     def close(self) -> None:
         if self.closed:
