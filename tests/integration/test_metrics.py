@@ -43,4 +43,6 @@ def test_job_status_breaks_its_time_down(client, sample_rows):
     assert timings.queued_s >= 0 and timings.compute_s > 0 and timings.gather_s > 0 and timings.tokenize_s > 0
     assert timings.rendezvous_s > 0
     ranks = job.status().attempts[-1].ranks
-    assert all(rank.timings.compute_s > 0 for rank in ranks)
+    # (Ranks pull their rows: in a job this small, a rank that asks late may find them all handed out.)
+    assert sum(rank.rows_handed for rank in ranks) >= 20
+    assert all(rank.timings.compute_s > 0 for rank in ranks if rank.rows_handed)
