@@ -134,10 +134,10 @@ def idle_cpu_per_s(pid: int, seconds: float = IDLE_S) -> float:
 
 
 def new_file_write_us_per_row(folder: Path, bytes_per_row: float, rows: int) -> float:
-    """The CPU per row of writing that many bytes a row to a new file here, in 4 MiB writes: what the client's
-    output costs the kernel, whatever distinfer does (the coordinator writes its results file past the page
-    cache, result_files.py). In a VM that hands freed memory back to its host (Firecracker's free page
-    reporting), each new page-cache page is a host fault too."""
+    """The CPU per row of writing that many bytes a row to a new file here through the page cache, in 4 MiB
+    writes: what the client's output and the coordinator's results file would cost the kernel (both are
+    written past the page cache: common/direct_files.py). In a VM that hands freed memory back to its host
+    (Firecracker's free page reporting), each new page-cache page is a host fault too."""
     chunk, total = b"\x5a" * (4 << 20), int(bytes_per_row * rows)
     path = folder / "write-reference"
     started = time.process_time()
@@ -313,7 +313,7 @@ def markdown(section: dict) -> str:
         f"client spends {section['client_start_up_cpu_s']:.2f} s on a one-row job (start-up, connecting, waiting).",
         f"For scale: writing the streamed Parquet output's bytes a row to a new file costs this machine "
         f"{section['new_file_write_us_per_row']:.2f} us of CPU a row (the kernel's copy into new page-cache pages); "
-        "the client pays that for its output (the coordinator writes its results file past the page cache). "
+        "the client and the coordinator would pay that for their files, which they write past the page cache. "
         f"Handing a call to another thread and back (as each store call went to a thread of the store's) costs "
         f"{section['hand_off_cpu_us']['back_to_back']:.0f} us of CPU back to back and "
         f"{section['hand_off_cpu_us']['after_idle']:.0f} us after {REPORT_AFTER_S:g} s idle: at a model's pace "
