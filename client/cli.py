@@ -6,7 +6,7 @@ import os
 
 # Arrow's C++ code picks its default allocator once, as pyarrow loads, and the Parquet writer takes its column
 # buffers from it whatever pool pyarrow is given: mimalloc there handed them back to the kernel between result
-# batches (a fifth of the command's page faults). So the system allocator, whose heap keeps them
+# batches (a tenth or more of the command's page faults). So the system allocator, whose heap keeps them
 # (keep_big_buffers_in_heap), set before any import that loads pyarrow.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
