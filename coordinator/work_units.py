@@ -127,7 +127,11 @@ class WorkUnits:
             self._split_rows = sum(split.num_rows for split in self._splits)
         if not self._splits:
             return []
-        share = self._split_rows * self._part_of_speed(replica, replicas) / SHARE_DIVISOR
+        # A replica that has not said its speed yet (its first two asks: the second goes as the first answer
+        # comes) gets one split: a slow one handed a quarter of the dataset would hold the job's end, as no
+        # other rank is given a copy of a split.
+        known = replica in self._speeds
+        share = self._split_rows * self._part_of_speed(replica, replicas) / SHARE_DIVISOR if known else 0
         handed = [self._splits.popleft()]
         rows = handed[0].num_rows
         while self._splits and rows + self._splits[0].num_rows <= share:

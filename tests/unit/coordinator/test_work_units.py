@@ -176,7 +176,7 @@ def test_splits_are_handed_in_order_several_an_ask_while_many_are_left_then_one(
     in_place_job(store, 20)
     units = WorkUnits("j", 1, done_before=0)
     asks = []
-    while handed := units.next_splits(store, len(asks) % 2, 2):
+    while handed := units.next_splits(store, len(asks) % 2, 2, rows_per_s=100.0):
         asks.append([split.number for split in handed])
     assert [n for ask in asks for n in ask] == list(range(20))
     assert len(asks[0]) == 20 // (SHARE_DIVISOR * 2)  # 100,000 rows: a quarter of them to an equal replica
@@ -191,3 +191,12 @@ def test_a_replica_three_times_as_fast_is_handed_about_three_times_the_splits(st
     slow = units.next_splits(store, 1, 2, rows_per_s=100.0)
     fast = units.next_splits(store, 0, 2, rows_per_s=300.0)
     assert (len(slow), len(fast)) == (7, 19)  # of 60 splits left: 60/4/2 -> 7; 53*3/4/2 -> 19
+
+
+def test_a_replica_that_has_not_said_its_speed_gets_one_split(store):
+    """Its first asks (the second goes as the first answer comes): a slow replica handed a quarter of the
+    dataset would hold the job's end, as no split is copied to another rank."""
+    in_place_job(store, 20)
+    units = WorkUnits("j", 1, done_before=0)
+    assert [len(units.next_splits(store, replica, 2)) for replica in (0, 0, 1, 1)] == [1, 1, 1, 1]
+    assert len(units.next_splits(store, 0, 2, rows_per_s=100.0)) == 16 // (SHARE_DIVISOR * 2)
