@@ -262,7 +262,7 @@ class JobManager:
             if len(attempt.finished) == len(attempt.placements):
                 missing = job.num_rows - job.rows_done
                 if missing == 0:
-                    job.timings.CopyFrom(record.ranks[0].timings)
+                    job.timings.CopyFrom(slowest_stages([rank.timings for rank in record.ranks]))
                     job.timings.queued_s = job.attempts[0].started_at - job.created_at
                     await self.end_attempt(job, "", requeue=False)
                     await self.finish(job, JobState.SUCCEEDED, f"{job.num_rows} rows done")
@@ -356,3 +356,12 @@ class JobManager:
         if job.attempt is None or job.attempt.number != attempt:
             raise FailedPrecondition(f"attempt {attempt} of job {job_id} is not running any more")
         return job
+
+
+def slowest_stages(ranks: list[jobs_pb2.Timings]) -> jobs_pb2.Timings:
+    """A job's time at each stage: its slowest rank's there, since the ranks go through them side by side. (Rank
+    0's alone read no compute in a small job where rank 1 had taken every row: ranks pull their rows.)"""
+    timings = jobs_pb2.Timings()
+    for stage in timings.DESCRIPTOR.fields:
+        setattr(timings, stage.name, max((getattr(rank, stage.name) for rank in ranks), default=0.0))
+    return timings

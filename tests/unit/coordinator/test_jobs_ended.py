@@ -9,6 +9,7 @@ from helpers import run_cli
 from store_rows import commit, open_rows
 
 from distinfer.client.api import Client, JobFailed
+from distinfer.coordinator.jobs import slowest_stages
 from distinfer.v1 import jobs_pb2
 
 
@@ -69,3 +70,13 @@ def test_distinfer_delete_refuses_a_live_job_and_deletes_an_ended_one(coordinato
         assert deleted.returncode == 0, deleted.stderr
         assert f"job {job.id} deleted" in deleted.stderr
         assert client.jobs() == []
+
+
+def test_a_succeeded_jobs_time_at_each_stage_is_its_slowest_ranks():
+    """Ranks pull their rows, so in a small job rank 0 may compute none: the job's compute time was rank 0's,
+    and read 0."""
+    idle_rank0 = jobs_pb2.Timings(rendezvous_s=0.5, model_load_s=2.0, gather_s=0.7)
+    busy_rank1 = jobs_pb2.Timings(rendezvous_s=0.4, model_load_s=1.0, tokenize_s=0.1, compute_s=3.0, stream_s=0.2)
+    assert slowest_stages([idle_rank0, busy_rank1]) == jobs_pb2.Timings(
+        rendezvous_s=0.5, model_load_s=2.0, tokenize_s=0.1, compute_s=3.0, gather_s=0.7, stream_s=0.2
+    )
