@@ -118,7 +118,7 @@ class WorkUnits:
         """A dataset read in place: the next open splits (Parquet row groups or JSONL byte ranges, thousands of
         rows each) for a replica that asks, in order: at least one, and as many more as fit in its share of the
         rows not handed out yet, as a unit's rows do (take()): one split an ask cost a job of 200 splits 200
-        asks, about a millisecond of the coordinator's each; now 19 on two ranks. (No copies of slow ones yet:
+        asks, about a millisecond of the coordinator's each; now about 23 on two ranks. (No copies of slow ones yet:
         the rank that computes a split writes its part whole.)"""
         if rows_per_s > 0:
             self._speeds[replica] = rows_per_s
