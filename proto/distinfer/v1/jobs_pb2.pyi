@@ -854,7 +854,11 @@ class JobStatus(_message.Message):
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]: ...
     @_builtins.property
-    def timings(self) -> Global___Timings: ...
+    def timings(self) -> Global___Timings:
+        """Once it succeeded: each stage's seconds are its slowest rank's (the ranks go through them side by side);
+        queued_s runs from submission to the first attempt.
+        """
+
     def __init__(
         self,
         *,
