@@ -40,10 +40,19 @@ def block_aligned(size: int) -> memoryview:
     return memory
 
 
-def refused(exc: OSError) -> bool:
-    """Whether a direct write failed for its alignment (a filesystem that takes the flag, not the writes, or
-    blocks bigger than BLOCK): the same bytes can go through the page cache instead."""
-    return exc.errno == errno.EINVAL
+def write_direct(fd: int, pieces: list[memoryview], position: int) -> bool:
+    """Write the pieces (each block-aligned memory of whole blocks) one after the other from `position`, past
+    the page cache; False where the filesystem refuses (EINVAL: it takes the flag but not the writes, or its
+    blocks are bigger than BLOCK): the caller then writes the same bytes there through the page cache."""
+    try:
+        for piece in pieces:
+            write_all(fd, piece, position)
+            position += len(piece)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return True
 
 
 def write_all(fd: int, view: memoryview, position: int) -> None:
@@ -86,15 +95,13 @@ class DirectWriter:
         return size
 
     def _write_staged(self, length: int) -> None:
+        staged = self._staging[:length]
         if self._direct is not None:
-            try:
-                return write_all(self._direct, self._staging[:length], self._written)
-            except OSError as exc:
-                if not refused(exc):
-                    raise
-                os.close(self._direct)
-                self._direct = None
-        write_all(self._fd, self._staging[:length], self._written)
+            if write_direct(self._direct, [staged], self._written):
+                return
+            os.close(self._direct)  # refused: this and later writes go through the page cache
+            self._direct = None
+        write_all(self._fd, staged, self._written)
 
     def tell(self) -> int:
         return self._written + self._staged

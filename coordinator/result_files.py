@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from distinfer.common.direct_files import BLOCK, block_aligned, open_direct, refused, write_all
+from distinfer.common.direct_files import BLOCK, block_aligned, open_direct, write_all, write_direct
 from distinfer.common.result_columns import ipc_size, write_ipc
 
 RECENT_BYTES = 64 << 20  # batches kept in memory for the result streams, all jobs together
@@ -186,16 +186,9 @@ def _write_direct(file: _File, pieces: list[memoryview]) -> bool:
     """Write the pieces (each on whole blocks) one after the other at the file's end, past the page cache;
     False, with nothing counted as written, where the filesystem refuses (its direct descriptor is closed then,
     and later appends go through the page cache)."""
-    start = file.end
-    try:
-        for piece in pieces:
-            write_all(file.direct, piece, file.end)
-            file.end += len(piece)
-    except OSError as exc:
-        file.end = start  # a buffered write goes there instead
-        if not refused(exc):
-            raise
-        os.close(file.direct)  # this filesystem takes the flag but not the writes
+    if not write_direct(file.direct, pieces, file.end):
+        os.close(file.direct)  # this filesystem takes the flag but not the writes: a buffered write goes there
         file.direct = None
         return False
+    file.end += sum(len(piece) for piece in pieces)
     return True
