@@ -51,8 +51,8 @@ class WorkHandout:
 
         async def take() -> workers_pb2.FetchWorkResponse:
             units = attempt.units
+            replicas = len(attempt.placements) // max(1, request.replica_ranks)
             if in_place.reads_in_place(job.spec):
-                replicas = len(attempt.placements) // max(1, request.replica_ranks)
                 splits = await self._manager.db(
                     units.next_splits, self._manager.store, request.replica, replicas, request.rows_per_s
                 )
@@ -62,7 +62,6 @@ class WorkHandout:
             while True:
                 changed, uploading = job.changed, job.rows_arriving  # both read before the rows are
                 open_rows = job.num_rows - units.done_before
-                replicas = len(attempt.placements) // max(1, request.replica_ranks)
                 asked = request.max_rows or UNIT_ROWS
                 rows, done = await self._manager.db(
                     units.next_unit,

@@ -81,7 +81,6 @@ class WorkUnits:
         self.held: deque[HeldUnit] = deque()  # in the order handed out
         self._took_s: deque[float] = deque(maxlen=64)  # how long the last units were held until seen committed
         self._splits: deque | None = None  # a dataset read in place: its open splits not handed out yet
-        self._split_rows = 0  # ...and their rows
         self.copied_from: dict[int, list[tuple[int, int]]] = {}  # replica -> (first, last) of rows copied
         # (replica, unit) -> [the unit's rows (a task), asks still to come from the replica's other ranks]
         self.handed: dict[tuple[int, int], list] = {}
@@ -124,20 +123,19 @@ class WorkUnits:
             self._speeds[replica] = rows_per_s
         if self._splits is None:
             self._splits = deque(store.splits.open(self._job_id, self._attempt, 0, 1))
-            self._split_rows = sum(split.num_rows for split in self._splits)
         if not self._splits:
             return []
         # A replica that has not said its speed yet (its first two asks: the second goes as the first answer
         # comes) gets one split: a slow one handed a quarter of the dataset would hold the job's end, as no
         # other rank is given a copy of a split.
         known = replica in self._speeds
-        share = self._split_rows * self._part_of_speed(replica, replicas) / SHARE_DIVISOR if known else 0
+        rows_left = sum(split.num_rows for split in self._splits)
+        share = rows_left * self._part_of_speed(replica, replicas) / SHARE_DIVISOR if known else 0
         handed = [self._splits.popleft()]
         rows = handed[0].num_rows
         while self._splits and rows + self._splits[0].num_rows <= share:
             handed.append(self._splits.popleft())
             rows += handed[-1].num_rows
-        self._split_rows -= rows
         return handed
 
     def _part_of_speed(self, replica: int, replicas: int) -> float:
