@@ -331,6 +331,20 @@ def test_a_commit_in_index_order_is_kept_as_the_stream_it_came_in_and_each_block
     store.close()
 
 
+def test_a_read_over_several_blocks_looks_their_batches_up_in_one_query(tmp_path):
+    store = Store(tmp_path / "state.db")
+    n = 4 * RESULT_BLOCK_ROWS
+    add_job_with_rows(store, "j", n)
+    for first in range(0, n, 700):  # commits that straddle blocks
+        commit(store, "j", 1, [result_blob(i, float(i)) for i in range(first, min(n, first + 700))])
+    statements = []
+    store._db.set_trace_callback(statements.append)
+    got = read(store, "j", 100, n).results
+    assert [(r.index, r.embedding.values[0]) for r in got] == [(i, float(i)) for i in range(100, n)]
+    assert sum("FROM result_batches" in statement for statement in statements) == 1
+    store.close()
+
+
 def test_deleting_a_job_removes_its_results_file(tmp_path):
     store = Store(tmp_path / "state.db")
     add_job_with_rows(store, "j", 10)
