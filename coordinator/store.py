@@ -25,6 +25,7 @@ from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
 from distinfer.coordinator import block_reads, input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.coordinator.job_store import ResultRead, RowCursor
+from distinfer.coordinator.recent_chunks import RecentChunks
 from distinfer.coordinator.result_files import ResultFiles
 from distinfer.coordinator.split_store import SplitStore
 from distinfer.coordinator.store_format import RESULT_BLOCK_ROWS, SCHEMA
@@ -49,6 +50,7 @@ class Store:
         self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES_KEPT}")
         self._db.executescript(SCHEMA)
         self._result_files = ResultFiles(Path(f"{self.path}.results"))
+        self._recent_chunks = RecentChunks()
         OldStoreUpgrade(self._db, self._transaction, self._insert_chunk, self._add_results).run()
         self._drop_results_a_power_loss_cut()
         self._delete_result_files_of_deleted_jobs()
@@ -98,6 +100,7 @@ class Store:
         with self._transaction():
             for table in ("jobs", "input_chunks", "result_batches", "dataset_splits"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+        self._recent_chunks.forget(job_id)
         self._result_files.delete(job_id)
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
@@ -159,7 +162,7 @@ class Store:
         (first,) = self._db.execute(
             "SELECT MAX(first_idx) FROM input_chunks WHERE job_id = ? AND first_idx <= ?", (job_id, start)
         ).fetchone()
-        query = "SELECT first_idx, rows FROM input_chunks WHERE job_id = ? AND first_idx >= ?"
+        query = "SELECT first_idx FROM input_chunks WHERE job_id = ? AND first_idx >= ?"
         if end is not None:
             query += f" AND first_idx < {int(end)}"
         if with_meta:
@@ -167,12 +170,23 @@ class Store:
         query += f" ORDER BY first_idx LIMIT {CHUNKS_PER_READ}"
         after = first or 0
         while True:
-            page = self._db.execute(query, (job_id, after)).fetchall()
-            for first_idx, blob in page:
-                yield first_idx, input_chunks.decode(blob)
+            page = [first_idx for (first_idx,) in self._db.execute(query, (job_id, after)).fetchall()]
+            yield from self._decoded(job_id, page)
             if len(page) < CHUNKS_PER_READ:
                 return
-            after = page[-1][0] + 1
+            after = page[-1] + 1
+
+    def _decoded(self, job_id: str, first_indices: list[int]) -> list[tuple[int, object]]:
+        """(first index, rows) of these chunks, decoded: held from their last read (recent_chunks.py), the
+        others read now in one query."""
+        chunks = {first_idx: self._recent_chunks.get(job_id, first_idx) for first_idx in first_indices}
+        if missing := [first_idx for first_idx, chunk in chunks.items() if chunk is None]:
+            marks = ",".join("?" * len(missing))
+            query = f"SELECT first_idx, rows FROM input_chunks WHERE job_id = ? AND first_idx IN ({marks})"
+            for first_idx, blob in self._db.execute(query, (job_id, *missing)).fetchall():
+                chunks[first_idx] = input_chunks.decode(blob)
+                self._recent_chunks.put(job_id, first_idx, chunks[first_idx], len(blob))
+        return list(chunks.items())
 
     # --- results ----------------------------------------------------------------------------------------
 

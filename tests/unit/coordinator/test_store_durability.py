@@ -345,6 +345,31 @@ def test_a_read_over_several_blocks_looks_their_batches_up_in_one_query(tmp_path
     store.close()
 
 
+def test_a_chunk_read_for_its_rows_is_not_fetched_again_for_its_passed_through_fields(tmp_path):
+    store = Store(tmp_path / "state.db")
+    add_job_with_rows(store, "j", 10)
+    store.add_rows("j", 10, batch(rows(*[f"t{i}" for i in range(10, 20)], meta={"k": 1})))
+    statements = []
+    store._db.set_trace_callback(statements.append)
+    assert open_indices(store, "j") == list(range(20))
+    commit(store, "j", 1, [result_blob(i) for i in range(20)])
+    assert [r.meta_json for r in read(store, "j", 0, 20).results][9:11] == ["", json.dumps({"k": 1})]
+    assert sum("SELECT first_idx, rows" in statement for statement in statements) == 1  # both chunks, once
+    store.close()
+
+
+def test_a_job_deleted_and_made_again_under_its_id_reads_its_new_rows(tmp_path):
+    store = Store(tmp_path / "state.db")
+    store.create_job(job("j"))
+    store.add_rows("j", 0, batch(rows("old", "rows")))
+    assert open_rows(store, "j") == [(0, "old"), (1, "rows")]
+    store.delete_job("j")
+    store.create_job(job("j"))
+    store.add_rows("j", 0, batch(rows("new", "ones")))
+    assert open_rows(store, "j") == [(0, "new"), (1, "ones")]
+    store.close()
+
+
 def test_deleting_a_job_removes_its_results_file(tmp_path):
     store = Store(tmp_path / "state.db")
     add_job_with_rows(store, "j", 10)
