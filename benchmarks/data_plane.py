@@ -9,7 +9,9 @@ And, with no model: the manifest of a dataset of many files on an object store (
 
 For each distinfer run: rows/s end to end (the CLI's whole life, its start-up included), the CPU each part
 spent per row (from /proc: the coordinator, the worker daemon with its executors, and the client's own
-rusage), and output bytes per row.
+rusage), and output bytes per row. Each entry runs REPEATS times, the entries taking turns, and the report
+gives each figure's median (and the coordinator's and the client's every run): on a shared VM the same code's
+figures moved by 0.5-1 us a row from one run to the next.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +45,7 @@ ROW_GROUP_ROWS = 5_000  # in place: a split per row group
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHORT_CHARS = 48
 IDLE_S, SETTLE_S = 5.0, 3.0
+REPEATS = 3  # each entry's runs (one with --quick)
 NO_MODEL = "no model (384 floats a row)"  # the plumbing's own rate: what a GPU fleet would feed it
 MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
 
@@ -180,6 +184,16 @@ def distinfer_run(
     }
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One entry's runs as one: each figure's median, and the coordinator's and the client's per-row CPU of
+    every run (the targets' figures: how far they move is part of the answer)."""
+    entry = {key: statistics.median(run[key] for run in runs) for key, value in runs[0].items() if key != "name"}
+    entry["name"] = runs[0]["name"]
+    for key in ("coordinator_rows_us_per_row", "client_rows_us_per_row"):
+        entry[f"{key}_runs"] = [run[key] for run in runs]
+    return entry
+
+
 def executor_pids(cluster: LocalCluster) -> list[int]:
     """The executors of the cluster's last job (a slot keeps its executor from job to job)."""
     with Client(cluster.address) as client:
@@ -218,7 +232,6 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
         del encoder
 
         common = ["--model", model_dir, "--workers", str(ranks), "--dtype", dtype]
-        entries = []
         with LocalCluster(slots=ranks, device=device, model_roots=(str(tmp),)) as cluster:
             # The executors load the model in a first job, and keep it for the next ones.
             warm_up_args = ["--input", str(warm_up), "--output", str(tmp / "w.jsonl")]
@@ -236,17 +249,22 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
             start_up = min(
                 run_cli(["submit", "--coordinator", cluster.address, *common, *one_row_args])[1] for _ in range(3)
             )
-            idle = idle_cpu_per_s(cluster.coordinator.pid)
-            in_place = ["--in-place", "--input", str(data_parquet)]
-            for name, args, output in (
-                ("streamed, Parquet out", [*common, "--input", str(data_jsonl)], tmp / "out.parquet"),
-                ("streamed, JSONL out", [*common, "--input", str(data_jsonl)], tmp / "out.jsonl"),
+            in_place, streamed = ["--in-place", "--input", str(data_parquet)], ["--input", str(data_jsonl)]
+            kinds = (
+                ("streamed, Parquet out", [*common, *streamed], tmp / "out.parquet"),
+                ("streamed, JSONL out", [*common, *streamed], tmp / "out.jsonl"),
                 ("in place, Parquet in and out", [*common, *in_place], tmp / "out"),
-                (f"streamed, Parquet out, {NO_MODEL}", [*no_model, "--input", str(data_jsonl)], tmp / "out.parquet"),
+                (f"streamed, Parquet out, {NO_MODEL}", [*no_model, *streamed], tmp / "out.parquet"),
                 (f"in place, {NO_MODEL}", [*no_model, *in_place], tmp / "out"),
-            ):
-                entries.append(distinfer_run(cluster, name, args, output, rows, idle, start_up))
-                (shutil.rmtree if output.is_dir() else Path.unlink)(output)
+            )
+            runs: dict[str, list[dict]] = {}
+            idles = []
+            for _ in range(1 if quick else REPEATS):
+                idles.append(idle := idle_cpu_per_s(cluster.coordinator.pid))  # (it drifts: measured each round)
+                for name, args, output in kinds:
+                    runs.setdefault(name, []).append(distinfer_run(cluster, name, args, output, rows, idle, start_up))
+                    (shutil.rmtree if output.is_dir() else Path.unlink)(output)
+        entries = [median_of(entry_runs) for entry_runs in runs.values()]
         write_us = new_file_write_us_per_row(tmp, entries[0]["output_bytes_per_row"], rows)  # streamed Parquet's
     hand_off = {"back_to_back": hand_off_cpu_us(0.0, 2000), "after_idle": hand_off_cpu_us(REPORT_AFTER_S, 25)}
     for entry in entries:
@@ -257,7 +275,7 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
         "model": MODELS[model],
         "device": f"{ranks} GPU(s), {dtype}" if on_cuda else f"CPU, {dtype}",
         "plain_rows_per_s": rows / plain_s,
-        "coordinator_idle_cpu_per_s": idle,
+        "coordinator_idle_cpu_per_s": statistics.median(idles),
         "client_start_up_cpu_s": start_up,
         "new_file_write_us_per_row": write_us,
         "hand_off_cpu_us": hand_off,
@@ -283,6 +301,11 @@ def hand_off_cpu_us(after_idle_s: float, times: int) -> float:
     return spent / times * 1e6
 
 
+def _each_run(entry: dict, key: str, spec: str) -> str:
+    runs = entry.get(f"{key}_runs", [])  # (reports written before entries were run several times have none)
+    return f" ({', '.join(format(run, spec) for run in runs)})" if len(runs) > 1 else ""
+
+
 def markdown(section: dict) -> str:
     lines = [
         f"| data path: {section['model']}, {section['device']}, {section['rows']:,} rows, {section['ranks']} ranks "
@@ -298,14 +321,18 @@ def markdown(section: dict) -> str:
         vs_plain = "-" if e["vs_plain"] is None else f"{e['vs_plain']:.2f}"
         lines.append(
             f"| distinfer, {e['name']} | {e['rows_per_s']:,.0f} | {vs_plain} "
-            f"| {e['coordinator_us_per_row']:.2f} / {e['coordinator_rows_us_per_row']:.2f} "
+            f"| {e['coordinator_us_per_row']:.2f} / {e['coordinator_rows_us_per_row']:.2f}"
+            f"{_each_run(e, 'coordinator_rows_us_per_row', '.2f')} "
             f"| {e['coordinator_core_fraction']:.3f} | {e['coordinator_faults_per_row']:.3f} "
-            f"| {e['client_us_per_row']:.1f} / {e['client_rows_us_per_row']:.1f} "
+            f"| {e['client_us_per_row']:.1f} / {e['client_rows_us_per_row']:.1f}"
+            f"{_each_run(e, 'client_rows_us_per_row', '.1f')} "
             f"| {e['workers_us_per_row']:.1f} / {e['busiest_rank_us_per_row']:.1f} "
             f"| {e['output_bytes_per_row']:,.0f} |"
         )
     lines += [
         "",
+        "Each figure is the median of an entry's runs (the entries took turns; in brackets, each run's figure "
+        "above idle or start-up). "
         "End to end: the `distinfer submit` command's whole run (its start-up and the upload included). CPU per "
         "row from /proc: the coordinator process, the worker daemon with its executors (and the executor that spent "
         "the most: on a fleet, what one rank does for every row caps the job), and the client's rusage; "
