@@ -1,4 +1,4 @@
-"""A block's committed result batches read in index order, copying only the rows a read gives.
+"""The committed result batches of a span of blocks read in index order, copying only the rows a read gives.
 
 A block (RESULT_BLOCK_ROWS indices) fills from several commits while a job runs, each a sorted batch of rows
 scattered over it (a rank batches its rows by length), and a result stream reads it again after each commit,
@@ -29,8 +29,9 @@ def rows_between(batch: pa.Table, first: int, end: int) -> pa.Table:
 
 
 def in_order(batches: list[pa.Table], base: int, first_offset: int, through_gaps: bool) -> pa.Table:
-    """The rows of a block's batches (each sorted by index, no index in two) from offset `first_offset` on,
-    in index order: up to the first offset missing, or through every gap. base: the block's first index."""
+    """The rows of the batches of a span of blocks (each sorted by index, no index in two) from offset
+    `first_offset` on, in index order: up to the first offset missing, or through every gap. base: the span's
+    first index."""
     if any(not batch.schema.equals(batches[0].schema) for batch in batches[1:]):  # a state file's older batches
         batches = [pa.concat_tables(batches, promote_options="default")]
     offsets = np.concatenate([batch.column(INDEX).to_numpy() for batch in batches]).astype(np.int64) - base
