@@ -1,6 +1,7 @@
 """The JobStore contract (coordinator/job_store.py), run against the SQLite store and the in-memory one: jobs,
 rows, the rows open to an attempt, idempotent commits (splits: test_split_store.py; the SQLite store's
-durability, shutdown and results file: test_store_durability.py)."""
+durability, shutdown and results file: test_store_durability.py; its upgrades of older layouts and its
+reads: test_store_upgrades.py, test_store_reads.py)."""
 
 from __future__ import annotations
 
