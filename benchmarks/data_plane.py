@@ -187,7 +187,7 @@ def distinfer_run(
 def median_of(runs: list[dict]) -> dict:
     """One entry's runs as one: each figure's median, and the coordinator's and the client's per-row CPU of
     every run (the targets' figures: how far they move is part of the answer)."""
-    entry = {key: statistics.median(run[key] for run in runs) for key, value in runs[0].items() if key != "name"}
+    entry = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "name"}
     entry["name"] = runs[0]["name"]
     for key in ("coordinator_rows_us_per_row", "client_rows_us_per_row"):
         entry[f"{key}_runs"] = [run[key] for run in runs]

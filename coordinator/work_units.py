@@ -128,9 +128,10 @@ class WorkUnits:
         # A replica that has not said its speed yet (its first two asks: the second goes as the first answer
         # comes) gets one split: a slow one handed a quarter of the dataset would hold the job's end, as no
         # other rank is given a copy of a split.
-        known = replica in self._speeds
-        rows_left = sum(split.num_rows for split in self._splits)
-        share = rows_left * self._part_of_speed(replica, replicas) / SHARE_DIVISOR if known else 0
+        share = 0.0
+        if replica in self._speeds:
+            rows_left = sum(split.num_rows for split in self._splits)
+            share = rows_left * self._part_of_speed(replica, replicas) / SHARE_DIVISOR
         handed = [self._splits.popleft()]
         rows = handed[0].num_rows
         while self._splits and rows + self._splits[0].num_rows <= share:
