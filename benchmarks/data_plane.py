@@ -32,19 +32,19 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-from benchmarks import manifest
+from benchmarks import grpc_floor, manifest
 from benchmarks.loops import load_texts, model_path, plain_loop
+from benchmarks.proc_cpu import idle_cpu_per_s, minor_faults, run_seconds, tree_cpu_seconds
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 from distinfer.common.channels import REPORT_AFTER_S  # the coordinator's wait between reports at a model's pace
 from distinfer.worker.devices import pick_dtype
+from distinfer.worker.result_sender import REPORT_ROWS
 
 ROWS, QUICK_ROWS = 100_000, 20_000
 RANKS = 2
 ROW_GROUP_ROWS = 5_000  # in place: a split per row group
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SHORT_CHARS = 48
-IDLE_S, SETTLE_S = 5.0, 3.0
 REPEATS = 3  # each entry's runs (one with --quick)
 NO_MODEL = "no model (384 floats a row)"  # the plumbing's own rate: what a GPU fleet would feed it
 MODELS = {"tiny": "1-layer 384-wide encoder", "bundled": "all-MiniLM-L6-v2"}
@@ -68,51 +68,6 @@ def tiny_encoder(folder: Path, layers: int = 1) -> str:
     return str(folder)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def minor_faults(pid: int) -> int:
-    """Page faults served without I/O (a new page zeroed, most of them): each costs the kernel a few us."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
-def run_seconds(pid: int) -> float:
-    """The CPU time of a live process's threads, to the nanosecond (/proc/PID/task/*/schedstat): the
-    coordinator's per-row figures are differences of a few tens of ms, which /proc/PID/stat's 10 ms ticks
-    blur. Threads that ended meanwhile are missed: the coordinator's live as long as it does."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except OSError:
-            continue  # ended meanwhile
-    return total / 1e9
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU of a process and its live descendants (a worker daemon and its executors), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            total += cpu_seconds(pid)
-        except OSError:
-            continue  # ended meanwhile
-        todo.extend(children.get(pid, ()))
-    return total
-
-
 def run_cli(args: list[str]) -> tuple[float, float]:
     """Run `distinfer ARGS`; returns (wall seconds, its CPU seconds from its rusage)."""
     started = time.perf_counter()
@@ -126,15 +81,6 @@ def run_cli(args: list[str]) -> tuple[float, float]:
 
 def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("part-*.parquet"))
-
-
-def idle_cpu_per_s(pid: int, seconds: float = IDLE_S) -> float:
-    """A process's CPU per second while no job runs (heartbeats, the event loop, the checkpointer), once the
-    last job's after-work (its log checkpoint) is done."""
-    time.sleep(SETTLE_S)
-    before = run_seconds(pid)
-    time.sleep(seconds)
-    return (run_seconds(pid) - before) / seconds
 
 
 def new_file_write_us_per_row(folder: Path, bytes_per_row: float, rows: int) -> float:
@@ -267,6 +213,7 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
         entries = [median_of(entry_runs) for entry_runs in runs.values()]
         write_us = new_file_write_us_per_row(tmp, entries[0]["output_bytes_per_row"], rows)  # streamed Parquet's
     hand_off = {"back_to_back": hand_off_cpu_us(0.0, 2000), "after_idle": hand_off_cpu_us(REPORT_AFTER_S, 25)}
+    floor = grpc_floor_us_per_row(rows, entries[0])
     for entry in entries:
         entry["vs_plain"] = None if entry["name"].endswith(NO_MODEL) else entry["rows_per_s"] / (rows / plain_s)
     return {
@@ -279,8 +226,20 @@ def run(quick: bool = False, rows: int | None = None, device: str = "cpu", model
         "client_start_up_cpu_s": start_up,
         "new_file_write_us_per_row": write_us,
         "hand_off_cpu_us": hand_off,
+        "floor_us_per_row": floor,
         "entries": entries,
         "manifest": manifest.run(quick),
+    }
+
+
+def grpc_floor_us_per_row(rows: int, streamed: dict) -> dict:
+    """What moving the streamed entry's result bytes at its pace costs a bare server, through grpc and on plain
+    sockets (benchmarks/grpc_floor.py): rank 0's reports as big as at that pace."""
+    pace = streamed["rows_per_s"]
+    report_rows = int(min(REPORT_ROWS, pace * REPORT_AFTER_S))
+    bytes_per_row = round(streamed["output_bytes_per_row"])
+    return {
+        kind: grpc_floor.server_us_per_row(kind, rows, pace, bytes_per_row, report_rows) for kind in ("grpc", "socket")
     }
 
 
@@ -347,6 +306,14 @@ def markdown(section: dict) -> str:
         "the coordinator waits between reports, and each of its operations runs on cold caches (so it now calls its "
         "store on its event loop).",
     ]
+    if "floor_us_per_row" in section:  # (reports written before it had one)
+        floor = section["floor_us_per_row"]
+        lines.append(
+            "The floor under the streamed coordinator's figure (benchmarks/grpc_floor.py: the streamed entry's result "
+            "bytes, reported at its pace as rank 0 does, passed on to one reader by a bare server, nothing stored): "
+            f"{floor['grpc']:.2f} us of CPU a row above idle through grpc (its aio server, the coordinator's "
+            f"options), {floor['socket']:.2f} on plain sockets."
+        )
     if "manifest" in section:  # (reports written before it had one)
         lines += ["", manifest.markdown(section["manifest"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
