@@ -5,7 +5,8 @@ The same rows (the sample's real short texts, repeated to --data-plane-rows) go 
 - a plain single-process loop of the same model (sorted by length, token-budget batches): the reference;
 - `distinfer submit` streaming them and writing Parquet, and JSONL;
 - `distinfer submit --in-place`: the workers read a Parquet dataset and write Parquet parts themselves.
-And, with no model: the manifest of a dataset of many files on an object store (benchmarks/manifest.py).
+And, with no model: the manifest of a dataset of many files on an object store (benchmarks/manifest.py),
+and the floor under the streamed coordinator: grpc alone moving its result bytes (benchmarks/grpc_floor.py).
 
 For each distinfer run: rows/s end to end (the CLI's whole life, its start-up included), the CPU each part
 spent per row (from /proc: the coordinator, the worker daemon with its executors, and the client's own
