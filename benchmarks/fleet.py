@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import queue
 import tempfile
 import threading
@@ -30,6 +29,7 @@ import grpc
 import numpy as np
 import pyarrow as pa
 
+from benchmarks.proc_cpu import cpu_seconds
 from distinfer.client.api import Client
 from distinfer.client.local import LocalCluster
 from distinfer.common import work_rows
@@ -45,7 +45,6 @@ PROCESSES = 4  # the simulated daemons are spread over this many processes
 HEARTBEAT_S, HEARTBEAT_TIMEOUT_S = 1.0, 3.0
 IDLE_WINDOW_S = 10.0
 UNIT_ROWS = 4096  # what a simulated rank asks for: as a real one does once its window has grown
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- a process of simulated daemons ----------------------------------------------------------------------
@@ -162,11 +161,6 @@ def simulated_daemons(address: str, numbers: list[int], events: multiprocessing.
 
 
 # --- the parent: a real coordinator, the fleet, the measurements ------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def rss_mb(pid: int) -> float:
