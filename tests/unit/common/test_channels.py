@@ -17,11 +17,18 @@ DATA, PING, WINDOW_UPDATE = 0x0, 0x6, 0x8
 MESSAGE_BYTES = 8 << 20
 
 
+class Frames(Counter):
+    """(direction, frame type, flags) -> how many went by."""
+
+    def count(self, direction: str, kind: int, flags: int | None = None) -> int:
+        return sum(n for (d, k, f), n in self.items() if d == direction and k == kind and flags in (None, f))
+
+
 class FrameCountingProxy:
-    """Passes one plaintext HTTP/2 connection on to `upstream`, counting (direction, frame type, flags)."""
+    """Passes one plaintext HTTP/2 connection on to `upstream`, counting its frames in `frames`."""
 
     def __init__(self, upstream: int):
-        self.frames: Counter = Counter()
+        self.frames = Frames()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._upstream = upstream
@@ -34,6 +41,7 @@ class FrameCountingProxy:
         threading.Thread(target=self._pump, args=(server, client, "to client", 0), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, direction: str, skip: int) -> None:
+        """skip: the bytes before the first frame (the client's preface)."""
         pending = b""
         while chunk := source.recv(1 << 20):
             try:
@@ -41,22 +49,12 @@ class FrameCountingProxy:
             except OSError:  # the other end closed first
                 return
             pending += chunk
-            if skip:
-                taken = min(skip, len(pending))
-                pending, skip = pending[taken:], skip - taken
-            while len(pending) >= 9 and len(pending) >= 9 + (length := int.from_bytes(pending[:3], "big")):
-                self.frames[direction, pending[3], pending[4]] += 1
-                pending = pending[9 + length :]
-
-    def snapshot(self) -> Frames:
-        return Frames(self.frames)
-
-
-class Frames(Counter):
-    """(direction, frame type, flags) -> how many went by."""
-
-    def count(self, direction: str, kind: int, flags: int | None = None) -> int:
-        return sum(n for (d, k, f), n in self.items() if d == direction and k == kind and flags in (None, f))
+            at = skip  # a frame: 3 bytes of length, its type, its flags, 4 of stream id, then its payload
+            while len(pending) >= at + 9 and len(pending) >= (end := at + 9 + int.from_bytes(pending[at : at + 3])):
+                self.frames[direction, pending[at + 3], pending[at + 4]] += 1
+                at = end
+            skip = max(0, at - len(pending))
+            pending = pending[at:]
 
 
 def _as_is(raw: bytes) -> bytes:
@@ -80,7 +78,7 @@ def test_messages_of_megabytes_flow_both_ways_without_probe_pings_or_a_window_up
             call = channel.stream_stream("/test.Echo/Echo", _as_is, _as_is)
             messages = [bytes([n]) * MESSAGE_BYTES for n in range(4)]
             assert list(call(iter(messages))) == messages
-            frames = proxy.snapshot()  # (a server stopping sends GOAWAY and a PING of its own)
+            frames = Frames(proxy.frames)  # (a server stopping sends GOAWAY and a PING of its own)
     finally:
         server.stop(0)
 
