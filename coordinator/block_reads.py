@@ -28,10 +28,12 @@ def rows_between(batch: pa.Table, first: int, end: int) -> pa.Table:
     return batch if begin == 0 and stop == len(indices) else batch.slice(begin, stop - begin)
 
 
-def in_order(batches: list[pa.Table], base: int, first_offset: int, through_gaps: bool) -> pa.Table:
+def in_order(
+    batches: list[pa.Table], base: int, first_offset: int, through_gaps: bool, max_rows: int | None = None
+) -> pa.Table:
     """The rows of the batches of a span of blocks (each sorted by index, no index in two) from offset
-    `first_offset` on, in index order: up to the first offset missing, or through every gap. base: the span's
-    first index."""
+    `first_offset` on, in index order: up to the first offset missing, or through every gap; the first
+    `max_rows` of them at most. base: the span's first index."""
     if any(not batch.schema.equals(batches[0].schema) for batch in batches[1:]):  # a state file's older batches
         batches = [pa.concat_tables(batches, promote_options="default")]
     offsets = np.concatenate([batch.column(INDEX).to_numpy() for batch in batches]).astype(np.int64) - base
@@ -46,7 +48,7 @@ def in_order(batches: list[pa.Table], base: int, first_offset: int, through_gaps
         gaps = np.flatnonzero(offsets != np.arange(first_offset, first_offset + len(offsets)))
         if len(gaps):
             which, rows = which[: gaps[0]], rows[: gaps[0]]
-    return take_rows(batches, which, rows)
+    return take_rows(batches, which[:max_rows], rows[:max_rows])
 
 
 def take_rows(tables: list[pa.Table], which: np.ndarray, rows: np.ndarray) -> pa.Table:

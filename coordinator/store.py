@@ -285,18 +285,7 @@ class Store:
         the results may skip indices. Rows whose input passed fields through get them (result_columns.with_passthrough).
 
         Rows are moved as whole Arrow columns: no Python object is made per row but for passed-through fields."""
-        pieces, count, size, limited = [], 0, 0, False
-        for piece in self._results_in_order(job_id, start, through_gaps, limit):
-            per_row = max(1, piece.nbytes // max(1, piece.num_rows))
-            room = min(limit - count, max(0 if pieces else 1, (max_bytes - size) // per_row))
-            if room < piece.num_rows:
-                piece, limited = piece.slice(0, room), True
-            if piece.num_rows:
-                pieces.append(piece)
-                count, size = count + piece.num_rows, size + piece.num_rows * per_row
-            if limited or count >= limit:  # (at the limit: whether more follow is not looked at)
-                limited = True
-                break
+        pieces, limited = self._results_in_order(job_id, start, through_gaps, limit, max_bytes)
         if not pieces:
             return ResultRead(None)
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")
@@ -305,16 +294,21 @@ class Store:
         passthrough = input_chunks.passthrough_of(chunks, indices)
         return ResultRead(table if passthrough is None else with_passthrough(table, passthrough), limited)
 
-    def _results_in_order(self, job_id: str, start: int, through_gaps: bool, rows_wanted: int) -> Iterator[pa.Table]:
+    def _results_in_order(
+        self, job_id: str, start: int, through_gaps: bool, limit: int, max_bytes: int
+    ) -> tuple[list[pa.Table], bool]:
         """Tables of committed rows from index `start` on, in order, up to the first index not committed (or
-        through every gap to the last committed one). Each table covers a span of the blocks that `rows_wanted`
-        rows from its first index fill: their batches in one query and ordered at once (a read of a few thousand
-        rows took a query, a stream's slice and an ordering for each block of 1,024)."""
-        first = start
+        through every gap to the last committed one), `limit` rows or about `max_bytes` (one row at least); and
+        whether those limits stopped it. Each table covers a span of the blocks that the rows still wanted fill:
+        their batches in one query and ordered at once (a read of a few thousand rows took a query, a stream's
+        slice and an ordering for each block of 1,024). Only the rows the read gives are gathered: at a model's
+        pace a span's rows interleave row by row across reports (ranks batch a unit's rows by length), and
+        gathering whole spans copied half again as many rows as the 4 MiB messages took."""
+        first, pieces, rows_given, bytes_given = start, [], 0, 0
         streams: dict[int, pa.Table] = {}  # a commit's stream may hold several blocks' rows: decoded once a read
         while True:
             first_block = first // RESULT_BLOCK_ROWS
-            last_block = (first + max(1, rows_wanted) - 1) // RESULT_BLOCK_ROWS
+            last_block = (first + max(1, limit - rows_given) - 1) // RESULT_BLOCK_ROWS
             base, end = first_block * RESULT_BLOCK_ROWS, (last_block + 1) * RESULT_BLOCK_ROWS
             places = self._db.execute(
                 "SELECT DISTINCT position, size FROM result_batches WHERE job_id = ? AND block BETWEEN ? AND ? "
@@ -328,20 +322,25 @@ class Store:
                 batches.append(block_reads.rows_between(streams[position], first, end))
             whole = False
             if batches:
-                table = block_reads.in_order(batches, base, first - base, through_gaps)
+                per_row = max(1, sum(batch.nbytes for batch in batches) // max(1, sum(map(len, batches))))
+                room = min(limit - rows_given, max(0 if pieces else 1, (max_bytes - bytes_given) // per_row))
+                table = block_reads.in_order(batches, base, first - base, through_gaps, room)
                 if table.num_rows:
-                    yield table
+                    pieces.append(table)
+                    rows_given, bytes_given = rows_given + table.num_rows, bytes_given + table.num_rows * per_row
+                if table.num_rows >= room:  # (at the limit: whether more follow is not looked at)
+                    return pieces, True
                 whole = table.num_rows == end - first
             if not through_gaps:
                 if not whole:
-                    return
+                    return pieces, False
                 first = end
             else:  # on to the next block that holds any (a failed job's commits may lie far apart)
                 (block,) = self._db.execute(
                     "SELECT MIN(block) FROM result_batches WHERE job_id = ? AND block > ?", (job_id, last_block)
                 ).fetchone()
                 if block is None:
-                    return
+                    return pieces, False
                 first = block * RESULT_BLOCK_ROWS
 
     def _transaction(self):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ from store_rows import (
     rows,
 )
 
-from distinfer.common.result_columns import to_ipc
+from distinfer.common.result_columns import from_ipc, result_batch, to_ipc, vectors
 from distinfer.coordinator.input_chunks import upload_table
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
@@ -282,6 +283,28 @@ def test_results_from_stops_once_the_rows_fill_max_bytes_but_returns_at_least_on
     size = 3 * (store.results_from("j", 0, 10).table.nbytes // 5)  # three rows' Arrow bytes
     assert [r.index for r in read(store, "j", 0, 10, max_bytes=size).results] == [0, 1, 2]
     assert [r.index for r in read(store, "j", 3, 10, max_bytes=1).results] == [3]
+
+
+def test_a_read_gathers_only_the_rows_it_gives_from_reports_that_interleave(tmp_path):
+    """At a model's pace the rows of a span of blocks interleave row by row across reports (ranks batch a unit's
+    rows by length), so a read gathers them: only those it gives (a 4 MiB message's), not the span's every row."""
+    store = Store(tmp_path / "state.db")
+    rows, row_bytes = 4 * RESULT_BLOCK_ROWS, 384 * 4
+    add_job_with_rows(store, "j", rows)
+    for part in np.array_split(np.random.default_rng(0).permutation(rows), 4):  # each sorted, as rank 0 sends
+        indices = np.sort(part)
+        embeddings = vectors(np.repeat(indices[:, None], 384, axis=1).astype(np.float32))
+        stream = to_ipc(result_batch(indices, np.zeros(len(indices)), {"embedding": embeddings}))
+        store.commit_results("j", 1, from_ipc(stream), stream)
+    tracemalloc.start()
+    read = store.results_from("j", 0, rows, max_bytes=256 * row_bytes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    given = read.table.num_rows
+    assert read.limited and 200 < given <= 256
+    assert read.table.column("index").to_pylist() == list(range(given))
+    assert read.table.column("embedding").combine_chunks().values.to_numpy()[::384].tolist() == list(range(given))
+    assert peak < 4 * 256 * row_bytes  # (the span's every row: 16 times the message)
 
 
 def test_a_read_says_whether_it_stopped_at_its_limit_or_at_a_row_not_committed(store):
