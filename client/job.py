@@ -17,6 +17,7 @@ from distinfer.client.conversions import table_rows, vector_array
 from distinfer.client.resume import resumed
 from distinfer.common.errors import JOB_ENDED_KEY, JOB_ID_KEY
 from distinfer.common.result_columns import INDEX, from_ipc
+from distinfer.common.row_order import in_index_order
 from distinfer.common.tasks import ENDED_STATES
 from distinfer.v1 import jobs_pb2
 
@@ -236,7 +237,7 @@ class Job:
 
         def stream_from_next():
             request = jobs_pb2.StreamResultsRequest(
-                job_id=self.id, start_index=next_index, format=jobs_pb2.RESULT_FORMAT_ARROW
+                job_id=self.id, start_index=next_index, format=jobs_pb2.RESULT_FORMAT_ARROW_RUNS
             )
             return self._opened(self.client.stub.StreamResults(request, metadata=self.client.metadata))
 
@@ -245,7 +246,9 @@ class Job:
 
         try:
             for batch in resumed(stream_from_next, "result_stream", job_id=self.id, next_index=cursor):
-                table = from_ipc(batch.arrow)
+                # Runs: the coordinator leaves ordering a message's rows to its readers, so that it does not
+                # copy every row of a fleet's results (jobs.proto, ResultBatch.arrow).
+                table = in_index_order(from_ipc(batch.arrow))
                 if table.num_rows:
                     next_index = table.column(INDEX)[-1].as_py() + 1
                     yield table

@@ -6,7 +6,8 @@ from the first row it has not sent yet. Concatenating the block's batches and so
 chunks concatenates first) copied every row of the block twice at every read: 58% of the page faults perf
 sampled in the streamed coordinator at a model's pace (its faults went from 63,000 to about 40,000 a job).
 Here the order is worked out on the indices alone; rows that follow each other in one batch stay slices of it
-(no copy), and only scattered rows are gathered, once, into new columns.
+(no copy), and only scattered rows are gathered, once, into new columns. A reader that orders the rows itself
+(RESULT_FORMAT_ARROW_RUNS, as the Python client does) gets a run of each batch: none is copied.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from distinfer.common.result_columns import INDEX, one_array
-
-# Past this many slices a table of slices costs its readers more (a record batch each) than one gathered copy.
-MAX_SLICES = 8
+from distinfer.common.row_order import take_rows
 
 
 def rows_between(batch: pa.Table, first: int, end: int) -> pa.Table:
@@ -29,13 +28,21 @@ def rows_between(batch: pa.Table, first: int, end: int) -> pa.Table:
 
 
 def in_order(
-    batches: list[pa.Table], base: int, first_offset: int, through_gaps: bool, max_rows: int | None = None
+    batches: list[pa.Table],
+    base: int,
+    first_offset: int,
+    through_gaps: bool,
+    max_rows: int | None = None,
+    runs: bool = False,
 ) -> pa.Table:
     """The rows of the batches of a span of blocks (each sorted by index, no index in two) from offset
     `first_offset` on, in index order: up to the first offset missing, or through every gap; the first
-    `max_rows` of them at most. base: the span's first index."""
+    `max_rows` of them at most. base: the span's first index.
+
+    runs: the same rows, but as a slice of each batch that gives any, one after another, each in index order
+    (the batches' rows interleave): no row is copied, and the reader puts them in order."""
     if any(not batch.schema.equals(batches[0].schema) for batch in batches[1:]):  # a state file's older batches
-        batches = [pa.concat_tables(batches, promote_options="default")]
+        batches, runs = [pa.concat_tables(batches, promote_options="default")], False  # (not sorted as one)
     offsets = np.concatenate([batch.column(INDEX).to_numpy() for batch in batches]).astype(np.int64) - base
     which = np.repeat(np.arange(len(batches)), [batch.num_rows for batch in batches])
     rows = np.concatenate([np.arange(batch.num_rows) for batch in batches])
@@ -48,56 +55,13 @@ def in_order(
         gaps = np.flatnonzero(offsets != np.arange(first_offset, first_offset + len(offsets)))
         if len(gaps):
             which, rows = which[: gaps[0]], rows[: gaps[0]]
-    return take_rows(batches, which[:max_rows], rows[:max_rows])
-
-
-def take_rows(tables: list[pa.Table], which: np.ndarray, rows: np.ndarray) -> pa.Table:
-    """A table whose row k is row rows[k] of tables[which[k]] (tables of one schema)."""
-    if not len(rows):
-        return tables[0].slice(0, 0)
-    starts = np.flatnonzero((np.diff(which) != 0) | (np.diff(rows) != 1)) + 1
-    if len(starts) < MAX_SLICES:
-        bounds = zip([0, *starts], [*starts, len(rows)])
-        pieces = [tables[which[first]].slice(rows[first], end - first) for first, end in bounds]
-        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
-    schema = tables[0].schema
-    # (table, the output rows it gives, its rows they are), worked out once for all the columns
-    sources = [(i, mine, rows[mine]) for i in range(len(tables)) if len(mine := np.flatnonzero(which == i))]
-    columns = [_gathered([table.column(c) for table in tables], sources, which, rows) for c in range(len(schema))]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _gathered(columns: list[pa.ChunkedArray], sources: list, which: np.ndarray, rows: np.ndarray) -> pa.Array:
-    arrays = [one_array(column) for column in columns]  # (combine_chunks copied every batch of a block at every read)
-    views = {i: _fixed_width(arrays[i]) for i, _, _ in sources}
-    if any(view is None for view in views.values()):  # text, or nulls: Arrow's take over the arrays joined
-        starts = np.cumsum([0, *map(len, arrays)])[:-1]
-        return pa.concat_arrays(arrays).take(pa.array(starts[which] + rows))
-    first = views[sources[0][0]]
-    gathered = np.empty((len(rows), *first.shape[1:]), first.dtype)
-    for i, mine, theirs in sources:
-        # Indexing, not np.take: a report's IPC stream lies where grpc received it, after its field's key and
-        # length, so its floats are rarely 4-byte aligned, and np.take first copied a whole unaligned batch.
-        gathered[mine] = views[i][theirs]
-    kind = arrays[0].type
-    if pa.types.is_fixed_size_list(kind):
-        return pa.FixedSizeListArray.from_arrays(pa.array(gathered.reshape(-1), kind.value_type), type=kind)
-    return pa.array(gathered, kind)
-
-
-def _fixed_width(array: pa.Array) -> np.ndarray | None:
-    """The array's values as NumPy (no copy): a number column, or a vector column as (rows, width); None for
-    any other column, or one with nulls."""
-    if array.null_count:
-        return None
-    kind = array.type
-    if pa.types.is_fixed_size_list(kind):
-        values = array.flatten()
-        if values.null_count or not _is_number(values.type):
-            return None
-        return values.to_numpy(zero_copy_only=True).reshape(len(array), kind.list_size)
-    return array.to_numpy(zero_copy_only=True) if _is_number(kind) else None
-
-
-def _is_number(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    which, rows = which[:max_rows], rows[:max_rows]
+    if not runs or not len(rows):
+        return take_rows(batches, which, rows)
+    # The rows a batch gives are a run of it (it is sorted): from its first one given, as many as it gives.
+    # Batches go in the order their first rows come, so that rows already in order stay so.
+    sources, first_at = np.unique(which, return_index=True)
+    counts, order = np.bincount(which), np.argsort(first_at)
+    return pa.concat_tables(
+        [batches[i].slice(int(rows[k]), int(counts[i])) for i, k in zip(sources[order], first_at[order])]
+    )

@@ -142,8 +142,13 @@ def work_rows_of(chunks, indices: np.ndarray) -> pa.Table:
 
 
 def passthrough_of(chunks, indices: np.ndarray) -> pa.Table | None:
-    """The passed-through fields of these rows (indices in order) from `chunks`, (first index, rows) of the
-    chunks with passed-through fields among those holding them, in order; None if none of the rows has any."""
+    """The passed-through fields of these rows (indices in order, or as a runs read gives them) from `chunks`,
+    (first index, rows) of the chunks with passed-through fields among those holding them, in order; None if
+    none of the rows has any."""
+    if (np.diff(indices.astype(np.int64)) < 0).any():  # runs that interleave: the fields taken in their order
+        order = np.argsort(indices, kind="stable")
+        fields = passthrough_of(chunks, indices[order])
+        return None if fields is None else fields.take(pa.array(np.argsort(order)))
     pieces, where = [], []
     first, end = int(indices[0]), int(indices[-1]) + 1
     for chunk_first, chunk in chunks:

@@ -89,8 +89,15 @@ class JobStore(Protocol):
     def count_results(self, job_id: str) -> int: ...
 
     def results_from(
-        self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
+        self,
+        job_id: str,
+        start: int,
+        limit: int,
+        max_bytes: int = 1 << 62,
+        through_gaps: bool = False,
+        runs: bool = False,
     ) -> ResultRead:
         """Committed results from `start` in index order, up to the first row not committed (through_gaps:
         passing over those), `limit` rows or about `max_bytes` (one row at least), with the rows' passed-through
-        fields joined."""
+        fields joined. runs: the same rows may come as chunks (record batches) each in index order that
+        interleave, as committed, rather than copied into order (one chunk in order is a valid answer)."""

@@ -162,7 +162,13 @@ class MemoryStore:
         return len(self._results.get(job_id, _Results()).where)
 
     def results_from(
-        self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
+        self,
+        job_id: str,
+        start: int,
+        limit: int,
+        max_bytes: int = 1 << 62,
+        through_gaps: bool = False,
+        runs: bool = False,  # (its rows always come in order: one run)
     ) -> ResultRead:
         book = self._results.get(job_id, _Results())
         indices = sorted(i for i in book.where if i >= start)

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from distinfer.common.channels import STREAM_MESSAGE_BYTES
 from distinfer.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -24,6 +25,7 @@ from distinfer.v1 import jobs_pb2
 # or 4 MiB: long generations and wide embeddings stay far inside gRPC's message limit, and within the 4 MiB a
 # plain gRPC client (grpcurl) takes by default. (Rank 0's reports, between our own programs, are bigger.)
 RESULTS_PER_MESSAGE, RESULT_BYTES_PER_MESSAGE = 4096, STREAM_MESSAGE_BYTES
+_FORMATS = set(jobs_pb2.ResultFormat.values())
 
 
 class ResultStreams:
@@ -34,9 +36,9 @@ class ResultStreams:
         self, job_id: str, start: int, result_format: int = jobs_pb2.RESULT_FORMAT_ROWS
     ) -> AsyncIterator[jobs_pb2.ResultBatch | bytes]:
         job = self._manager.job(job_id)
-        if result_format not in (jobs_pb2.RESULT_FORMAT_ROWS, jobs_pb2.RESULT_FORMAT_ARROW):
+        if result_format not in _FORMATS:
             raise InvalidArgument(
-                f"unknown result format {result_format}: use RESULT_FORMAT_ROWS or RESULT_FORMAT_ARROW"
+                f"unknown result format {result_format}: use one of {', '.join(jobs_pb2.ResultFormat.keys())}"
             )
         if job.spec.dataset.input:  # read in place: written in place
             raise FailedPrecondition(
@@ -47,15 +49,16 @@ class ResultStreams:
             raise InvalidArgument(f"start_index {start} is past the job's last row ({job.num_rows - 1})")
         job.readers += 1
         try:
-            async for table in self._results_of(job, start):
-                if result_format == jobs_pb2.RESULT_FORMAT_ARROW:  # a ResultBatch, serialised as it is written
+            runs = result_format == jobs_pb2.RESULT_FORMAT_ARROW_RUNS
+            async for table in self._results_of(job, start, runs):
+                if result_format != jobs_pb2.RESULT_FORMAT_ROWS:  # a ResultBatch, serialised as it is written
                     yield arrow_message(jobs_pb2.ResultBatch.ARROW_FIELD_NUMBER, table)
                 else:  # a message per row, for grpcurl and plain gRPC clients: built off the event loop
                     yield await asyncio.to_thread(_rows_message, table)
         finally:
             job.readers -= 1
 
-    async def _results_of(self, job: Job, start: int) -> AsyncIterator[pa.Table]:
+    async def _results_of(self, job: Job, start: int, runs: bool) -> AsyncIterator[pa.Table]:
         job_id, next_index = job.job_id, start
         # (rows done, state) as of the last read that read every row committed: a job changes for more than its
         # commits (each upload message, each rank that joins), and until these move a read would find nothing.
@@ -74,9 +77,10 @@ class ResultStreams:
                     RESULTS_PER_MESSAGE,
                     RESULT_BYTES_PER_MESSAGE,
                     ended,
+                    runs,
                 )
                 if read.table is not None:
-                    next_index = read.table.column(INDEX)[-1].as_py() + 1
+                    next_index = pc.max(read.table.column(INDEX)).as_py() + 1  # (runs: not the last row's)
                     yield read.table
                     if read.limited:
                         continue  # more rows are there now; else none until a change (a commit, the job's end)

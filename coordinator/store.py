@@ -277,25 +277,32 @@ class Store:
         return int(n)
 
     def results_from(
-        self, job_id: str, start: int, limit: int, max_bytes: int = 1 << 62, through_gaps: bool = False
+        self,
+        job_id: str,
+        start: int,
+        limit: int,
+        max_bytes: int = 1 << 62,
+        through_gaps: bool = False,
+        runs: bool = False,
     ) -> ResultRead:
         """The committed results from index `start` on, in index order, stopping at the first row not committed
         yet, after `limit` rows, or once they hold about `max_bytes` (at least one row).
         through_gaps: pass over the rows not committed (for a job that has ended: those will never come), so
         the results may skip indices. Rows whose input passed fields through get them (result_columns.with_passthrough).
+        runs: the same rows as chunks each in index order, which may interleave (block_reads.in_order).
 
         Rows are moved as whole Arrow columns: no Python object is made per row but for passed-through fields."""
-        pieces, limited = self._results_in_order(job_id, start, through_gaps, limit, max_bytes)
+        pieces, limited = self._results_in_order(job_id, start, through_gaps, limit, max_bytes, runs)
         if not pieces:
             return ResultRead(None)
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces, promote_options="default")
         indices = table.column(INDEX).to_numpy()
-        chunks = self._chunks(job_id, int(indices[0]), int(indices[-1]) + 1, with_meta=True)
+        chunks = self._chunks(job_id, int(indices.min()), int(indices.max()) + 1, with_meta=True)
         passthrough = input_chunks.passthrough_of(chunks, indices)
         return ResultRead(table if passthrough is None else with_passthrough(table, passthrough), limited)
 
     def _results_in_order(
-        self, job_id: str, start: int, through_gaps: bool, limit: int, max_bytes: int
+        self, job_id: str, start: int, through_gaps: bool, limit: int, max_bytes: int, runs: bool
     ) -> tuple[list[pa.Table], bool]:
         """Tables of committed rows from index `start` on, in order, up to the first index not committed (or
         through every gap to the last committed one), `limit` rows or about `max_bytes` (one row at least); and
@@ -324,7 +331,7 @@ class Store:
             if batches:
                 per_row = max(1, sum(batch.nbytes for batch in batches) // max(1, sum(map(len, batches))))
                 room = min(limit - rows_given, max(0 if pieces else 1, (max_bytes - bytes_given) // per_row))
-                table = block_reads.in_order(batches, base, first - base, through_gaps, room)
+                table = block_reads.in_order(batches, base, first - base, through_gaps, room, runs)
                 if table.num_rows:
                     pieces.append(table)
                     rows_given, bytes_given = rows_given + table.num_rows, bytes_given + table.num_rows * per_row

@@ -29,11 +29,13 @@ class _ResultFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultFo
     DESCRIPTOR: _descriptor.EnumDescriptor
     RESULT_FORMAT_ROWS: _ResultFormat.ValueType  # 0
     RESULT_FORMAT_ARROW: _ResultFormat.ValueType  # 1
+    RESULT_FORMAT_ARROW_RUNS: _ResultFormat.ValueType  # 2
 
 class ResultFormat(_ResultFormat, metaclass=_ResultFormatEnumTypeWrapper): ...
 
 RESULT_FORMAT_ROWS: ResultFormat.ValueType  # 0
 RESULT_FORMAT_ARROW: ResultFormat.ValueType  # 1
+RESULT_FORMAT_ARROW_RUNS: ResultFormat.ValueType  # 2
 Global___ResultFormat: _TypeAlias = ResultFormat  # noqa: Y015
 
 class _JobState:
@@ -590,7 +592,8 @@ class StreamResultsRequest(_message.Message):
     """Index of the first result wanted: a client that lost its stream resumes where it stopped."""
     format: Global___ResultFormat.ValueType
     """ROWS (the default) fills ResultBatch.results, a message per row, for grpcurl and plain gRPC clients;
-    ARROW fills ResultBatch.arrow, the columns of many rows at once, with no per-row work on either side.
+    ARROW fills ResultBatch.arrow, the columns of many rows at once, with no per-row work on either side;
+    ARROW_RUNS too, but leaves putting a message's rows in order to the client (see ResultBatch.arrow).
     """
     def __init__(
         self,
@@ -618,6 +621,12 @@ class ResultBatch(_message.Message):
     (uint64), `truncated_tokens` (uint32), the task's (embed: `embedding`, a fixed-size list of float32;
     classify: `label`, `score`, `logits`; generate: `text`, `prompt_tokens`, `generated_tokens`,
     `finish_reason`; echo: `chars`), and `meta_json` (string) when rows passed fields through.
+    With RESULT_FORMAT_ARROW_RUNS: the same columns, but the stream's record batches, each in index order,
+    may interleave: together they are every row of the index range from the first row not sent before to
+    the message's greatest index (every row committed in it, for a stream passing over a failed job's
+    gaps), and the client sorts them by `index`. The coordinator then sends rank 0's reports as they came,
+    where at a model's pace the rows of any index range interleave row by row across reports (ranks
+    batch by length), rather than copying every row it serves to order it.
     """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Result]: ...

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from distinfer.common.result_columns import from_ipc, result_batch, to_ipc, vectors
-from distinfer.coordinator.block_reads import MAX_SLICES, in_order
+from distinfer.common.row_order import MAX_SLICES
+from distinfer.coordinator.block_reads import in_order
 
 BASE = 2048
 
@@ -97,3 +98,25 @@ def test_rows_gathered_from_batches_off_alignment_copy_only_those_rows():
     tracemalloc.stop()
     assert table.equals(expected(batches, 1000, 1024))
     assert peak < 256 * width * 4  # a batch's vectors
+
+
+@pytest.mark.parametrize(("first", "max_rows", "through_gaps"), [(0, None, False), (700, 100, False), (5, None, True)])
+def test_a_runs_read_gives_the_same_rows_as_a_slice_of_each_batch_none_copied(first, max_rows, through_gaps):
+    """For a client that orders a message's rows itself (RESULT_FORMAT_ARROW_RUNS): the rows of batches that
+    interleave come as one run of each batch, each run in index order, none of them copied."""
+    batches = interleaved(4)
+    if through_gaps:
+        batches = [batch.filter(pa.array(batch.column("index").to_numpy() % 7 != 0)) for batch in batches]
+    ordered = in_order(batches, BASE, first, through_gaps, max_rows)
+    runs = in_order(batches, BASE, first, through_gaps, max_rows, runs=True)
+    assert runs.sort_by("index").equals(ordered)
+    assert len(runs.to_batches()) <= len(batches)
+    assert all((np.diff(run.column("index").to_numpy().astype(np.int64)) > 0).all() for run in runs.to_batches())
+    sources = {batch.column("embedding").chunk(0).values.buffers()[1].address for batch in batches}
+    assert {chunk.values.buffers()[1].address for chunk in runs.column("embedding").chunks} <= sources
+
+
+def test_a_runs_read_of_batches_that_follow_each_other_is_in_order():
+    first, second = batch(np.arange(512, 1024)), batch(np.arange(0, 512))  # committed out of order
+    runs = in_order([first, second], BASE, 100, through_gaps=False, runs=True)
+    assert runs.equals(expected([first, second], 100, 1024))

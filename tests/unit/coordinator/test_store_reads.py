@@ -1,13 +1,20 @@
 """How the SQLite store reads: a result read's blocks in one query, input chunks held decoded between reads
-(coordinator/recent_chunks.py)."""
+(coordinator/recent_chunks.py), reports that interleave read as runs."""
 
 from __future__ import annotations
 
 import json
+import tracemalloc
 
+import numpy as np
+import pyarrow as pa
 from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
 
+from distinfer.common.result_columns import from_ipc, result_batch, to_ipc, vectors
+from distinfer.common.row_order import in_index_order
+from distinfer.coordinator.input_chunks import upload_table
 from distinfer.coordinator.store import RESULT_BLOCK_ROWS, Store
+from distinfer.v1 import jobs_pb2
 
 
 def test_a_read_over_several_blocks_looks_their_batches_up_in_one_query(tmp_path):
@@ -46,4 +53,33 @@ def test_a_job_deleted_and_made_again_under_its_id_reads_its_new_rows(tmp_path):
     store.create_job(job("j"))
     store.add_rows("j", 0, batch(rows("new", "ones")))
     assert open_rows(store, "j") == [(0, "new"), (1, "ones")]
+    store.close()
+
+
+def test_a_runs_read_gives_the_ordered_reads_rows_as_runs_of_the_reports_each_with_its_fields(tmp_path):
+    """RESULT_FORMAT_ARROW_RUNS: reports whose rows interleave (at a model's pace, ranks batch by length) are
+    read as a run of each, none of their rows gathered, with each row's own passed-through fields."""
+    store = Store(tmp_path / "state.db")
+    n, width = 3 * RESULT_BLOCK_ROWS, 384
+    uploaded = pa.table({"text": [f"t{i}" for i in range(n)], "id": [f"row {i}" for i in range(n)]})
+    store.create_job(job("j", num_rows=n))
+    store.add_rows("j", 0, upload_table(jobs_pb2.RowBatch(arrow=to_ipc(uploaded)), 0))
+    for part in np.array_split(np.random.default_rng(0).permutation(n), 4):  # each sorted, as rank 0 sends
+        indices = np.sort(part)
+        embeddings = vectors(np.repeat(indices[:, None], width, axis=1).astype(np.float32))
+        stream = to_ipc(result_batch(indices, np.zeros(len(indices)), {"embedding": embeddings}))
+        store.commit_results("j", 1, from_ipc(stream), stream)
+    for start, limit in [(0, n), (500, 1000), (n - 10, 100)]:
+        ordered = store.results_from("j", start, limit)
+        tracemalloc.start()
+        runs = store.results_from("j", start, limit, runs=True)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert runs.limited == ordered.limited
+        assert in_index_order(runs.table).equals(ordered.table)
+        indices = runs.table.column("index").to_numpy()
+        assert runs.table.column("id").to_pylist() == [f"row {i}" for i in indices]
+        assert runs.table.column("embedding").combine_chunks().flatten().to_numpy()[::width].tolist() == list(indices)
+        assert peak < 256 * width * 4  # (the ordered read gathers every row it gives: 3,072 of them at first)
+    assert (np.diff(store.results_from("j", 0, n, runs=True).table.column("index").to_numpy().astype(int)) < 0).any()
     store.close()
