@@ -24,6 +24,7 @@ from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
 from distinfer.coordinator import block_reads, input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
+from distinfer.coordinator.committed_blocks import CommittedBlocks
 from distinfer.coordinator.job_store import ResultRead, RowCursor
 from distinfer.coordinator.recent_chunks import RecentChunks
 from distinfer.coordinator.result_files import ResultFiles
@@ -51,8 +52,10 @@ class Store:
         self._db.executescript(SCHEMA)
         self._result_files = ResultFiles(Path(f"{self.path}.results"))
         self._recent_chunks = RecentChunks()
+        self._committed_blocks = CommittedBlocks(self._committed_batches)
         OldStoreUpgrade(self._db, self._transaction, self._insert_chunk, self._add_results).run()
         self._drop_results_a_power_loss_cut()
+        self._committed_blocks.forget()  # (the upgrade and the drop moved the database under it)
         self._delete_result_files_of_deleted_jobs()
         self._checkpointer = WalCheckpointer(self.path)
         self.splits = SplitStore(self._db, self._transaction)
@@ -101,6 +104,7 @@ class Store:
             for table in ("jobs", "input_chunks", "result_batches", "dataset_splits"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
         self._recent_chunks.forget(job_id)
+        self._committed_blocks.forget(job_id)
         self._result_files.delete(job_id)
 
     def load_jobs(self) -> list[jobs_pb2.JobStatus]:
@@ -197,8 +201,12 @@ class Store:
         index: the first result of a row is kept. Returns how many rows were new.
         stream: the Arrow IPC stream `results` was read from, stored as it is when its rows are in index order
         and all new (rank 0's reports): each block's rows are then a slice of it, with no stream written again."""
-        with self._transaction():
-            return self._add_results(job_id, attempt, results, stream)
+        try:
+            with self._transaction():
+                return self._add_results(job_id, attempt, results, stream)
+        except BaseException:
+            self._committed_blocks.forget(job_id)  # (it may hold rows the transaction did not keep)
+            raise
 
     def _add_results(
         self, job_id: str, attempt: int, results: pa.Table, stream: bytes | memoryview | None = None
@@ -218,14 +226,8 @@ class Store:
         for begin, end in zip([0, *starts], [*starts, len(indices)]):  # each block's rows: a slice
             block = int(blocks[begin])
             offsets = (indices[begin:end] % RESULT_BLOCK_ROWS).astype("<u2")
-            keep, seq = new_row[begin:end].copy(), 0
-            stored = np.zeros(RESULT_BLOCK_ROWS, dtype=bool)
-            for last_seq, packed_offsets in self._db.execute(
-                "SELECT seq, offsets FROM result_batches WHERE job_id = ? AND block = ?", (job_id, block)
-            ):
-                stored[np.frombuffer(packed_offsets, "<u2")] = True
-                seq = last_seq + 1
-            keep &= ~stored[offsets]
+            stored, seq = self._committed_blocks.of(job_id, block)
+            keep = new_row[begin:end] & ~stored[offsets]
             if not keep.any():
                 continue
             rows = results.slice(begin, end - begin)
@@ -247,7 +249,13 @@ class Store:
                 "size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, block, seq, attempt, len(offsets), int(offsets.max()), offsets.tobytes(), position, size),
             )
+            self._committed_blocks.add(job_id, block, offsets)
         return added
+
+    def _committed_batches(self, job_id: str, block: int) -> list[tuple[int, bytes]]:
+        return self._db.execute(
+            "SELECT seq, offsets FROM result_batches WHERE job_id = ? AND block = ?", (job_id, block)
+        ).fetchall()
 
     def _committed(self, job_id: str, begin: int, end: int, other_than_attempt: int) -> np.ndarray:
         """Indices committed by attempts other than the one given, among those from begin to end (excluded);
@@ -263,10 +271,7 @@ class Store:
 
     def uncommitted(self, job_id: str, first: int, last: int) -> np.ndarray:
         """The indices from first to last (included) that no attempt has committed, in order."""
-        committed = self._committed(job_id, first, last + 1, other_than_attempt=-1)
-        open_rows = np.ones(last - first + 1, dtype=bool)  # (a mask, not np.isin's sort: asked at every FetchWork)
-        open_rows[committed[(committed >= first) & (committed <= last)] - first] = False
-        return np.flatnonzero(open_rows) + first
+        return self._committed_blocks.uncommitted(job_id, first, last)
 
     def rows_of(self, job_id: str, indices: np.ndarray) -> pa.Table:
         """These rows (indices in order) as a work_rows table."""

@@ -1,13 +1,16 @@
 """How the SQLite store reads: a result read's blocks in one query, input chunks held decoded between reads
-(coordinator/recent_chunks.py), reports that interleave read as runs."""
+(coordinator/recent_chunks.py), reports that interleave read as runs, the committed rows of blocks held in memory
+(coordinator/committed_blocks.py)."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
 
 from distinfer.common.result_columns import from_ipc, result_batch, to_ipc, vectors
@@ -82,4 +85,46 @@ def test_a_runs_read_gives_the_ordered_reads_rows_as_runs_of_the_reports_each_wi
         assert runs.table.column("embedding").combine_chunks().flatten().to_numpy()[::width].tolist() == list(indices)
         assert peak < 256 * width * 4  # (the ordered read gathers every row it gives: 3,072 of them at first)
     assert (np.diff(store.results_from("j", 0, n, runs=True).table.column("index").to_numpy().astype(int)) < 0).any()
+    store.close()
+
+
+def test_commits_and_the_handouts_checks_read_each_block_from_the_database_once(tmp_path):
+    """A commit asks which rows of each of its blocks were committed before, and each FetchWork whether units'
+    rows are all committed: the blocks stay in memory, kept up to date by the commits."""
+    store = Store(tmp_path / "state.db")
+    n = 4 * RESULT_BLOCK_ROWS
+    add_job_with_rows(store, "j", n)
+    statements = []
+    store._db.set_trace_callback(statements.append)
+    for first in range(0, n, 300):
+        commit(store, "j", 1, [result_blob(i) for i in range(first, min(n, first + 200))])
+        assert list(store.uncommitted("j", 0, n - 1)) == [i for i in range(n) if i % 300 >= 200 or i >= first + 200]
+    assert commit(store, "j", 2, [result_blob(i) for i in range(n)]) == sum(i % 300 >= 200 for i in range(n))
+    assert len(store.uncommitted("j", 0, n - 1)) == 0
+    assert sum("SELECT seq, offsets FROM result_batches" in statement for statement in statements) == 4
+    store.close()
+
+
+def test_a_commit_whose_transaction_fails_leaves_no_row_counted_as_committed(tmp_path):
+    store = Store(tmp_path / "state.db")
+    add_job_with_rows(store, "j", 3 * RESULT_BLOCK_ROWS)
+    assert len(store.uncommitted("j", 0, 3 * RESULT_BLOCK_ROWS - 1)) == 3 * RESULT_BLOCK_ROWS  # blocks in memory
+    real = store._db
+
+    class SecondInsertFails:  # the commit's rows of its first block are in (and counted) when it fails
+        inserts = 0
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT INTO result_batches"):
+                self.inserts += 1
+                if self.inserts == 2:
+                    raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+    store._db = SecondInsertFails()
+    with pytest.raises(sqlite3.OperationalError):
+        commit(store, "j", 1, [result_blob(i) for i in range(2 * RESULT_BLOCK_ROWS)])
+    store._db = real
+    assert len(store.uncommitted("j", 0, 3 * RESULT_BLOCK_ROWS - 1)) == 3 * RESULT_BLOCK_ROWS
+    assert commit(store, "j", 1, [result_blob(i) for i in range(2 * RESULT_BLOCK_ROWS)]) == 2 * RESULT_BLOCK_ROWS
     store.close()
