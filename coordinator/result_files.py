@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from distinfer.common.direct_files import BLOCK, block_aligned, open_direct, write_all, write_direct
-from distinfer.common.result_columns import ipc_size, write_ipc
+from distinfer.common.result_columns import from_ipc, ipc_size, write_ipc
 
 RECENT_BYTES = 64 << 20  # batches kept in memory for the result streams, all jobs together
 IN_PLACE_BYTES = 64 << 10  # a stream this big or bigger is written from where it lies (smaller ones are copied)
@@ -44,6 +44,7 @@ class _File:
     direct: int | None  # O_DIRECT, where the filesystem takes it
     end: int  # where the next batch goes
     recent: list[tuple[int, memoryview]] = field(default_factory=list)  # (position, bytes) in order
+    decoded: dict[int, pa.Table] = field(default_factory=dict)  # position -> the stream there, of those held
 
 
 class ResultFiles:
@@ -127,6 +128,8 @@ class ResultFiles:
             if held is not None and held.recent and held.recent[0][0] == position:  # else let go with its file
                 held.recent.pop(0)
                 self._recent_bytes -= size
+                for start in [start for start in held.decoded if start < position + size]:
+                    del held.decoded[start]
 
     @property
     def bytes_held(self) -> int:
@@ -139,6 +142,17 @@ class ResultFiles:
         if i >= 0 and position + size <= (start := file.recent[i][0]) + len(file.recent[i][1]):
             return file.recent[i][1][position - start : position - start + size]
         return os.pread(file.fd, size, position)
+
+    def read_table(self, job_id: str, position: int, size: int) -> pa.Table:
+        """The stream at `position` as a table: decoded once while it is held in memory (each result message
+        read the reports its rows lie in again, most of them more than once)."""
+        file = self._file(job_id)
+        if (table := file.decoded.get(position)) is None:
+            data = self.read(job_id, position, size)
+            table = from_ipc(data)
+            if isinstance(data, memoryview):  # held: its table holds no memory of its own
+                file.decoded[position] = table
+        return table
 
     def _file(self, job_id: str) -> _File:
         file = self._open.get(job_id)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from distinfer.common import work_rows
-from distinfer.common.result_columns import INDEX, from_ipc, with_passthrough
+from distinfer.common.result_columns import INDEX, with_passthrough
 from distinfer.coordinator import block_reads, input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.coordinator.committed_blocks import CommittedBlocks
@@ -330,7 +330,7 @@ class Store:
             batches = []
             for position, size in places:  # a stream's rows in the span are all committed (commit_results)
                 if position not in streams:
-                    streams[position] = from_ipc(self._result_files.read(job_id, position, size))
+                    streams[position] = self._result_files.read_table(job_id, position, size)
                 batches.append(block_reads.rows_between(streams[position], first, end))
             whole = False
             if batches:

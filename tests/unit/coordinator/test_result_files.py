@@ -97,6 +97,24 @@ def test_the_batches_held_in_memory_are_bounded_and_older_ones_come_from_the_fil
     files.close()
 
 
+def test_a_batch_held_in_memory_is_decoded_once_and_let_go_with_its_bytes(tmp_path, monkeypatch):
+    """Each result message read the reports its rows lie in again: decoded once while held, as a table over
+    the held bytes; once they leave memory, the table goes too (read from the file, decoded at each read)."""
+    monkeypatch.setattr(result_files, "RECENT_BYTES", 4 * BLOCK)
+    files = ResultFiles(tmp_path)
+    written = batches(8, seed=2)
+    places = [(append(files, "j", data), len(data)) for data in written]
+    recent = files.read_table("j", *places[-1])
+    assert files.read_table("j", *places[-1]) is recent and recent.equals(from_ipc(written[-1]))
+    oldest = files.read_table("j", *places[0])  # long out of memory
+    assert oldest.equals(from_ipc(written[0])) and files.read_table("j", *places[0]) is not oldest
+    for data in batches(8, seed=3):  # the recent one leaves memory in turn
+        append(files, "j", data)
+    again = files.read_table("j", *places[-1])
+    assert again is not recent and again.equals(recent) and files.read_table("j", *places[-1]) is not again
+    files.close()
+
+
 def test_a_big_report_is_written_from_where_it_lies_and_read_back_whole_at_any_alignment(tmp_path):
     """A report as grpc received it (immutable bytes, anywhere in a block) is not copied to be written past the
     page cache: its whole blocks go from where they lie, at a file position on the same place in a block."""
