@@ -45,7 +45,8 @@ class Store:
         self.path = str(path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a commit survives a coordinator crash (SIGKILL); only a power loss can cost the last ones.
+        # WAL + NORMAL: a commit survives a coordinator crash (SIGKILL); only a power loss can cost the last ones
+        # (those since the last checkpoint: checkpointer.py).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self._db.execute(f"PRAGMA journal_size_limit={WAL_BYTES_KEPT}")
