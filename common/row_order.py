@@ -19,14 +19,25 @@ MAX_SLICES = 8
 def in_index_order(table: pa.Table) -> pa.Table:
     """The table's rows sorted by `index` (no index twice): as it is where they are sorted already, else with
     each of its chunks (record batches, each sorted, as a runs message holds them) a source of take_rows."""
-    chunks = [pa.Table.from_batches([batch]) for batch in table.to_batches() if batch.num_rows]
-    indices = np.concatenate([chunk.column(INDEX).to_numpy() for chunk in chunks]) if chunks else np.empty(0)
-    if not (np.diff(indices.astype(np.int64)) < 0).any():
+    indices = table.column(INDEX).to_numpy()
+    if ascending(indices):
         return table
+    chunks = [pa.Table.from_batches([batch]) for batch in table.to_batches() if batch.num_rows]
+    which, rows = positions(chunks)
     order = np.argsort(indices, kind="stable")
-    which = np.repeat(np.arange(len(chunks)), [chunk.num_rows for chunk in chunks])
-    rows = np.concatenate([np.arange(chunk.num_rows) for chunk in chunks])
     return take_rows(chunks, which[order], rows[order])
+
+
+def ascending(indices: np.ndarray) -> bool:
+    """Whether the indices (signed or not) never go down."""
+    return not (indices[1:] < indices[:-1]).any()  # (not np.diff: unsigned indices wrap)
+
+
+def positions(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray]:
+    """(which, rows): for each row of the tables one after another, its table and its row in it."""
+    which = np.repeat(np.arange(len(tables)), [table.num_rows for table in tables])
+    rows = np.concatenate([np.arange(table.num_rows) for table in tables]) if tables else np.empty(0, np.int64)
+    return which, rows
 
 
 def take_rows(tables: list[pa.Table], which: np.ndarray, rows: np.ndarray) -> pa.Table:

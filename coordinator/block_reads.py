@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from distinfer.common.result_columns import INDEX, one_array
-from distinfer.common.row_order import take_rows
+from distinfer.common.row_order import positions, take_rows
 
 
 def rows_between(batch: pa.Table, first: int, end: int) -> pa.Table:
@@ -44,8 +44,7 @@ def in_order(
     if any(not batch.schema.equals(batches[0].schema) for batch in batches[1:]):  # a state file's older batches
         batches, runs = [pa.concat_tables(batches, promote_options="default")], False  # (not sorted as one)
     offsets = np.concatenate([batch.column(INDEX).to_numpy() for batch in batches]).astype(np.int64) - base
-    which = np.repeat(np.arange(len(batches)), [batch.num_rows for batch in batches])
-    rows = np.concatenate([np.arange(batch.num_rows) for batch in batches])
+    which, rows = positions(batches)
     if (np.diff(offsets) < 0).any():  # batches of rows that interleave, or come in late
         order = np.argsort(offsets, kind="stable")
         offsets, which, rows = offsets[order], which[order], rows[order]

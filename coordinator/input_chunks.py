@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from distinfer.common import work_rows
 from distinfer.common.errors import InvalidArgument
 from distinfer.common.result_columns import META, from_ipc, json_default, to_ipc
+from distinfer.common.row_order import ascending
 from distinfer.v1 import jobs_pb2
 
 # An Arrow IPC stream starts with a continuation marker; a RowBatch of rows starts with field 1's tag (0x0A).
@@ -145,7 +146,7 @@ def passthrough_of(chunks, indices: np.ndarray) -> pa.Table | None:
     """The passed-through fields of these rows (indices in order, or as a runs read gives them) from `chunks`,
     (first index, rows) of the chunks with passed-through fields among those holding them, in order; None if
     none of the rows has any."""
-    if (np.diff(indices.astype(np.int64)) < 0).any():  # runs that interleave: the fields taken in their order
+    if not ascending(indices):  # runs that interleave: the fields taken in their order
         order = np.argsort(indices, kind="stable")
         fields = passthrough_of(chunks, indices[order])
         return None if fields is None else fields.take(pa.array(np.argsort(order)))

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from distinfer.common import work_rows
 from distinfer.common.result_columns import INDEX, with_passthrough
+from distinfer.common.row_order import ascending
 from distinfer.coordinator import block_reads, input_chunks
 from distinfer.coordinator.checkpointer import BACKSTOP_PAGES, WAL_BYTES_KEPT, WalCheckpointer
 from distinfer.coordinator.committed_blocks import CommittedBlocks
@@ -216,7 +217,7 @@ class Store:
         if not len(indices):
             return 0
         # Rank 0 reports in index order (each block's rows are then one slice); others' rows are sorted once.
-        if (indices[1:] < indices[:-1]).any():  # (not np.diff: indices may be unsigned)
+        if not ascending(indices):
             order = np.argsort(indices, kind="stable")
             results, indices, stream = results.take(order), indices[order], None
         new_row = np.ones(len(indices), dtype=bool)
