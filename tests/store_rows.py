@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 
-from distinfer.common.result_columns import add_to_results, from_ipc, from_results, to_ipc
+from distinfer.common.result_columns import add_to_results, from_ipc, from_results, result_batch, to_ipc, vectors
 from distinfer.coordinator.store import RowCursor, Store
 from distinfer.v1 import jobs_pb2
 
@@ -65,3 +66,13 @@ def open_rows(store: Store, job_id: str, attempt: int = 1, cursor: RowCursor | N
 
 def open_indices(store: Store, job_id: str, attempt: int = 1) -> list[int]:
     return [index for index, _ in open_rows(store, job_id, attempt)]
+
+
+def commit_interleaved_reports(store: Store, job_id: str, n: int, width: int, reports: int = 4) -> None:
+    """Rows 0..n-1 committed as rank 0 reports them at a model's pace: each report sorted, their rows
+    interleaving row by row (ranks batch a unit's rows by length). Row i's vector is `width` times i."""
+    for part in np.array_split(np.random.default_rng(0).permutation(n), reports):
+        indices = np.sort(part)
+        embeddings = vectors(np.repeat(indices[:, None], width, axis=1).astype(np.float32))
+        stream = to_ipc(result_batch(indices, np.zeros(len(indices)), {"embedding": embeddings}))
+        store.commit_results(job_id, 1, from_ipc(stream), stream)

@@ -16,6 +16,7 @@ from store_rows import (
     add_job_with_rows,
     batch,
     commit,
+    commit_interleaved_reports,
     job,
     open_indices,
     open_rows,
@@ -24,7 +25,7 @@ from store_rows import (
     rows,
 )
 
-from distinfer.common.result_columns import from_ipc, result_batch, to_ipc, vectors
+from distinfer.common.result_columns import to_ipc
 from distinfer.coordinator.input_chunks import upload_table
 from distinfer.coordinator.store import MAX_CHUNK_ROWS, RESULT_BLOCK_ROWS, RowCursor, Store
 from distinfer.v1 import jobs_pb2
@@ -291,11 +292,7 @@ def test_a_read_gathers_only_the_rows_it_gives_from_reports_that_interleave(tmp_
     store = Store(tmp_path / "state.db")
     rows, row_bytes = 4 * RESULT_BLOCK_ROWS, 384 * 4
     add_job_with_rows(store, "j", rows)
-    for part in np.array_split(np.random.default_rng(0).permutation(rows), 4):  # each sorted, as rank 0 sends
-        indices = np.sort(part)
-        embeddings = vectors(np.repeat(indices[:, None], 384, axis=1).astype(np.float32))
-        stream = to_ipc(result_batch(indices, np.zeros(len(indices)), {"embedding": embeddings}))
-        store.commit_results("j", 1, from_ipc(stream), stream)
+    commit_interleaved_reports(store, "j", rows, 384)
     tracemalloc.start()
     read = store.results_from("j", 0, rows, max_bytes=256 * row_bytes)
     peak = tracemalloc.get_traced_memory()[1]

@@ -11,9 +11,20 @@ import tracemalloc
 import numpy as np
 import pyarrow as pa
 import pytest
-from store_rows import add_job_with_rows, batch, commit, job, open_indices, open_rows, read, result_blob, rows
+from store_rows import (
+    add_job_with_rows,
+    batch,
+    commit,
+    commit_interleaved_reports,
+    job,
+    open_indices,
+    open_rows,
+    read,
+    result_blob,
+    rows,
+)
 
-from distinfer.common.result_columns import from_ipc, result_batch, to_ipc, vectors
+from distinfer.common.result_columns import to_ipc
 from distinfer.common.row_order import in_index_order
 from distinfer.coordinator.input_chunks import upload_table
 from distinfer.coordinator.store import RESULT_BLOCK_ROWS, Store
@@ -67,11 +78,7 @@ def test_a_runs_read_gives_the_ordered_reads_rows_as_runs_of_the_reports_each_wi
     uploaded = pa.table({"text": [f"t{i}" for i in range(n)], "id": [f"row {i}" for i in range(n)]})
     store.create_job(job("j", num_rows=n))
     store.add_rows("j", 0, upload_table(jobs_pb2.RowBatch(arrow=to_ipc(uploaded)), 0))
-    for part in np.array_split(np.random.default_rng(0).permutation(n), 4):  # each sorted, as rank 0 sends
-        indices = np.sort(part)
-        embeddings = vectors(np.repeat(indices[:, None], width, axis=1).astype(np.float32))
-        stream = to_ipc(result_batch(indices, np.zeros(len(indices)), {"embedding": embeddings}))
-        store.commit_results("j", 1, from_ipc(stream), stream)
+    commit_interleaved_reports(store, "j", n, width)
     for start, limit in [(0, n), (500, 1000), (n - 10, 100)]:
         ordered = store.results_from("j", start, limit)
         tracemalloc.start()
